@@ -1,0 +1,183 @@
+"""GPU timings of the cache-side kernels: window scores, compaction, merge.
+
+``run_all(device)`` returns one dict per measurement (benchmarks/kernels.py writes them to JSON);
+``python benchmarks/bench_cache_ops.py`` prints them as a table. Times are medians of
+``triton.testing.do_bench``; every buffer is far larger than L2 where bandwidth is reported.
+
+* window_scores: Llama-3-8B shape (32 q / 8 kv heads, head_dim 128, window 32, bf16) against the
+  causal prefill attention it follows (torch SDPA, flash backend) over the same prompt:
+  ``prefill_frac`` = window-score GPU time (CUDA-graph replay of its 3 launches: in a model's
+  forward the CPU queues them while the GPU still runs attention) / prefill-attention time, one
+  layer each; ``prefill_frac_eager`` uses the eager time, launch gaps included.
+* compaction: Triton and CUDA, ``compaction_bw_frac`` = (kept rows read + written, K and V) per
+  second / device-to-device copy bandwidth measured in the same run.
+* merge: EMS merge of K and V, ``bw_frac`` from the bytes of K, V read once and the fp32 outputs
+  written once over the launcher's GPU time (graph replay, its sort included); ``kernel_bw_frac``
+  over the kernel alone (segments precomputed; eager, so one launch gap included).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.testing
+
+from vllm_kvcompress.paged import compaction as dispatch
+from vllm_kvcompress.triton_kernels import compaction as triton_compaction
+from vllm_kvcompress.triton_kernels import merge as triton_merge
+from vllm_kvcompress.triton_kernels.window_scores import window_scores
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn()."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth(device) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second."""
+    src = torch.randn(256 * 2**20, device=device)  # 1 GiB
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+def prefill_attention_ms(q, k, v) -> tuple[float, str]:
+    """Causal prefill attention of one layer: flash SDPA (K/V expanded to the query heads, which
+    costs flash attention no extra FLOPs), else whatever SDPA picks with GQA."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    ke, ve = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    try:
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return bench(lambda: F.scaled_dot_product_attention(q, ke, ve, is_causal=True)), "sdpa_flash"
+    except RuntimeError:
+        return bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)), "sdpa_gqa"
+
+
+def bench_window_scores(device) -> list[dict]:
+    q_heads, kv_heads, head_dim, window = 32, 8, 128, 32
+    rows = []
+    for seq_len in (4096, 8192, 16384, 32768):
+        q = torch.randn(1, q_heads, seq_len, head_dim, device=device, dtype=torch.bfloat16)
+        # The prefill's own layout: [tokens, heads, head_dim], viewed head-major by the kernel.
+        k_tok = torch.randn(seq_len, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+        k = k_tok.transpose(0, 1).unsqueeze(0)
+        v = torch.randn_like(k)
+        prefill_ms, backend = prefill_attention_ms(q, k, v)
+        wq = q[0, :, -window:]  # [q_heads, window, head_dim]
+        key = k_tok.transpose(0, 1)
+        for power in (1, 2):
+            ms = bench(lambda: window_scores(wq, key, power=power))
+            # GPU time alone (CUDA graph replay: no launch gaps between the 3 kernels).
+            graph_ms = triton.testing.do_bench_cudagraph(lambda: window_scores(wq, key, power=power),
+                                                         rep=100, return_mode="median")
+            rows.append(dict(op="window_scores", seq_len=seq_len, power=power, window=window, ms=ms,
+                             graph_ms=graph_ms, prefill_ms=prefill_ms, prefill_backend=backend,
+                             prefill_frac=graph_ms / prefill_ms, prefill_frac_eager=ms / prefill_ms))
+        if seq_len <= 16384:  # the reference materialises [kv, group * window, seq_len] fp32
+            from vllm_kvcompress.paged import reference
+
+            ref_ms = bench(lambda: reference.window_scores(wq, key.contiguous(), power=1))
+            rows[-2]["torch_ref_ms"] = ref_ms
+    return rows
+
+
+def compaction_case(device, num_heads, old_len, keep_frac, head_dim, block_size=16, dtype=torch.bfloat16):
+    """Pool, shuffled tables and a random kept subset (keep_frac of old_len) for every head."""
+    max_blocks = math.ceil(old_len / block_size)
+    num_blocks = num_heads * max_blocks
+    key_cache = torch.randn(num_blocks, block_size, head_dim, device=device, dtype=dtype)
+    value_cache = torch.randn_like(key_cache)
+    table = torch.randperm(num_blocks, device=device).view(num_heads, max_blocks).int()
+    n_keep = int(old_len * keep_frac)
+    # Random subsets via top-k of random scores, sorted: strictly increasing rows.
+    keep_idx = torch.rand(num_heads, old_len, device=device).topk(n_keep, dim=1).indices.sort(dim=1).values
+    keep_len = torch.full((num_heads,), n_keep, device=device, dtype=torch.int32)
+    old = torch.full((num_heads,), old_len, device=device, dtype=torch.int32)
+    return key_cache, value_cache, table, keep_idx, keep_len, old
+
+
+def bench_compaction(device, copy_bw) -> list[dict]:
+    rows = []
+    ext = dispatch.cuda_extension()
+    for num_heads, old_len, keep_frac, head_dim in ((1024, 4096, 0.5, 128), (1024, 4096, 0.1, 128),
+                                                    (2048, 4096, 0.5, 64), (64, 8192, 0.5, 128)):
+        k, v, table, keep_idx, keep_len, old = compaction_case(device, num_heads, old_len, keep_frac, head_dim)
+        moved_bytes = 2 * 2 * num_heads * keep_idx.shape[1] * head_dim * k.element_size()  # K+V, read+write
+        impls = {f"triton_r{r}_w{w}": (lambda r=r, w=w: triton_compaction._compact_kernel[(num_heads,)](
+            k.view(torch.int16), v.view(torch.int16), table, keep_idx, keep_len,
+            k.stride(0), k.stride(1), table.stride(0), keep_idx.stride(0),
+            ROW=head_dim, BLOCK_SIZE=k.shape[1], BLOCK_R=r, BLOCK_D=head_dim, num_warps=w))
+                 for r, w in ((64, 4), (128, 4), (128, 8), (256, 8))}
+        if ext is not None:
+            impls["cuda"] = lambda: ext.compact(k, v, table, keep_idx, keep_len)
+        # The full launchers too (kernel + freed-block lists, one host sync).
+        impls["triton_launcher"] = lambda: triton_compaction.compact(k, v, table, keep_idx, keep_len, old)
+        impls["freed_blocks_only"] = lambda: triton_compaction.freed_blocks(table, keep_len, old, k.shape[1])
+        for name, fn in impls.items():
+            ms = bench(fn)
+            bw = moved_bytes / (ms * 1e-3)
+            rows.append(dict(op="compaction", impl=name, num_heads=num_heads, old_len=old_len,
+                             keep_frac=keep_frac, head_dim=head_dim, ms=ms, gb_per_s=bw / 1e9,
+                             compaction_bw_frac=bw / copy_bw))
+        del k, v
+    return rows
+
+
+def bench_merge(device, copy_bw) -> list[dict]:
+    rows = []
+    for heads, seq_len, head_dim, num_classes in ((8, 32768, 128, 8192), (8, 32768, 128, 512),
+                                                  (64, 8192, 128, 2048)):
+        key = torch.randn(heads, seq_len, head_dim, device=device, dtype=torch.bfloat16)
+        value = torch.randn_like(key)
+        weight = torch.rand(heads, seq_len, device=device)
+        assign = torch.randint(0, num_classes + 1, (heads, seq_len), device=device)
+        nbytes = 2 * key.numel() * key.element_size() + 2 * heads * num_classes * head_dim * 4
+        ms = bench(lambda: triton_merge.merge_kv_by_class(key, value, weight, assign, num_classes))
+        graph_ms = triton.testing.do_bench_cudagraph(
+            lambda: triton_merge.merge_kv_by_class(key, value, weight, assign, num_classes), rep=100,
+            return_mode="median")
+        sort_ms = triton.testing.do_bench_cudagraph(lambda: triton_merge.class_segments(assign, num_classes),
+                                                    rep=100, return_mode="median")
+        seg = triton_merge.class_segments(assign, num_classes)
+        kernel_ms = bench(lambda: triton_merge.merge_kv_by_class(key, value, weight, assign, num_classes,
+                                                                 segments=seg))
+        from vllm_kvcompress.paged import reference
+
+        ref_ms = bench(lambda: (reference.merge_by_class(key, weight, assign, num_classes),
+                                reference.merge_by_class(value, weight, assign, num_classes)))
+        rows.append(dict(op="merge", heads=heads, seq_len=seq_len, head_dim=head_dim,
+                         num_classes=num_classes, ms=ms, graph_ms=graph_ms, sort_graph_ms=sort_ms,
+                         kernel_ms=kernel_ms, torch_ref_ms=ref_ms,
+                         bw_frac=nbytes / (graph_ms * 1e-3) / copy_bw,
+                         kernel_bw_frac=nbytes / (kernel_ms * 1e-3) / copy_bw))
+    return rows
+
+
+def run_all(device="cuda", ops=("window_scores", "compaction", "merge")) -> list[dict]:
+    """All measurements, each a flat dict; the first is the copy bandwidth they are relative to."""
+    device = torch.device(device)
+    copy_bw = copy_bandwidth(device)
+    rows = [dict(op="copy", gb_per_s=copy_bw / 1e9, device=torch.cuda.get_device_name(device))]
+    if "window_scores" in ops:
+        rows += bench_window_scores(device)
+    if "compaction" in ops:
+        rows += bench_compaction(device, copy_bw)
+    if "merge" in ops:
+        rows += bench_merge(device, copy_bw)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    for row in rows:
+        print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+if __name__ == "__main__":
+    import sys
+
+    # python benchmarks/bench_cache_ops.py [window_scores] [compaction] [merge]   (default: all)
+    print_table(run_all("cuda", *(sys.argv[1:2] and [tuple(sys.argv[1:])])))

@@ -1,0 +1,36 @@
+"""Build script.
+
+The Triton kernels live in the top-level folder ``triton_kernels/`` but are installed as
+``vllm_kvcompress.triton_kernels``: a top-level ``triton_kernels`` package would shadow OpenAI's
+package of that name, which vLLM imports for MXFP4 MoE layers.
+
+``KVC_BUILD_CUDA=1`` also builds the optional CUDA compaction kernel in ``csrc/``
+(``vllm_kvcompress._C``); without it the package is pure Python.
+"""
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("KVC_BUILD_CUDA") == "1":
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    ext_modules.append(
+        CUDAExtension(
+            "vllm_kvcompress._C",
+            ["csrc/compaction.cu", "csrc/bindings.cpp"],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90"]},
+        )
+    )
+    cmdclass["build_ext"] = BuildExtension
+
+setup(
+    packages=[
+        "vllm_kvcompress",
+        "vllm_kvcompress.paged",
+        "vllm_kvcompress.triton_kernels",
+    ],
+    package_dir={"vllm_kvcompress.triton_kernels": "triton_kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

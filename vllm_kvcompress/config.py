@@ -1,0 +1,170 @@
+"""User-facing compression options, validated in one place.
+
+The same dataclass backs the CLI flags (``--kv-compression``, ``--kv-budget``, ...), the JSON of
+``--kv-compression-config`` and per-request overrides. ``build_policy`` in :mod:`presets` turns it
+into a :class:`~vllm_kvcompress.policy.Policy`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+
+from .budget import Budget
+
+PRESET_ALIASES = {"layer-uncertainty": "zigzag", "full": "none"}
+PRESET_NAMES = (
+    "none",
+    "streamingllm",
+    "snapkv",
+    "pyramidkv",
+    "adakv",
+    "ems",
+    "windowkv",
+    "zigzag",
+    "headkv",
+    "headkv-r2",
+)
+SCORER_NAMES = ("recency", "snapkv", "squared", "ems")
+ALLOCATOR_NAMES = ("uniform", "pyramid", "adakv", "zigzag", "headkv")
+REDUCER_NAMES = ("topk", "ems-merge", "windows")
+TASK_TYPES = ("auto", "retrieval", "aggregation")
+
+
+def canonical_preset(name: str) -> str:
+    """The preset a user-typed name refers to; ValueError listing the valid names otherwise."""
+    key = str(name).strip().lower().replace("_", "-")
+    key = PRESET_ALIASES.get(key, key)
+    if key not in PRESET_NAMES:
+        valid = ", ".join(PRESET_NAMES + tuple(PRESET_ALIASES))
+        raise ValueError(f"unknown kv-compression policy {name!r}; valid policies: {valid}")
+    return key
+
+
+def _check_choice(kind: str, value: str | None, valid: tuple[str, ...]) -> None:
+    if value is not None and value not in valid:
+        raise ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value > high or value < low or (open_low and value == low):
+        bracket = "(" if open_low else "["
+        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """All options. ``policy`` picks a preset; ``scorer``/``allocator``/``reducer`` override its parts.
+
+    budget: average retained tokens per KV head (int) or fraction of the prompt (float in (0, 1]).
+    window: observation window (last prompt tokens whose queries score the cache; always kept).
+    sink: leading tokens always kept (None = the preset's default: 4 for streamingllm, else 0).
+    pool_kernel: max-pooling width of SnapKV-style scores (odd).
+    decode_slack: during decode, a head is recompressed once it holds budget + slack tokens
+        (None = never; the default 64 keeps long generations bounded).
+    pyramid_beta: PyramidKV's ratio of largest to smallest layer budget, 2*beta - 1 (paper: 20).
+    adakv_alpha: Ada-KV safeguard: share of each head's budget it keeps for itself (paper: 0.2).
+    zigzag_*: see :class:`~vllm_kvcompress.allocation.ZigZagAllocator`.
+    headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``.
+    headkv_beta: HeadKV's share of the budget kept per head before the pool (see HeadKVAllocator).
+    ems_*: see :class:`~vllm_kvcompress.scoring.EMSScorer` and
+        :class:`~vllm_kvcompress.reduction.EvictThenMergeReducer`.
+    windowkv_*: see :class:`~vllm_kvcompress.reduction.WindowReducer`.
+    """
+
+    policy: str = "snapkv"
+    budget: Budget = field(default_factory=lambda: Budget(tokens=256))
+    scorer: str | None = None
+    allocator: str | None = None
+    reducer: str | None = None
+    window: int = 32
+    sink: int | None = None
+    pool_kernel: int = 7
+    decode_slack: int | None = 64
+    pyramid_beta: float = 20.0
+    adakv_alpha: float = 0.2
+    zigzag_min_fraction: float = 0.2
+    zigzag_mass: float = 0.9
+    headkv_scores: str | None = None
+    headkv_beta: float = 1.005
+    ems_local_weight: float = 0.5
+    ems_merge_threshold: float = 0.5
+    windowkv_task: str = "auto"
+    windowkv_retrieval_window: int = 8
+    windowkv_aggregation_window: int = 32
+    windowkv_group_size: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "policy", canonical_preset(self.policy))
+        object.__setattr__(self, "budget", Budget.parse(self.budget))
+        _check_choice("scorer", self.scorer, SCORER_NAMES)
+        _check_choice("allocator", self.allocator, ALLOCATOR_NAMES)
+        _check_choice("reducer", self.reducer, REDUCER_NAMES)
+        _check_choice("windowkv task type", self.windowkv_task, TASK_TYPES)
+        _check_positive_int("window", self.window)
+        if self.sink is not None:
+            _check_positive_int("sink", self.sink, minimum=0)
+        _check_positive_int("pool_kernel", self.pool_kernel)
+        if self.pool_kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
+        if self.decode_slack is not None:
+            _check_positive_int("decode_slack", self.decode_slack, minimum=0)
+        _check_number("pyramid_beta", self.pyramid_beta, 1.0, 1e6, open_low=True)
+        _check_number("adakv_alpha", self.adakv_alpha, 0.0, 1.0)
+        _check_number("zigzag_min_fraction", self.zigzag_min_fraction, 0.0, 1.0)
+        _check_number("zigzag_mass", self.zigzag_mass, 0.0, 1.0, open_low=True)
+        _check_number("headkv_beta", self.headkv_beta, 1.0, 1e6, open_low=True)
+        _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
+        _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
+        for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_group_size"):
+            _check_positive_int(name, getattr(self, name))
+        if self.policy.startswith("headkv") and not self.headkv_scores:
+            raise ValueError(
+                f"policy {self.policy!r} needs head scores: pass headkv_scores=PATH "
+                "(make one with `python -m vllm_kvcompress.calibrate MODEL --out scores.json`)"
+            )
+
+    @property
+    def effective_sink(self) -> int:
+        if self.sink is not None:
+            return self.sink
+        return 4 if self.policy == "streamingllm" else 0
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, options: dict) -> "CompressionConfig":
+        """Build from plain options; unknown keys are an error that lists the valid ones."""
+        if not isinstance(options, dict):
+            raise ValueError(f"kv-compression options must be a JSON object, got {type(options).__name__}")
+        unknown = sorted(set(options) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"unknown kv-compression option(s) {unknown}; valid options: {', '.join(cls.field_names())}")
+        return cls(**options)
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionConfig":
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--kv-compression-config is not valid JSON: {error}") from None
+        return cls.from_dict(options)
+
+    def replace(self, **changes) -> "CompressionConfig":
+        """A copy with ``changes`` applied and validated (per-request overrides)."""
+        return self.from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["budget"] = self.budget.tokens if self.budget.tokens is not None else self.budget.fraction
+        return out

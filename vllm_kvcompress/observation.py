@@ -1,0 +1,76 @@
+"""What a compression policy sees of one attention layer once the prompt has been processed."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class LayerObservation:
+    """One layer of one request, dense (the engine gathers it from its own cache).
+
+    window_queries:   [num_q_heads, window, head_dim] post-RoPE queries of the last ``window``
+                      prompt tokens (or of the most recent decode steps when recompressing).
+    keys, values:     [num_kv_heads, seq_len, head_dim] the layer's cached K (post-RoPE) and V.
+    global_attention: float32 [num_kv_heads, seq_len] or None -- attention mass each key received
+                      from every prompt query (column sums of the causal softmax, summed over the
+                      query heads of its group); collected only for scorers that ask for it.
+    layer_idx:        index of the layer in the model.
+    """
+
+    window_queries: torch.Tensor
+    keys: torch.Tensor
+    values: torch.Tensor
+    layer_idx: int = 0
+    global_attention: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        num_q_heads, _, head_dim = self.window_queries.shape
+        num_kv_heads, _, key_dim = self.keys.shape
+        if key_dim != head_dim or self.values.shape[:2] != self.keys.shape[:2]:
+            raise ValueError(
+                f"shape mismatch: queries {tuple(self.window_queries.shape)}, "
+                f"keys {tuple(self.keys.shape)}, values {tuple(self.values.shape)}"
+            )
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV-head groups")
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def window(self) -> int:
+        return self.window_queries.shape[1]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.keys.shape[-1])
+
+
+def causal_column_mass(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Attention mass each key receives from all causal queries, summed over each GQA group.
+
+    query: [num_q_heads, seq_len, head_dim]; key: [num_kv_heads, seq_len, head_dim]
+    returns float32 [num_kv_heads, seq_len]. Chunked over queries so memory stays O(chunk * seq_len).
+    """
+    num_q_heads, seq_len, head_dim = query.shape
+    num_kv_heads = key.shape[0]
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    k = key.float()
+    mass = torch.zeros(num_kv_heads, seq_len, device=key.device)
+    for start in range(0, seq_len, chunk):
+        stop = min(seq_len, start + chunk)
+        q = query[:, start:stop].float().reshape(num_kv_heads, group * (stop - start), head_dim)
+        logits = torch.einsum("hqd,hld->hql", q, k) * scale
+        q_pos = torch.arange(start, stop, device=key.device).repeat(group)
+        causal = torch.arange(seq_len, device=key.device)[None, :] <= q_pos[:, None]
+        mass += logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(1)
+    return mass

@@ -1,0 +1,177 @@
+"""Plain-PyTorch references of the paged-cache operations (the kernels are tested against these).
+
+Layout and names: see :mod:`vllm_kvcompress.paged.layout`. All math is done in float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .layout import cdiv
+
+
+def write_tokens(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+) -> None:
+    """Scatter fresh K/V rows into head-blocks, one slot per (token, head).
+
+    key, value:   [num_tokens, num_kv_heads, head_dim]
+    slot_mapping: int64 [num_tokens, num_kv_heads]; -1 skips the row (an evicted token).
+    key_cache, value_cache: [num_head_blocks, block_size, head_dim], written in place.
+
+    Serves both the prefill write of retained tokens and the one-token-per-head decode append.
+    """
+    head_dim = key.shape[-1]
+    slots = slot_mapping.reshape(-1)
+    keep = slots >= 0
+    key_cache.view(-1, head_dim)[slots[keep]] = key.reshape(-1, head_dim)[keep].to(key_cache.dtype)
+    value_cache.view(-1, head_dim)[slots[keep]] = value.reshape(-1, head_dim)[keep].to(value_cache.dtype)
+
+
+def gather_head(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` rows of one head, [length, head_dim], from its block list."""
+    block_size = cache.shape[1]
+    n_blocks = cdiv(length, block_size)
+    return cache[block_ids[:n_blocks].long()].reshape(-1, cache.shape[-1])[:length]
+
+
+def decode_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_block_table: torch.Tensor,
+    retained_len: torch.Tensor,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of a few new query tokens per request over each KV head's own pages.
+
+    query:            [num_seqs, num_queries, num_q_heads, head_dim] (the newest tokens, already
+                      appended to the cache; query t of n sees all but the last n-1-t cached rows)
+    head_block_table: int32 [num_seqs, num_kv_heads, max_blocks]
+    retained_len:     int32 [num_seqs, num_kv_heads]
+    returns           [num_seqs, num_queries, num_q_heads, head_dim] in query.dtype
+
+    Query head q uses KV head q // (num_q_heads // num_kv_heads) (GQA groups are contiguous).
+    """
+    num_seqs, num_queries, num_q_heads, head_dim = query.shape
+    num_kv_heads = head_block_table.shape[1]
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
+    for s in range(num_seqs):
+        for h in range(num_kv_heads):
+            length = int(retained_len[s, h])
+            k = gather_head(key_cache, head_block_table[s, h], length).float()
+            v = gather_head(value_cache, head_block_table[s, h], length).float()
+            q = query[s, :, h * group : (h + 1) * group].float()  # [num_queries, group, d]
+            logits = torch.einsum("tgd,ld->tgl", q, k) * scale
+            visible = torch.arange(length, device=query.device)[None, :] <= (
+                length - num_queries + torch.arange(num_queries, device=query.device)[:, None]
+            )  # [num_queries, length]
+            logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+            out[s, :, h * group : (h + 1) * group] = torch.einsum("tgl,ld->tgd", logits.softmax(-1), v)
+    return out.to(query.dtype)
+
+
+def window_scores(
+    window_query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float | None = None,
+    power: int = 1,
+) -> torch.Tensor:
+    """Attention mass each key receives from the observation window, summed over window and group.
+
+    window_query: [num_q_heads, window, head_dim] -- the last ``window`` queries of the prompt
+    key:          [num_kv_heads, seq_len, head_dim]
+    power:        1 sums softmax probabilities (SnapKV); 2 sums their squares (KV-Compress)
+    returns       float32 [num_kv_heads, seq_len]
+
+    Window query i sits at position seq_len - window + i and sees keys up to it (causal).
+    """
+    num_q_heads, window, head_dim = window_query.shape
+    num_kv_heads, seq_len, _ = key.shape
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    q = window_query.float().view(num_kv_heads, group * window, head_dim)
+    logits = torch.einsum("hqd,hld->hql", q, key.float()) * scale
+    query_pos = (seq_len - window + torch.arange(window, device=key.device)).repeat(group)
+    causal = torch.arange(seq_len, device=key.device)[None, :] <= query_pos[:, None]
+    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    return probs.pow(power).sum(1)
+
+
+def max_pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Same-length 1-D max pooling along the last dim (odd kernel; kernel 1 = identity)."""
+    if kernel <= 1:
+        return scores
+    if kernel % 2 == 0:
+        raise ValueError(f"pooling kernel must be odd, got {kernel}")
+    return F.max_pool1d(scores.unsqueeze(-2), kernel, stride=1, padding=kernel // 2).squeeze(-2)
+
+
+def compact(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_block_table: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_len: torch.Tensor,
+    old_len: torch.Tensor,
+) -> list[torch.Tensor]:
+    """Move each head's kept rows to the front of its own pages, in place.
+
+    head_block_table: int32 [num_heads, max_blocks] (one row per (request, layer, head))
+    keep_idx:  int [num_heads, max_keep], strictly increasing row indices, padded past keep_len
+    keep_len:  int [num_heads];  old_len: int [num_heads] (rows held before compaction)
+    returns    per head, the int64 block ids that no longer hold a retained row (to free)
+    """
+    block_size = key_cache.shape[1]
+    freed = []
+    for h in range(head_block_table.shape[0]):
+        n_keep, n_old = int(keep_len[h]), int(old_len[h])
+        blocks = head_block_table[h]
+        for cache in (key_cache, value_cache):
+            rows = gather_head(cache, blocks, n_old)[keep_idx[h, :n_keep].long()].clone()
+            flat = cache.view(-1, cache.shape[-1])
+            pos = torch.arange(n_keep, device=cache.device)
+            flat[blocks[pos // block_size].long() * block_size + pos % block_size] = rows
+        freed.append(blocks[cdiv(n_keep, block_size) : cdiv(n_old, block_size)].long().clone())
+    return freed
+
+
+def merge_by_class(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    assign: torch.Tensor,
+    num_classes: int,
+) -> torch.Tensor:
+    """Weighted mean of the rows of each class -- EMS's merge, batched over heads ("zero class").
+
+    x:      [num_heads, seq_len, head_dim]
+    weight: [num_heads, seq_len], >= 0 (the tokens' importance scores)
+    assign: int [num_heads, seq_len] in [0, num_classes]; class 0 is the zero class: its rows are
+            dropped. Classes 1..num_classes are the retained slots, so heads with different
+            budgets share one scatter: a head with budget b simply leaves classes b+1.. empty.
+    returns float32 [num_heads, num_classes, head_dim]; row c-1 is
+            sum_{t in c} w_t x_t / sum_{t in c} w_t (plain mean where the weights sum to 0,
+            zeros for an empty class).
+    """
+    num_heads, _, head_dim = x.shape
+    w = weight.float()
+    index = assign.long()
+    total = torch.zeros(num_heads, num_classes + 1, head_dim, device=x.device)
+    total.scatter_add_(1, index[..., None].expand(-1, -1, head_dim), x.float() * w[..., None])
+    mass = torch.zeros(num_heads, num_classes + 1, device=x.device).scatter_add_(1, index, w)
+    count = torch.zeros(num_heads, num_classes + 1, device=x.device).scatter_add_(1, index, torch.ones_like(w))
+    plain = torch.zeros_like(total).scatter_add_(1, index[..., None].expand(-1, -1, head_dim), x.float())
+    out = torch.where(
+        (mass > 0)[..., None],
+        total / mass.clamp(min=torch.finfo(torch.float32).tiny)[..., None],
+        plain / count.clamp(min=1)[..., None],
+    )
+    return out[:, 1:]
