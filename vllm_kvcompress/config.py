@@ -32,6 +32,30 @@ REDUCER_NAMES = ("topk", "ems-merge", "windows")
 TASK_TYPES = ("auto", "retrieval", "aggregation")
 
 
+@dataclass(frozen=True)
+class PresetParts:
+    """The parts a preset picks and the paper section it follows."""
+
+    scorer: str
+    allocator: str
+    reducer: str
+    source: str
+
+
+PRESETS: dict[str, PresetParts] = {
+    "streamingllm": PresetParts("recency", "uniform", "topk", "Xiao et al. 2023 (arXiv 2309.17453), Sec. 3.2"),
+    "snapkv": PresetParts("snapkv", "uniform", "topk", "Li et al. 2024 (arXiv 2404.14469), Sec. 4"),
+    "pyramidkv": PresetParts("snapkv", "pyramid", "topk", "Cai et al. 2024 (arXiv 2406.02069), Sec. 3"),
+    "adakv": PresetParts("snapkv", "adakv", "topk", "Feng et al. 2024 (arXiv 2407.11550), Alg. 1"),
+    # EMS budgets heads adaptively from its own scores (Ada-KV's competition inside a layer).
+    "ems": PresetParts("ems", "adakv", "ems-merge", "arXiv 2412.08521, Sec. 3.2-3.3"),
+    "windowkv": PresetParts("snapkv", "uniform", "windows", "arXiv 2503.17922, Sec. 3"),
+    "zigzag": PresetParts("snapkv", "zigzag", "topk", "arXiv 2412.09036, Sec. 4"),
+    "headkv": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval heads)"),
+    "headkv-r2": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval-reasoning heads)"),
+}
+
+
 def canonical_preset(name: str) -> str:
     """The preset a user-typed name refers to; ValueError listing the valid names otherwise."""
     key = str(name).strip().lower().replace("_", "-")
@@ -73,7 +97,8 @@ class CompressionConfig:
     pyramid_beta: PyramidKV's ratio of largest to smallest layer budget, 2*beta - 1 (paper: 20).
     adakv_alpha: Ada-KV safeguard: share of each head's budget it keeps for itself (paper: 0.2).
     zigzag_*: see :class:`~vllm_kvcompress.allocation.ZigZagAllocator`.
-    headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``.
+    headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``
+        (``headkv`` uses its retrieval scores, ``headkv-r2`` its retrieval-reasoning scores).
     headkv_beta: HeadKV's share of the budget kept per head before the pool (see HeadKVAllocator).
     ems_*: see :class:`~vllm_kvcompress.scoring.EMSScorer` and
         :class:`~vllm_kvcompress.reduction.EvictThenMergeReducer`.
@@ -126,11 +151,30 @@ class CompressionConfig:
         _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
         for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_group_size"):
             _check_positive_int(name, getattr(self, name))
-        if self.policy.startswith("headkv") and not self.headkv_scores:
+        if self.allocator_name == "headkv" and not self.headkv_scores:
             raise ValueError(
-                f"policy {self.policy!r} needs head scores: pass headkv_scores=PATH "
+                f"policy {self.policy!r} with the headkv allocator needs head scores: pass headkv_scores=PATH "
                 "(make one with `python -m vllm_kvcompress.calibrate MODEL --out scores.json`)"
             )
+
+    def _part(self, kind: str) -> str | None:
+        override = getattr(self, kind)
+        if override is not None:
+            return override
+        return getattr(PRESETS[self.policy], kind) if self.policy in PRESETS else None
+
+    @property
+    def scorer_name(self) -> str | None:
+        """The scorer in effect (the override, else the preset's; None for ``none``)."""
+        return self._part("scorer")
+
+    @property
+    def allocator_name(self) -> str | None:
+        return self._part("allocator")
+
+    @property
+    def reducer_name(self) -> str | None:
+        return self._part("reducer")
 
     @property
     def effective_sink(self) -> int:

@@ -98,7 +98,7 @@ def window_scores(
     num_kv_heads, seq_len, _ = key.shape
     group = num_q_heads // num_kv_heads
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    q = window_query.float().view(num_kv_heads, group * window, head_dim)
+    q = window_query.float().reshape(num_kv_heads, group * window, head_dim)
     logits = torch.einsum("hqd,hld->hql", q, key.float()) * scale
     query_pos = (seq_len - window + torch.arange(window, device=key.device)).repeat(group)
     causal = torch.arange(seq_len, device=key.device)[None, :] <= query_pos[:, None]
