@@ -21,9 +21,15 @@ class Budget:
     def __post_init__(self) -> None:
         if (self.tokens is None) == (self.fraction is None):
             raise ValueError("a Budget is either tokens or fraction, exactly one of them")
-        if self.tokens is not None and (isinstance(self.tokens, bool) or self.tokens <= 0):
-            raise ValueError(f"budget must be a positive number of tokens per head, got {self.tokens}")
-        if self.fraction is not None and not (0.0 < self.fraction <= 1.0):
+        if self.tokens is not None and (
+            isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0
+        ):
+            raise ValueError(f"budget must be a positive number of tokens per head, got {self.tokens!r}")
+        if self.fraction is not None and (
+            isinstance(self.fraction, bool)
+            or not isinstance(self.fraction, (int, float))
+            or not (0.0 < self.fraction <= 1.0)
+        ):
             raise ValueError(f"budget fraction must be in (0, 1], got {self.fraction}")
 
     @classmethod

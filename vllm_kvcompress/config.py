@@ -58,7 +58,8 @@ PRESETS: dict[str, PresetParts] = {
 
 def canonical_preset(name: str) -> str:
     """The preset a user-typed name refers to; ValueError listing the valid names otherwise."""
-    key = str(name).strip().lower().replace("_", "-")
+    # not str(name): None would read as "none" and silently turn compression off
+    key = name.strip().lower().replace("_", "-") if isinstance(name, str) else None
     key = PRESET_ALIASES.get(key, key)
     if key not in PRESET_NAMES:
         valid = ", ".join(PRESET_NAMES + tuple(PRESET_ALIASES))

@@ -36,9 +36,13 @@ class HeadScores:
     def __post_init__(self) -> None:
         for kind in KINDS:
             rows = getattr(self, kind)
-            if not rows or not all(isinstance(r, list) and len(r) == len(rows[0]) and r for r in rows):
+            well_formed = isinstance(rows, list) and rows and all(
+                isinstance(r, list) and len(r) == len(rows[0]) and r for r in rows
+            )
+            if not well_formed:
                 raise ValueError(f"head scores: {kind!r} must be a non-empty [num_layers][num_kv_heads] list")
-            if any(not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for r in rows for x in r):
+            numbers = (x for r in rows for x in r)
+            if any(isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or x < 0 for x in numbers):
                 raise ValueError(f"head scores: {kind!r} must hold finite numbers >= 0")
         if self.shape_of("retrieval") != self.shape_of("retrieval_reasoning"):
             raise ValueError("head scores: 'retrieval' and 'retrieval_reasoning' differ in shape")

@@ -72,7 +72,8 @@ def build_policy(config: CompressionConfig | str | None = None, **options) -> Po
     """The :class:`Policy` for ``config`` (a config, a preset name, or None = the default config)
     with ``options`` applied; ``None`` for the ``none`` preset (keep the full cache)."""
     if config is None or isinstance(config, str):
-        config = CompressionConfig.from_dict({**({"policy": config} if config else {}), **options})
+        # an empty name is an error like any unknown one, not the default preset
+        config = CompressionConfig.from_dict({**({"policy": config} if config is not None else {}), **options})
     elif options:
         config = config.replace(**options)
     if config.policy == "none":

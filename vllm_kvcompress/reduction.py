@@ -115,9 +115,10 @@ class EvictThenMergeReducer(Reducer):
         best_sim, best = similarity.max(-1)
         merge = best_sim >= self.merge_threshold
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
-        # retained tokens are their own class, whatever their similarity to others
-        own = torch.arange(keep_idx.shape[1], device=keys.device).expand(num_heads, -1) + 1
-        classes.scatter_(1, keep_idx.clamp(min=0), torch.where(valid, own, classes.gather(1, keep_idx.clamp(min=0))))
+        # retained tokens are their own class, whatever their similarity to others. Only valid slots
+        # are written: padding slots would alias position 0 and overwrite its class.
+        heads, slots = valid.nonzero(as_tuple=True)
+        classes[heads, keep_idx[heads, slots]] = slots + 1
         return classes
 
     def reduce_layer(self, obs, scores, budgets, protected):

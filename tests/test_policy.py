@@ -1,0 +1,180 @@
+"""Policy invariants, property-tested over parts, shapes, GQA ratios, budgets and dtypes.
+
+Whatever scorer, allocator and reducer are combined, a compressed request must:
+hold exactly its allocated budget per head (the total budget overall), keep the observation
+window and sinks of every head, hold only finite K/V, keep plain rows unchanged (eviction) or
+preserve the score-weighted mass of each merged class (EMS), and be deterministic.
+"""
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_kvcompress.budget import Budget
+from vllm_kvcompress.config import ALLOCATOR_NAMES, REDUCER_NAMES, SCORER_NAMES, CompressionConfig
+from vllm_kvcompress.head_scores import HeadScores
+from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reduction import EvictThenMergeReducer
+
+pytestmark = pytest.mark.usefixtures("torch_single_thread")
+
+MAX_LAYERS = 3
+MAX_KV_HEADS = 3
+# relative rounding of one value stored in each dtype (merged rows are computed in float32, then cast)
+DTYPE_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+
+
+@pytest.fixture(scope="module")
+def scores_files(tmp_path_factory) -> dict[tuple[int, int], str]:
+    """A HeadKV scores file for every (num_layers, num_kv_heads) the tests draw."""
+    gen = torch.Generator().manual_seed(0)
+    folder = tmp_path_factory.mktemp("head_scores")
+    files = {}
+    for shape in itertools.product(range(1, MAX_LAYERS + 1), range(1, MAX_KV_HEADS + 1)):
+        retrieval = torch.rand(shape, generator=gen)
+        retrieval[0, 0] = 0.0  # a head nobody calibrated as important
+        path = folder / f"{shape[0]}x{shape[1]}.json"
+        HeadScores("random", retrieval.tolist(), torch.rand(shape, generator=gen).tolist()).save(path)
+        files[shape] = str(path)
+    return files
+
+
+budget_values = st.one_of(st.integers(1, 60), st.floats(0.01, 1.0, allow_nan=False))
+
+
+@st.composite
+def configs(draw) -> CompressionConfig:
+    return CompressionConfig(
+        policy="snapkv",
+        scorer=draw(st.sampled_from(SCORER_NAMES)),
+        allocator=draw(st.sampled_from(ALLOCATOR_NAMES)),
+        reducer=draw(st.sampled_from(REDUCER_NAMES)),
+        budget=draw(budget_values),
+        window=draw(st.integers(1, 8)),
+        sink=draw(st.integers(0, 4)),
+        pool_kernel=draw(st.sampled_from([1, 3, 7])),
+        pyramid_beta=draw(st.sampled_from([1.5, 20.0])),
+        adakv_alpha=draw(st.sampled_from([0.0, 0.2, 1.0])),
+        zigzag_mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
+        zigzag_min_fraction=draw(st.sampled_from([0.0, 0.2, 1.0])),
+        headkv_scores="<drawn per shape>",
+        ems_local_weight=draw(st.sampled_from([0.0, 0.5, 1.0])),
+        ems_merge_threshold=draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0])),
+        windowkv_task=draw(st.sampled_from(["auto", "retrieval", "aggregation"])),
+        windowkv_retrieval_window=draw(st.integers(1, 4)),
+        windowkv_aggregation_window=draw(st.integers(2, 12)),
+        windowkv_group_size=draw(st.integers(1, 3)),
+    )
+
+
+def check_merge_preserves_mass(reducer, obs, scores, retained, tolerance):
+    """For every retained slot c of every head: weight_sum * merged_row == sum of weight * member
+    rows, and the merged row lies within its members' range (a convex combination)."""
+    classes = reducer.classes(obs, retained.keep_idx)
+    weight = scores.double().clamp(min=0)
+    for h in range(obs.num_kv_heads):
+        for slot in range(int(retained.lengths[h])):
+            members = classes[h] == slot + 1
+            assert bool(members[retained.keep_idx[h, slot]])  # the slot's own token is a member
+            w = weight[h, members]
+            for source, merged in ((obs.keys, retained.keys), (obs.values, retained.values)):
+                rows = source[h, members].double()
+                row = merged[h, slot].double()
+                scale = rows.abs().max() + 1e-30
+                lhs = w.sum() * row
+                rhs = (w[:, None] * rows).sum(0)
+                assert bool(((lhs - rhs).abs() <= 2 * tolerance * w.sum() * scale + 1e-6 * scale).all())
+                slack = 2 * tolerance * scale + 1e-6
+                assert bool((row >= rows.min(0).values - slack).all() and (row <= rows.max(0).values + slack).all())
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    config=configs(),
+    num_layers=st.integers(1, MAX_LAYERS),
+    num_kv_heads=st.integers(1, MAX_KV_HEADS),
+    group=st.sampled_from([1, 2, 3, 4]),
+    head_dim=st.sampled_from([2, 4, 8]),
+    seq_len=st.integers(1, 48),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_policy_invariants(
+    scores_files, make_layers, config, num_layers, num_kv_heads, group, head_dim, seq_len, dtype, seed
+):
+    config = config.replace(headkv_scores=scores_files[num_layers, num_kv_heads])
+    policy = build_policy(config)
+    layers = make_layers(
+        num_layers, num_kv_heads, group, seq_len, config.window, head_dim, dtype, seed,
+        with_global=policy.needs_global_attention,
+    )
+    floor = policy.floor(seq_len)
+    per_head = policy.budget.per_head(seq_len, floor)
+    budgets, scores, protected = policy.budgets(layers)
+    retained = policy.compress(layers)
+
+    # allocation: exact total, each head within [floor, seq_len]
+    assert budgets.shape == (num_layers, num_kv_heads)
+    assert int(budgets.sum()) == per_head * num_layers * num_kv_heads
+    assert int(budgets.min()) >= floor and int(budgets.max()) <= seq_len
+    # retained lengths: the allocated budget per head, the total budget overall, never above what
+    # the user asked for unless the window and sinks alone need more
+    asked = policy.budget.tokens if policy.budget.tokens is not None else round(policy.budget.fraction * seq_len)
+    assert torch.equal(torch.stack([r.lengths for r in retained]), budgets)
+    total = sum(int(r.lengths.sum()) for r in retained)
+    assert total == per_head * num_layers * num_kv_heads
+    assert total <= max(asked, floor) * num_layers * num_kv_heads
+
+    protected_idx = protected.nonzero().flatten()
+    assert protected_idx.numel() == floor  # window and sinks, never more than the context
+    tolerance = DTYPE_TOLERANCE[dtype]
+    for obs, layer_scores, r in zip(layers, scores, retained):
+        assert r.keys.dtype == r.values.dtype == dtype
+        assert r.keys.shape == r.values.shape == (num_kv_heads, int(r.lengths.max()), head_dim)
+        assert bool(torch.isfinite(r.keys).all() and torch.isfinite(r.values).all())
+        for h in range(num_kv_heads):
+            n = int(r.lengths[h])
+            kept = r.keep_idx[h, :n]
+            assert bool((kept[1:] > kept[:-1]).all()) and bool((kept >= 0).all() and (kept < seq_len).all())
+            assert bool((r.keep_idx[h, n:] == -1).all())
+            assert bool(torch.isin(protected_idx, kept).all())  # window + sinks of every head
+            assert not r.keys[h, n:].any() and not r.values[h, n:].any()  # padding rows are zero
+            if not isinstance(policy.reducer, EvictThenMergeReducer):  # eviction keeps rows as they are
+                assert torch.equal(r.keys[h, :n], obs.keys[h, kept])
+                assert torch.equal(r.values[h, :n], obs.values[h, kept])
+        if isinstance(policy.reducer, EvictThenMergeReducer):
+            check_merge_preserves_mass(policy.reducer, obs, layer_scores, r, tolerance)
+
+    again = policy.compress(layers)
+    for r, s in zip(retained, again):
+        assert torch.equal(r.keep_idx, s.keep_idx) and torch.equal(r.lengths, s.lengths)
+        assert torch.equal(r.keys, s.keys) and torch.equal(r.values, s.values)
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent_tokens(make_layers):
+    policy = build_policy("streamingllm", budget=10, window=2)
+    layers = make_layers(2, num_kv_heads=2, group=2, seq_len=20, window=2)
+    for retained in policy.compress(layers):
+        assert retained.keep_idx.tolist() == [[0, 1, 2, 3, 14, 15, 16, 17, 18, 19]] * 2
+
+
+@pytest.mark.parametrize("budget, per_head", [(0.5, 10), (0.05, 3), (100, 20)])
+def test_budget_fraction_and_floor(make_layers, budget, per_head):
+    # 20 tokens, window 3: a fraction counts from the prompt, lifted to the window, capped at 20
+    policy = build_policy("snapkv", budget=budget, window=3)
+    layers = make_layers(2, num_kv_heads=3, group=1, seq_len=20, window=3)
+    for retained in policy.compress(layers):
+        assert retained.lengths.tolist() == [per_head] * 3
+
+
+def test_layers_of_different_lengths_are_rejected(make_layers):
+    short = make_layers(1, num_kv_heads=1, group=1, seq_len=10, window=2)
+    long = make_layers(1, num_kv_heads=1, group=1, seq_len=12, window=2)
+    with pytest.raises(ValueError, match="same number of tokens"):
+        build_policy("snapkv", budget=4, window=2).compress(short + long)
+
+
+def test_budget_is_the_policy_budget():
+    assert build_policy("snapkv", budget="0.3").budget == Budget(fraction=0.3)

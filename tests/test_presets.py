@@ -1,0 +1,169 @@
+"""build_policy: every preset, aliases, part overrides and options reaching the parts."""
+import pytest
+
+from vllm_kvcompress.allocation import (
+    AdaKVAllocator,
+    HeadKVAllocator,
+    PyramidAllocator,
+    UniformAllocator,
+    ZigZagAllocator,
+)
+from vllm_kvcompress.budget import Budget
+from vllm_kvcompress.config import PRESETS, CompressionConfig
+from vllm_kvcompress.head_scores import HeadScores
+from vllm_kvcompress.policy import Policy
+from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reduction import EvictThenMergeReducer, TopKReducer, WindowReducer
+from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer
+
+SCORERS = {"recency": RecencyScorer, "snapkv": SnapKVScorer, "squared": SquaredAttentionScorer, "ems": EMSScorer}
+ALLOCATORS = {
+    "uniform": UniformAllocator,
+    "pyramid": PyramidAllocator,
+    "adakv": AdaKVAllocator,
+    "zigzag": ZigZagAllocator,
+    "headkv": HeadKVAllocator,
+}
+REDUCERS = {"topk": TopKReducer, "ems-merge": EvictThenMergeReducer, "windows": WindowReducer}
+RETRIEVAL = [[1.0, 2.0], [3.0, 4.0]]
+REASONING = [[5.0, 6.0], [7.0, 8.0]]
+
+
+@pytest.fixture(scope="module")
+def scores_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("head_scores") / "scores.json"
+    HeadScores("tiny", RETRIEVAL, REASONING).save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_builds_its_parts(preset, scores_file):
+    policy = build_policy(preset, budget=64, window=8, headkv_scores=scores_file)
+    parts = PRESETS[preset]
+    assert isinstance(policy, Policy)
+    assert type(policy.scorer) is SCORERS[parts.scorer]
+    assert type(policy.allocator) is ALLOCATORS[parts.allocator]
+    assert type(policy.reducer) is REDUCERS[parts.reducer]
+    assert policy.budget == Budget(tokens=64) and policy.window == 8
+    assert policy.sink == (4 if preset == "streamingllm" else 0)
+
+
+@pytest.mark.parametrize("preset, kind", [("headkv", RETRIEVAL), ("headkv-r2", REASONING)])
+def test_headkv_picks_its_score_kind(preset, kind, scores_file):
+    policy = build_policy(preset, headkv_scores=scores_file, headkv_beta=1.5)
+    assert policy.allocator.head_scores.tolist() == kind
+    assert policy.allocator.beta == 1.5
+
+
+def test_headkv_allocator_under_another_preset_uses_retrieval(scores_file):
+    policy = build_policy("ems", allocator="headkv", headkv_scores=scores_file)
+    assert policy.allocator.head_scores.tolist() == RETRIEVAL
+
+
+@pytest.mark.parametrize("name", ["none", "full", "NONE"])
+def test_none_means_the_full_cache(name):
+    assert build_policy(name) is None
+    assert build_policy(CompressionConfig(policy=name)) is None
+
+
+@pytest.mark.parametrize("alias", ["layer-uncertainty", "layer_uncertainty"])
+def test_alias(alias):
+    policy = build_policy(alias)
+    assert isinstance(policy.allocator, ZigZagAllocator) and isinstance(policy.scorer, SnapKVScorer)
+
+
+def test_default_is_snapkv():
+    policy = build_policy()
+    assert isinstance(policy.scorer, SnapKVScorer) and isinstance(policy.allocator, UniformAllocator)
+    assert policy.budget == Budget(tokens=256) and policy.window == 32
+
+
+@pytest.mark.parametrize(
+    "override, attribute, cls",
+    [
+        ({"scorer": "ems"}, "scorer", EMSScorer),
+        ({"scorer": "squared"}, "scorer", SquaredAttentionScorer),
+        ({"allocator": "pyramid"}, "allocator", PyramidAllocator),
+        ({"allocator": "adakv"}, "allocator", AdaKVAllocator),
+        ({"reducer": "ems-merge"}, "reducer", EvictThenMergeReducer),
+        ({"reducer": "windows"}, "reducer", WindowReducer),
+    ],
+)
+def test_part_overrides(override, attribute, cls):
+    policy = build_policy("streamingllm", **override)
+    assert type(getattr(policy, attribute)) is cls
+    # the parts not overridden stay the preset's
+    untouched = {"scorer": RecencyScorer, "allocator": UniformAllocator, "reducer": TopKReducer}
+    for name, default in untouched.items():
+        if name != attribute:
+            assert type(getattr(policy, name)) is default
+
+
+def test_options_reach_the_parts():
+    config = CompressionConfig(
+        policy="ems",
+        pool_kernel=3,
+        adakv_alpha=0.5,
+        ems_local_weight=0.3,
+        ems_merge_threshold=0.7,
+        budget=0.2,
+        window=4,
+        sink=2,
+    )
+    policy = build_policy(config)
+    assert policy.scorer == EMSScorer(local_weight=0.3, pool_kernel=3)
+    assert policy.allocator == AdaKVAllocator(alpha=0.5)
+    assert policy.reducer == EvictThenMergeReducer(merge_threshold=0.7)
+    assert (policy.budget, policy.window, policy.sink) == (Budget(fraction=0.2), 4, 2)
+    assert policy.needs_global_attention
+
+
+@pytest.mark.parametrize(
+    "preset, options, expected",
+    [
+        ("snapkv", {"pool_kernel": 5}, ("scorer", SnapKVScorer(pool_kernel=5))),
+        ("pyramidkv", {"pyramid_beta": 4.0}, ("allocator", PyramidAllocator(beta=4.0))),
+        ("zigzag", {"zigzag_mass": 0.5, "zigzag_min_fraction": 0.1},
+         ("allocator", ZigZagAllocator(mass=0.5, min_fraction=0.1))),
+        ("windowkv", {"windowkv_task": "retrieval", "windowkv_retrieval_window": 4, "windowkv_aggregation_window": 16,
+                      "windowkv_group_size": 2, "sink": 3},
+         ("reducer", WindowReducer(task="retrieval", retrieval_window=4, aggregation_window=16, group_size=2, sink=3))),
+    ],
+)
+def test_preset_options(preset, options, expected):
+    attribute, part = expected
+    assert getattr(build_policy(preset, **options), attribute) == part
+
+
+def test_options_override_a_given_config():
+    base = CompressionConfig(policy="snapkv", budget=128)
+    policy = build_policy(base, budget=0.5, allocator="pyramid")
+    assert policy.budget == Budget(fraction=0.5) and isinstance(policy.allocator, PyramidAllocator)
+    assert base.budget == Budget(tokens=128)
+
+
+@pytest.mark.parametrize("name", ["h2o", "", " "])
+def test_unknown_preset_lists_valid_names(name):
+    with pytest.raises(ValueError, match="valid policies: none, streamingllm, snapkv"):
+        build_policy(name)
+
+
+@pytest.mark.parametrize("preset", ["headkv", "headkv-r2"])
+def test_headkv_without_scores(preset):
+    with pytest.raises(ValueError, match="needs head scores"):
+        build_policy(preset)
+
+
+def test_headkv_with_a_missing_scores_file(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        build_policy("headkv", headkv_scores=str(tmp_path / "missing.json"))
+
+
+def test_headkv_scores_for_another_model_fail_at_compress(scores_file, make_layers):
+    # the file holds 2 layers x 2 KV heads; this request has 3 layers x 2 heads
+    policy = build_policy("headkv", headkv_scores=scores_file, budget=8, window=2)
+    layers = make_layers(3, num_kv_heads=2, group=1, seq_len=16, window=2)
+    with pytest.raises(ValueError, match="calibrate"):
+        policy.compress(layers)
+    fitting = make_layers(2, num_kv_heads=2, group=1, seq_len=16, window=2)
+    assert sum(int(r.lengths.sum()) for r in policy.compress(fitting)) == 8 * 2 * 2

@@ -1,0 +1,217 @@
+"""Reducers on cases where the kept, merged and dropped tokens can be named by hand."""
+import pytest
+import torch
+
+from vllm_kvcompress.observation import LayerObservation
+from vllm_kvcompress.paged.reference import merge_by_class
+from vllm_kvcompress.reduction import (
+    EvictThenMergeReducer,
+    RetainedLayer,
+    TopKReducer,
+    WindowReducer,
+    protected_positions,
+    top_k_indices,
+    window_priority,
+)
+
+
+def layer(keys, values) -> LayerObservation:
+    """keys, values: nested lists [num_kv_heads][seq_len][head_dim]; queries are unused here."""
+    k = torch.tensor(keys, dtype=torch.float32)
+    v = torch.tensor(values, dtype=torch.float32)
+    return LayerObservation(torch.zeros(k.shape[0], 1, k.shape[-1]), k, v)
+
+
+def ramp_layer(num_heads: int, seq_len: int, head_dim: int = 2) -> LayerObservation:
+    """Row t of head h holds the distinct numbers 100 h + t (so gathered rows can be recognised)."""
+    rows = 100 * torch.arange(num_heads)[:, None] + torch.arange(seq_len)[None, :]
+    x = rows[..., None].float().expand(-1, -1, head_dim).contiguous()
+    return LayerObservation(torch.zeros(num_heads, 1, head_dim), x, -x)
+
+
+@pytest.mark.parametrize(
+    "seq_len, window, sink, expected",
+    [
+        (8, 2, 1, [1, 0, 0, 0, 0, 0, 1, 1]),
+        (5, 0, 0, [0, 0, 0, 0, 0]),
+        (4, 3, 2, [1, 1, 1, 1]),  # window and sinks overlap: everything
+        (4, 9, 0, [1, 1, 1, 1]),
+    ],
+)
+def test_protected_positions(seq_len, window, sink, expected):
+    assert protected_positions(seq_len, window, sink).tolist() == [bool(x) for x in expected]
+
+
+def test_top_k_protects_window_and_sink_and_breaks_ties_by_position():
+    # sink 1 + window 2 protect 0, 6, 7 despite their zero scores; 2, 3 and 5 tie at 5: 2 and 3 win.
+    scores = torch.tensor([[0.0, 3.0, 5.0, 5.0, 1.0, 5.0, 0.0, 0.0]] * 3)
+    protected = protected_positions(8, window=2, sink=1)
+    keep = top_k_indices(scores, torch.tensor([5, 3, 6]), protected)
+    assert keep.tolist() == [[0, 2, 3, 6, 7, -1], [0, 6, 7, -1, -1, -1], [0, 2, 3, 5, 6, 7]]
+
+
+def test_top_k_budget_zero_keeps_nothing():
+    keep = top_k_indices(torch.rand(2, 5), torch.tensor([0, 0]), torch.zeros(5, dtype=torch.bool))
+    assert keep.shape == (2, 0)
+
+
+def test_gather_pads_with_zero_rows():
+    obs = ramp_layer(num_heads=2, seq_len=5)
+    retained = RetainedLayer.gather(obs, torch.tensor([[0, 3, 4], [2, -1, -1]]))
+    assert retained.lengths.tolist() == [3, 1]
+    assert retained.keys[..., 0].tolist() == [[0.0, 3.0, 4.0], [102.0, 0.0, 0.0]]
+    assert retained.values[..., 0].tolist() == [[-0.0, -3.0, -4.0], [-102.0, 0.0, 0.0]]
+
+
+def test_top_k_reducer_keeps_the_best_rows_unchanged():
+    obs = ramp_layer(num_heads=2, seq_len=6)
+    scores = torch.tensor([[0.0, 9.0, 1.0, 8.0, 2.0, 0.0], [7.0, 0.0, 0.0, 0.0, 6.0, 0.0]])
+    protected = protected_positions(6, window=1, sink=0)
+    (retained,) = TopKReducer().reduce([obs], [scores], torch.tensor([[3, 2]]), protected)
+    assert retained.keep_idx.tolist() == [[1, 3, 5], [0, 5, -1]]
+    assert retained.keys[..., 1].tolist() == [[1.0, 3.0, 5.0], [100.0, 105.0, 0.0]]
+    assert retained.lengths.tolist() == [3, 2]
+
+
+# One head, four tokens, head_dim 2. Budget 2 with the last token protected: token 0 (score 3)
+# is kept. Token 1's key has cosine 0.8 with token 0's, -0.8 with token 3's: it merges into slot 0.
+# Token 2's key is orthogonal to both kept keys: cosine 0.
+MERGE_KEYS = [[[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]]]
+MERGE_VALUES = [[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]]]
+MERGE_SCORES = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
+
+
+@pytest.mark.parametrize(
+    "threshold, classes, key0, value0",
+    [
+        # token 1 joins slot 0 with weight 1 next to token 0's 3; token 2 is dropped
+        (0.5, [1, 1, 0, 2], [0.95, 0.15], [1.5, 2.5]),
+        # cosine 0.8 is below 0.9: nothing merges, plain eviction
+        (0.9, [1, 0, 0, 2], [1.0, 0.0], [1.0, 2.0]),
+        # everything merges; token 2 ties at cosine 0 and goes to the first slot: weights 3, 1, 2
+        (-1.0, [1, 1, 1, 2], [(3 + 0.8) / 6, (0.6 + 2) / 6], [16 / 6, 22 / 6]),
+    ],
+)
+def test_evict_then_merge_one_head(threshold, classes, key0, value0):
+    obs = layer(MERGE_KEYS, MERGE_VALUES)
+    protected = protected_positions(4, window=1, sink=0)
+    reducer = EvictThenMergeReducer(merge_threshold=threshold)
+    assert reducer.classes(obs, torch.tensor([[0, 3]])).tolist() == [classes]
+    (retained,) = reducer.reduce([obs], [MERGE_SCORES], torch.tensor([[2]]), protected)
+    assert retained.keep_idx.tolist() == [[0, 3]]
+    assert retained.lengths.tolist() == [2]
+    torch.testing.assert_close(retained.keys[0], torch.tensor([key0, [-1.0, 0.0]]))
+    torch.testing.assert_close(retained.values[0], torch.tensor([value0, [7.0, 8.0]]))
+
+
+def test_evict_then_merge_keeps_a_retained_token_in_its_own_slot_next_to_padding():
+    # Head 1 keeps 2 tokens, head 0 three, so head 1 has a padding slot. Head 1's sink token 0 has
+    # a zero key (similar to nothing); it must still be its own slot, not lost to the padding.
+    keys = [[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]], [[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]]
+    values = [[[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0]], [[9.0, 10.0], [11.0, 12.0], [13.0, 14.0], [15.0, 16.0]]]
+    obs = layer(keys, values)
+    scores = torch.tensor([[1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 0.5]])
+    protected = protected_positions(4, window=1, sink=1)
+    reducer = EvictThenMergeReducer(merge_threshold=0.5)
+    (retained,) = reducer.reduce([obs], [scores], torch.tensor([[3, 2]]), protected)
+    assert retained.keep_idx.tolist() == [[0, 1, 3], [0, 3, -1]]
+    assert reducer.classes(obs, retained.keep_idx)[1].tolist() == [1, 2, 2, 2]
+    # head 1: token 0 alone in slot 0; tokens 1 and 2 (weight 0) join token 3 (weight 0.5)
+    torch.testing.assert_close(retained.values[1], torch.tensor([[9.0, 10.0], [15.0, 16.0], [0.0, 0.0]]))
+    torch.testing.assert_close(retained.keys[1], torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
+
+
+def test_evict_then_merge_keeps_dtype():
+    obs = layer(MERGE_KEYS, MERGE_VALUES)
+    half = LayerObservation(obs.window_queries, obs.keys.bfloat16(), obs.values.bfloat16())
+    protected = protected_positions(4, window=1, sink=0)
+    (retained,) = EvictThenMergeReducer().reduce([half], [MERGE_SCORES], torch.tensor([[2]]), protected)
+    assert retained.keys.dtype == retained.values.dtype == torch.bfloat16
+    assert retained.values[0].float().tolist() == [[1.5, 2.5], [7.0, 8.0]]
+
+
+def test_merge_by_class_zero_class():
+    x = torch.tensor([[[1.0], [2.0], [6.0], [4.0], [5.0], [10.0]]])
+    weight = torch.tensor([[9.0, 1.0, 2.0, 0.0, 0.0, 4.0]])
+    assign = torch.tensor([[0, 1, 1, 2, 2, 3]])
+    merged = merge_by_class(x, weight, assign, num_classes=4)
+    # class 0 (token 0) is dropped; class 1: (1*2 + 2*6) / 3; class 2 has zero weight: plain mean;
+    # class 3: token 5 alone; class 4 is empty: zeros
+    torch.testing.assert_close(merged, torch.tensor([[[14 / 3], [4.5], [10.0], [0.0]]]))
+
+
+def test_merge_by_class_heads_are_independent():
+    x = torch.arange(8.0).reshape(2, 4, 1)
+    weight = torch.ones(2, 4)
+    assign = torch.tensor([[1, 1, 2, 0], [0, 0, 0, 1]])
+    merged = merge_by_class(x, weight, assign, num_classes=2)
+    assert merged[..., 0].tolist() == [[0.5, 2.0], [7.0, 0.0]]
+
+
+def test_window_priority_orders_windows_then_tokens():
+    # windows of 2: {0,1} sums 4, {2,3} 6, {4,5} 1, {6,7} 0 -> window ranks 1, 0, 2, 3;
+    # inside a window the better token first, equal tokens by position.
+    scores = torch.tensor([[4.0, 0.0, 3.0, 3.0, 0.0, 1.0, 0.0, 0.0]])
+    priority = window_priority(scores, window_size=2, start=0)
+    assert priority.unique().numel() == 8  # a strict order: no ties left for top-k to break
+    assert priority.argsort(descending=True).tolist() == [[2, 3, 0, 1, 5, 4, 6, 7]]
+
+
+def test_window_priority_sink_is_its_own_window():
+    # start 1: {0} | {1,2} | {3,4}; totals 9, 2, 3 -> ranks 0, 2, 1
+    scores = torch.tensor([[9.0, 1.0, 1.0, 0.0, 3.0]])
+    order = window_priority(scores, window_size=2, start=1).argsort(descending=True)
+    assert order.tolist() == [[0, 4, 3, 1, 2]]
+
+
+WINDOW_SCORES = torch.tensor([[5.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0]])
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (6, [4, 5, 6, 7, 10, 11]),  # the best window (sum 8) whole, not the single best token 0
+        (7, [0, 4, 5, 6, 7, 10, 11]),  # the next window (sum 5) starts with its best token
+        (8, [0, 1, 4, 5, 6, 7, 10, 11]),
+    ],
+)
+def test_window_reducer_keeps_whole_windows(budget, expected):
+    obs = ramp_layer(num_heads=1, seq_len=12)
+    reducer = WindowReducer(task="retrieval", retrieval_window=4)
+    protected = protected_positions(12, window=2, sink=0)
+    (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[budget]]), protected)
+    assert retained.keep_idx.tolist() == [expected]
+    assert retained.keys[0, :, 0].tolist() == [float(i) for i in expected]
+
+
+def test_window_reducer_task_picks_the_window_size():
+    # as an aggregation prompt (windows of 12) there is one window: plain top-k by token score
+    obs = ramp_layer(num_heads=1, seq_len=12)
+    reducer = WindowReducer(task="aggregation", retrieval_window=4, aggregation_window=12)
+    protected = protected_positions(12, window=2, sink=0)
+    (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[6]]), protected)
+    assert retained.keep_idx.tolist() == [[0, 4, 5, 6, 10, 11]]
+
+
+@pytest.mark.parametrize(
+    "scores, expected",
+    [
+        (torch.eye(40)[:2] * 10, "retrieval"),  # one token per head holds all the attention
+        (torch.ones(2, 40), "aggregation"),  # top 2 of 40 tokens hold 5%
+    ],
+)
+def test_window_reducer_auto_task(scores, expected):
+    assert WindowReducer().task_type([scores, scores]) == expected
+    assert WindowReducer(task="retrieval").task_type([torch.ones(2, 40)]) == "retrieval"
+
+
+@pytest.mark.parametrize("group_size, layer1_keep", [(2, [4, 5, 6, 7, 10, 11]), (1, [0, 1, 2, 3, 10, 11])])
+def test_window_reducer_layer_groups_share_the_ranking(group_size, layer1_keep):
+    # layer 1 prefers window {0..3} by its own scores; in a group of 2 it follows layer 0's ranking
+    obs = ramp_layer(num_heads=1, seq_len=12)
+    layer1_scores = torch.tensor([[3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
+    reducer = WindowReducer(task="retrieval", retrieval_window=4, group_size=group_size)
+    protected = protected_positions(12, window=2, sink=0)
+    retained = reducer.reduce([obs, obs], [WINDOW_SCORES, layer1_scores], torch.tensor([[6], [6]]), protected)
+    assert retained[0].keep_idx.tolist() == [[4, 5, 6, 7, 10, 11]]
+    assert retained[1].keep_idx.tolist() == [layer1_keep]

@@ -1,0 +1,164 @@
+"""Scorers on cases small enough to compute by hand, plus what every scorer promises.
+
+Keys and queries use head_dim 4 (scale 1/2) and point along the first axis, so a query [a, 0, 0, 0]
+and a key [b, 0, 0, 0] have the logit a * b / 2.
+"""
+import math
+
+import pytest
+import torch
+
+from vllm_kvcompress.observation import LayerObservation, causal_column_mass
+from vllm_kvcompress.paged.reference import max_pool_scores
+from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer
+
+HEAD_DIM = 4
+
+
+def along_axis(*xs: float) -> torch.Tensor:
+    """[len(xs), HEAD_DIM] rows (x, 0, 0, 0)."""
+    rows = torch.zeros(len(xs), HEAD_DIM)
+    rows[:, 0] = torch.tensor(xs)
+    return rows
+
+
+def softmax(*logits: float) -> list[float]:
+    exps = [math.exp(x) for x in logits]
+    return [e / sum(exps) for e in exps]
+
+
+def observation(queries: list[list[float]], keys: list[list[float]], global_attention=None) -> LayerObservation:
+    """queries[q_head] = window query coordinates; keys[kv_head] = key coordinates (values are unused)."""
+    q = torch.stack([along_axis(*row) for row in queries])
+    k = torch.stack([along_axis(*row) for row in keys])
+    return LayerObservation(q, k, torch.randn_like(k), global_attention=global_attention)
+
+
+# One window query (2, 0, 0, 0) over keys 0, 1, 2 along the axis: logits 0, 1, 2.
+ONE_QUERY = observation([[2.0]], [[0.0, 1.0, 2.0]])
+P = softmax(0.0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "scorer, expected",
+    [
+        (SnapKVScorer(pool_kernel=1), [P]),
+        (SnapKVScorer(pool_kernel=3), [[max(P[0], P[1]), max(P), max(P[1], P[2])]]),
+        (SquaredAttentionScorer(), [[p * p for p in P]]),
+        (RecencyScorer(), [[0.0, 1.0, 2.0]]),
+        (EMSScorer(pool_kernel=1), [P]),  # no global view: the local view alone
+    ],
+)
+def test_one_query_three_keys(scorer, expected):
+    scores = scorer.score(ONE_QUERY)
+    assert scores.dtype == torch.float32 and scores.shape == (1, 3)
+    torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-6, atol=1e-7)
+
+
+def test_window_queries_are_causal():
+    # Window of 2 over 3 keys: query 0 sits at position 1 and sees keys 0-1, query 1 sees all three.
+    obs = observation([[2.0, 0.0]], [[0.0, 1.0, 2.0]])
+    first = softmax(0.0, 1.0) + [0.0]
+    second = [1 / 3] * 3  # a zero query attends uniformly
+    expected = [a + b for a, b in zip(first, second)]
+    torch.testing.assert_close(SnapKVScorer(pool_kernel=1).score(obs), torch.tensor([expected]))
+    squared = [a * a + b * b for a, b in zip(first, second)]
+    torch.testing.assert_close(SquaredAttentionScorer().score(obs), torch.tensor([squared]))
+
+
+def test_gqa_groups_are_contiguous_and_summed():
+    # 4 query heads over 2 KV heads: query heads 0-1 read KV head 0, heads 2-3 read KV head 1.
+    obs = observation([[2.0], [-2.0], [0.0], [4.0]], [[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
+    head0 = [a + b for a, b in zip(softmax(0.0, 1.0, 2.0), softmax(0.0, -1.0, -2.0))]
+    head1 = [a + b for a, b in zip([1 / 3] * 3, softmax(2.0, 0.0, 0.0))]
+    torch.testing.assert_close(SnapKVScorer(pool_kernel=1).score(obs), torch.tensor([head0, head1]))
+
+
+@pytest.mark.parametrize(
+    "kernel, expected",
+    [
+        (1, [0.0, 5.0, 0.0, 0.0, 0.0, 3.0, 0.0]),
+        (3, [5.0, 5.0, 5.0, 0.0, 3.0, 3.0, 3.0]),
+        (5, [5.0, 5.0, 5.0, 5.0, 3.0, 3.0, 3.0]),
+        (7, [5.0, 5.0, 5.0, 5.0, 5.0, 3.0, 3.0]),
+    ],
+)
+def test_max_pooling(kernel, expected):
+    scores = torch.tensor([[0.0, 5.0, 0.0, 0.0, 0.0, 3.0, 0.0]])
+    assert max_pool_scores(scores, kernel).tolist() == [expected]
+
+
+def test_max_pooling_rejects_even_kernel():
+    with pytest.raises(ValueError, match="odd"):
+        max_pool_scores(torch.zeros(1, 4), 4)
+
+
+@pytest.mark.parametrize("local_weight", [0.5, 0.25, 0.0, 1.0])
+def test_ems_mixes_normalised_global_and_local(local_weight):
+    # Global mass [3, 1, 1]; key j is visible to 3 - j queries: per-query mass [1, 0.5, 1],
+    # as a distribution [0.4, 0.2, 0.4]. The local view is the one query's softmax P.
+    obs = observation([[2.0]], [[0.0, 1.0, 2.0]], global_attention=torch.tensor([[3.0, 1.0, 1.0]]))
+    glob = [0.4, 0.2, 0.4]
+    expected = [(1 - local_weight) * g + local_weight * p for g, p in zip(glob, P)]
+    scores = EMSScorer(local_weight=local_weight, pool_kernel=1).score(obs)
+    torch.testing.assert_close(scores, torch.tensor([expected]))
+    pooled = EMSScorer(local_weight=local_weight, pool_kernel=3).score(obs)
+    torch.testing.assert_close(pooled, torch.tensor([[max(expected[:2]), max(expected), max(expected[1:])]]))
+
+
+def test_ems_global_is_per_head_and_gqa_aware():
+    # Two query heads per KV head: the division by the group size cancels in the normalisation.
+    # Two KV heads get independent global views.
+    obs = observation(
+        [[2.0], [2.0], [0.0], [0.0]],
+        [[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]],
+        global_attention=torch.tensor([[6.0, 2.0, 2.0], [0.0, 0.0, 4.0]]),
+    )
+    local0 = P  # both query heads see P; summed then normalised back to P
+    local1 = [1 / 3] * 3
+    expected = [
+        [0.5 * g + 0.5 * p for g, p in zip([0.4, 0.2, 0.4], local0)],
+        [0.5 * g + 0.5 * p for g, p in zip([0.0, 0.0, 1.0], local1)],
+    ]
+    torch.testing.assert_close(EMSScorer(pool_kernel=1).score(obs), torch.tensor(expected))
+
+
+def test_ems_asks_for_global_attention_and_others_do_not():
+    assert EMSScorer().needs_global_attention
+    for scorer in (RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer()):
+        assert not scorer.needs_global_attention
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 1024])
+def test_causal_column_mass(chunk):
+    # Zero queries attend uniformly over what they see: query i gives 1 / (i + 1) to keys 0..i.
+    # Two query heads share the KV head, so the mass doubles.
+    queries = torch.zeros(2, 3, HEAD_DIM)
+    keys = torch.randn(1, 3, HEAD_DIM)
+    mass = causal_column_mass(queries, keys, chunk=chunk)
+    expected = 2 * torch.tensor([[1 + 1 / 2 + 1 / 3, 1 / 2 + 1 / 3, 1 / 3]])
+    torch.testing.assert_close(mass, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "scorer", [RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), EMSScorer()], ids=type
+)
+def test_scores_are_float32_finite_nonnegative(make_layers, scorer, dtype):
+    (obs,) = make_layers(1, num_kv_heads=2, group=3, seq_len=40, window=8, dtype=dtype, with_global=True)
+    scores = scorer.score(obs)
+    assert scores.dtype == torch.float32 and scores.shape == (2, 40)
+    assert bool(torch.isfinite(scores).all()) and bool((scores >= 0).all())
+
+
+@pytest.mark.parametrize(
+    "q_shape, k_shape, v_shape, words",
+    [
+        ((2, 1, 4), (1, 3, 8), (1, 3, 8), "shape mismatch"),
+        ((2, 1, 4), (1, 3, 4), (1, 2, 4), "shape mismatch"),
+        ((3, 1, 4), (2, 3, 4), (2, 3, 4), "do not split"),
+    ],
+)
+def test_observation_rejects_bad_shapes(q_shape, k_shape, v_shape, words):
+    with pytest.raises(ValueError, match=words):
+        LayerObservation(torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(v_shape))
