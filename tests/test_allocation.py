@@ -87,6 +87,15 @@ def test_adakv_protected_positions_count_first():
     assert AdaKVAllocator(alpha=0.0).allocate(inp).tolist() == [[4, 2]]
 
 
+def test_adakv_safeguard_mixes_above_the_floor():
+    # floor 2 (last 2 protected), A = 6 - 2 = 4 per head: head 0 outscores head 1 everywhere and
+    # wins all 8 slots; alpha 0.5 gives budgets 2 + 0.5 * 8 + 0.5 * 4 = 8 and 2 + 0 + 2 = 4.
+    layer = [[[9.0] * 12, [1.0] * 12]]
+    protected = torch.tensor([False] * 10 + [True] * 2)
+    inp = allocation_input(layer, per_head=6, floor=2, protected=protected)
+    assert AdaKVAllocator(alpha=0.5).allocate(inp).tolist() == [[8, 4]]
+
+
 def test_adakv_ties_go_to_the_lower_head():
     inp = allocation_input(flat_scores(1, 2, 4), per_head=2)
     assert AdaKVAllocator(alpha=0.0).allocate(inp).tolist() == [[4, 0]]
@@ -153,16 +162,24 @@ def test_zigzag_heads_of_a_layer_share_the_mean_need():
 @pytest.mark.parametrize(
     "floor, expected",
     [
-        # base 10 / 2 = 5 per head; the pool of 10 split 1:3 = 2.5 / 7.5, the tie goes to head 0
+        # A = 10: floor(10 / 2) = 5 per head pooled, 5 kept; the pool of 10 split 1:3 = 2.5 / 7.5,
+        # the rounding tie goes to head 0
         (0, [[8, 12]]),
-        # the floor 7 lifts the base; the pool of 6 split 1:3 = 1.5 / 4.5
-        (7, [[9, 11]]),
+        # A = 3 above the floor 7: 1 pooled, 2 kept; the pool of 2 split 1:3 = 0.5 / 1.5
+        (7, [[10, 10]]),
     ],
 )
 def test_headkv(floor, expected):
     inp = allocation_input(flat_scores(1, 2, 20), per_head=10, floor=floor)
     allocator = HeadKVAllocator(head_scores=torch.tensor([[1.0, 3.0]]), beta=2.0)
     assert allocator.allocate(inp).tolist() == expected
+
+
+def test_headkv_paper_beta_pools_nearly_everything():
+    # beta 1.005: floor(10 / 1.005) = 9 of 10 pooled, 1 kept; the pool of 18 split 1:3 = 4.5 / 13.5
+    inp = allocation_input(flat_scores(1, 2, 20), per_head=10)
+    allocator = HeadKVAllocator(head_scores=torch.tensor([[1.0, 3.0]]))
+    assert allocator.allocate(inp).tolist() == [[6, 14]]
 
 
 def test_headkv_zero_scores_split_evenly():

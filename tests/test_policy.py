@@ -69,15 +69,17 @@ def configs(draw) -> CompressionConfig:
     )
 
 
-def check_merge_preserves_mass(reducer, obs, scores, retained, tolerance):
+def check_merge_preserves_mass(reducer, obs, scores, retained, protected, tolerance):
     """For every retained slot c of every head: weight_sum * merged_row == sum of weight * member
     rows, and the merged row lies within its members' range (a convex combination)."""
-    classes = reducer.classes(obs, retained.keep_idx)
+    classes = reducer.classes(obs, retained.keep_idx, protected)
     weight = scores.double().clamp(min=0)
     for h in range(obs.num_kv_heads):
         for slot in range(int(retained.lengths[h])):
             members = classes[h] == slot + 1
             assert bool(members[retained.keep_idx[h, slot]])  # the slot's own token is a member
+            if protected[retained.keep_idx[h, slot]]:  # window and sinks stay exact: no merge target
+                assert int(members.sum()) == 1
             w = weight[h, members]
             for source, merged in ((obs.keys, retained.keys), (obs.values, retained.values)):
                 rows = source[h, members].double()
@@ -145,7 +147,7 @@ def test_policy_invariants(
                 assert torch.equal(r.keys[h, :n], obs.keys[h, kept])
                 assert torch.equal(r.values[h, :n], obs.values[h, kept])
         if isinstance(policy.reducer, EvictThenMergeReducer):
-            check_merge_preserves_mass(policy.reducer, obs, layer_scores, r, tolerance)
+            check_merge_preserves_mass(policy.reducer, obs, layer_scores, r, protected, tolerance)
 
     again = policy.compress(layers)
     for r, s in zip(retained, again):

@@ -88,7 +88,7 @@ MERGE_SCORES = torch.tensor([[3.0, 1.0, 2.0, 0.5]])
         (0.5, [1, 1, 0, 2], [0.95, 0.15], [1.5, 2.5]),
         # cosine 0.8 is below 0.9: nothing merges, plain eviction
         (0.9, [1, 0, 0, 2], [1.0, 0.0], [1.0, 2.0]),
-        # everything merges; token 2 ties at cosine 0 and goes to the first slot: weights 3, 1, 2
+        # everything merges into slot 0 (token 3 is protected, never a target): weights 3, 1, 2
         (-1.0, [1, 1, 1, 2], [(3 + 0.8) / 6, (0.6 + 2) / 6], [16 / 6, 22 / 6]),
     ],
 )
@@ -96,7 +96,7 @@ def test_evict_then_merge_one_head(threshold, classes, key0, value0):
     obs = layer(MERGE_KEYS, MERGE_VALUES)
     protected = protected_positions(4, window=1, sink=0)
     reducer = EvictThenMergeReducer(merge_threshold=threshold)
-    assert reducer.classes(obs, torch.tensor([[0, 3]])).tolist() == [classes]
+    assert reducer.classes(obs, torch.tensor([[0, 3]]), protected).tolist() == [classes]
     (retained,) = reducer.reduce([obs], [MERGE_SCORES], torch.tensor([[2]]), protected)
     assert retained.keep_idx.tolist() == [[0, 3]]
     assert retained.lengths.tolist() == [2]
@@ -115,8 +115,10 @@ def test_evict_then_merge_keeps_a_retained_token_in_its_own_slot_next_to_padding
     reducer = EvictThenMergeReducer(merge_threshold=0.5)
     (retained,) = reducer.reduce([obs], [scores], torch.tensor([[3, 2]]), protected)
     assert retained.keep_idx.tolist() == [[0, 1, 3], [0, 3, -1]]
-    assert reducer.classes(obs, retained.keep_idx)[1].tolist() == [1, 2, 2, 2]
-    # head 1: token 0 alone in slot 0; tokens 1 and 2 (weight 0) join token 3 (weight 0.5)
+    # head 1 keeps only protected tokens (sink 0, window 3), which are never merge targets:
+    # tokens 1 and 2 are dropped although token 2's key matches token 3's
+    assert reducer.classes(obs, retained.keep_idx, protected)[1].tolist() == [1, 0, 0, 2]
+    # head 1: token 0 alone in slot 0, token 3 alone in slot 1
     torch.testing.assert_close(retained.values[1], torch.tensor([[9.0, 10.0], [15.0, 16.0], [0.0, 0.0]]))
     torch.testing.assert_close(retained.keys[1], torch.tensor([[0.0, 0.0], [1.0, 1.0], [0.0, 0.0]]))
 
@@ -168,20 +170,36 @@ WINDOW_SCORES = torch.tensor([[5.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0,
 
 
 @pytest.mark.parametrize(
-    "budget, expected",
+    "task, budget, expected",
     [
-        (6, [4, 5, 6, 7, 10, 11]),  # the best window (sum 8) whole, not the single best token 0
-        (7, [0, 4, 5, 6, 7, 10, 11]),  # the next window (sum 5) starts with its best token
-        (8, [0, 1, 4, 5, 6, 7, 10, 11]),
+        # aggregation: windows count by their mean (1.25, 2, 0.5): the best window whole, not the
+        # single best token 0
+        ("aggregation", 6, [4, 5, 6, 7, 10, 11]),
+        ("aggregation", 7, [0, 4, 5, 6, 7, 10, 11]),  # the next window starts with its best token
+        ("aggregation", 8, [0, 1, 4, 5, 6, 7, 10, 11]),
+        # retrieval: by the mean of their better half (2.5, 2, 1): the window of the peak wins
+        ("retrieval", 6, [0, 1, 2, 3, 10, 11]),
+        ("retrieval", 7, [0, 1, 2, 3, 4, 10, 11]),
     ],
 )
-def test_window_reducer_keeps_whole_windows(budget, expected):
+def test_window_reducer_keeps_whole_windows(task, budget, expected):
     obs = ramp_layer(num_heads=1, seq_len=12)
-    reducer = WindowReducer(task="retrieval", retrieval_window=4)
+    reducer = WindowReducer(task=task, retrieval_window=4, aggregation_window=4)
     protected = protected_positions(12, window=2, sink=0)
     (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[budget]]), protected)
     assert retained.keep_idx.tolist() == [expected]
     assert retained.keys[0, :, 0].tolist() == [float(i) for i in expected]
+
+
+def test_window_reducer_heads_share_the_windows():
+    # head 0 prefers window {0..3}, head 1 window {4..7}; after per-head normalisation the mean
+    # ranks {4..7} first (0.5 vs 0.3 + 0.1 / 4), so both heads keep it.
+    scores = torch.tensor([[0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+    obs = ramp_layer(num_heads=2, seq_len=8)
+    reducer = WindowReducer(task="aggregation", aggregation_window=4)
+    protected = protected_positions(8, window=0, sink=0)
+    (retained,) = reducer.reduce([obs], [scores], torch.tensor([[4, 4]]), protected)
+    assert retained.keep_idx.tolist() == [[4, 5, 6, 7], [4, 5, 6, 7]]
 
 
 def test_window_reducer_task_picks_the_window_size():
@@ -210,7 +228,7 @@ def test_window_reducer_layer_groups_share_the_ranking(group_size, layer1_keep):
     # layer 1 prefers window {0..3} by its own scores; in a group of 2 it follows layer 0's ranking
     obs = ramp_layer(num_heads=1, seq_len=12)
     layer1_scores = torch.tensor([[3.0, 3.0, 3.0, 3.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0]])
-    reducer = WindowReducer(task="retrieval", retrieval_window=4, group_size=group_size)
+    reducer = WindowReducer(task="aggregation", aggregation_window=4, group_size=group_size)
     protected = protected_positions(12, window=2, sink=0)
     retained = reducer.reduce([obs, obs], [WINDOW_SCORES, layer1_scores], torch.tensor([[6], [6]]), protected)
     assert retained[0].keep_idx.tolist() == [[4, 5, 6, 7, 10, 11]]

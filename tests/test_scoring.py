@@ -3,6 +3,7 @@
 Keys and queries use head_dim 4 (scale 1/2) and point along the first axis, so a query [a, 0, 0, 0]
 and a key [b, 0, 0, 0] have the logit a * b / 2.
 """
+import dataclasses
 import math
 
 import pytest
@@ -42,11 +43,11 @@ P = softmax(0.0, 1.0, 2.0)
 @pytest.mark.parametrize(
     "scorer, expected",
     [
-        (SnapKVScorer(pool_kernel=1), [P]),
-        (SnapKVScorer(pool_kernel=3), [[max(P[0], P[1]), max(P), max(P[1], P[2])]]),
-        (SquaredAttentionScorer(), [[p * p for p in P]]),
+        (SnapKVScorer(pool_kernel=1, exclude_window=False), [P]),
+        (SnapKVScorer(pool_kernel=3, exclude_window=False), [[max(P[0], P[1]), max(P), max(P[1], P[2])]]),
+        (SquaredAttentionScorer(exclude_window=False), [[p * p for p in P]]),
         (RecencyScorer(), [[0.0, 1.0, 2.0]]),
-        (EMSScorer(pool_kernel=1), [P]),  # no global view: the local view alone
+        (EMSScorer(pool_kernel=1, exclude_window=False), [P]),  # no global view: the local view alone
     ],
 )
 def test_one_query_three_keys(scorer, expected):
@@ -61,9 +62,9 @@ def test_window_queries_are_causal():
     first = softmax(0.0, 1.0) + [0.0]
     second = [1 / 3] * 3  # a zero query attends uniformly
     expected = [a + b for a, b in zip(first, second)]
-    torch.testing.assert_close(SnapKVScorer(pool_kernel=1).score(obs), torch.tensor([expected]))
+    torch.testing.assert_close(SnapKVScorer(pool_kernel=1, exclude_window=False).score(obs), torch.tensor([expected]))
     squared = [a * a + b * b for a, b in zip(first, second)]
-    torch.testing.assert_close(SquaredAttentionScorer().score(obs), torch.tensor([squared]))
+    torch.testing.assert_close(SquaredAttentionScorer(exclude_window=False).score(obs), torch.tensor([squared]))
 
 
 def test_gqa_groups_are_contiguous_and_summed():
@@ -71,7 +72,7 @@ def test_gqa_groups_are_contiguous_and_summed():
     obs = observation([[2.0], [-2.0], [0.0], [4.0]], [[0.0, 1.0, 2.0], [1.0, 0.0, 0.0]])
     head0 = [a + b for a, b in zip(softmax(0.0, 1.0, 2.0), softmax(0.0, -1.0, -2.0))]
     head1 = [a + b for a, b in zip([1 / 3] * 3, softmax(2.0, 0.0, 0.0))]
-    torch.testing.assert_close(SnapKVScorer(pool_kernel=1).score(obs), torch.tensor([head0, head1]))
+    torch.testing.assert_close(SnapKVScorer(pool_kernel=1, exclude_window=False).score(obs), torch.tensor([head0, head1]))
 
 
 @pytest.mark.parametrize(
@@ -100,9 +101,9 @@ def test_ems_mixes_normalised_global_and_local(local_weight):
     obs = observation([[2.0]], [[0.0, 1.0, 2.0]], global_attention=torch.tensor([[3.0, 1.0, 1.0]]))
     glob = [0.4, 0.2, 0.4]
     expected = [(1 - local_weight) * g + local_weight * p for g, p in zip(glob, P)]
-    scores = EMSScorer(local_weight=local_weight, pool_kernel=1).score(obs)
+    scores = EMSScorer(local_weight=local_weight, pool_kernel=1, exclude_window=False).score(obs)
     torch.testing.assert_close(scores, torch.tensor([expected]))
-    pooled = EMSScorer(local_weight=local_weight, pool_kernel=3).score(obs)
+    pooled = EMSScorer(local_weight=local_weight, pool_kernel=3, exclude_window=False).score(obs)
     torch.testing.assert_close(pooled, torch.tensor([[max(expected[:2]), max(expected), max(expected[1:])]]))
 
 
@@ -120,7 +121,7 @@ def test_ems_global_is_per_head_and_gqa_aware():
         [0.5 * g + 0.5 * p for g, p in zip([0.4, 0.2, 0.4], local0)],
         [0.5 * g + 0.5 * p for g, p in zip([0.0, 0.0, 1.0], local1)],
     ]
-    torch.testing.assert_close(EMSScorer(pool_kernel=1).score(obs), torch.tensor(expected))
+    torch.testing.assert_close(EMSScorer(pool_kernel=1, exclude_window=False).score(obs), torch.tensor(expected))
 
 
 def test_ems_asks_for_global_attention_and_others_do_not():
@@ -162,3 +163,17 @@ def test_scores_are_float32_finite_nonnegative(make_layers, scorer, dtype):
 def test_observation_rejects_bad_shapes(q_shape, k_shape, v_shape, words):
     with pytest.raises(ValueError, match=words):
         LayerObservation(torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(v_shape))
+
+
+@pytest.mark.parametrize("scorer", [SnapKVScorer(pool_kernel=3), SquaredAttentionScorer(), EMSScorer(pool_kernel=3)], ids=type)
+def test_window_positions_score_zero_and_do_not_spill(scorer):
+    # 2 window queries over 6 keys: the window (keys 4, 5) is kept anyway, so it scores 0, and the
+    # pooling of key 3 sees only the prefix; the same scorer without the exclusion spreads key 4's
+    # score onto key 3.
+    obs = observation([[1.0, 1.0]], [[0.0, 0.1, 0.2, 0.3, 3.0, 0.0]])
+    scores = scorer.score(obs)
+    assert scores[0, 4:].tolist() == [0.0, 0.0]
+    assert (scores[0, :4] > 0).all()
+    inclusive = dataclasses.replace(scorer, exclude_window=False).score(obs)
+    if scorer.pool_kernel > 1:
+        assert inclusive[0, 3] > scores[0, 3]

@@ -80,10 +80,12 @@ class PyramidAllocator(Allocator):
 
 @dataclass(frozen=True)
 class AdaKVAllocator(Allocator):
-    """Ada-KV (Feng et al. 2024, Alg. 1): inside each layer, the heads compete for the layer's
-    budget: the layer keeps its top ``num_heads * per_head`` tokens over ALL its heads' scores
-    (flattened), so concentrated heads give budget to dispersed ones. Safeguard (the paper's
-    alpha, default 0.2): every head first gets ``alpha * per_head`` of its own best tokens."""
+    """Ada-KV (Feng et al. 2024, Alg. 1, with its safeguard): inside each layer the heads compete
+    for the layer's budget above the floor, ``A = per_head - floor`` per head: the layer's top
+    ``num_heads * A`` unprotected scores over ALL its heads (flattened) decide how many slots
+    ``won[h]`` each head earns, so concentrated heads give budget to dispersed ones. The safeguard
+    mixes that with the uniform share: ``budget[h] = floor + (1 - alpha) * won[h] + alpha * A``
+    (``alpha`` = 0.2 as in the paper), rounded so the layer's total stays exact."""
 
     alpha: float = 0.2
 
@@ -92,28 +94,22 @@ class AdaKVAllocator(Allocator):
             raise ValueError(f"adakv alpha must be in [0, 1], got {self.alpha}")
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
-        num_layers, num_heads = inp.shape
-        layer_budget = distribute(torch.ones(num_layers), inp.total, inp.floor * num_heads, inp.seq_len * num_heads)
-        guaranteed = max(inp.floor, min(inp.seq_len, round(self.alpha * inp.per_head)))
+        above = inp.per_head - inp.floor
         budgets = []
-        for scores, total in zip(inp.scores, layer_budget.tolist()):
-            budgets.append(self.split_layer(scores, inp.protected, total, guaranteed))
+        for scores in inp.scores:
+            won = self.competition(scores, inp.protected, above * scores.shape[0])
+            mixed = (1 - self.alpha) * won.double() + self.alpha * above
+            budgets.append(distribute(mixed, above * scores.shape[0], 0, inp.seq_len - inp.floor) + inp.floor)
         return torch.stack(budgets)
 
     @staticmethod
-    def split_layer(scores: torch.Tensor, protected: torch.Tensor, total: int, guaranteed: int) -> torch.Tensor:
-        """Per-head counts of the layer's top-``total`` tokens, each head holding at least
-        ``guaranteed`` (its protected positions first, then its own best)."""
+    def competition(scores: torch.Tensor, protected: torch.Tensor, slots: int) -> torch.Tensor:
+        """int64 [num_heads]: how many of the layer's best ``slots`` unprotected (head, token) scores
+        each head holds. scores [num_heads, seq_len]; ties go to the lower flat index."""
         num_heads, seq_len = scores.shape
-        guaranteed = min(guaranteed, total // num_heads)
-        s = scores.float().masked_fill(protected[None, :], float("inf"))
-        order = torch.sort(s, dim=-1, descending=True, stable=True).indices
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(seq_len).expand(num_heads, -1))
-        # each head's first `guaranteed` ranks are taken outright; the rest compete by score
-        s = s.masked_fill(rank < guaranteed, float("inf"))
-        flat = torch.sort(s.reshape(-1), descending=True, stable=True).indices[:total]
-        return torch.bincount(flat // seq_len, minlength=num_heads)
+        flat = scores.float().masked_fill(protected[None, :], float("-inf")).reshape(-1)
+        best = torch.sort(flat, descending=True, stable=True).indices[:slots]
+        return torch.bincount(best // seq_len, minlength=num_heads)
 
 
 def tokens_for_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
@@ -149,10 +145,12 @@ class ZigZagAllocator(Allocator):
 class HeadKVAllocator(Allocator):
     """HeadKV per-head budgets (arXiv 2410.19258, Sec. 3.2).
 
-    Every head keeps ``per_head / beta`` of its own (beta = 1.005 as in the paper's code, so nearly
-    all heads keep a base share); the rest of the total budget forms a shared pool that is dealt out
-    in proportion to each head's importance score (retrieval, or retrieval-reasoning for
-    headkv-r2). head_scores: float [num_layers, num_kv_heads] from the calibration file.
+    Of each head's budget above the floor, ``A = per_head - floor``, the share ``floor(A / beta)``
+    goes into one pool shared by all heads of all layers; each head keeps ``A - floor(A / beta)``
+    of its own. The pool is dealt out in proportion to the heads' importance scores (retrieval, or
+    retrieval-reasoning for headkv-r2). ``beta`` = 1.005 as in the paper's code, so nearly the whole
+    budget follows the scores. head_scores: float [num_layers, num_kv_heads] from the calibration
+    file (per KV head: the query heads of a group summed).
     """
 
     head_scores: torch.Tensor
@@ -164,5 +162,6 @@ class HeadKVAllocator(Allocator):
                 f"head scores are for {tuple(self.head_scores.shape)} (layers, kv heads) but the model "
                 f"has {inp.shape}: calibrate this model with `python -m vllm_kvcompress.calibrate`"
             )
-        base = max(inp.floor, min(inp.per_head, int(inp.per_head / self.beta)))
-        return distribute(self.head_scores.double().clamp(min=0), inp.total, base, inp.seq_len)
+        above = inp.per_head - inp.floor
+        own = above - int(above / self.beta)
+        return distribute(self.head_scores.double().clamp(min=0), inp.total, inp.floor + own, inp.seq_len)

@@ -125,8 +125,8 @@ class CompressionConfig:
     ems_merge_threshold: float = 0.5
     windowkv_task: str = "auto"
     windowkv_retrieval_window: int = 8
-    windowkv_aggregation_window: int = 32
-    windowkv_group_size: int = 4
+    windowkv_aggregation_window: int = 8
+    windowkv_group_size: int = 8
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", canonical_preset(self.policy))

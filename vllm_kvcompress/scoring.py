@@ -24,6 +24,28 @@ class Scorer:
         raise NotImplementedError
 
 
+def prefix_only(scores: torch.Tensor, window: int) -> torch.Tensor:
+    """``scores`` [num_heads, seq_len] with the last ``window`` positions set to 0.
+
+    The observation window is always kept, and its queries attend strongly to themselves: left in,
+    their scores would leak through max-pooling onto the tokens just before the window and count in
+    the mass that allocators split (SnapKV scores the prefix only, for the same reason)."""
+    out = scores.clone()
+    out[:, max(0, scores.shape[1] - window) :] = 0
+    return out
+
+
+def _decidable(scores: torch.Tensor, obs: LayerObservation, exclude_window: bool) -> torch.Tensor:
+    return prefix_only(scores, obs.window) if exclude_window else scores
+
+
+def _pooled(scores: torch.Tensor, obs: LayerObservation, kernel: int, exclude_window: bool) -> torch.Tensor:
+    """Max-pooled scores; with ``exclude_window`` the window is zeroed before (no spill onto the
+    prefix) and after (no prefix score spread onto it) the pooling."""
+    pooled = max_pool_scores(_decidable(scores, obs, exclude_window), kernel)
+    return _decidable(pooled, obs, exclude_window)
+
+
 @dataclass(frozen=True)
 class RecencyScorer(Scorer):
     """StreamingLLM: newer tokens are worth more; with a top-k reducer and ``sink`` tokens this keeps
@@ -41,10 +63,11 @@ class SnapKVScorer(Scorer):
     that neighbours of important tokens survive together."""
 
     pool_kernel: int = 7
+    exclude_window: bool = True  # score the prefix only (see prefix_only)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=1)
-        return max_pool_scores(mass, self.pool_kernel)
+        return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
 
 
 @dataclass(frozen=True)
@@ -54,10 +77,11 @@ class SquaredAttentionScorer(Scorer):
     queries touch weakly. Not pooled by default."""
 
     pool_kernel: int = 1
+    exclude_window: bool = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=2)
-        return max_pool_scores(mass, self.pool_kernel)
+        return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
 
 
 def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -82,10 +106,12 @@ class EMSScorer(Scorer):
 
     local_weight: float = 0.5
     pool_kernel: int = 7
+    exclude_window: bool = True
     needs_global_attention = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        local = _normalize_rows(window_scores(obs.window_queries, obs.keys, obs.scale, power=1))
+        local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1)
+        local = _normalize_rows(_decidable(local, obs, self.exclude_window))
         if obs.global_attention is None:
             mixed = local
         else:
@@ -93,6 +119,6 @@ class EMSScorer(Scorer):
             group = obs.window_queries.shape[0] // obs.num_kv_heads
             # key j is seen by the seq_len - j causal queries of each of the group's heads
             seen_by = group * (seq_len - torch.arange(seq_len, device=obs.keys.device)).float()
-            glob = _normalize_rows(obs.global_attention.float() / seen_by)
+            glob = _normalize_rows(_decidable(obs.global_attention.float() / seen_by, obs, self.exclude_window))
             mixed = (1 - self.local_weight) * glob + self.local_weight * local
-        return max_pool_scores(mixed, self.pool_kernel)
+        return _pooled(mixed, obs, self.pool_kernel, self.exclude_window)
