@@ -14,6 +14,14 @@ keep counting from the true sequence length after compression.
 
 With ``recompress_slack`` set, a head whose length exceeds its budget by more than the slack
 during decode is compressed back to its budget, scored by its most recent ``window`` queries.
+
+Prefill once, compress many times (benchmarks compare policies on the same prompt)::
+
+    from vllm_kvcompress.hf import prefill, generate_from_prefill, continuation_logprobs
+    prefilled = prefill(model, input_ids, window=32, need_global=True)
+    for policy in policies:
+        generate_from_prefill(model, prefilled, policy, max_new_tokens=16)
+        continuation_logprobs(model, prefilled, policy, continuation_ids)   # teacher-forced
 """
 from __future__ import annotations
 
@@ -39,9 +47,17 @@ class _Session:
     policy: Policy | None
     window: int
     prefill: bool = True
+    # collect LayerObservation.global_attention at prefill (EMS); defaults to what the policy asks
+    need_global: bool | None = None
     observations: dict[int, LayerObservation] = field(default_factory=dict)
     layers: dict[int, HeadwiseLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [num_q_heads, <=window, d]
+    teacher_forced: bool = False  # decode may feed a whole block (continuation_logprobs)
+
+
+    def __post_init__(self) -> None:
+        if self.need_global is None:
+            self.need_global = self.policy is not None and self.policy.needs_global_attention
 
 
 _SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("kvcompress_session", default=None)
@@ -59,7 +75,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         output, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
         q, k, v = query[0], key[0], value[0]
         global_attention = None
-        if session.policy is not None and session.policy.needs_global_attention:
+        if session.need_global:
             global_attention = causal_column_mass(q, k)
         session.observations[layer_idx] = LayerObservation(
             q[:, -session.window :], k, v, layer_idx=layer_idx, global_attention=global_attention
@@ -67,6 +83,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         session.recent_queries[layer_idx] = q[:, -session.window :]
         return output, None
     if query.shape[2] != 1:
+        if session.teacher_forced:
+            return _block_attention(session.layers[layer_idx], query, key, value, scaling)
         raise ValueError("decode feeds one token at a time")
     layer = session.layers[layer_idx]
     layer.append(key[0, :, 0], value[0, :, 0])
@@ -84,6 +102,28 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         repeat_kv(layer.keys[None], group),
         repeat_kv(layer.values[None], group),
         attn_mask=mask,
+        scale=scaling,
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def _block_attention(layer: HeadwiseLayer, query, key, value, scaling):
+    """Attention of a block of new tokens over the compressed cache plus the block itself (causal),
+    without changing the cache: a one-shot teacher-forced pass (no decode-time recompression).
+
+    query [1, Hq, m, d]; key/value [1, Hkv, m, d] (the block's own K/V). Returns [1, m, Hq, d]."""
+    block = query.shape[2]
+    group = query.shape[1] // layer.keys.shape[0]
+    keys = torch.cat([layer.keys, key[0].to(layer.keys.dtype)], 1)
+    values = torch.cat([layer.values, value[0].to(layer.values.dtype)], 1)
+    cached = layer.valid_mask()[:, None, :].expand(-1, block, -1)  # [Hkv, m, width]
+    causal = torch.ones(block, block, dtype=torch.bool, device=query.device).tril()
+    mask = torch.cat([cached, causal.expand(cached.shape[0], -1, -1)], -1).repeat_interleave(group, 0)
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        repeat_kv(keys[None], group).to(query.dtype),
+        repeat_kv(values[None], group).to(query.dtype),
+        attn_mask=mask[None],
         scale=scaling,
     )
     return output.transpose(1, 2).contiguous(), None
@@ -134,6 +174,20 @@ def _layers_from_prefill(session: _Session, dtype: torch.dtype) -> tuple[list[He
     return [HeadwiseLayer.from_retained(r, dtype) for r in retained], torch.stack([r.lengths for r in retained])
 
 
+def _decode_budgets(policy: Policy, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Per-head lengths decode-time recompression brings heads back to, int64 [num_layers, num_kv_heads].
+
+    Normally the allocated budgets (``retained``). A prompt shorter than the per-head budget the
+    policy asks for (at least window + sinks) was kept whole, every head at ``prompt_len``; its
+    heads may then grow to that budget before they are compressed -- holding them at the prompt
+    length would keep fewer tokens than the user allowed and, under window + sinks, would evict
+    the newest tokens (all protected, the oldest win the tie)."""
+    budget = policy.budget
+    asked = budget.tokens if budget.tokens is not None else round(budget.fraction * prompt_len)
+    asked = max(asked, policy.window + policy.sink)
+    return retained + max(0, asked - prompt_len)
+
+
 def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor, slack: int) -> int:
     """Bring every head of ``layer`` that exceeds ``budget + slack`` back to its budget. Returns the
     number of heads compressed. queries: [num_q_heads, <=window, d], the layer's recent queries."""
@@ -147,41 +201,97 @@ def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tenso
         obs = LayerObservation(queries[h * group : (h + 1) * group], keys[None], values[None])
         scores = policy.scorer.score(obs)
         protected = protected_positions(keys.shape[0], min(policy.window, queries.shape[1]), policy.sink, keys.device)
-        kept = policy.reducer.reduce_layer(obs, scores, torch.tensor([budget]), protected)
+        # reduce(), not reduce_layer(): WindowReducer implements only the whole-request entry point
+        kept = policy.reducer.reduce([obs], [scores], torch.tensor([[budget]]), protected)[0]
         layer.replace_head(h, kept.keys[0, :budget], kept.values[0, :budget])
         done += 1
     return done
 
 
-@torch.no_grad()
-def generate(
-    model,
-    input_ids: torch.Tensor,
-    policy: Policy | None,
-    max_new_tokens: int = 32,
-    eos_token_id: int | list[int] | None = None,
-    recompress_slack: int | None = None,
-) -> GenerationResult:
-    """Greedy decoding of one prompt with ``policy`` applied after prefill (None = full cache).
+@dataclass
+class Prefilled:
+    """One prompt after prefill, before any compression: reusable by any number of policies.
 
-    input_ids: int [1, prompt_len] or [prompt_len].
+    observations: one :class:`LayerObservation` per layer -- full keys/values
+        [num_kv_heads, prompt_len, head_dim], the last ``window`` queries, and the causal column
+        mass (``global_attention``) when prefilled with ``need_global``;
+    logits: float [1, vocab], the prediction after the last prompt token (full-cache prefill, as
+        in serving: compression happens after it); prompt_len: tokens in the prompt.
     """
+
+    observations: list[LayerObservation]
+    logits: torch.Tensor
+    prompt_len: int
+    window: int
+
+    def observations_for(self, policy: Policy | None) -> list[LayerObservation]:
+        """The observations as ``policy`` would have seen them from its own prefill (its window)."""
+        if policy is None:
+            return self.observations
+        if policy.window > self.window:
+            raise ValueError(f"prefilled with window={self.window}, but the policy observes {policy.window} queries")
+        if policy.needs_global_attention and self.observations[0].global_attention is None:
+            raise ValueError("the policy's scorer needs global attention: prefill with need_global=True")
+        return [
+            LayerObservation(o.window_queries[:, -policy.window :], o.keys, o.values, o.layer_idx, o.global_attention)
+            for o in self.observations
+        ]
+
+
+def _check_one_prompt(input_ids: torch.Tensor) -> None:
+    if input_ids.dim() not in (1, 2) or (input_ids.dim() == 2 and input_ids.shape[0] != 1):
+        raise ValueError(
+            f"the HF reference path generates for one prompt at a time (batch size 1), got input_ids of "
+            f"shape {tuple(input_ids.shape)}; call generate() once per prompt"
+        )
+
+
+@torch.no_grad()
+def prefill(model, input_ids: torch.Tensor, window: int = 32, need_global: bool = False) -> Prefilled:
+    """Run the prompt once with the full cache and keep what every policy needs to compress it.
+
+    input_ids: int [1, prompt_len] or [prompt_len]; window: the most observation-window queries
+    any later policy uses; need_global: also collect the causal column mass (EMS scorers).
+    """
+    _check_one_prompt(input_ids)
     input_ids = input_ids.reshape(1, -1).to(model.device)
     prompt_len = input_ids.shape[1]
-    window = policy.window if policy is not None else 1
-    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
-    session = _Session(policy, window)
+    session = _Session(None, window, need_global=need_global)
     token = _SESSION.set(session)
-    recompressions = 0
     try:
         with _attention_switched(model):
             positions = torch.arange(prompt_len, device=model.device)[None]
             logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[:, -1]
-            layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype)
-            session.observations.clear()  # free the full prompt K/V
-            session.layers = dict(enumerate(layers))
-            session.prefill = False
-            retained = torch.stack([layer.lengths.clone() for layer in layers])
+    finally:
+        _SESSION.reset(token)
+    observations = [session.observations[i] for i in sorted(session.observations)]
+    return Prefilled(observations, logits, prompt_len, window)
+
+
+def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple[_Session, torch.Tensor | None]:
+    """A decode-ready session holding ``policy``'s compressed cache of ``prefilled``, and the
+    per-head budgets (None without a policy). The prefilled tensors are not modified."""
+    observations = prefilled.observations_for(policy)
+    window = policy.window if policy is not None else 1
+    session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)))
+    layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype)
+    if budgets is not None:
+        budgets = _decode_budgets(policy, budgets, prefilled.prompt_len)
+    session.observations.clear()
+    session.layers = dict(enumerate(layers))
+    session.recent_queries = {i: o.window_queries[:, -window:] for i, o in enumerate(observations)}
+    return session, budgets
+
+
+def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack):
+    """Greedy decoding from the prefill's ``logits`` [1, vocab] over ``session``'s cache."""
+    policy = session.policy
+    stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
+    retained = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
+    token = _SESSION.set(session)
+    recompressions = 0
+    try:
+        with _attention_switched(model):
             tokens: list[int] = []
             for step in range(max_new_tokens):
                 next_token = int(logits.argmax(-1))
@@ -201,3 +311,98 @@ def generate(
         _SESSION.reset(token)
     final = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
     return GenerationResult(tokens, prompt_len, retained, final, recompressions)
+
+
+@torch.no_grad()
+def generate_from_prefill(
+    model,
+    prefilled: Prefilled,
+    policy: Policy | None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    recompress_slack: int | None = None,
+) -> GenerationResult:
+    """:func:`generate` for a prompt already run by :func:`prefill`: compress its cache with
+    ``policy`` (None = full cache) and decode greedily. ``prefilled`` stays reusable."""
+    session, budgets = _decode_session(model, prefilled, policy)
+    return _greedy(
+        model, session, budgets, prefilled.logits, prefilled.prompt_len, max_new_tokens, eos_token_id, recompress_slack
+    )
+
+
+@dataclass
+class ScoredContinuation:
+    """logprobs: float32 [num_tokens], log-probability of each continuation token given the
+    compressed prompt and the continuation before it; retained_per_layer: int64
+    [num_layers, num_kv_heads] lengths after compression; prompt_len: tokens in the prompt."""
+
+    logprobs: torch.Tensor
+    retained_per_layer: torch.Tensor
+    prompt_len: int
+
+    @property
+    def mean_nll(self) -> float:
+        return float(-self.logprobs.mean())
+
+    @property
+    def perplexity(self) -> float:
+        return float(torch.exp(-self.logprobs.double().mean()))
+
+    @property
+    def retained_fraction(self) -> float:
+        return float(self.retained_per_layer.float().mean()) / self.prompt_len
+
+
+@torch.no_grad()
+def continuation_logprobs(
+    model, prefilled: Prefilled, policy: Policy | None, continuation_ids: torch.Tensor
+) -> ScoredContinuation:
+    """Teacher-forced scoring of ``continuation_ids`` (int [1, m] or [m]) after the prompt of
+    ``prefilled``, whose cache ``policy`` compressed (None = full cache).
+
+    The first token is scored by the prefill's logits (compression happens after prefill); the
+    others by one forward of the whole continuation over the compressed cache -- what token-by-
+    token decoding gives without decode-time recompression.
+    """
+    continuation = continuation_ids.reshape(1, -1).to(model.device)
+    num_tokens = continuation.shape[1]
+    if num_tokens == 0:
+        raise ValueError("continuation_ids is empty")
+    session, _ = _decode_session(model, prefilled, policy)
+    session.teacher_forced = True
+    retained = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
+    logits = prefilled.logits.float()  # [1, vocab]
+    if num_tokens > 1:
+        token = _SESSION.set(session)
+        try:
+            with _attention_switched(model):
+                positions = torch.arange(prefilled.prompt_len, prefilled.prompt_len + num_tokens - 1, device=model.device)
+                block = model(input_ids=continuation[:, :-1], position_ids=positions[None], use_cache=False).logits[0]
+        finally:
+            _SESSION.reset(token)
+        logits = torch.cat([logits, block.float()])
+    logprobs = torch.log_softmax(logits, -1).gather(-1, continuation[0, :, None])[:, 0]
+    return ScoredContinuation(logprobs, retained, prefilled.prompt_len)
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    policy: Policy | None,
+    max_new_tokens: int = 32,
+    eos_token_id: int | list[int] | None = None,
+    recompress_slack: int | None = None,
+) -> GenerationResult:
+    """Greedy decoding of one prompt with ``policy`` applied after prefill (None = full cache).
+
+    input_ids: int [1, prompt_len] or [prompt_len].
+    """
+    _check_one_prompt(input_ids)
+    window = policy.window if policy is not None else 1
+    need_global = policy is not None and policy.needs_global_attention
+    prefilled = prefill(model, input_ids, window, need_global)
+    session, budgets = _decode_session(model, prefilled, policy)
+    logits, prompt_len = prefilled.logits, prefilled.prompt_len
+    del prefilled  # only the compressed cache lives on through decode
+    return _greedy(model, session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack)

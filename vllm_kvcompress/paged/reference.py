@@ -158,8 +158,8 @@ def merge_by_class(
             dropped. Classes 1..num_classes are the retained slots, so heads with different
             budgets share one scatter: a head with budget b simply leaves classes b+1.. empty.
     returns float32 [num_heads, num_classes, head_dim]; row c-1 is
-            sum_{t in c} w_t x_t / sum_{t in c} w_t (plain mean where the weights sum to 0,
-            zeros for an empty class).
+            sum_{t in c} w_t x_t / sum_{t in c} w_t (plain mean where the weights sum to 0, the
+            row itself for a class of one, zeros for an empty class).
     """
     num_heads, _, head_dim = x.shape
     w = weight.float()
@@ -169,8 +169,9 @@ def merge_by_class(
     mass = torch.zeros(num_heads, num_classes + 1, device=x.device).scatter_add_(1, index, w)
     count = torch.zeros(num_heads, num_classes + 1, device=x.device).scatter_add_(1, index, torch.ones_like(w))
     plain = torch.zeros_like(total).scatter_add_(1, index[..., None].expand(-1, -1, head_dim), x.float())
+    # a class of one row is that row exactly (w * x / w can be one rounding step off)
     out = torch.where(
-        (mass > 0)[..., None],
+        ((mass > 0) & (count > 1))[..., None],
         total / mass.clamp(min=torch.finfo(torch.float32).tiny)[..., None],
         plain / count.clamp(min=1)[..., None],
     )
