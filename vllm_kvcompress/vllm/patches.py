@@ -1,0 +1,121 @@
+"""Every monkeypatch of vLLM, in one place. Applied in every process by :func:`apply` (idempotent).
+
+Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
+
+* ``EngineArgs.add_cli_args`` (staticmethod) -- adds the ``KV compression`` argument group
+  (``--kv-compression``, ``--kv-budget``, ``--kv-compression-config``). General plugins receive no
+  parser, so wrapping this is the only way in; ``AsyncEngineArgs.add_cli_args`` looks it up on
+  ``EngineArgs`` at call time, after it has loaded the plugins.
+* ``EngineArgs.from_cli_args`` (classmethod) -- keeps only dataclass fields, so our three values are
+  merged into ``additional_config["kv_compression"]`` here, validated (ValueError before any engine
+  process starts).
+* ``EngineArgs.create_engine_config`` -- when a policy other than ``none`` is requested: complete
+  the engine arguments (worker, connector, prefix caching off, block size), build the config, then
+  refuse what cannot run. Same path for ``vllm serve``, ``LLM(...)`` and ``AsyncLLM``.
+
+Without compression requested the wrappers call the originals unchanged (only the flags appear).
+``EXPECTED`` pins the wrapped callables' signatures; tests/vllm/test_patches.py fails when vLLM
+changes them.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+
+from ..budget import Budget
+from ..config import CompressionConfig
+from . import settings
+
+VLLM_VERSION = "0.26.0"
+EXPECTED = {
+    "add_cli_args": "(parser: vllm.utils.argparse_utils.FlexibleArgumentParser) -> "
+                    "vllm.utils.argparse_utils.FlexibleArgumentParser",
+    "from_cli_args": "(cls, args: argparse.Namespace)",
+    "create_engine_config": "(self, usage_context: typing.Any | None = None, headless: bool = False) -> "
+                            "vllm.config.vllm.VllmConfig",
+}
+ORIGINALS: dict[str, object] = {}  # name -> the unwrapped function
+
+
+def add_kv_compression_args(parser):
+    group = parser.add_argument_group("KV compression", "Per-head KV-cache compression (vllm-kvcompress)")
+    group.add_argument("--kv-compression", metavar="POLICY", default=None,
+                       help="compression policy: none, streamingllm, snapkv, pyramidkv, adakv, ems, windowkv, "
+                            "zigzag, headkv, headkv-r2 (none = full cache, plugin inactive)")
+    group.add_argument("--kv-budget", metavar="N|FRACTION", default=None,
+                       help="retained tokens per KV head (256) or fraction of the prompt (0.1)")
+    group.add_argument("--kv-compression-config", metavar="JSON", default=None,
+                       help="further compression options as a JSON object (see vllm_kvcompress.config)")
+    return parser
+
+
+def options_from_cli(args: argparse.Namespace) -> dict | None:
+    """The compression options the three flags ask for (validated), or None when none was given."""
+    policy, budget, text = (getattr(args, n, None) for n in ("kv_compression", "kv_budget", "kv_compression_config"))
+    if policy is None and budget is None and text is None:
+        return None
+    options = CompressionConfig.from_json(text).to_dict() if text is not None else {}
+    if policy is not None:
+        options["policy"] = policy
+    if budget is not None:
+        parsed = Budget.parse(budget)  # ValueError: "budget must be a positive number ..." etc.
+        options["budget"] = parsed.tokens if parsed.tokens is not None else parsed.fraction
+    return CompressionConfig.from_dict(options).to_dict()
+
+
+def _add_cli_args(parser):
+    parser = ORIGINALS["add_cli_args"](parser)
+    return add_kv_compression_args(parser)
+
+
+def _from_cli_args(cls, args):
+    engine_args = ORIGINALS["from_cli_args"](cls, args)
+    options = options_from_cli(args)
+    if options is not None:
+        extra = engine_args.additional_config
+        if isinstance(extra, str):
+            extra = json.loads(extra)
+        engine_args.additional_config = {**(extra or {}), settings.KEY: options}
+    return engine_args
+
+
+def _create_engine_config(self, *args, **kwargs):
+    config = settings.read(self.additional_config)  # ValueError for bad options
+    if config is None:
+        return ORIGINALS["create_engine_config"](self, *args, **kwargs)
+    from vllm.platforms import current_platform
+
+    settings.check_policy_builds(config)
+    settings.complete_engine_args(self, config, current_platform.device_type)
+    vllm_config = ORIGINALS["create_engine_config"](self, *args, **kwargs)
+    settings.check_vllm_config(vllm_config)
+    return vllm_config
+
+
+def check_vllm_version() -> None:
+    import vllm
+    from vllm.engine.arg_utils import EngineArgs
+
+    if vllm.__version__ != VLLM_VERSION:
+        raise RuntimeError(f"vllm-kvcompress patches vLLM {VLLM_VERSION} internals; found vLLM {vllm.__version__}")
+    for name, expected in EXPECTED.items():
+        original = ORIGINALS.get(name) or EngineArgs.__dict__[name]
+        found = str(inspect.signature(getattr(original, "__func__", original)))
+        if found != expected:
+            raise RuntimeError(f"vLLM's EngineArgs.{name} changed: {found} (patched for {expected})")
+
+
+def apply() -> None:
+    """Wrap the three EngineArgs methods once per process."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    if ORIGINALS:
+        return
+    check_vllm_version()
+    ORIGINALS["add_cli_args"] = EngineArgs.__dict__["add_cli_args"].__func__
+    ORIGINALS["from_cli_args"] = EngineArgs.__dict__["from_cli_args"].__func__
+    ORIGINALS["create_engine_config"] = EngineArgs.__dict__["create_engine_config"]
+    EngineArgs.add_cli_args = staticmethod(_add_cli_args)
+    EngineArgs.from_cli_args = classmethod(_from_cli_args)
+    EngineArgs.create_engine_config = _create_engine_config

@@ -1,0 +1,19 @@
+"""The ``vllm.general_plugins`` entry point; vLLM calls it in every process (front end, EngineCore,
+workers), possibly several times. Idempotent and inert by itself: it registers the head-block spec
+(unused unless our worker reports it) and wraps EngineArgs (the wrappers only add CLI flags unless a
+policy other than ``none`` is requested)."""
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from . import patches
+    from .spec import register_spec
+
+    patches.apply()
+    register_spec()
+    _registered = True

@@ -1,0 +1,128 @@
+"""Where the compression settings live in vLLM's config, and what they require of it.
+
+Settings travel as ``VllmConfig.additional_config["kv_compression"]`` (a dict of
+:class:`~vllm_kvcompress.config.CompressionConfig` options; part of the config hash and pickled to
+the EngineCore and workers). A policy other than ``none`` turns the plugin on:
+:func:`complete_engine_args` fills in the engine arguments it needs (before vLLM builds its
+config) and :func:`check_vllm_config` refuses configurations it cannot serve, with a message that
+says why (after). Nothing here falls back silently to an uncompressed cache.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..config import CompressionConfig
+
+logger = logging.getLogger(__name__)
+
+KEY = "kv_compression"
+BLOCK_SIZE = 16
+CONNECTOR = "KVCompressConnector"
+CONNECTOR_MODULE = "vllm_kvcompress.vllm.connector"
+WORKERS = {"cpu": "vllm_kvcompress.vllm.worker.KVCompressCPUWorker",
+           "cuda": "vllm_kvcompress.vllm.worker.KVCompressGPUWorker"}
+
+
+def read(additional_config) -> CompressionConfig | None:
+    """The requested config, or None when compression is off (absent, or policy ``none``).
+
+    ``additional_config[KEY]`` may be a dict or its JSON text. ValueError names the problem."""
+    raw = (additional_config or {}).get(KEY) if isinstance(additional_config, dict) else None
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = CompressionConfig.from_json(raw).to_dict()
+    config = CompressionConfig.from_dict(dict(raw))
+    return None if config.policy == "none" else config
+
+
+def check_policy_builds(config: CompressionConfig) -> None:
+    """Build the policy once in the front end: a headkv score file that does not load fails here,
+    at start-up, not in the worker mid-request."""
+    from ..presets import build_policy
+
+    build_policy(config)
+
+
+def complete_engine_args(args, config: CompressionConfig, device_type: str) -> None:
+    """Fill in what compression needs on ``args`` (an EngineArgs) before vLLM builds its config."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+        raise ValueError("kv compression needs vLLM's V1 model runner (its batch rows map to request ids); "
+                         "unset VLLM_USE_V2_MODEL_RUNNER")
+    if device_type not in WORKERS:
+        raise ValueError(f"kv compression supports the cpu and cuda platforms, not {device_type!r}")
+    worker = WORKERS[device_type]
+    if args.worker_cls not in ("auto", worker):
+        raise ValueError(f"kv compression installs its own worker ({worker}); it cannot run with "
+                         f"--worker-cls {args.worker_cls}")
+    args.worker_cls = worker
+    ours = {"kv_connector": CONNECTOR, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both"}
+    current = args.kv_transfer_config
+    if current is not None:
+        name = current.get("kv_connector") if isinstance(current, dict) else getattr(current, "kv_connector", None)
+        if name != CONNECTOR:
+            raise ValueError(f"kv compression uses the KV connector as its worker->scheduler channel; it cannot "
+                             f"run with another kv connector ({name!r})")
+    args.kv_transfer_config = ours
+    if args.enable_prefix_caching is not False:
+        # head-blocks of one request are compacted in place, so no block can be shared by two requests
+        logger.warning("kv compression: prefix caching is turned off (compressed head-blocks cannot be shared)")
+        args.enable_prefix_caching = False
+    if args.block_size is None:
+        args.block_size = BLOCK_SIZE
+    if device_type == "cuda":
+        # CudaPlatform honours the CUSTOM backend; the worker registers our class under that name
+        args.attention_backend = "CUSTOM"
+        if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") is None:
+            # V2 is the CUDA default for dense models in 0.26; the EngineCore and workers inherit this
+            logger.warning("kv compression: pinning vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if config.decode_slack is not None:
+        logger.warning("kv compression: decode-time recompression (decode_slack=%s) is not implemented in the "
+                       "vLLM plugin yet; heads grow by one row per generated token after the prefill "
+                       "compression", config.decode_slack)
+    args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
+
+
+def refusals(vllm_config) -> list[str]:
+    """Why ``vllm_config`` cannot run with head-block compression (empty list: it can)."""
+    model, parallel, cache = vllm_config.model_config, vllm_config.parallel_config, vllm_config.cache_config
+    why = []
+    if model.use_mla:
+        why.append("MLA models (latent KV shared by all heads) have no per-head cache to compress")
+    if model.is_encoder_decoder:
+        why.append("encoder-decoder models are not supported (cross-attention caches)")
+    if model.is_hybrid or model.is_attention_free:
+        why.append("hybrid / attention-free models (Mamba state) are not supported")
+    if model.get_sliding_window() is not None or _has_sliding_layers(model):
+        why.append("sliding-window attention layers evict by position already; compression needs full attention")
+    if getattr(model, "runner_type", "generate") != "generate":
+        why.append(f"runner {model.runner_type!r}: only text generation is supported")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
+                 "prefill_context_parallel_size"):
+        if getattr(parallel, name, 1) > 1:
+            why.append(f"{name}={getattr(parallel, name)}: only one GPU per model is supported "
+                       "(per-head assignment is not synchronised across ranks yet)")
+    if vllm_config.speculative_config is not None:
+        why.append("speculative decoding is not supported (rejected draft tokens need per-head rollback)")
+    if cache.cache_dtype != "auto":
+        why.append(f"kv_cache_dtype={cache.cache_dtype!r}: quantized (fp8) KV caches are not supported")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        why.append("vLLM's V2 model runner is not supported (set VLLM_USE_V2_MODEL_RUNNER=0)")
+    if cache.enable_prefix_caching:
+        why.append("prefix caching must be off (compressed head-blocks cannot be shared)")
+    return why
+
+
+def _has_sliding_layers(model) -> bool:
+    text = getattr(model, "hf_text_config", None)
+    return any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or ()))
+
+
+def check_vllm_config(vllm_config) -> None:
+    """ValueError listing every reason ``vllm_config`` cannot run with kv compression."""
+    why = refusals(vllm_config)
+    if why:
+        raise ValueError("kv compression cannot run with this configuration: " + "; ".join(why))
+

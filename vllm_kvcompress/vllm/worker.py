@@ -1,0 +1,95 @@
+"""worker_cls: the platform's worker plus three hooks.
+
+* ``__init__``: our backend answers for the attention backend vLLM selects (before the model is
+  built). CPU: ``CpuPlatform.get_attn_backend_cls`` ignores the selection and returns CPU_ATTN's
+  path, so CPU_ATTN is pointed at our class; CUDA: the ``CUSTOM`` slot (settings selects it).
+* ``init_device``: the runner becomes an instance of a subclass of its own class whose
+  ``get_kv_cache_spec`` reports one :class:`HeadBlockSpec` for the first layer and maps every other
+  layer onto it (``shared_kv_cache_layers``): one kv-cache group, one pool, one metadata build.
+* ``execute_model``: the scheduler's block ids go to :class:`WorkerState` before the forward.
+"""
+from __future__ import annotations
+
+import re
+
+from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+from vllm.v1.worker.cpu_worker import CPUWorker
+from vllm.v1.worker.gpu_worker import Worker as GPUWorker
+
+from ..head_scores import HeadScores
+from . import runtime, settings
+from .spec import HeadBlockSpec
+from .state import WorkerState
+
+BACKEND = "vllm_kvcompress.vllm.backend.HeadBlockBackend"
+
+
+def _layer_number(name: str) -> int:
+    found = re.search(r"\.(\d+)\.", name)
+    if found is None:
+        raise ValueError(f"cannot tell the layer index of attention layer {name!r}")
+    return int(found.group(1))
+
+
+class _HeadBlockRunnerMixin:
+    def get_kv_cache_spec(self):
+        specs = super().get_kv_cache_spec()  # the stock spec of every attention layer
+        bad = {n: type(s).__name__ for n, s in specs.items()
+               if type(s) is not FullAttentionSpec or s.sliding_window is not None}
+        if bad:
+            raise ValueError(f"kv compression needs plain full-attention layers; found {bad}")
+        names = sorted(specs, key=_layer_number)
+        first = specs[names[0]]
+        if any((s.num_kv_heads, s.head_size, s.dtype) != (first.num_kv_heads, first.head_size, first.dtype)
+               for s in specs.values()):
+            raise ValueError("kv compression needs the same KV heads, head size and dtype in every layer")
+        spec = HeadBlockSpec(block_size=first.block_size, num_kv_heads=first.num_kv_heads,
+                             head_size=first.head_size, dtype=first.dtype, num_layers=len(names))
+        for name in names[1:]:  # same pool tensor and same metadata as the first layer
+            self.shared_kv_cache_layers[name] = names[0]
+        if runtime.WORKER_STATE is None:
+            config = settings.read(self.vllm_config.additional_config)
+            if config.headkv_scores:  # wrong shape: fail at start-up, not at the first compression
+                HeadScores.load(config.headkv_scores).check_model(len(names), first.num_kv_heads,
+                                                                  config.headkv_scores)
+            runtime.WORKER_STATE = WorkerState(len(names), first.num_kv_heads, first.block_size,
+                                               {n: i for i, n in enumerate(names)}, config)
+        return {names[0]: spec}
+
+
+_RUNNERS: dict[type, type] = {}
+
+
+def _with_mixin(cls: type) -> type:
+    if cls not in _RUNNERS:
+        _RUNNERS[cls] = type(f"HeadBlock{cls.__name__}", (_HeadBlockRunnerMixin, cls), {})
+    return _RUNNERS[cls]
+
+
+class _KVCompressWorkerMixin:
+    _backend_slot = AttentionBackendEnum.CUSTOM
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if settings.read(self.vllm_config.additional_config) is None:
+            raise ValueError("the kv-compression worker was selected without a kv_compression policy")
+        register_backend(self._backend_slot, BACKEND)
+
+    def init_device(self):
+        super().init_device()
+        self.model_runner.__class__ = _with_mixin(type(self.model_runner))
+        runtime.RUNNER = self.model_runner
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        if runtime.WORKER_STATE is not None:
+            runtime.WORKER_STATE.ingest(scheduler_output)
+        return super().execute_model(scheduler_output, *args, **kwargs)
+
+
+class KVCompressCPUWorker(_KVCompressWorkerMixin, CPUWorker):
+    _backend_slot = AttentionBackendEnum.CPU_ATTN
+
+
+class KVCompressGPUWorker(_KVCompressWorkerMixin, GPUWorker):
+    pass
