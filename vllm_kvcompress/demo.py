@@ -40,7 +40,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CompressionC
         "--budget", default="128", help="average tokens kept per KV head, or a fraction of the prompt (default: 128)"
     )
     parser.add_argument("--context-tokens", type=int, default=1500, help="prompt length to aim for (default: 1500)")
-    parser.add_argument("--seed", type=int, default=0, help="picks the needle, its depth and the haystack (default: 0)")
+    # seed 1: SmolLM2 finds this needle with the full cache (seed 0 it misses), so the demo shows
+    # what compression keeps or loses of a retrieval the model can do
+    parser.add_argument("--seed", type=int, default=1, help="picks the needle, its depth and the haystack (default: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per run (default: 32)")
     parser.add_argument(
         "--head-scores",
