@@ -1,0 +1,573 @@
+"""Quality benchmark: every preset at several KV budgets, relative to the full cache (CPU, HF path).
+
+For a real small model (SmolLM2-135M-Instruct, :func:`vllm_kvcompress.models.load_smollm2`) it runs
+
+* the synthetic long-context tasks of :mod:`vllm_kvcompress.synthetic` (needle retrieval at several
+  depths, variable tracking, common words), scored by :func:`vllm_kvcompress.synthetic.score` on
+  the greedy answer;
+* ``perplexity``: chunks of a long text that ships with Python (the prose of ``pydoc_data.topics``,
+  the interactive-help pages of the Python docs). The first ``--context-tokens`` of a chunk are
+  prefilled and compressed, the next ``--ppl-tokens`` are scored teacher-forced over the
+  compressed cache. Its score is ``1 / perplexity`` (the geometric-mean probability of the next
+  token), so that, like the tasks, higher is better and ``relative_score`` = full ppl / ppl.
+
+A 135M model often misses a needle even with the full cache, which leaves the task score with
+nothing to be relative to. So every synthetic sample is also scored by a continuous measure: the
+likelihood of the gold answer (``", ".join(answers)``, teacher-forced right after the prompt).
+``answer_prob`` is its geometric-mean token probability; ``relative_likelihood`` = answer_prob /
+full-cache answer_prob (for ``perplexity`` it equals ``relative_score``).
+
+Every sample is prefilled once (:func:`vllm_kvcompress.hf.prefill`); each (policy, budget) then
+compresses that same prefill. Budgets are fractions of the prompt (``Budget(fraction=...)``); the
+observation window and sinks count against them, so tiny fractions of short prompts are floored
+at the window -- each record carries the ``retained_fraction`` actually kept.
+
+    python benchmarks/quality.py                                  # 2k context, all presets, 5 budgets
+    python benchmarks/quality.py --context-tokens 4096 --samples 3 --resume
+    python benchmarks/quality.py --quick --out /tmp/q.json        # random tiny Llama, < 1 minute
+    python benchmarks/quality.py --plot benchmarks/results/quality-smollm2.json   # tables + PNG of a JSON
+
+Output: a table on stdout, ``benchmarks/results/quality-smollm2.json`` (one record per
+(task, policy, budget), per-sample results, the averages, how and where it ran) and a PNG next to
+it. ``--resume`` keeps the per-sample results already in the JSON for the same configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vllm_kvcompress import synthetic
+from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.hf import continuation_logprobs, generate_from_prefill, prefill
+from vllm_kvcompress.presets import build_policy
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEFAULT_OUT = HERE / "results" / "quality-smollm2.json"
+SMOLLM2_HEAD_SCORES = REPO / "vllm_kvcompress" / "data" / "smollm2-head-scores.json"
+DEFAULT_BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.5)
+DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
+PERPLEXITY = "perplexity"
+FULL = "none"  # the full-cache preset: the reference every score is relative to
+FULL_BUDGET = 1.0  # budget_fraction recorded for it
+HEADKV_PRESETS = ("headkv", "headkv-r2")
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h")
+
+
+class ByteTokenizer:
+    """Offline stand-in tokenizer for ``--quick``: one token per UTF-8 byte, plus BOS and EOS.
+
+    Has what :mod:`vllm_kvcompress.synthetic` and this benchmark use: ``encode``, ``decode``,
+    ``eos_token_id`` (no chat template, so prompts end in ``Answer:``)."""
+
+    vocab_size = 258
+    bos_token_id = 256
+    eos_token_id = 257
+    chat_template = None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if 0 <= i < 256).decode("utf-8", errors="replace")
+
+
+@dataclass
+class Job:
+    """One prefill and everything scored on it.
+
+    task/index: what and which sample; prompt_ids: int64 [1, n]; sample: the synthetic sample
+    (None for perplexity); continuation_ids: int64 [1, m] scored teacher-forced (perplexity only);
+    answer_ids: int64 [1, a], the gold answer, scored teacher-forced (synthetic tasks only);
+    seed/depth: how the sample was made (depth None where the task has no needle)."""
+
+    task: str
+    index: int
+    prompt_ids: torch.Tensor
+    seed: int
+    depth: float | None = None
+    sample: synthetic.Sample | None = None
+    continuation_ids: torch.Tensor | None = None
+    answer_ids: torch.Tensor | None = None
+
+
+def long_text() -> tuple[str, str]:
+    """(text, where it comes from): the Python docs' help topics, a few hundred kB of prose that
+    every CPython ships."""
+    import pydoc_data.topics as topics
+
+    text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
+    return text, f"pydoc_data.topics of Python {platform.python_version()} ({len(text)} characters)"
+
+
+def perplexity_jobs(tokenizer, chunks: int, context_tokens: int, ppl_tokens: int) -> list[Job]:
+    """``chunks`` consecutive (prefix, continuation) pieces of :func:`long_text`."""
+    text, _ = long_text()
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    span = context_tokens + ppl_tokens
+    if chunks * span > len(ids):
+        raise ValueError(f"the perplexity text has {len(ids)} tokens, fewer than {chunks} x {span}")
+    jobs = []
+    for index in range(chunks):
+        piece = torch.tensor([ids[index * span : (index + 1) * span]], dtype=torch.int64)
+        jobs.append(Job(PERPLEXITY, index, piece[:, :context_tokens], seed=index, continuation_ids=piece[:, context_tokens:]))
+    return jobs
+
+
+def synthetic_jobs(tokenizer, tasks, samples: int, context_tokens: int, depths) -> list[Job]:
+    """``samples`` prompts per task; sample k uses seed k and needle depth ``depths[k % len]``."""
+    jobs = []
+    for task in tasks:
+        for index in range(samples):
+            depth = None if task == "common_words" else depths[index % len(depths)]
+            sample = synthetic.make_sample(task, tokenizer, context_tokens, seed=index, depth=depth)
+            answer = torch.tensor([tokenizer.encode(", ".join(sample.answers), add_special_tokens=False)])
+            jobs.append(
+                Job(task, index, sample.prompt_ids(tokenizer), index, depth, sample=sample, answer_ids=answer)
+            )
+    return jobs
+
+
+ANSWER_SLACK = 24  # tokens of wording around the answer ("The special magic number for ... is")
+
+
+def answer_length(tokenizer, sample: synthetic.Sample, cap: int) -> int:
+    """New tokens to generate: the answers written out plus the model's usual wording, at most ``cap``."""
+    return min(cap, len(tokenizer.encode(", ".join(sample.answers), add_special_tokens=False)) + ANSWER_SLACK)
+
+
+def result_key(task: str, index: int, policy: str, budget: float) -> tuple:
+    return (task, index, policy, round(float(budget), 6))
+
+
+def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: set, progress=None) -> list[dict]:
+    """Prefill ``job`` once, then score the full cache and every (policy, budget) not in ``done``.
+
+    policies: {(preset, budget_fraction): Policy or None}; decoding: max_new_tokens, decode_slack.
+    Returns one result dict per (policy, budget) run."""
+    todo = [(name, budget) for (name, budget) in policies if result_key(job.task, job.index, name, budget) not in done]
+    if not todo:
+        return []
+    need_global = any(p is not None and p.needs_global_attention for p in policies.values())
+    window = max([p.window for p in policies.values() if p is not None] + [1])
+    start = time.perf_counter()
+    prefilled = prefill(model, job.prompt_ids, window=window, need_global=need_global)
+    prefill_s = time.perf_counter() - start
+    results = []
+    for name, budget in todo:
+        policy = policies[(name, budget)]
+        start = time.perf_counter()
+        result = {
+            "task": job.task,
+            "sample": job.index,
+            "seed": job.seed,
+            "depth": job.depth,
+            "policy": name,
+            "budget_fraction": budget,
+            "prompt_tokens": prefilled.prompt_len,
+        }
+        if job.continuation_ids is not None:
+            scored = continuation_logprobs(model, prefilled, policy, job.continuation_ids)
+            result.update(score=math.exp(-scored.mean_nll), nll=scored.mean_nll, retained_fraction=scored.retained_fraction)
+        else:
+            max_new = answer_length(tokenizer, job.sample, decoding["max_new_tokens"])
+            generated = generate_from_prefill(
+                model, prefilled, policy, max_new, tokenizer.eos_token_id, decoding["decode_slack"]
+            )
+            output = tokenizer.decode(generated.tokens, skip_special_tokens=True)
+            answer = continuation_logprobs(model, prefilled, policy, job.answer_ids)
+            result.update(
+                score=synthetic.score(job.sample, output),
+                answer_nll=answer.mean_nll,
+                output=output[:300],
+                retained_fraction=generated.retained_fraction,
+            )
+        result["seconds"] = round(time.perf_counter() - start, 3)
+        result["prefill_seconds"] = round(prefill_s, 3)
+        results.append(result)
+        if progress is not None:
+            progress.update(1)
+    return results
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def aggregate(results: list[dict], context_tokens: int) -> list[dict]:
+    """One record per (task, policy, budget) over the samples that also have a full-cache result.
+
+    Synthetic tasks: score = mean sample score; answer_prob = exp(-mean answer NLL). Perplexity:
+    score = exp(-mean NLL) = 1 / ppl over all chunks. relative_score = score / full_score (None when
+    full_score is 0); relative_likelihood = the per-token likelihood ratio to the full cache."""
+    full = {(r["task"], r["sample"]): r for r in results if r["policy"] == FULL}
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if (r["task"], r["sample"]) in full:
+            groups.setdefault((r["task"], r["policy"], r["budget_fraction"]), []).append(r)
+    records = []
+    for (task, policy, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        refs = [full[(r["task"], r["sample"])] for r in group]
+        record = {"task": task, "policy": policy, "budget_fraction": budget}
+        if task == PERPLEXITY:
+            nll, full_nll = _mean(r["nll"] for r in group), _mean(r["nll"] for r in refs)
+            record.update(score=math.exp(-nll), full_score=math.exp(-full_nll), perplexity=math.exp(nll),
+                          full_perplexity=math.exp(full_nll))
+        else:
+            nll, full_nll = _mean(r["answer_nll"] for r in group), _mean(r["answer_nll"] for r in refs)
+            record.update(score=_mean(r["score"] for r in group), full_score=_mean(r["score"] for r in refs),
+                          answer_prob=math.exp(-nll), full_answer_prob=math.exp(-full_nll))
+        record["relative_score"] = record["score"] / record["full_score"] if record["full_score"] > 0 else None
+        record["relative_likelihood"] = math.exp(full_nll - nll)
+        record.update(
+            num_samples=len(group),
+            context_tokens=context_tokens,
+            prompt_tokens=round(_mean(r["prompt_tokens"] for r in group), 1),
+            retained_fraction=round(_mean(r["retained_fraction"] for r in group), 5),
+            depths=sorted({r["depth"] for r in group if r["depth"] is not None}),
+        )
+        records.append(record)
+    return records
+
+
+def averages(records: list[dict]) -> list[dict]:
+    """Per (policy, budget): the mean relative score over the tasks where it is defined (their names
+    in ``tasks``) and the mean relative likelihood over all tasks."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["policy"], r["budget_fraction"]), []).append(r)
+    rows = []
+    for (policy, budget), group in sorted(groups.items()):
+        defined = [r for r in group if r["relative_score"] is not None]
+        rows.append({
+            "policy": policy,
+            "budget_fraction": budget,
+            "relative_score": _mean(r["relative_score"] for r in defined) if defined else None,
+            "tasks": sorted(r["task"] for r in defined),
+            "relative_likelihood": _mean(r["relative_likelihood"] for r in group),
+            "likelihood_tasks": sorted(r["task"] for r in group),
+            "retained_fraction": round(_mean(r["retained_fraction"] for r in group), 5),
+        })
+    return rows
+
+
+def print_tables(records: list[dict], average_rows: list[dict], budgets, policies) -> None:
+    """Per task: "score (relative likelihood)" by policy x budget; then both averages."""
+
+    def table(title: str, cell, width: int = 9) -> None:
+        print(f"\n{title}")
+        print(f"{'policy':<14}" + "".join(f"{b:>{width}.0%}" for b in budgets))
+        for name in policies:
+            if name != FULL:
+                print(f"{name:<14}" + "".join(f"{cell(name, b):>{width}}" for b in budgets))
+
+    def fmt(value) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    by_key = {(r["task"], r["policy"], r["budget_fraction"]): r for r in records}
+    for task in sorted({r["task"] for r in records}):
+        ref = by_key.get((task, FULL, FULL_BUDGET))
+        if ref is None:
+            continue
+        if task == PERPLEXITY:
+            what, shown = f"perplexity (full cache {ref['full_perplexity']:.3f})", "perplexity"
+        else:
+            what, shown = f"score (full cache {ref['full_score']:.2f}, answer prob {ref['full_answer_prob']:.3f})", "score"
+
+        def cell(name, b, task=task, shown=shown):
+            r = by_key.get((task, name, b))
+            return "-" if r is None else f"{r[shown]:.2f} ({r['relative_likelihood']:.2f})"
+
+        table(f"{task}: {what} (relative likelihood), {ref['num_samples']} samples", cell, width=15)
+    avg = {(r["policy"], r["budget_fraction"]): r for r in average_rows}
+    for key, label, tasks_key in (
+        ("relative_score", "average relative score (score / full-cache score)", "tasks"),
+        ("relative_likelihood", "average relative likelihood (answer or text, per token, vs full cache)", "likelihood_tasks"),
+    ):
+        tasks = sorted({t for r in average_rows for t in r[tasks_key]})
+        table(
+            f"{label}; tasks: {', '.join(tasks) or 'none'}",
+            lambda name, b: fmt(avg[(name, b)][key]) if (name, b) in avg else "-",
+        )
+
+
+def plot(data: dict, path: Path) -> None:
+    """Score vs budget, one line per policy: a panel per task, then the average relative score and
+    the average relative likelihood."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records, average_rows = data["records"], data["averages"]
+    tasks = sorted({r["task"] for r in records})
+    policies = [p for p in data["config"]["policies"] if p != FULL]
+    averages_panels = {"average relative score": "relative_score", "average relative likelihood": "relative_likelihood"}
+    panels = tasks + list(averages_panels)
+    cols = min(4, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False)
+    colors = plt.get_cmap("tab10")
+    for ax, panel in zip(axes.flat, panels):
+        if panel in averages_panels:
+            key = averages_panels[panel]
+            source = [dict(r, score=r[key]) for r in average_rows if r[key] is not None]
+            ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full cache")
+            ax.set_ylabel("relative to full cache (mean over tasks)")
+        else:
+            source = [r for r in records if r["task"] == panel]
+            full = [r for r in source if r["policy"] == FULL]
+            if full:
+                ax.axhline(full[0]["score"], color="black", linestyle="--", linewidth=1, label="full cache")
+            ax.set_ylabel("1 / perplexity" if panel == PERPLEXITY else "score")
+        for i, name in enumerate(policies):
+            points = sorted((r["budget_fraction"], r["score"]) for r in source if r["policy"] == name)
+            if points:
+                # markers tell apart policies whose lines coincide
+                ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], markersize=4, alpha=0.85,
+                        color=colors(i % 10), label=name)
+        ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(data["config"]["budgets"])
+        ax.set_xticklabels([f"{b:.0%}" for b in data["config"]["budgets"]])
+        ax.set_xlabel("KV budget (fraction of the context)")
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    fingerprint = data["config"]["fingerprint"]
+    fig.suptitle(f"{fingerprint['model']}, ~{fingerprint['context_tokens']} context tokens ({data['meta']['device']})")
+    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versions() -> dict:
+    import transformers
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
+        info["vllm_kvcompress_commit"] = rev.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
+    except OSError:
+        info["vllm_kvcompress_commit"] = "unknown"
+    return info
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write atomically, so an interrupted run leaves the previous file intact (for --resume)."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def quick_head_scores(path: Path, num_layers: int, num_kv_heads: int) -> Path:
+    """Stand-in HeadKV scores for the random tiny model (seeded random numbers, not calibrated)."""
+    from vllm_kvcompress.head_scores import HeadScores
+
+    gen = torch.Generator().manual_seed(0)
+    rows = lambda: torch.rand(num_layers, num_kv_heads, generator=gen).tolist()  # noqa: E731
+    HeadScores("tiny_llama (random stand-in)", rows(), rows(), {"note": "random, for --quick only"}).save(path)
+    return path
+
+
+def load_setup(args, out: Path):
+    """(model, tokenizer, model name, head-scores path or None, reason it is missing)."""
+    if args.quick:
+        from vllm_kvcompress.models import tiny_llama
+
+        model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+        scores = quick_head_scores(out.with_name(out.stem + "-head-scores.json"), 2, 2)
+        return model, ByteTokenizer(), "tiny_llama (random weights, byte tokenizer)", scores, None
+    from vllm_kvcompress.models import load_smollm2
+
+    model, tokenizer = load_smollm2()
+    scores = Path(args.head_scores) if args.head_scores else SMOLLM2_HEAD_SCORES
+    if not scores.exists():
+        return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", None, f"head-scores file {scores} is missing"
+    return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", scores, None
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny random Llama + byte tokenizer: a < 1 min pipeline check")
+    parser.add_argument("--context-tokens", type=int, help="prompt length (default 2048; --quick: 384)")
+    parser.add_argument("--samples", type=int, help="samples per synthetic task (default 2; --quick: 1)")
+    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths, cycled over samples")
+    parser.add_argument("--tasks", nargs="+", help=f"synthetic tasks (default all: {', '.join(synthetic.TASKS)})")
+    parser.add_argument("--ppl-chunks", type=int, help="perplexity chunks (default 2; --quick: 1; 0 = no perplexity)")
+    parser.add_argument("--ppl-tokens", type=int, help="continuation tokens scored per chunk (default 128; --quick: 32)")
+    parser.add_argument("--policies", nargs="+", default=list(PRESET_NAMES), help="presets (default: all)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=DEFAULT_BUDGETS, help="fractions of the context")
+    parser.add_argument("--window", type=int, help="observation window of every policy (default: the preset's, 32; --quick: 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated answer tokens")
+    parser.add_argument("--head-scores", help=f"HeadKV scores file (default {SMOLLM2_HEAD_SCORES.relative_to(REPO)})")
+    parser.add_argument("--out", type=Path, help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO)}); the PNG goes next to it")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch CPU threads (default 1: on a shared 2-core machine, OpenMP oversubscription makes "
+        "small decode ops 10-100x slower with 2)",
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the per-sample results already in --out")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="only print the tables and redraw the PNG of a JSON")
+    args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    quick = args.quick
+    defaults = {"context_tokens": (2048, 384), "samples": (2, 1), "ppl_chunks": (2, 1), "ppl_tokens": (128, 32)}
+    for name, (real, small) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else real)
+    if args.window is None and quick:
+        args.window = 8
+    if args.tasks is None:
+        args.tasks = ["niah_single", "niah_multikey"] if quick else list(synthetic.TASKS)
+    if args.out is None:
+        args.out = DEFAULT_OUT.with_name("quality-quick.json") if quick else DEFAULT_OUT
+    if any(not 0 < b <= 1 for b in args.budgets):
+        parser.error("--budgets are fractions in (0, 1]")
+    args.policies = [p for p in dict.fromkeys(args.policies)]
+    if FULL not in args.policies:
+        args.policies.insert(0, FULL)  # every score is relative to it
+    return args
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark (or only ``--plot``); returns the data written to the JSON."""
+    args = parse_args(argv)
+    if args.plot:
+        data = json.loads(args.plot.read_text())
+        print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"])
+        plot(data, args.plot.with_suffix(".png"))
+        print(f"wrote {args.plot.with_suffix('.png')}")
+        return data
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # callers (tests) keep their own setting
+
+
+def run(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
+    out: Path = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer, model_name, head_scores, missing_reason = load_setup(args, out)
+
+    skipped = []
+    presets = []
+    for name in args.policies:
+        if name in HEADKV_PRESETS and head_scores is None:
+            skipped.append({"policy": name, "reason": missing_reason})
+            print(f"skipping {name}: {missing_reason}")
+        else:
+            presets.append(name)
+    options = {} if args.window is None else {"window": args.window}
+    decode_slack = CompressionConfig(**options).decode_slack
+    policies = {(FULL, FULL_BUDGET): None}
+    for name in presets:
+        if name == FULL:
+            continue
+        extra = {"headkv_scores": str(head_scores)} if name in HEADKV_PRESETS else {}
+        for budget in args.budgets:
+            policies[(name, float(budget))] = build_policy(name, budget=float(budget), **options, **extra)
+
+    # What makes per-sample results comparable; --resume refuses a file made differently.
+    config = {
+        "model": model_name,
+        "context_tokens": args.context_tokens,
+        "window": args.window,
+        "depths": list(args.depths),
+        "ppl_tokens": args.ppl_tokens,
+        "max_new_tokens": args.max_new_tokens,
+        "decode_slack": decode_slack,
+    }
+    previous = json.loads(out.read_text()) if args.resume and out.exists() else None
+    if previous is not None and previous["config"]["fingerprint"] != config:
+        raise SystemExit(
+            f"--resume: {out} was made with {previous['config']['fingerprint']}, not {config}; "
+            "pick another --out or drop --resume"
+        )
+    results = previous["samples"] if previous else []
+    done = {result_key(r["task"], r["sample"], r["policy"], r["budget_fraction"]) for r in results}
+
+    jobs = synthetic_jobs(tokenizer, args.tasks, args.samples, args.context_tokens, args.depths)
+    if args.ppl_chunks:
+        jobs += perplexity_jobs(tokenizer, args.ppl_chunks, args.context_tokens, args.ppl_tokens)
+    # sample 0 of every task first: a run cut short still covers every task (--resume finishes it)
+    jobs.sort(key=lambda job: job.index)
+    todo = sum(result_key(j.task, j.index, *key) not in done for j in jobs for key in policies)
+    print(f"{len(jobs)} prompts x {len(policies)} (policy, budget) pairs: {todo} to run, {len(done)} already in {out}")
+
+    from tqdm import tqdm
+
+    meta = {
+        "benchmark": "quality",
+        "device": f"CPU, {os.cpu_count()} cores",
+        "torch_threads": torch.get_num_threads(),
+        "versions": versions(),
+        "perplexity_text": long_text()[1],
+        "runs": (previous["meta"]["runs"] if previous else []),
+    }
+    run_info = {"command": " ".join(["python", "benchmarks/quality.py"] + args.argv),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+    meta["runs"].append(run_info)
+
+    def save() -> dict:
+        run_info["runtime_s"] = round(time.perf_counter() - started, 1)
+        meta.update(command=run_info["command"], date=run_info["date"],
+                    runtime_s=round(sum(r["runtime_s"] for r in meta["runs"]), 1))
+        records = aggregate(results, args.context_tokens)
+        data = {
+            "meta": meta,
+            "config": {
+                "fingerprint": config,
+                "tasks": list(args.tasks) + ([PERPLEXITY] if args.ppl_chunks else []),
+                "samples_per_task": args.samples,
+                "ppl_chunks": args.ppl_chunks,
+                "policies": [FULL] + [p for p in presets if p != FULL],
+                "budgets": [float(b) for b in args.budgets],
+                "head_scores": str(head_scores) if head_scores else None,
+            },
+            "skipped": skipped,
+            "records": records,
+            "averages": averages(records),
+            "samples": results,
+        }
+        write_json(out, data)
+        return data
+
+    decoding = {"max_new_tokens": args.max_new_tokens, "decode_slack": decode_slack}
+    with tqdm(total=todo, desc="quality", unit="run", mininterval=10, file=sys.stderr) as progress:
+        for job in jobs:
+            progress.set_postfix_str(f"{job.task} #{job.index}")
+            new = run_job(job, model, tokenizer, policies, decoding, done, progress)
+            if new:
+                results.extend(new)
+                done.update(result_key(r["task"], r["sample"], r["policy"], r["budget_fraction"]) for r in new)
+                save()
+    data = save()
+    print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"])
+    png = out.with_suffix(".png")
+    plot(data, png)
+    print(f"\nwrote {out} and {png} ({data['meta']['runtime_s']:.0f} s in all)")
+    return data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,265 @@
+"""The quality benchmark (benchmarks/quality.py) end to end in --quick mode, its aggregation, and the
+prefill-once API of vllm_kvcompress.hf it is built on."""
+import importlib.util
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vllm_kvcompress import hf
+from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.models import tiny_llama
+from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.synthetic import make_sample
+
+QUALITY_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
+
+
+def _load_quality():
+    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY_PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+quality = _load_quality()
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """(JSON path, data) of one ``--quick`` run, shared by the tests below."""
+    out = tmp_path_factory.mktemp("quality") / "quality-quick.json"
+    data = quality.main(["--quick", "--out", str(out)])
+    return out, data
+
+
+def test_quick_run_has_one_record_per_task_policy_budget(quick_run):
+    out, data = quick_run
+    on_disk = json.loads(out.read_text())
+    assert on_disk["records"] == data["records"]
+    assert on_disk["skipped"] == []  # --quick writes stand-in head scores, so HeadKV runs too
+    keys = [(r["task"], r["policy"], r["budget_fraction"]) for r in data["records"]]
+    assert len(keys) == len(set(keys))
+    expected = {(task, quality.FULL, quality.FULL_BUDGET) for task in data["config"]["tasks"]}
+    expected |= {
+        (task, policy, budget)
+        for task in data["config"]["tasks"]
+        for policy in PRESET_NAMES
+        if policy != quality.FULL
+        for budget in quality.DEFAULT_BUDGETS
+    }
+    assert set(keys) == expected
+    assert quality.PERPLEXITY in data["config"]["tasks"]
+
+
+def test_quick_records_are_consistent(quick_run):
+    _, data = quick_run
+    fields = {"task", "policy", "budget_fraction", "score", "full_score", "relative_score", "num_samples", "context_tokens"}
+    for record in data["records"]:
+        assert fields <= set(record)
+        assert record["num_samples"] == 1
+        assert record["context_tokens"] == 384
+        if record["full_score"] == 0:
+            assert record["relative_score"] is None
+        else:
+            assert record["relative_score"] == pytest.approx(record["score"] / record["full_score"])
+        if record["task"] == quality.PERPLEXITY:
+            assert record["score"] == pytest.approx(1 / record["perplexity"])
+            assert record["full_score"] == pytest.approx(1 / record["full_perplexity"])
+        if record["task"] != quality.PERPLEXITY:
+            likelihood = record["answer_prob"] / record["full_answer_prob"]
+            assert record["relative_likelihood"] == pytest.approx(likelihood) and 0 < record["answer_prob"] <= 1
+        if record["policy"] == quality.FULL:
+            assert record["score"] == record["full_score"] and record["retained_fraction"] == 1.0
+            assert record["relative_likelihood"] == 1.0
+        else:
+            # what was kept: the budget, or the observation window (8 here) + sinks where that is more
+            sink = CompressionConfig(policy=record["policy"], headkv_scores="x").effective_sink
+            floor = (8 + sink) / record["prompt_tokens"]
+            assert record["retained_fraction"] == pytest.approx(max(record["budget_fraction"], floor), abs=0.01)
+
+
+def test_quick_run_records_how_it_ran_and_plots(quick_run):
+    out, data = quick_run
+    meta = data["meta"]
+    assert "--quick" in meta["command"] and meta["date"] and meta["runtime_s"] > 0
+    assert meta["device"].startswith("CPU") and {"python", "torch", "transformers"} <= set(meta["versions"])
+    png = out.with_suffix(".png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    # averages: the mean relative score over the tasks where it is defined, the likelihood over all
+    for row in data["averages"]:
+        group = [r for r in data["records"] if (r["policy"], r["budget_fraction"]) == (row["policy"], row["budget_fraction"])]
+        defined = [r["relative_score"] for r in group if r["relative_score"] is not None]
+        assert row["relative_score"] == pytest.approx(sum(defined) / len(defined))
+        assert row["relative_likelihood"] == pytest.approx(sum(r["relative_likelihood"] for r in group) / len(group))
+        assert row["likelihood_tasks"] == sorted(data["config"]["tasks"])
+
+
+def test_resume_runs_only_what_is_missing(quick_run, tmp_path):
+    source, _ = quick_run
+    out = tmp_path / "resumed.json"
+    shutil.copy(source, out)
+    partial = json.loads(out.read_text())
+    kept = [r for r in partial["samples"] if r["policy"] != "snapkv"]
+    dropped = len(partial["samples"]) - len(kept)
+    assert dropped > 0
+    partial["samples"] = kept
+    out.write_text(json.dumps(partial))
+    data = quality.main(["--quick", "--out", str(out), "--resume"])
+    key = lambda r: (r["task"], r["sample"], r["policy"], r["budget_fraction"])  # noqa: E731
+    before = {key(r): r for r in kept}
+    after = {key(r): r for r in data["samples"]}
+    assert len(after) == len(kept) + dropped
+    assert all(after[k] == r for k, r in before.items())  # kept results untouched (timings included)
+    assert {k[2] for k in set(after) - set(before)} == {"snapkv"}
+    assert len(data["meta"]["runs"]) == len(partial["meta"]["runs"]) + 1
+
+
+def test_resume_refuses_a_different_configuration(quick_run, tmp_path):
+    source, _ = quick_run
+    out = tmp_path / "other.json"
+    shutil.copy(source, out)
+    with pytest.raises(SystemExit, match="--resume"):
+        quality.main(["--quick", "--out", str(out), "--resume", "--context-tokens", "256"])
+
+
+def _result(task, sample, policy, budget, score=None, nll=None, answer_nll=None):
+    return {
+        "task": task, "sample": sample, "policy": policy, "budget_fraction": budget, "score": score, "nll": nll,
+        "answer_nll": answer_nll, "depth": None, "prompt_tokens": 100, "retained_fraction": budget,
+    }
+
+
+def test_aggregate_relative_scores():
+    full, budget = quality.FULL_BUDGET, 0.1
+    results = [
+        _result("niah_single", 0, "none", full, score=1.0, answer_nll=0.5),
+        _result("niah_single", 1, "none", full, score=0.0, answer_nll=1.5),
+        _result("niah_single", 0, "snapkv", budget, score=0.0, answer_nll=2.0),
+        _result("niah_single", 1, "snapkv", budget, score=1.0, answer_nll=1.0),
+        _result("common_words", 0, "none", full, score=0.0, answer_nll=4.0),
+        _result("common_words", 0, "snapkv", budget, score=0.3, answer_nll=3.0),
+        _result("perplexity", 0, "none", full, nll=2.0),
+        _result("perplexity", 1, "none", full, nll=3.0),
+        _result("perplexity", 0, "snapkv", budget, nll=2.5),
+        _result("perplexity", 1, "snapkv", budget, nll=3.5),
+        _result("niah_multikey", 0, "snapkv", budget, score=1.0),  # no full-cache result: left out
+    ]
+    records = {(r["task"], r["policy"]): r for r in quality.aggregate(results, context_tokens=100)}
+    assert ("niah_multikey", "snapkv") not in records
+    niah = records[("niah_single", "snapkv")]
+    assert (niah["score"], niah["full_score"], niah["relative_score"], niah["num_samples"]) == (0.5, 0.5, 1.0, 2)
+    assert niah["answer_prob"] == pytest.approx(math.exp(-1.5)) and niah["full_answer_prob"] == pytest.approx(math.exp(-1.0))
+    assert niah["relative_likelihood"] == pytest.approx(math.exp(-0.5))
+    words = records[("common_words", "snapkv")]
+    assert words["relative_score"] is None  # full cache scored 0 ...
+    assert words["relative_likelihood"] == pytest.approx(math.exp(1.0))  # ... the likelihood is still comparable
+    ppl = records[("perplexity", "snapkv")]
+    assert ppl["perplexity"] == pytest.approx(math.exp(3.0)) and ppl["full_perplexity"] == pytest.approx(math.exp(2.5))
+    assert ppl["relative_score"] == pytest.approx(math.exp(2.5) / math.exp(3.0)) == ppl["relative_likelihood"]
+    averages = {(a["policy"], a["budget_fraction"]): a for a in quality.averages(list(records.values()))}
+    snap = averages[("snapkv", budget)]
+    assert snap["tasks"] == ["niah_single", "perplexity"]
+    assert snap["relative_score"] == pytest.approx((1.0 + math.exp(-0.5)) / 2)
+    assert snap["likelihood_tasks"] == ["common_words", "niah_single", "perplexity"]
+    assert snap["relative_likelihood"] == pytest.approx((math.exp(1.0) + math.exp(-0.5) + math.exp(-0.5)) / 3)
+
+
+def test_byte_tokenizer_round_trips_and_sizes_synthetic_prompts():
+    tokenizer = quality.ByteTokenizer()
+    text = "VAR ABCDE = 12345. naïve"
+    ids = tokenizer.encode(text)
+    assert ids[0] == tokenizer.bos_token_id and max(ids) < tokenizer.vocab_size
+    assert tokenizer.decode(ids + [tokenizer.eos_token_id]) == text
+    sample = make_sample("niah_single", tokenizer, context_tokens=512, seed=0, depth=0.5)
+    assert sample.answers[0] in tokenizer.decode(sample.prompt_ids(tokenizer)[0].tolist())
+
+
+# --- the prefill-once API of vllm_kvcompress.hf -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random tiny GQA Llama, one prompt, and stand-in HeadKV scores for it."""
+    model = tiny_llama(num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=256)
+    prompt = torch.randint(0, 256, (1, 160), generator=torch.Generator().manual_seed(0))
+    return model, prompt
+
+
+def _policy(name, tmp_path_factory, **options):
+    if name.startswith("headkv"):
+        path = tmp_path_factory.getbasetemp() / "tiny-head-scores.json"
+        if not path.exists():
+            quality.quick_head_scores(path, num_layers=3, num_kv_heads=2)
+        options["headkv_scores"] = str(path)
+    return build_policy(name, **options)
+
+
+@pytest.mark.parametrize("name", PRESET_NAMES)
+def test_generate_from_shared_prefill_matches_generate(tiny, tmp_path_factory, name):
+    model, prompt = tiny
+    policy = _policy(name, tmp_path_factory, budget=0.2, window=16)
+    prefilled = hf.prefill(model, prompt, window=32, need_global=True)  # serves every policy
+    snapshot = [(o.keys.clone(), o.values.clone(), o.window_queries.clone()) for o in prefilled.observations]
+    shared = hf.generate_from_prefill(model, prefilled, policy, max_new_tokens=24, recompress_slack=2)
+    alone = hf.generate(model, prompt, policy, max_new_tokens=24, recompress_slack=2)
+    assert shared.tokens == alone.tokens
+    assert torch.equal(shared.retained_per_layer, alone.retained_per_layer)
+    assert torch.equal(shared.final_per_layer, alone.final_per_layer)
+    assert shared.recompressions == alone.recompressions
+    for o, (k, v, q) in zip(prefilled.observations, snapshot):  # reusable: nothing was written into it
+        assert torch.equal(o.keys, k) and torch.equal(o.values, v) and torch.equal(o.window_queries, q)
+
+
+def test_prefill_refuses_policies_it_cannot_serve(tiny):
+    model, prompt = tiny
+    narrow = hf.prefill(model, prompt, window=8)
+    with pytest.raises(ValueError, match="window"):
+        hf.generate_from_prefill(model, narrow, build_policy("snapkv", budget=0.2, window=16))
+    with pytest.raises(ValueError, match="need_global"):
+        hf.generate_from_prefill(model, narrow, build_policy("ems", budget=0.2, window=8))
+
+
+def test_continuation_logprobs_of_full_cache_match_a_plain_forward(tiny):
+    model, prompt = tiny
+    continuation = torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(1))
+    scored = hf.continuation_logprobs(model, hf.prefill(model, prompt), None, continuation)
+    with torch.no_grad():
+        logits = model(input_ids=torch.cat([prompt, continuation], 1)).logits[0, prompt.shape[1] - 1 : -1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, continuation[0, :, None])[:, 0]
+    torch.testing.assert_close(scored.logprobs, expected, atol=1e-4, rtol=1e-4)
+    assert scored.perplexity == pytest.approx(math.exp(-expected.double().mean().item()), rel=1e-4)
+    assert scored.retained_fraction == 1.0
+
+
+@pytest.mark.parametrize("name", ["adakv", "pyramidkv", "windowkv"])
+def test_continuation_block_equals_token_by_token_decode(tiny, name):
+    """The teacher-forced block over a compressed cache gives what feeding the same tokens one at a
+    time through the decode path gives (Ada-KV: heads of a layer hold different lengths)."""
+    model, prompt = tiny
+    policy = build_policy(name, budget=0.15, window=16)
+    prefilled = hf.prefill(model, prompt, window=16, need_global=True)
+    continuation = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
+    scored = hf.continuation_logprobs(model, prefilled, policy, continuation)
+    session, _ = hf._decode_session(model, prefilled, policy)
+    if name == "adakv":
+        assert any(not layer.uniform for layer in session.layers.values())  # the masked, per-head path
+    stepwise = [torch.log_softmax(prefilled.logits[0].float(), -1)[continuation[0, 0]]]
+    token = hf._SESSION.set(session)
+    try:
+        with hf._attention_switched(model), torch.no_grad():
+            for i in range(continuation.shape[1] - 1):
+                logits = model(
+                    input_ids=continuation[:, i : i + 1],
+                    position_ids=torch.tensor([[prompt.shape[1] + i]]),
+                    use_cache=False,
+                ).logits[0, -1]
+                stepwise.append(torch.log_softmax(logits.float(), -1)[continuation[0, i + 1]])
+    finally:
+        hf._SESSION.reset(token)
+    torch.testing.assert_close(scored.logprobs, torch.stack(stepwise), atol=1e-4, rtol=1e-4)
