@@ -121,7 +121,8 @@ def perplexity_jobs(tokenizer, chunks: int, context_tokens: int, ppl_tokens: int
     jobs = []
     for index in range(chunks):
         piece = torch.tensor([ids[index * span : (index + 1) * span]], dtype=torch.int64)
-        jobs.append(Job(PERPLEXITY, index, piece[:, :context_tokens], seed=index, continuation_ids=piece[:, context_tokens:]))
+        prefix, continuation = piece[:, :context_tokens], piece[:, context_tokens:]
+        jobs.append(Job(PERPLEXITY, index, prefix, seed=index, continuation_ids=continuation))
     return jobs
 
 
@@ -179,7 +180,9 @@ def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: se
         }
         if job.continuation_ids is not None:
             scored = continuation_logprobs(model, prefilled, policy, job.continuation_ids)
-            result.update(score=math.exp(-scored.mean_nll), nll=scored.mean_nll, retained_fraction=scored.retained_fraction)
+            result.update(
+                score=math.exp(-scored.mean_nll), nll=scored.mean_nll, retained_fraction=scored.retained_fraction
+            )
         else:
             max_new = answer_length(tokenizer, job.sample, decoding["max_new_tokens"])
             generated = generate_from_prefill(
@@ -284,7 +287,8 @@ def print_tables(records: list[dict], average_rows: list[dict], budgets, policie
         if task == PERPLEXITY:
             what, shown = f"perplexity (full cache {ref['full_perplexity']:.3f})", "perplexity"
         else:
-            what, shown = f"score (full cache {ref['full_score']:.2f}, answer prob {ref['full_answer_prob']:.3f})", "score"
+            what = f"score (full cache {ref['full_score']:.2f}, answer prob {ref['full_answer_prob']:.3f})"
+            shown = "score"
 
         def cell(name, b, task=task, shown=shown):
             r = by_key.get((task, name, b))
@@ -294,7 +298,7 @@ def print_tables(records: list[dict], average_rows: list[dict], budgets, policie
     avg = {(r["policy"], r["budget_fraction"]): r for r in average_rows}
     for key, label, tasks_key in (
         ("relative_score", "average relative score (score / full-cache score)", "tasks"),
-        ("relative_likelihood", "average relative likelihood (answer or text, per token, vs full cache)", "likelihood_tasks"),
+        ("relative_likelihood", "average relative likelihood (per token, vs full cache)", "likelihood_tasks"),
     ):
         tasks = sorted({t for r in average_rows for t in r[tasks_key]})
         table(
@@ -405,19 +409,19 @@ def load_setup(args, out: Path):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny random Llama + byte tokenizer: a < 1 min pipeline check")
+    parser.add_argument("--quick", action="store_true", help="tiny random Llama + byte tokenizer: < 1 min check")
     parser.add_argument("--context-tokens", type=int, help="prompt length (default 2048; --quick: 384)")
     parser.add_argument("--samples", type=int, help="samples per synthetic task (default 2; --quick: 1)")
-    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths, cycled over samples")
+    parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths (cycled)")
     parser.add_argument("--tasks", nargs="+", help=f"synthetic tasks (default all: {', '.join(synthetic.TASKS)})")
     parser.add_argument("--ppl-chunks", type=int, help="perplexity chunks (default 2; --quick: 1; 0 = no perplexity)")
     parser.add_argument("--ppl-tokens", type=int, help="continuation tokens scored per chunk (default 128; --quick: 32)")
     parser.add_argument("--policies", nargs="+", default=list(PRESET_NAMES), help="presets (default: all)")
     parser.add_argument("--budgets", type=float, nargs="+", default=DEFAULT_BUDGETS, help="fractions of the context")
-    parser.add_argument("--window", type=int, help="observation window of every policy (default: the preset's, 32; --quick: 8)")
+    parser.add_argument("--window", type=int, help="observation window of every policy (default 32; --quick: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated answer tokens")
     parser.add_argument("--head-scores", help=f"HeadKV scores file (default {SMOLLM2_HEAD_SCORES.relative_to(REPO)})")
-    parser.add_argument("--out", type=Path, help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO)}); the PNG goes next to it")
+    parser.add_argument("--out", type=Path, help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO)}); PNG next to it")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: on a shared 2-core machine, OpenMP oversubscription makes "
@@ -525,7 +529,7 @@ def run(args: argparse.Namespace) -> dict:
         "runs": (previous["meta"]["runs"] if previous else []),
     }
     run_info = {"command": " ".join(["python", "benchmarks/quality.py"] + args.argv),
-                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "versions": meta["versions"]}
     meta["runs"].append(run_info)
 
     def save() -> dict:
