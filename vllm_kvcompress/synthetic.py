@@ -215,6 +215,26 @@ def _sized(build, tokenizer, context_tokens: int) -> Sample:
     return best
 
 
+def _distinct(draw, count: int) -> list:
+    """``count`` distinct results of ``draw()``, in draw order."""
+    out: list = []
+    while len(out) < count:
+        x = draw()
+        if x not in out:
+            out.append(x)
+    return out
+
+
+def _planted_sample(task, tokenizer, context_tokens, seed, question, answers, planted) -> Sample:
+    """A sized sample of ``task`` whose haystack holds ``planted`` [(depth, text)] sentences."""
+
+    def build(budget):
+        context, first = _haystack(tokenizer, budget, _rng(task, seed, "filler"), planted)
+        return Sample(task, context, question, tuple(answers), tuple(text for _, text in planted), first)
+
+    return _sized(build, tokenizer, context_tokens)
+
+
 def _niah_single(tokenizer, context_tokens, seed, depth):
     rng = _rng("niah_single", seed)
     key, value = _key(rng), _number(rng)
@@ -224,21 +244,12 @@ def _niah_single(tokenizer, context_tokens, seed, depth):
         f"What is the special magic number for {key} mentioned in the text above? "
         "Answer with the 7-digit number only."
     )
-
-    def build(budget):
-        context, first = _haystack(tokenizer, budget, _rng("niah_single", seed, "filler"), [(d, needle)])
-        return Sample("niah_single", context, question, (value,), (needle,), first)
-
-    return _sized(build, tokenizer, context_tokens)
+    return _planted_sample("niah_single", tokenizer, context_tokens, seed, question, (value,), [(d, needle)])
 
 
 def _niah_multikey(tokenizer, context_tokens, seed, depth):
     rng = _rng("niah_multikey", seed)
-    keys: list[str] = []
-    while len(keys) < NUM_MULTIKEY:  # distinct keys
-        key = _key(rng)
-        if key not in keys:
-            keys.append(key)
+    keys = _distinct(lambda: _key(rng), NUM_MULTIKEY)
     values = [_number(rng) for _ in keys]
     depths = _depths(rng, NUM_MULTIKEY, depth)  # the asked needle (keys[0]) sits at `depth`
     needles = [NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
@@ -246,47 +257,27 @@ def _niah_multikey(tokenizer, context_tokens, seed, depth):
         f"What is the special magic number for {keys[0]} mentioned in the text above? "
         "Answer with the 7-digit number only."
     )
-
-    def build(budget):
-        context, first = _haystack(
-            tokenizer, budget, _rng("niah_multikey", seed, "filler"), list(zip(depths, needles))
-        )
-        return Sample("niah_multikey", context, question, (values[0],), tuple(needles), first)
-
-    return _sized(build, tokenizer, context_tokens)
+    planted = list(zip(depths, needles))
+    return _planted_sample("niah_multikey", tokenizer, context_tokens, seed, question, (values[0],), planted)
 
 
 def _niah_multivalue(tokenizer, context_tokens, seed, depth):
     rng = _rng("niah_multivalue", seed)
     key = _key(rng)
-    values: list[str] = []
-    while len(values) < NUM_VALUES:
-        value = _number(rng)
-        if value not in values:
-            values.append(value)
+    values = _distinct(lambda: _number(rng), NUM_VALUES)
     depths = _depths(rng, NUM_VALUES, depth)
     needles = [NEEDLE.format(key=key, value=v) for v in values]
     question = (
         f"What are all the special magic numbers for {key} mentioned in the text above? "
         f"There are {NUM_VALUES} of them. Answer with the {NUM_VALUES} 7-digit numbers, separated by commas."
     )
-
-    def build(budget):
-        context, first = _haystack(
-            tokenizer, budget, _rng("niah_multivalue", seed, "filler"), list(zip(depths, needles))
-        )
-        return Sample("niah_multivalue", context, question, tuple(values), tuple(needles), first)
-
-    return _sized(build, tokenizer, context_tokens)
+    planted = list(zip(depths, needles))
+    return _planted_sample("niah_multivalue", tokenizer, context_tokens, seed, question, values, planted)
 
 
 def _variable_tracking(tokenizer, context_tokens, seed, depth):
     rng = _rng("variable_tracking", seed)
-    names: list[str] = []
-    while len(names) < CHAIN_HOPS + 1:
-        name = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
-        if name not in names:
-            names.append(name)
+    names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), CHAIN_HOPS + 1)
     value = _number(rng, digits=5)
     statements = [f"VAR {names[0]} = {value}."] + [
         f"VAR {names[i + 1]} = VAR {names[i]}." for i in range(CHAIN_HOPS)
@@ -298,14 +289,8 @@ def _variable_tracking(tokenizer, context_tokens, seed, depth):
         f"Find all variables that are assigned the value {value} in the text above, directly or through "
         "other variables. Answer with the variable names only, separated by commas."
     )
-
-    def build(budget):
-        context, first = _haystack(
-            tokenizer, budget, _rng("variable_tracking", seed, "filler"), list(zip(depths, statements))
-        )
-        return Sample("variable_tracking", context, question, tuple(names), tuple(statements), first)
-
-    return _sized(build, tokenizer, context_tokens)
+    planted = list(zip(depths, statements))
+    return _planted_sample("variable_tracking", tokenizer, context_tokens, seed, question, names, planted)
 
 
 def _word_list(rng: random.Random, entries: int) -> tuple[list[str], list[str]]:
