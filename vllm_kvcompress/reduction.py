@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .observation import LayerObservation
+from .scoring import normalize_rows
 
 
 @dataclass
@@ -222,8 +223,7 @@ class WindowReducer(Reducer):
         retained = []
         for layer, (obs, layer_scores, layer_budgets) in enumerate(zip(observations, scores, budgets)):
             if layer % self.group_size == 0:
-                rows = layer_scores.float().clamp(min=0)
-                shared = (rows / rows.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)).mean(0)
+                shared = normalize_rows(layer_scores.float().clamp(min=0)).mean(0)
                 priority = window_priority(shared[None], size, self.sink, top_fraction)
             heads_priority = priority.expand(layer_scores.shape[0], -1)
             retained.append(RetainedLayer.gather(obs, top_k_indices(heads_priority, layer_budgets, protected)))

@@ -84,7 +84,7 @@ class SquaredAttentionScorer(Scorer):
         return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
 
 
-def _normalize_rows(x: torch.Tensor) -> torch.Tensor:
+def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     """Each head's scores as a distribution (rows summing to 1; an all-zero row stays zero)."""
     return x / x.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
@@ -111,7 +111,7 @@ class EMSScorer(Scorer):
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1)
-        local = _normalize_rows(_decidable(local, obs, self.exclude_window))
+        local = normalize_rows(_decidable(local, obs, self.exclude_window))
         if obs.global_attention is None:
             mixed = local
         else:
@@ -119,6 +119,6 @@ class EMSScorer(Scorer):
             group = obs.window_queries.shape[0] // obs.num_kv_heads
             # key j is seen by the seq_len - j causal queries of each of the group's heads
             seen_by = group * (seq_len - torch.arange(seq_len, device=obs.keys.device)).float()
-            glob = _normalize_rows(_decidable(obs.global_attention.float() / seen_by, obs, self.exclude_window))
+            glob = normalize_rows(_decidable(obs.global_attention.float() / seen_by, obs, self.exclude_window))
             mixed = (1 - self.local_weight) * glob + self.local_weight * local
         return _pooled(mixed, obs, self.pool_kernel, self.exclude_window)
