@@ -37,7 +37,6 @@ from transformers.masking_utils import AttentionMaskInterface
 from .headwise_cache import HeadwiseLayer
 from .observation import LayerObservation, causal_column_mass
 from .policy import Policy
-from .reduction import protected_positions
 
 ATTENTION_NAME = "kvcompress"
 
@@ -174,20 +173,6 @@ def _layers_from_prefill(session: _Session, dtype: torch.dtype) -> tuple[list[He
     return [HeadwiseLayer.from_retained(r, dtype) for r in retained], torch.stack([r.lengths for r in retained])
 
 
-def _decode_budgets(policy: Policy, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
-    """Per-head lengths decode-time recompression brings heads back to, int64 [num_layers, num_kv_heads].
-
-    Normally the allocated budgets (``retained``). A prompt shorter than the per-head budget the
-    policy asks for (at least window + sinks) was kept whole, every head at ``prompt_len``; its
-    heads may then grow to that budget before they are compressed -- holding them at the prompt
-    length would keep fewer tokens than the user allowed and, under window + sinks, would evict
-    the newest tokens (all protected, the oldest win the tie)."""
-    budget = policy.budget
-    asked = budget.tokens if budget.tokens is not None else round(budget.fraction * prompt_len)
-    asked = max(asked, policy.window + policy.sink)
-    return retained + max(0, asked - prompt_len)
-
-
 def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor, slack: int) -> int:
     """Bring every head of ``layer`` that exceeds ``budget + slack`` back to its budget. Returns the
     number of heads compressed. queries: [num_q_heads, <=window, d], the layer's recent queries."""
@@ -198,12 +183,7 @@ def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tenso
         if int(layer.lengths[h]) <= budget + slack:
             continue
         keys, values = layer.head(h)
-        obs = LayerObservation(queries[h * group : (h + 1) * group], keys[None], values[None])
-        scores = policy.scorer.score(obs)
-        protected = protected_positions(keys.shape[0], min(policy.window, queries.shape[1]), policy.sink, keys.device)
-        # reduce(), not reduce_layer(): WindowReducer implements only the whole-request entry point
-        kept = policy.reducer.reduce([obs], [scores], torch.tensor([[budget]]), protected)[0]
-        layer.replace_head(h, kept.keys[0, :budget], kept.values[0, :budget])
+        layer.replace_head(h, *policy.recompress_head(queries[h * group : (h + 1) * group], keys, values, budget))
         done += 1
     return done
 
@@ -276,7 +256,7 @@ def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple
     session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)))
     layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype)
     if budgets is not None:
-        budgets = _decode_budgets(policy, budgets, prefilled.prompt_len)
+        budgets = policy.decode_budgets(budgets, prefilled.prompt_len)
     session.observations.clear()
     session.layers = dict(enumerate(layers))
     session.recent_queries = {i: o.window_queries[:, -window:] for i, o in enumerate(observations)}

@@ -42,6 +42,31 @@ class Policy:
         inp = AllocationInput(scores, self.budget.per_head(seq_len, floor), floor, protected)
         return self.allocator.allocate(inp), scores, protected
 
+    def decode_budgets(self, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
+        """Per-head lengths decode-time recompression brings heads back to, int64 [num_layers, num_kv_heads].
+
+        Normally the allocated budgets (``retained``). A prompt shorter than the per-head budget the
+        policy asks for (at least window + sinks) was kept whole, every head at ``prompt_len``; its
+        heads may then grow to that budget before they are compressed -- holding them at the prompt
+        length would keep fewer tokens than the user allowed and, under window + sinks, would evict
+        the newest tokens (all protected, the oldest win the tie)."""
+        asked = self.budget.tokens if self.budget.tokens is not None else round(self.budget.fraction * prompt_len)
+        asked = max(asked, self.window + self.sink)
+        return retained + max(0, asked - prompt_len)
+
+    def recompress_head(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                        budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode-time recompression of one KV head down to ``budget`` rows.
+
+        queries: [group, <=window, D] the head's query heads' recent queries; keys, values: [n, D].
+        Returns the kept keys, values [budget, D]."""
+        obs = LayerObservation(queries, keys[None], values[None])
+        scores = self.scorer.score(obs)
+        protected = protected_positions(keys.shape[0], min(self.window, queries.shape[1]), self.sink, keys.device)
+        # reduce(), not reduce_layer(): WindowReducer implements only the whole-request entry point
+        kept = self.reducer.reduce([obs], [scores], torch.tensor([[budget]]), protected)[0]
+        return kept.keys[0, :budget], kept.values[0, :budget]
+
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""
         if len({o.seq_len for o in observations}) != 1:

@@ -91,7 +91,7 @@ def test_worker_assigns_blocks_per_head_in_order():
     ws.ingest(sched(new=[new_req("a", 20, list(range(100, 108)))]))
     slots = ws.append("a", 20)  # [L, 20, H]: 2 blocks per head
     assert slots.shape == (L, 20, H)
-    assert ws.reqs["a"].blocks == [[[100, 101], [102, 103]], [[104, 105], [106, 107]]]
+    assert [[ws.head_blocks("a", l, h) for h in range(H)] for l in range(L)] == [[[100, 101], [102, 103]], [[104, 105], [106, 107]]]
     assert slots[0, 0, 1] == 102 * BS and slots[1, 17, 0] == 105 * BS + 1
     assert ws.reqs["a"].compress_at == 20 and ws.reqs["a"].observing
     with pytest.raises(RuntimeError, match="under-allocated"):

@@ -12,13 +12,12 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
 from ..observation import causal_column_mass
 from ..paged import reference
-from . import runtime
+from . import kernels, runtime
 
 
 class HeadBlockBackend(AttentionBackend):
@@ -47,17 +46,30 @@ class HeadBlockMetadata:
     """R rows (requests) and T tokens this step; L layers, H KV heads.
 
     query_start_loc: [R + 1]; seq_lens: [R] (after this step); req_ids: [R];
-    slots[l]: int64 [T, H]; tables[l]: int32 [R, H, max_blocks]; lens[l]: int32 [R, H] (after the
-    append); observe: rows whose queries the compressor needs; dummy: profiling / warm-up run."""
+    slots: int64 [L, T, H]; tables: int32 [R, L, H, W]; lens: int32 [R, L, H] (after the append);
+    fresh: rows whose whole sequence is in this step (attend over the fresh K/V), fresh_tokens: their
+    token indices (None: all tokens); decode: rows with
+    one new token over cached rows (batched), decode_tokens / decode_rows: their token indices and
+    rows (device);
+    chunks: the other rows (continued prefill chunks); observe: rows whose queries the compressor
+    needs; record: (token indices, ring rows, ring slots) of queries kept for decode-time
+    recompression; dummy: profiling / warm-up run."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
     seq_lens: list[int]
     req_ids: list[str]
-    slots: list[torch.Tensor] = field(default_factory=list)
-    tables: list[torch.Tensor] = field(default_factory=list)
-    lens: list[torch.Tensor] = field(default_factory=list)
+    slots: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    lens: torch.Tensor | None = None
+    fresh: list[int] = field(default_factory=list)
+    decode: list[int] = field(default_factory=list)
+    decode_tokens: torch.Tensor | None = None
+    decode_rows: torch.Tensor | None = None
+    fresh_tokens: torch.Tensor | None = None
+    chunks: list[int] = field(default_factory=list)
     observe: list[int] = field(default_factory=list)
+    record: tuple | None = None
     dummy: bool = False
 
 
@@ -75,30 +87,47 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         # CommonAttentionMetadata has no request ids; the V1 runner's input_batch is in row order
         req_ids = list(runner.input_batch.req_ids[:n]) if runner is not None else []
         qsl = cm.query_start_loc_cpu[: n + 1].tolist()
-        seq_lens = cm.seq_lens[:n].cpu().tolist()
+        known = getattr(cm, "_seq_lens_cpu", None)  # set by the V1 runner; else one small copy
+        seq_lens = (known[:n] if known is not None else cm.seq_lens[:n].cpu()).tolist()
         md = HeadBlockMetadata(cm.num_actual_tokens, qsl, seq_lens, req_ids)
         if ws is None or not req_ids or any(r not in ws.reqs for r in req_ids):
             md.dummy = True  # profiling and warm-up runs: no requests behind the rows
             return md
-        device = cm.query_start_loc.device
-        slots = torch.full((ws.L, cm.num_actual_tokens, ws.H), -1, dtype=torch.int64)
+        q_lens = [qsl[r + 1] - qsl[r] for r in range(n)]
+        record_tokens, record_rows, record_slots = [], [], []
         for r, rid in enumerate(req_ids):
             st = ws.reqs[rid]
-            q_len = qsl[r + 1] - qsl[r]
-            if st.num_tokens != seq_lens[r] - q_len:
+            if st.num_tokens != seq_lens[r] - q_lens[r]:
                 raise RuntimeError(f"request {rid}: worker holds {st.num_tokens} tokens, vLLM computed "
-                                   f"{seq_lens[r] - q_len}")
+                                   f"{seq_lens[r] - q_lens[r]}")
+            if seq_lens[r] == q_lens[r]:
+                md.fresh.append(r)
+            elif q_lens[r] == 1:
+                md.decode.append(r)
+            else:
+                md.chunks.append(r)
             if st.observing and st.num_tokens < st.compress_at:
                 md.observe.append(r)
                 st.prefill_chunks += 1
                 if seq_lens[r] >= st.compress_at:
                     ws.pending.append(rid)
-            slots[:, qsl[r]:qsl[r + 1]] = ws.append(rid, q_len)
-        width = max(len(b) for rid in req_ids for per_layer in ws.reqs[rid].blocks for b in per_layer)
-        for l in range(ws.L):
-            md.slots.append(slots[l].to(device))
-            md.tables.append(torch.stack([ws.table(rid, l, width) for rid in req_ids]).to(device))
-            md.lens.append(torch.tensor([ws.reqs[rid].lens[l] for rid in req_ids], dtype=torch.int32, device=device))
+            elif st.decode_budget is not None:
+                for t in range(qsl[r], qsl[r + 1]):  # newest queries into the request's ring
+                    record_tokens.append(t)
+                    record_rows.append(st.row)
+                    record_slots.append(st.recent_count % st.policy.window)
+                    st.recent_count += 1
+        layout = ws.prepare_step(req_ids, q_lens)
+        md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
+        device = ws.device
+        if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (None: every token is)
+            md.fresh_tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh]).to(device)
+        if md.decode:
+            md.decode_tokens = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64).to(device)
+            md.decode_rows = torch.tensor(md.decode, dtype=torch.int64).to(device)
+        if record_tokens:
+            md.record = tuple(torch.tensor(x, dtype=torch.int64).to(device)
+                              for x in (record_tokens, record_rows, record_slots))
         return md
 
 
@@ -133,20 +162,30 @@ class HeadBlockImpl(AttentionImpl):
         q = query[:n].view(n, self.num_heads, self.head_size)
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        reference.write_tokens(k, v, md.slots[l], key_cache, value_cache)
+        kernels.write_tokens(k, v, md.slots[l], key_cache, value_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        for r in range(len(md.req_ids)):
+        tables, lens = md.tables[:, l], md.lens[:, l]  # [R, H, W], [R, H]
+        if md.fresh:  # whole prompts in this step: attend over the fresh K/V
+            rows = md.fresh_tokens
+            q_f, k_f, v_f = (x if rows is None else x[rows] for x in (q, k, v))
+            attended = kernels.prefill_attention(q_f, k_f, v_f, [md.seq_lens[r] for r in md.fresh], self.scale)
+            if rows is None:
+                out.copy_(attended)
+            else:
+                out[rows] = attended
+        if md.decode:  # one new token per request, all requests in one call
+            rows, batch = md.decode_tokens, md.decode_rows
+            out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
+                                                 lens[batch], scale=self.scale)[:, 0]
+        for r in md.chunks:  # continued prefill chunk: over the head's own pages, causal in the chunk
             a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
-            if md.seq_lens[r] == b - a:  # the whole sequence is in this step: attend over the fresh K/V
-                qh, kh, vh = q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1)
-                out[a:b] = F.scaled_dot_product_attention(
-                    qh, kh.repeat_interleave(self.group, 0), vh.repeat_interleave(self.group, 0),
-                    is_causal=True, scale=self.scale).transpose(0, 1)
-            else:  # continued prefill chunk or decode: over each head's own pages
-                out[a:b] = reference.decode_attention(q[a:b][None], key_cache, value_cache, md.tables[l][r:r + 1],
-                                                      md.lens[l][r:r + 1], scale=self.scale)[0]
+            out[a:b] = reference.decode_attention(q[a:b][None], key_cache, value_cache, tables[r:r + 1],
+                                                  lens[r:r + 1], scale=self.scale)[0]
         for r in md.observe:
             self._observe(ws, md, r, q, k, key_cache)
+        if md.record is not None:
+            tokens, ring_rows, ring_slots = md.record
+            ws.recent[ring_rows, l, :, ring_slots] = q[tokens].to(ws.recent.dtype)
         return output
 
     def _observe(self, ws, md, r, q, k, key_cache) -> None:
@@ -163,7 +202,7 @@ class HeadBlockImpl(AttentionImpl):
         if md.seq_lens[r] == b - a:  # same call as the HF reference path
             st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
             return
-        keys = torch.stack([reference.gather_head(key_cache, md.tables[l][r, h], int(md.lens[l][r, h]))
+        keys = torch.stack([reference.gather_head(key_cache, md.tables[r, l, h], md.seq_lens[r])
                             for h in range(self.num_kv_heads)])  # [H, seq_len, D], all heads full
         mass = chunk_column_mass(qh, keys, md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)

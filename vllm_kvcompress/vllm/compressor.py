@@ -1,71 +1,134 @@
-"""Compression of a request's head-blocks once its prefill is complete, with the policy library.
+"""Compression of a request's head-blocks, with the policy library.
 
-Called after the forward of the step in which the last prefill chunk ran (connector
-``wait_for_save``), so every layer's K/V of the request is in its head-blocks and the global
-allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once. For each request:
+After the prefill (:func:`compress_request`): called after the forward of the step in which the
+last prefill chunk ran (connector ``wait_for_save``), so every layer's K/V of the request is in its
+head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once:
 
-1. gather each (layer, head)'s rows into a dense :class:`LayerObservation` (window queries and,
-   for EMS, the causal column mass were stashed by the backend during prefill);
+1. gather each layer's rows into a dense :class:`LayerObservation` (window queries and, for EMS,
+   the causal column mass were stashed by the backend during prefill);
 2. ``Policy.compress`` -> per layer keep_idx / keys / values / lengths (merged rows for EMS);
-3. write each head's retained rows to the front of its own blocks (in place; kept rows only move
-   forward, and the dense copy was taken first) and move the tail blocks to the spare list.
+3. write each head's retained rows to the front of its own blocks (in place; the dense copy was
+   taken first) and move the tail blocks to the spare list.
 
-The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked
-into the cached keys and vLLM keeps counting positions from the true sequence length.
+During decode (:func:`recompress_request`, when ``decode_slack`` is set): a head holding more than
+its budget + slack rows is brought back to its budget with its query heads' recent queries, as
+``hf.generate(recompress_slack=...)`` does. The connector then reports surplus spares to the
+scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
+positions from the true sequence length.
 """
 from __future__ import annotations
 
 import torch
 
 from ..observation import LayerObservation
-from ..paged import reference
 from ..paged.layout import slots_for_positions
-from . import runtime
+from . import kernels, runtime
 from .state import WorkerState
 
 
-def gather_layer(ws: WorkerState, rid: str, layer: int, key_cache, value_cache) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys, values [H, T, D] of an uncompressed request's layer (every head holds T rows)."""
+def gather_layer(ws: WorkerState, rid: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense keys, values [H, n, D] of a layer whose heads all hold n rows."""
     st = ws.reqs[rid]
-    table = ws.table(rid, layer, max(len(b) for b in st.blocks[layer])).to(key_cache.device)
-    keys = torch.stack([reference.gather_head(key_cache, table[h], st.lens[layer][h]) for h in range(ws.H)])
-    values = torch.stack([reference.gather_head(value_cache, table[h], st.lens[layer][h]) for h in range(ws.H)])
+    n = int(st.lens[layer, 0])
+    blocks = ws.tables[st.row, layer, :, : -(-n // ws.bs)].long()  # [H, nb]
+    key_cache, value_cache = ws.pool[0], ws.pool[1]
+    head_dim = key_cache.shape[-1]
+    keys = key_cache[blocks].reshape(ws.H, -1, head_dim)[:, :n]
+    values = value_cache[blocks].reshape(ws.H, -1, head_dim)[:, :n]
     return keys, values
+
+
+def write_heads(ws: WorkerState, rid: str, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                lengths: torch.Tensor) -> None:
+    """Write rows ``0 .. lengths[h]-1`` of keys/values [H, >=max(lengths), D] to the front of each head
+    of ``layer`` (the head's own blocks, in place)."""
+    st = ws.reqs[rid]
+    width = int(lengths.max())
+    device = ws.pool.device
+    positions = torch.arange(width, device=device).expand(ws.H, -1)
+    positions = torch.where(positions < lengths.to(device)[:, None], positions, -1)
+    slots = slots_for_positions(ws.tables[st.row, layer], positions, ws.bs)  # [H, width]
+    kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
+                         slots.transpose(0, 1), ws.pool[0], ws.pool[1])
+
+
+def _finish(ws: WorkerState, rid: str, keep: torch.Tensor, what: str) -> None:
+    """Shrink the bookkeeping to ``keep`` [L, H] rows, count and log the compression."""
+    st = ws.reqs[rid]
+    rows_before, blocks_before = int(st.lens.sum()), int(st.num_blocks.sum())
+    ws.compacted_heads(rid, keep)
+    rows_after, blocks_after = int(st.lens.sum()), int(st.num_blocks.sum())
+    runtime.record_compression(rows_before, rows_after)
+    runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
+                         "head-blocks freed", what, rid, st.num_tokens, rows_after, rows_before,
+                         100.0 * rows_after / max(rows_before, 1), blocks_before - blocks_after, blocks_before)
+    runtime.event("compressed", what=what, req_id=rid, tokens=st.num_tokens, chunks=st.prefill_chunks,
+                  blocks_before=blocks_before, blocks_after=blocks_after, lens=st.lens.tolist())
 
 
 def compress_request(ws: WorkerState, rid: str) -> None:
     st = ws.reqs[rid]
-    key_cache, value_cache = ws.pool[0], ws.pool[1]
-    held_before = sum(len(b) for per_layer in st.blocks for b in per_layer)
+    if bool((st.lens != st.num_tokens).any()):
+        raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
     observations = []
     for l in range(ws.L):
-        if any(n != st.num_tokens for n in st.lens[l]):
-            raise RuntimeError(f"request {rid}: layer {l} holds {st.lens[l]} rows, expected {st.num_tokens} each")
-        keys, values = gather_layer(ws, rid, l, key_cache, value_cache)
+        keys, values = gather_layer(ws, rid, l)
         observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
     retained = st.policy.compress(observations)
     for l, kept in enumerate(retained):
-        lengths = kept.lengths.tolist()
-        width = max(lengths)
-        table = ws.table(rid, l, max(len(b) for b in st.blocks[l])).to(key_cache.device)
-        positions = torch.arange(width, device=key_cache.device).expand(ws.H, -1)
-        positions = torch.where(positions < kept.lengths[:, None].to(positions.device), positions, -1)
-        slots = slots_for_positions(table, positions, ws.bs)  # [H, width]
-        reference.write_tokens(kept.keys[:, :width].transpose(0, 1), kept.values[:, :width].transpose(0, 1),
-                               slots.transpose(0, 1), key_cache, value_cache)
-        for h, n in enumerate(lengths):
-            ws.compacted(rid, l, h, int(n))
+        write_heads(ws, rid, l, kept.keys, kept.values, kept.lengths)
+    keep = torch.stack([kept.lengths.cpu() for kept in retained])
+    if st.decode_slack is not None:
+        st.decode_budget = st.policy.decode_budgets(keep, st.num_tokens)
+        _start_recent(ws, st)
     st.compressed = True
     st.queries.clear()
     st.global_attention.clear()
-    runtime.event("compressed", req_id=rid, tokens=st.num_tokens, chunks=st.prefill_chunks, blocks_before=held_before,
-                  blocks_after=sum(len(b) for per_layer in st.blocks for b in per_layer),
-                  lens=[list(row) for row in st.lens])
+    _finish(ws, rid, keep, "prefill")
+
+
+def _start_recent(ws: WorkerState, st) -> None:
+    """Seed the request's ring of recent queries with the prefill's last window of queries."""
+    first = st.queries[0]  # [Hq, <=window, D]
+    ws.ensure_recent(st.policy.window, first.shape[0], first.shape[-1], first.dtype)
+    count = first.shape[1]
+    for l in range(ws.L):
+        ws.recent[st.row, l, :, :count] = st.queries[l]
+    st.recent_count = count
+
+
+def recompress_request(ws: WorkerState, rid: str) -> bool:
+    """Bring the heads over budget + slack back to their budgets. Returns whether any head was."""
+    st = ws.reqs[rid]
+    over = st.lens > st.decode_budget + st.decode_slack
+    if not bool(over.any()):
+        return False
+    window = st.policy.window
+    count = min(st.recent_count, window)
+    order = torch.arange(st.recent_count - count, st.recent_count) % window  # oldest first
+    keep = st.lens.clone()
+    group = ws.recent.shape[2] // ws.H
+    for l, h in over.nonzero().tolist():
+        n, budget = int(st.lens[l, h]), int(st.decode_budget[l, h])
+        blocks = ws.tables[st.row, l, h, : -(-n // ws.bs)].long()
+        keys = ws.pool[0][blocks].reshape(-1, ws.pool.shape[-1])[:n]
+        values = ws.pool[1][blocks].reshape(-1, ws.pool.shape[-1])[:n]
+        queries = ws.recent[st.row, l, h * group:(h + 1) * group][:, order.to(ws.recent.device)]
+        kept_keys, kept_values = st.policy.recompress_head(queries, keys, values, budget)
+        slots = slots_for_positions(ws.tables[st.row, l, h:h + 1], torch.arange(budget, device=keys.device)[None], ws.bs)
+        kernels.write_tokens(kept_keys[:, None], kept_values[:, None], slots.transpose(0, 1), ws.pool[0], ws.pool[1])
+        keep[l, h] = budget
+    _finish(ws, rid, keep, "decode")
+    return True
 
 
 def compress_pending(ws: WorkerState) -> None:
-    """Compress every request whose prefill completed in this step."""
+    """Compress every request whose prefill completed in this step, and recompress decoding heads
+    that outgrew their budget + slack."""
     pending, ws.pending = ws.pending, []
     for rid in pending:
         if rid in ws.reqs:
             compress_request(ws, rid)
+    for rid, st in ws.reqs.items():
+        if st.decode_budget is not None and rid not in pending:
+            recompress_request(ws, rid)

@@ -6,6 +6,11 @@ keeps them as the request's *spare* list and hands them to heads, in order, as h
 After a compression the tail blocks go back to the spare list, and the spares beyond what the
 next ``LAG_TOKENS`` tokens can need are reported to the scheduler (:meth:`WorkerState.take_reports`).
 Invariant: the scheduler's blocks of a request = assigned + spare (+ reports in flight).
+
+Every request owns one row of :attr:`WorkerState.tables`, int32 [rows, L, H, max_blocks], kept on
+the attention device so a step's block tables and slots are gathered there without copying the
+tables from the host; only newly assigned block ids travel. Per-head lengths and block counts are
+small host tensors ([L, H] per request), so no step needs a device-to-host sync.
 """
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from ..config import CompressionConfig
 from ..paged.layout import cdiv
 from ..policy import Policy
 from ..presets import build_policy
+from . import runtime
 
 # Tokens the scheduler may schedule before it sees a report (one step in flight, async scheduling).
 LAG_TOKENS = 2
@@ -37,27 +43,33 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
 
 @dataclass
 class ReqState:
-    """One request. blocks[l][h]: its pool block ids; lens[l][h]: rows held; num_tokens: the true
-    sequence length whose K/V went through the cache; compress_at: the length at which the prefill
-    completes (None = never compress); queries[l]: [Hq, <=window, D] the latest prefill queries;
-    global_attention[l]: float32 [H, n] causal column mass so far (EMS scorers only)."""
+    """One request. row: its row of ``WorkerState.tables``; lens / num_blocks: int64 [L, H] rows held
+    and blocks assigned per head (host); num_tokens: the true sequence length whose K/V went through
+    the cache; compress_at: the length at which the prefill completes (None = never compress);
+    queries[l]: [Hq, <=window, D] the latest prefill queries; global_attention[l]: float32 [H, n]
+    causal column mass so far (EMS scorers only); decode_budget: int64 [L, H] the lengths
+    decode-time recompression brings heads back to (None: no decode-time recompression)."""
 
     num_layers: int
     num_kv_heads: int
     policy: Policy | None
     compress_at: int | None
+    row: int = -1
     spare: list[int] = field(default_factory=list)
     num_tokens: int = 0
     prefill_chunks: int = 0  # steps the observed prefill took (chunked prefill when > 1)
     compressed: bool = False
-    blocks: list = None
-    lens: list = None
+    lens: torch.Tensor = None
+    num_blocks: torch.Tensor = None
     queries: dict = field(default_factory=dict)
     global_attention: dict = field(default_factory=dict)
+    decode_slack: int | None = None
+    decode_budget: torch.Tensor | None = None
+    recent_count: int = 0  # queries written to the recent-query ring (decode-time recompression)
 
     def __post_init__(self) -> None:
-        self.blocks = [[[] for _ in range(self.num_kv_heads)] for _ in range(self.num_layers)]
-        self.lens = [[0] * self.num_kv_heads for _ in range(self.num_layers)]
+        self.lens = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int64)
+        self.num_blocks = torch.zeros_like(self.lens)
 
     @property
     def observing(self) -> bool:
@@ -65,89 +77,207 @@ class ReqState:
         return self.policy is not None and not self.compressed and self.compress_at is not None
 
 
+@dataclass
+class StepLayout:
+    """What one step's rows need in every layer (device tensors).
+
+    rows: int64 [R] the requests' table rows; slots: int64 [L, T, H] where each new token's K/V goes
+    (T = tokens this step); tables: int32 [R, L, H, W] block tables (W = the widest head);
+    lens: int32 [R, L, H] rows held after this step's append."""
+
+    rows: torch.Tensor
+    slots: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+
+
 class WorkerState:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int, layer_index: dict[str, int],
-                 config: CompressionConfig):
+                 config: CompressionConfig, device: str | torch.device = "cpu"):
         self.L, self.H, self.bs = num_layers, num_kv_heads, block_size
         self.layer_index = layer_index  # attention layer name -> layer position
         self.config = config
+        self.device = torch.device(device)
         self.reqs: dict[str, ReqState] = {}
-        self.preempted: dict[str, Policy | None] = {}
+        self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
         self.pool: torch.Tensor | None = None  # (2, num_blocks, bs, D), set by the first forward
+        self.tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32, device=self.device)
+        self.free_rows: list[int] = []
+        self.recent: torch.Tensor | None = None  # [rows, L, Hq, window, D] ring of decode queries
         self._policies: dict[str, Policy | None] = {}
 
     # ---- policies ---------------------------------------------------------------------------
-    def policy_for(self, extra_args: dict | None) -> Policy | None:
+    def policy_for(self, extra_args: dict | None) -> tuple[Policy | None, int | None]:
+        """The request's policy (None: no compression) and decode slack."""
         config = request_config(self.config, extra_args)
         key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._policies:
             self._policies[key] = build_policy(config)
-        return self._policies[key]
+        return self._policies[key], config.decode_slack
+
+    def ensure_recent(self, window: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> None:
+        """The ring of recent queries (decode-time recompression) exists and holds ``window`` queries."""
+        if self.recent is None or self.recent.shape[3] < window:
+            recent = torch.zeros(self.tables.shape[0], self.L, num_q_heads, window, head_dim, dtype=dtype,
+                                 device=self.device)
+            if self.recent is not None:
+                recent[:, :, :, : self.recent.shape[3]] = self.recent
+            self.recent = recent
+
+    # ---- request lifetime -------------------------------------------------------------------
+    def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> ReqState:
+        st = ReqState(self.L, self.H, policy, compress_at if policy is not None else None)
+        st.decode_slack = decode_slack
+        if not self.free_rows:
+            self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
+        st.row = self.free_rows.pop()
+        self.reqs[rid] = st
+        return st
+
+    def _end(self, rid: str) -> ReqState | None:
+        st = self.reqs.pop(rid, None)
+        if st is not None:
+            self.free_rows.append(st.row)
+        return st
+
+    def _grow_tables(self, rows: int, cols: int) -> None:
+        old = self.tables
+        self.tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32, device=self.device)
+        self.tables[: old.shape[0], :, :, : old.shape[3]] = old
+        self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
+        if self.recent is not None:
+            recent = self.recent.new_zeros(rows, *self.recent.shape[1:])
+            recent[: self.recent.shape[0]] = self.recent
+            self.recent = recent
 
     # ---- from the scheduler output (worker.execute_model, before the forward) --------------
     def ingest(self, scheduler_output) -> None:
         so = scheduler_output
         for rid in so.finished_req_ids:
-            self.reqs.pop(rid, None)
+            self._end(rid)
             self.preempted.pop(rid, None)
         for rid in so.preempted_req_ids or ():
-            st = self.reqs.pop(rid, None)  # the scheduler freed all its blocks; it is recomputed later
+            st = self._end(rid)  # the scheduler freed all its blocks; it is recomputed later
             if st is not None:
-                self.preempted[rid] = st.policy
+                self.preempted[rid] = (st.policy, st.decode_slack)
         for new in so.scheduled_new_reqs:
             extra = new.sampling_params.extra_args if new.sampling_params is not None else None
-            policy = self.policy_for(extra)
-            st = ReqState(self.L, self.H, policy, len(new.prompt_token_ids) if policy is not None else None)
+            policy, slack = self.policy_for(extra)
+            st = self._start(new.req_id, policy, len(new.prompt_token_ids), slack)
             st.spare.extend(new.block_ids[0])
-            self.reqs[new.req_id] = st
         cached = so.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:
                 # recomputed from scratch (prompt + output so far); compressed again at its end
-                policy = self.preempted.pop(rid, None)
+                policy, slack = self.preempted.pop(rid, (None, None))
                 target = len(cached.all_token_ids[rid]) if rid in cached.all_token_ids else None
-                self.reqs[rid] = ReqState(self.L, self.H, policy, target if policy is not None else None)
+                self._end(rid)
+                self._start(rid, policy, target, slack)
             if new_ids is not None:
                 self.reqs[rid].spare.extend(new_ids[0])
 
     # ---- appending rows (builder.build, once per step for all layers) -----------------------
+    def _assign(self, rid: str, num_new: int) -> None:
+        """Give every head of the request the blocks its next ``num_new`` rows need, from the spares
+        in order (layer-major, then head, then row)."""
+        st = self.reqs[rid]
+        need = -(-(st.lens + num_new) // self.bs)  # blocks per head after the append
+        add = (need - st.num_blocks).clamp(min=0).flatten()
+        total = int(add.sum())
+        if total == 0:
+            return
+        if total > len(st.spare):
+            raise RuntimeError(f"request {rid}: {total} head-blocks needed, {len(st.spare)} spare "
+                               "(scheduler under-allocated; accounting bug)")
+        ids = torch.tensor(st.spare[:total], dtype=torch.int32)
+        del st.spare[:total]
+        widest = int(need.max())
+        if widest > self.tables.shape[3]:
+            self._grow_tables(rows=self.tables.shape[0], cols=max(widest, 2 * self.tables.shape[3]))
+        head = torch.repeat_interleave(torch.arange(self.L * self.H), add)
+        first = torch.cumsum(add, 0) - add
+        col = st.num_blocks.flatten()[head] + torch.arange(total) - first[head]
+        self.tables[st.row].view(self.L * self.H, -1)[head.to(self.device), col.to(self.device)] = ids.to(self.device)
+        st.num_blocks = torch.maximum(st.num_blocks, need)
+
+    def prepare_step(self, req_ids: list[str], query_lens: list[int]) -> StepLayout:
+        """Append ``query_lens[r]`` rows to every head of request ``req_ids[r]`` and lay out the step."""
+        for rid, q_len in zip(req_ids, query_lens):
+            self._assign(rid, q_len)
+        reqs = [self.reqs[rid] for rid in req_ids]
+        dev = self.device
+        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64).to(dev)
+        before = torch.stack([st.lens for st in reqs]).to(dev)  # [R, L, H]
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        starts = torch.cumsum(q_lens, 0) - q_lens
+        token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
+        token_offset = (torch.arange(int(q_lens.sum())) - starts[token_row]).to(dev)
+        token_row = token_row.to(dev)
+        pos = before[token_row] + token_offset[:, None, None]  # [T, L, H]
+        cols = self.tables.shape[3]
+        heads = torch.arange(self.L * self.H, device=dev).view(1, self.L, self.H)
+        flat = (rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
+        slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
+        width = max(int(st.num_blocks.max()) for st in reqs)
+        tables = self.tables[rows, :, :, :width]
+        for st, q_len in zip(reqs, query_lens):
+            st.lens += q_len
+            st.num_tokens += q_len
+        after = (before + q_lens.to(dev)[:, None, None]).int()
+        return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, after)
+
     def append(self, rid: str, num_new: int) -> torch.Tensor:
         """Room for ``num_new`` rows in every (layer, head); returns their slots int64 [L, num_new, H]."""
-        st = self.reqs[rid]
-        slots = torch.empty(self.L, num_new, self.H, dtype=torch.int64)
-        offsets = torch.arange(num_new)
-        for l in range(self.L):
-            for h in range(self.H):
-                blocks, start = st.blocks[l][h], st.lens[l][h]
-                while len(blocks) < cdiv(start + num_new, self.bs):
-                    if not st.spare:
-                        raise RuntimeError(f"request {rid}: no spare head-block for layer {l} head {h} "
-                                           "(scheduler under-allocated; accounting bug)")
-                    blocks.append(st.spare.pop(0))
-                pos = start + offsets
-                table = torch.tensor(blocks, dtype=torch.int64)
-                slots[l, :, h] = table[pos // self.bs] * self.bs + pos % self.bs
-                st.lens[l][h] = start + num_new
-        st.num_tokens += num_new
-        return slots
+        return self.prepare_step([rid], [num_new]).slots
 
     def table(self, rid: str, layer: int, width: int) -> torch.Tensor:
-        """int32 [H, width] block table of one layer of a request (zero padded)."""
-        out = torch.zeros(self.H, width, dtype=torch.int32)
-        for h, blocks in enumerate(self.reqs[rid].blocks[layer]):
-            out[h, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        return out
+        """int32 [H, width] block table of one layer of a request (entries past a head's blocks are stale)."""
+        st = self.reqs[rid]
+        if width > self.tables.shape[3]:
+            self._grow_tables(rows=self.tables.shape[0], cols=width)
+        return self.tables[st.row, layer, :, :width]
+
+    # ---- read-only views (tests, invariant checks) --------------------------------------------
+    def head_blocks(self, rid: str, layer: int, head: int) -> list[int]:
+        """Block ids assigned to (layer, head) of the request, in row order."""
+        st = self.reqs[rid]
+        return self.tables[st.row, layer, head, : int(st.num_blocks[layer, head])].tolist()
+
+    def assigned_blocks(self, rid: str) -> list[int]:
+        """Every block id assigned to a head of the request (layer-major, head, row order)."""
+        return [b for l in range(self.L) for h in range(self.H) for b in self.head_blocks(rid, l, h)]
+
+    def spare_blocks(self, rid: str) -> list[int]:
+        """Block ids the request holds but no head uses yet."""
+        return list(self.reqs[rid].spare)
+
+    def retained_lens(self, rid: str) -> list[list[int]]:
+        """Rows held per (layer, head): [L][H]."""
+        return self.reqs[rid].lens.tolist()
 
     # ---- after a compression (compressor) and at the end of a step (connector) -------------
+    def compacted_heads(self, rid: str, keep: torch.Tensor) -> None:
+        """Every head now holds ``keep`` (int [L, H]) rows at the front of its blocks; tail -> spare."""
+        st = self.reqs[rid]
+        keep = keep.to(torch.int64).cpu()
+        if bool((keep > st.lens).any()):
+            raise RuntimeError(f"request {rid}: compaction cannot grow a head ({keep.tolist()} > {st.lens.tolist()})")
+        kept_blocks = -(-keep // self.bs)
+        width = int(st.num_blocks.max())
+        col = torch.arange(width)
+        tail = (col >= kept_blocks[..., None]) & (col < st.num_blocks[..., None])  # [L, H, width]
+        if bool(tail.any()):
+            st.spare.extend(self.tables[st.row, :, :, :width][tail.to(self.device)].tolist())
+        st.num_blocks = kept_blocks
+        st.lens = keep.clone()
+
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:
         """Head (layer, head) now holds ``keep`` rows at the front of its blocks; tail -> spare."""
-        st = self.reqs[rid]
-        blocks = st.blocks[layer][head]
-        st.spare.extend(blocks[cdiv(keep, self.bs):])
-        del blocks[cdiv(keep, self.bs):]
-        st.lens[layer][head] = keep
+        lens = self.reqs[rid].lens.clone()
+        lens[layer, head] = keep
+        self.compacted_heads(rid, lens)
 
     def take_reports(self) -> dict[str, tuple[list[int], int, list[list[int]]]]:
         """req_id -> (released block ids, T, lens [L][H]) for compressed requests holding more
@@ -156,9 +286,9 @@ class WorkerState:
         for rid, st in self.reqs.items():
             if not st.compressed:
                 continue
-            need = sum(max(cdiv(st.lens[l][h] + LAG_TOKENS, self.bs) - len(st.blocks[l][h]), 0)
-                       for l in range(self.L) for h in range(self.H))
+            need = int((-(-(st.lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
             if len(st.spare) > need:
                 released, st.spare = st.spare[need:], st.spare[:need]
-                out[rid] = (released, st.num_tokens, [list(row) for row in st.lens])
+                runtime.record_release(len(released))
+                out[rid] = (released, st.num_tokens, st.lens.tolist())
         return out

@@ -54,7 +54,7 @@ class _HeadBlockRunnerMixin:
                 HeadScores.load(config.headkv_scores).check_model(len(names), first.num_kv_heads,
                                                                   config.headkv_scores)
             runtime.WORKER_STATE = WorkerState(len(names), first.num_kv_heads, first.block_size,
-                                               {n: i for i, n in enumerate(names)}, config)
+                                               {n: i for i, n in enumerate(names)}, config, device=self.device)
         return {names[0]: spec}
 
 

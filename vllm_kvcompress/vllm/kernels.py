@@ -1,0 +1,56 @@
+"""Which implementation of the paged-cache operations the vLLM backend calls on a device.
+
+CUDA: the Triton kernels (``vllm_kvcompress.triton_kernels``), tested against the PyTorch
+references in ``tests/triton_kernels``. CPU: the PyTorch references (``paged/reference.py``); the
+Triton interpreter would be far slower there. Shapes: see :mod:`vllm_kvcompress.paged.layout`.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..paged import reference
+
+
+def _on_gpu(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
+    """key/value [T, H, D] -> pool rows ``slot_mapping`` int64 [T, H] (-1 skips)."""
+    if _on_gpu(key_cache):
+        from ..triton_kernels.write_tokens import write_tokens as triton_write
+
+        triton_write(key, value, slot_mapping, key_cache, value_cache)
+    else:
+        reference.write_tokens(key, value, slot_mapping, key_cache, value_cache)
+
+
+def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale):
+    """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H])."""
+    if _on_gpu(query):
+        from ..triton_kernels.decode_attention import decode_attention as triton_decode
+
+        return triton_decode(query.contiguous(), key_cache, value_cache, head_block_table.contiguous(),
+                             retained_len.contiguous(), scale=scale)
+    return reference.decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale=scale)
+
+
+def prefill_attention(query, key, value, seq_lens: list[int], scale: float) -> torch.Tensor:
+    """Causal attention of whole prompts over their own fresh K/V, several prompts packed.
+
+    query [T, Hq, D], key/value [T, H, D] with T = sum(seq_lens) (GQA: Hq a multiple of H)
+    returns [T, Hq, D]. CUDA: vLLM's FlashAttention varlen (FA3 on Hopper); CPU: SDPA per prompt."""
+    if _on_gpu(query):
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+        version = 3 if torch.cuda.get_device_capability(query.device)[0] == 9 else 2
+        return flash_attn_varlen_func(query, key, value, max(seq_lens), cu, max(seq_lens), cu_seqlens_k=cu,
+                                      softmax_scale=scale, causal=True, fa_version=version)
+    out, start = torch.empty_like(query), 0
+    for n in seq_lens:
+        q, k, v = (x[start:start + n].transpose(0, 1) for x in (query, key, value))
+        out[start:start + n] = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
+        start += n
+    return out
