@@ -71,14 +71,15 @@ class Budget:
 def distribute(weights: torch.Tensor, total: int, low: int, high: int) -> torch.Tensor:
     """Split ``total`` into integers in [low, high], proportional to ``weights`` above ``low``.
 
-    weights: float [...] >= 0 (all zero = split evenly); returns int64 of the same shape that sums to
-    exactly ``total``. Water-filling: shares above a cap go to the others. Deterministic: ties in
+    weights: float [...] >= 0 (all zero = split evenly), on any device; returns int64 of the same shape
+    ON THE HOST that sums to exactly ``total`` (budgets are bookkeeping: a few numbers per layer and
+    head, read by Python loops and the paged cache's host-side state). Water-filling: shares above a cap go to the others. Deterministic: ties in
     rounding go to the lower flat index.
     """
     n = weights.numel()
     if not (low * n <= total <= high * n):
         raise ValueError(f"cannot split {total} into {n} parts within [{low}, {high}]")
-    w = weights.reshape(-1).double().clamp(min=0)
+    w = weights.reshape(-1).double().cpu().clamp(min=0)
     if not torch.isfinite(w).all():
         raise ValueError("allocation weights must be finite")
     if w.sum() == 0:

@@ -14,8 +14,6 @@ import re
 
 from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 from vllm.v1.kv_cache_interface import FullAttentionSpec
-from vllm.v1.worker.cpu_worker import CPUWorker
-from vllm.v1.worker.gpu_worker import Worker as GPUWorker
 
 from ..head_scores import HeadScores
 from . import runtime, settings
@@ -87,9 +85,20 @@ class _KVCompressWorkerMixin:
         return super().execute_model(scheduler_output, *args, **kwargs)
 
 
-class KVCompressCPUWorker(_KVCompressWorkerMixin, CPUWorker):
-    _backend_slot = AttentionBackendEnum.CPU_ATTN
+def __getattr__(name: str) -> type:
+    """The platform's worker class with our hooks, built on first use: importing vLLM's CPU worker
+    monkeypatches torch (``vllm/v1/worker/cpu/shm.py`` replaces ``torch.accelerator.get_memory_info``,
+    CUDA events and streams), so a GPU process must never import it."""
+    if name == "KVCompressCPUWorker":
+        from vllm.v1.worker.cpu_worker import CPUWorker
 
+        cls = type(name, (_KVCompressWorkerMixin, CPUWorker), {"_backend_slot": AttentionBackendEnum.CPU_ATTN})
+    elif name == "KVCompressGPUWorker":
+        from vllm.v1.worker.gpu_worker import Worker
 
-class KVCompressGPUWorker(_KVCompressWorkerMixin, GPUWorker):
-    pass
+        cls = type(name, (_KVCompressWorkerMixin, Worker), {})
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    cls.__module__ = __name__
+    globals()[name] = cls
+    return cls
