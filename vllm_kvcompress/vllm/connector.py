@@ -4,14 +4,16 @@ Worker side: ``wait_for_save`` runs right after the model forward (``_get_kv_con
 so it compresses the requests whose prefill completed in this step; ``build_connector_worker_meta``
 then carries the released blocks in ``ModelRunnerOutput``. Scheduler side:
 ``update_connector_output`` gives them back to vLLM's BlockPool through the HeadBlockManager.
+The compression counters ride the connector's stats channel to ``/metrics`` (:mod:`.metrics`).
 """
 from __future__ import annotations
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                               KVConnectorWorkerMetadata)
+                                                               KVConnectorRole, KVConnectorWorkerMetadata)
 
 from . import runtime
 from .compressor import compress_pending
+from .metrics import KVCompressPromMetrics, KVCompressStats
 
 
 class KVCompressMetadata(KVConnectorMetadata):
@@ -40,13 +42,27 @@ class KVCompressConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         ws = runtime.WORKER_STATE
-        if ws is not None and ws.pending:
+        if ws is not None:
             compress_pending(ws)
 
     def build_connector_worker_meta(self):
         ws = runtime.WORKER_STATE
         reports = ws.take_reports() if ws is not None else {}
         return KVCompressWorkerMetadata(reports) if reports else None
+
+    def get_kv_connector_stats(self) -> KVCompressStats | None:
+        # vLLM also asks the scheduler-side connector (Scheduler.update_from_output); with the `uni`
+        # executor it shares the worker's process, so only the worker side takes the counters
+        return KVCompressStats.taken() if self.role == KVConnectorRole.WORKER else None
+
+    # ---- front end (stat loggers) -------------------------------------------------------------
+    @classmethod
+    def build_kv_connector_stats(cls, data=None) -> KVCompressStats:
+        return KVCompressStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return KVCompressPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     # ---- scheduler side ----------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request, num_computed_tokens):

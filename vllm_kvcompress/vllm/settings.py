@@ -78,11 +78,13 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str) -> N
             # V2 is the CUDA default for dense models in 0.26; the EngineCore and workers inherit this
             logger.warning("kv compression: pinning vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
-    if config.decode_slack is not None:
-        logger.warning("kv compression: decode-time recompression (decode_slack=%s) is not implemented in the "
-                       "vLLM plugin yet; heads grow by one row per generated token after the prefill "
-                       "compression", config.decode_slack)
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
+    # per-request options (vllm_xargs) are checked in the front end, HTTP 400 instead of a worker error
+    from . import params
+
+    params.publish_server_config(config)
+    if params.PROCESSOR not in (args.logits_processors or []):
+        args.logits_processors = [*(args.logits_processors or []), params.PROCESSOR]
 
 
 def refusals(vllm_config) -> list[str]:

@@ -1,0 +1,97 @@
+"""Compression counters on the server's ``/metrics``, through vLLM's KV-connector stats channel.
+
+Path (vLLM 0.26): the worker's connector returns :class:`KVCompressStats` from
+``get_kv_connector_stats`` after each forward (``kv_connector_model_runner_mixin.py``) ->
+``KVConnectorOutput.kv_connector_stats`` -> ``Scheduler.update_from_output`` -> ``SchedulerStats
+.kv_connector_stats`` (its ``data`` dict) -> front end: ``PrometheusStatLogger.record`` ->
+``KVConnectorProm.observe`` -> :class:`KVCompressPromMetrics` (built by the connector's
+``build_prom_metrics``); ``LoggingStatLogger`` also logs :meth:`KVCompressStats.reduce` as
+"KV Transfer metrics". Stats only flow when vLLM logs stats (``vllm serve``; not offline ``LLM``).
+
+Exposed, labelled ``model_name`` and ``engine`` like vLLM's own metrics:
+
+* ``vllm:kv_compression_compressions_total`` (counter): (request, compression) events.
+* ``vllm:kv_compression_blocks_freed_total`` (counter): head-blocks returned to the scheduler's pool.
+* ``vllm:kv_compression_tokens_before_total`` / ``..._tokens_retained_total`` (counters): KV rows
+  (summed over layers and heads) before and after those compressions; ``rate(retained) /
+  rate(before)`` is the ratio over any window.
+* ``vllm:kv_compression_ratio`` (gauge): retained / before over every compression since the server
+  started (NaN until the first one): the share of the prompts' KV the server keeps.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+from vllm.v1.metrics.utils import create_metric_per_engine
+
+from . import runtime
+
+FIELDS = tuple(f.name for f in dataclasses.fields(runtime.CompressionStats))
+# counter name (prometheus_client appends "_total") -> the data field it adds up
+COUNTERS = {
+    "vllm:kv_compression_compressions": ("compressions", "Compressions of a request's KV cache (prefill and decode-time)."),
+    "vllm:kv_compression_blocks_freed": ("blocks_released", "Head-blocks returned to the KV-cache pool after compression."),
+    "vllm:kv_compression_tokens_before": ("tokens_before", "KV rows (summed over layers and KV heads) before compression."),
+    "vllm:kv_compression_tokens_retained": ("tokens_retained", "KV rows (summed over layers and KV heads) kept by compression."),
+}
+RATIO = "vllm:kv_compression_ratio"
+
+
+@dataclass
+class KVCompressStats(KVConnectorStats):
+    """data: {field of runtime.CompressionStats: int} summed over an interval (plain ints, so the dict
+    travels as ``SchedulerStats.kv_connector_stats``)."""
+
+    def __post_init__(self) -> None:
+        self.data = {name: int(self.data.get(name, 0)) for name in FIELDS}
+
+    @classmethod
+    def taken(cls) -> "KVCompressStats | None":
+        """The worker's counters since the last call (reset), or None when nothing happened."""
+        stats = KVCompressStats(data=dataclasses.asdict(runtime.take_stats()))
+        return None if stats.is_empty() else stats
+
+    def reset(self) -> None:
+        self.data = dict.fromkeys(FIELDS, 0)
+
+    def aggregate(self, other: KVConnectorStats) -> "KVCompressStats":
+        for name in FIELDS:
+            self.data[name] += int(other.data.get(name, 0))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        before = self.data["tokens_before"]
+        return {"compressions": self.data["compressions"], "blocks_freed": self.data["blocks_released"],
+                "ratio": round(self.data["tokens_retained"] / before, 4) if before else math.nan}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+class KVCompressPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self.counters = {
+            field: create_metric_per_engine(self._counter_cls(name=name, documentation=doc, labelnames=labelnames),
+                                            per_engine_labelvalues)
+            for name, (field, doc) in COUNTERS.items()
+        }
+        gauge = self._gauge_cls(name=RATIO, documentation="Retained / original KV rows over all compressions "
+                                "since start (NaN before the first).", multiprocess_mode="mostrecent",
+                                labelnames=labelnames)
+        self.ratio = create_metric_per_engine(gauge, per_engine_labelvalues)
+        for child in self.ratio.values():
+            child.set(math.nan)
+        self.totals = {idx: KVCompressStats() for idx in per_engine_labelvalues}  # since start, per engine
+
+    def observe(self, transfer_stats_data: dict, engine_idx: int = 0) -> None:
+        stats = KVCompressStats(data=dict(transfer_stats_data))
+        for field, counter in self.counters.items():
+            if stats.data[field]:
+                counter[engine_idx].inc(stats.data[field])
+        total = self.totals[engine_idx].aggregate(stats)
+        if total.data["tokens_before"]:
+            self.ratio[engine_idx].set(total.data["tokens_retained"] / total.data["tokens_before"])
