@@ -102,9 +102,9 @@ def main() -> None:
             proc.kill()
     with open(log_path) as f:
         lines = f.read().splitlines()
-    summary["compression_log"] = [l for l in lines if "kv compression" in l][:20]
-    summary["errors"] = [l for l in lines if "ERROR" in l or "Traceback" in l][:20]
-    summary["kv_cache_log"] = [l for l in lines if "KV cache" in l or "GPU blocks" in l or "num_gpu_blocks" in l][:5]
+    summary["compression_log"] = [l[:300] for l in lines if "kv compression (" in l][:12]
+    summary["errors"] = [l[:300] for l in lines if "Error" in l or "ERROR" in l][-12:]
+    summary["kv_cache_log"] = [l[:300] for l in lines if "KV cache size" in l or "Available KV cache" in l][:4]
     if os.path.exists(events):
         evs = [json.loads(l) for l in open(events)]
         init = next((e for e in evs if e["kind"] == "manager_init"), None)

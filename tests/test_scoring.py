@@ -141,6 +141,17 @@ def test_causal_column_mass(chunk):
     torch.testing.assert_close(mass, expected)
 
 
+@pytest.mark.parametrize("chunk", [1, 5, None])
+def test_causal_column_mass_of_prefill_chunks_adds_up_to_the_whole_prompt(chunk):
+    # a chunked prefill: queries at positions start..stop-1 over keys 0..stop-1
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(8, 40, HEAD_DIM, generator=gen), torch.randn(2, 40, HEAD_DIM, generator=gen)
+    total = torch.zeros(2, 40)
+    for start, stop in ((0, 13), (13, 14), (14, 40)):
+        total[:, :stop] += causal_column_mass(q[:, start:stop], k[:, :stop], start=start, chunk=chunk)
+    torch.testing.assert_close(total, causal_column_mass(q, k))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "scorer", [RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), EMSScorer()], ids=type

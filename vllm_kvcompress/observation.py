@@ -54,23 +54,29 @@ class LayerObservation:
         return 1.0 / math.sqrt(self.keys.shape[-1])
 
 
-def causal_column_mass(query: torch.Tensor, key: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
-    """Attention mass each key receives from all causal queries, summed over each GQA group.
+def causal_column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, chunk: int | None = None) -> torch.Tensor:
+    """Attention mass each key receives from causal queries, summed over each GQA group.
 
-    query: [num_q_heads, seq_len, head_dim]; key: [num_kv_heads, seq_len, head_dim]
-    returns float32 [num_kv_heads, seq_len]. Chunked over queries so memory stays O(chunk * seq_len).
+    query: [num_q_heads, q_len, head_dim] at positions ``start .. start+q_len-1``;
+    key: [num_kv_heads, seq_len, head_dim] at positions ``0 .. seq_len-1`` (seq_len >= start + q_len)
+    returns float32 [num_kv_heads, seq_len]. Summed over the chunks of a chunked prefill it equals the
+    mass of the whole prompt. Chunked over queries (``chunk`` queries per step; default: about 64 MiB
+    of logits) so memory stays bounded at any length.
     """
-    num_q_heads, seq_len, head_dim = query.shape
-    num_kv_heads = key.shape[0]
+    num_q_heads, q_len, head_dim = query.shape
+    num_kv_heads, seq_len, _ = key.shape
     group = num_q_heads // num_kv_heads
+    if chunk is None:
+        chunk = max(1, (1 << 24) // (num_q_heads * seq_len))
     scale = 1.0 / math.sqrt(head_dim)
     k = key.float()
     mass = torch.zeros(num_kv_heads, seq_len, device=key.device)
-    for start in range(0, seq_len, chunk):
-        stop = min(seq_len, start + chunk)
-        q = query[:, start:stop].float().reshape(num_kv_heads, group * (stop - start), head_dim)
+    columns = torch.arange(seq_len, device=key.device)
+    for lo in range(0, q_len, chunk):
+        hi = min(q_len, lo + chunk)
+        q = query[:, lo:hi].float().reshape(num_kv_heads, group * (hi - lo), head_dim)
         logits = torch.einsum("hqd,hld->hql", q, k) * scale
-        q_pos = torch.arange(start, stop, device=key.device).repeat(group)
-        causal = torch.arange(seq_len, device=key.device)[None, :] <= q_pos[:, None]
-        mass += logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(1)
+        q_pos = torch.arange(start + lo, start + hi, device=key.device).repeat(group)
+        logits.masked_fill_(columns[None, :] > q_pos[:, None], float("-inf"))
+        mass += logits.softmax(-1).sum(1)
     return mass

@@ -133,16 +133,3 @@ def test_request_overrides():
     assert (cfg.policy, cfg.budget.fraction, cfg.window) == ("ems", 0.5, 8)
     with pytest.raises(ValueError, match="budget"):
         request_config(base, {"kv_budget": 0})
-
-
-def test_chunk_column_mass_adds_up_to_the_whole_prompt():
-    from vllm_kvcompress.observation import causal_column_mass
-    from vllm_kvcompress.vllm.backend import chunk_column_mass
-
-    gen = torch.Generator().manual_seed(0)
-    q, k = torch.randn(8, 40, D, generator=gen), torch.randn(2, 40, D, generator=gen)
-    total = torch.zeros(2, 40)
-    for start, stop in ((0, 13), (13, 14), (14, 40)):
-        part = chunk_column_mass(q[:, start:stop], k[:, :stop], start)
-        total[:, :stop] += part
-    torch.testing.assert_close(total, causal_column_mass(q, k))

@@ -8,7 +8,6 @@ compressed) and which requests complete their prefill in this step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -151,9 +150,14 @@ class HeadBlockImpl(AttentionImpl):
                 output_block_scale=None):
         """query [T, Hq*D], key/value [T, H*D] (post-RoPE), output [T, Hq*D] written in place."""
         md: HeadBlockMetadata = attn_metadata
-        if md is None or md.dummy:
-            return output
         ws = runtime.WORKER_STATE
+        if md is None or md.dummy:
+            if ws is not None and query.is_cuda and ws.layer_index.get(layer.layer_name) == 0 \
+                    and not torch.cuda.is_current_stream_capturing():
+                # vLLM sizes the KV pool from the profiling run's peak memory: show it the transient
+                # a compression needs (freed at once), so the pool leaves room for it
+                torch.empty(ws.workspace_bytes, dtype=torch.uint8, device=query.device)
+            return output
         if self.layer is None:
             self.layer = ws.layer_index[layer.layer_name]
         ws.pool = kv_cache
@@ -204,24 +208,9 @@ class HeadBlockImpl(AttentionImpl):
             return
         keys = torch.stack([reference.gather_head(key_cache, md.tables[r, l, h], md.seq_lens[r])
                             for h in range(self.num_kv_heads)])  # [H, seq_len, D], all heads full
-        mass = chunk_column_mass(qh, keys, md.seq_lens[r] - (b - a))
+        mass = causal_column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)
         if old is not None:
             mass[:, : old.shape[1]] += old
         st.global_attention[l] = mass
 
-
-def chunk_column_mass(query: torch.Tensor, key: torch.Tensor, start: int) -> torch.Tensor:
-    """Column mass from the queries at positions ``start .. start+q_len-1`` (a prefill chunk) over
-    keys ``0 .. seq_len-1``: float32 [H, seq_len]. Summed over chunks it equals
-    :func:`~vllm_kvcompress.observation.causal_column_mass` of the whole prompt.
-
-    query [Hq, q_len, D]; key [H, seq_len, D] with seq_len = start + q_len."""
-    num_q_heads, q_len, head_dim = query.shape
-    num_kv_heads, seq_len, _ = key.shape
-    group = num_q_heads // num_kv_heads
-    q = query.float().reshape(num_kv_heads, group * q_len, head_dim)
-    logits = torch.einsum("hqd,hld->hql", q, key.float()) / math.sqrt(head_dim)
-    q_pos = torch.arange(start, start + q_len, device=key.device).repeat(group)
-    causal = torch.arange(seq_len, device=key.device)[None, :] <= q_pos[:, None]
-    return logits.masked_fill(~causal, float("-inf")).softmax(-1).sum(1)

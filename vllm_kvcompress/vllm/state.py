@@ -93,11 +93,12 @@ class StepLayout:
 
 class WorkerState:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int, layer_index: dict[str, int],
-                 config: CompressionConfig, device: str | torch.device = "cpu"):
+                 config: CompressionConfig, device: str | torch.device = "cpu", workspace_bytes: int = 0):
         self.L, self.H, self.bs = num_layers, num_kv_heads, block_size
         self.layer_index = layer_index  # attention layer name -> layer position
         self.config = config
         self.device = torch.device(device)
+        self.workspace_bytes = workspace_bytes  # transient memory of one compression (profiling shows it to vLLM)
         self.reqs: dict[str, ReqState] = {}
         self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
@@ -284,7 +285,7 @@ class WorkerState:
         spares than the next LAG_TOKENS tokens can need."""
         out = {}
         for rid, st in self.reqs.items():
-            if not st.compressed:
+            if not st.compressed or not st.spare:
                 continue
             need = int((-(-(st.lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
             if len(st.spare) > need:

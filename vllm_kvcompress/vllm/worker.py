@@ -52,8 +52,17 @@ class _HeadBlockRunnerMixin:
                 HeadScores.load(config.headkv_scores).check_model(len(names), first.num_kv_heads,
                                                                   config.headkv_scores)
             runtime.WORKER_STATE = WorkerState(len(names), first.num_kv_heads, first.block_size,
-                                               {n: i for i, n in enumerate(names)}, config, device=self.device)
+                                               {n: i for i, n in enumerate(names)}, config, device=self.device,
+                                               workspace_bytes=compression_workspace(spec, self.vllm_config))
         return {names[0]: spec}
+
+
+def compression_workspace(spec: HeadBlockSpec, vllm_config) -> int:
+    """Bytes a compression of the longest request holds at once: the dense K/V copy of every layer
+    (the policy scores all layers before any budget is known) plus a quarter for retained rows and
+    scoring temporaries, plus 256 MiB of attention logits (EMS column mass, window scores)."""
+    dense = spec.blocks_per_request(vllm_config.model_config.max_model_len) * spec.page_size_bytes
+    return dense + dense // 4 + (256 << 20)
 
 
 _RUNNERS: dict[type, type] = {}
