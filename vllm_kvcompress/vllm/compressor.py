@@ -38,16 +38,15 @@ def gather_layer(ws: WorkerState, rid: str, layer: int) -> tuple[torch.Tensor, t
     return keys, values
 
 
-def write_heads(ws: WorkerState, rid: str, layer: int, keys: torch.Tensor, values: torch.Tensor,
-                lengths: torch.Tensor) -> None:
-    """Write rows ``0 .. lengths[h]-1`` of keys/values [H, >=max(lengths), D] to the front of each head
-    of ``layer`` (the head's own blocks, in place)."""
-    st = ws.reqs[rid]
+def write_rows(ws: WorkerState, row: int, layer: int, heads: torch.Tensor, keys: torch.Tensor,
+               values: torch.Tensor, lengths: torch.Tensor) -> None:
+    """Write rows ``0 .. lengths[i]-1`` of keys/values [len(heads), >=max(lengths), D] to the front of
+    KV head ``heads[i]`` of ``layer`` (the head's own blocks, in place)."""
     width = int(lengths.max())
     device = ws.pool.device
-    positions = torch.arange(width, device=device).expand(ws.H, -1)
+    positions = torch.arange(width, device=device).expand(len(heads), -1)
     positions = torch.where(positions < lengths.to(device)[:, None], positions, -1)
-    slots = slots_for_positions(ws.tables[st.row, layer], positions, ws.bs)  # [H, width]
+    slots = slots_for_positions(ws.tables[row, layer, heads.to(ws.device)], positions, ws.bs)  # [h, width]
     kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
                          slots.transpose(0, 1), ws.pool[0], ws.pool[1])
 
@@ -57,6 +56,8 @@ def _finish(ws: WorkerState, rid: str, keep: torch.Tensor, what: str) -> None:
     st = ws.reqs[rid]
     rows_before, blocks_before = int(st.lens.sum()), int(st.num_blocks.sum())
     ws.compacted_heads(rid, keep)
+    if st.decode_budget is not None:  # the first length at which a head will exceed budget + slack
+        st.recompress_at = st.num_tokens + int((st.decode_budget + st.decode_slack + 1 - st.lens).min())
     rows_after, blocks_after = int(st.lens.sum()), int(st.num_blocks.sum())
     runtime.record_compression(rows_before, rows_after)
     runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
@@ -76,7 +77,7 @@ def compress_request(ws: WorkerState, rid: str) -> None:
         observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
     retained = st.policy.compress(observations)
     for l, kept in enumerate(retained):
-        write_heads(ws, rid, l, kept.keys, kept.values, kept.lengths)
+        write_rows(ws, st.row, l, torch.arange(ws.H), kept.keys, kept.values, kept.lengths)
     keep = torch.stack([kept.lengths.cpu() for kept in retained])
     if st.decode_slack is not None:
         st.decode_budget = st.policy.decode_budgets(keep, st.num_tokens)
@@ -108,16 +109,25 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
     order = torch.arange(st.recent_count - count, st.recent_count) % window  # oldest first
     keep = st.lens.clone()
     group = ws.recent.shape[2] // ws.H
-    for l, h in over.nonzero().tolist():
-        n, budget = int(st.lens[l, h]), int(st.decode_budget[l, h])
-        blocks = ws.tables[st.row, l, h, : -(-n // ws.bs)].long()
-        keys = ws.pool[0][blocks].reshape(-1, ws.pool.shape[-1])[:n]
-        values = ws.pool[1][blocks].reshape(-1, ws.pool.shape[-1])[:n]
-        queries = ws.recent[st.row, l, h * group:(h + 1) * group][:, order.to(ws.recent.device)]
-        kept_keys, kept_values = st.policy.recompress_head(queries, keys, values, budget)
-        slots = slots_for_positions(ws.tables[st.row, l, h:h + 1], torch.arange(budget, device=keys.device)[None], ws.bs)
-        kernels.write_tokens(kept_keys[:, None], kept_values[:, None], slots.transpose(0, 1), ws.pool[0], ws.pool[1])
-        keep[l, h] = budget
+    head_dim = ws.pool.shape[-1]
+    for l in over.any(1).nonzero().flatten().tolist():
+        # heads of a layer that hold the same number of rows go through the policy together
+        for n in sorted(set(st.lens[l][over[l]].tolist())):
+            heads = (over[l] & (st.lens[l] == n)).nonzero().flatten()
+            blocks = ws.tables[st.row, l, heads.to(ws.device), : -(-n // ws.bs)].long()  # [h, nb]
+            keys = ws.pool[0][blocks].reshape(len(heads), -1, head_dim)[:, :n]
+            values = ws.pool[1][blocks].reshape(len(heads), -1, head_dim)[:, :n]
+            q_index = (heads[:, None] * group + torch.arange(group)).flatten().to(ws.device)
+            queries = ws.recent[st.row, l][q_index][:, order.to(ws.device)]
+            budgets = st.decode_budget[l, heads]
+            kept = st.policy.recompress_heads(queries, keys, values, budgets)
+            width = int(budgets.max())
+            kept_keys = torch.zeros(len(heads), width, head_dim, dtype=keys.dtype, device=keys.device)
+            kept_values = torch.zeros_like(kept_keys)
+            for i, (k, v) in enumerate(kept):
+                kept_keys[i, : k.shape[0]], kept_values[i, : v.shape[0]] = k, v
+            write_rows(ws, st.row, l, heads, kept_keys, kept_values, budgets)
+            keep[l, heads] = budgets
     _finish(ws, rid, keep, "decode")
     return True
 
@@ -130,5 +140,5 @@ def compress_pending(ws: WorkerState) -> None:
         if rid in ws.reqs:
             compress_request(ws, rid)
     for rid, st in ws.reqs.items():
-        if st.decode_budget is not None and rid not in pending:
+        if st.decode_budget is not None and st.num_tokens >= st.recompress_at and rid not in pending:
             recompress_request(ws, rid)

@@ -41,6 +41,29 @@ class HeadBlockSpec(AttentionSpec):
         return self.num_layers * self.num_kv_heads * (cdiv(max_len, self.block_size) + 2)
 
 
+class HeadLengths:
+    """A worker report: every head's rows ``lens`` (int [L, H]) at ``T`` tokens. :meth:`need` answers
+    ``sum cdiv(lens + N - T, bs)`` in O(1), since the scheduler asks for every running request at
+    every step: with ``lens = q*bs + r`` and ``N - T + bs - 1 = m*bs + e``, each head needs
+    ``q + m`` blocks, plus one if ``r + e >= bs``."""
+
+    def __init__(self, T: int, lens: torch.Tensor, block_size: int):
+        self.T, self.lens, self.bs = T, lens, block_size
+        self.whole = int((lens // block_size).sum())
+        self.heads = lens.numel()
+        remainders = torch.bincount((lens % block_size).flatten(), minlength=block_size)
+        # at_least[k]: heads whose remainder is >= k (k = 0 .. bs)
+        self.at_least = (remainders.flip(0).cumsum(0).flip(0).tolist()) + [0]
+
+    def need(self, num_tokens: int) -> int:
+        grow = num_tokens - self.T
+        if grow < 0:  # not reached by the scheduler (it never asks for fewer tokens than reported)
+            rows = (self.lens + grow).clamp(min=0)
+            return int(((rows + self.bs - 1) // self.bs).sum())
+        m, e = divmod(grow + self.bs - 1, self.bs)
+        return self.whole + self.heads * m + self.at_least[self.bs - e]
+
+
 class HeadBlockManager(SingleTypeKVCacheManager):
     """A request's blocks = the head-blocks of all its (layer, head) pairs.
 
@@ -53,7 +76,7 @@ class HeadBlockManager(SingleTypeKVCacheManager):
     def __init__(self, kv_cache_spec: HeadBlockSpec, **kwargs):
         super().__init__(kv_cache_spec, **kwargs)
         self.heads = kv_cache_spec.num_layers * kv_cache_spec.num_kv_heads
-        self.reports: dict[str, tuple[int, torch.Tensor]] = {}
+        self.reports: dict[str, HeadLengths] = {}
         self.peak_requests = 0
         runtime.MANAGER = self
         runtime.event("manager_init", num_blocks=self.block_pool.num_gpu_blocks,
@@ -63,9 +86,7 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         report = self.reports.get(request_id)
         if report is None:
             return self.heads * cdiv(num_tokens, self.block_size)
-        T, lens = report
-        rows = (lens + (num_tokens - T)).clamp(min=0)
-        return int(((rows + self.block_size - 1) // self.block_size).sum())
+        return report.need(num_tokens)
 
     def get_num_blocks_to_allocate(self, request_id, num_tokens, new_computed_blocks, total_computed_tokens,
                                    num_local_computed_tokens, num_tokens_main_model,
@@ -96,7 +117,7 @@ class HeadBlockManager(SingleTypeKVCacheManager):
                                "does not hold: scheduler and worker disagree")
         self.req_to_blocks[request_id] = [b for b in blocks if b.block_id not in ids]
         self.block_pool.free_blocks(gone)
-        self.reports[request_id] = (T, torch.as_tensor(lens, dtype=torch.int64))
+        self.reports[request_id] = HeadLengths(T, torch.as_tensor(lens, dtype=torch.int64), self.block_size)
         return len(gone)
 
     def pop_blocks_for_free(self, request_id: str):

@@ -66,6 +66,7 @@ class ReqState:
     decode_slack: int | None = None
     decode_budget: torch.Tensor | None = None
     recent_count: int = 0  # queries written to the recent-query ring (decode-time recompression)
+    recompress_at: int = 0  # num_tokens at which some head first exceeds decode_budget + slack
 
     def __post_init__(self) -> None:
         self.lens = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int64)
@@ -180,38 +181,52 @@ class WorkerState:
                 self.reqs[rid].spare.extend(new_ids[0])
 
     # ---- appending rows (builder.build, once per step for all layers) -----------------------
-    def _assign(self, rid: str, num_new: int) -> None:
-        """Give every head of the request the blocks its next ``num_new`` rows need, from the spares
-        in order (layer-major, then head, then row)."""
-        st = self.reqs[rid]
-        need = -(-(st.lens + num_new) // self.bs)  # blocks per head after the append
-        add = (need - st.num_blocks).clamp(min=0).flatten()
-        total = int(add.sum())
-        if total == 0:
-            return
-        if total > len(st.spare):
-            raise RuntimeError(f"request {rid}: {total} head-blocks needed, {len(st.spare)} spare "
-                               "(scheduler under-allocated; accounting bug)")
-        ids = torch.tensor(st.spare[:total], dtype=torch.int32)
-        del st.spare[:total]
-        widest = int(need.max())
-        if widest > self.tables.shape[3]:
-            self._grow_tables(rows=self.tables.shape[0], cols=max(widest, 2 * self.tables.shape[3]))
-        head = torch.repeat_interleave(torch.arange(self.L * self.H), add)
-        first = torch.cumsum(add, 0) - add
-        col = st.num_blocks.flatten()[head] + torch.arange(total) - first[head]
-        self.tables[st.row].view(self.L * self.H, -1)[head.to(self.device), col.to(self.device)] = ids.to(self.device)
-        st.num_blocks = torch.maximum(st.num_blocks, need)
+    def _assign(self, reqs: list[ReqState], req_ids: list[str], q_lens: torch.Tensor) -> torch.Tensor:
+        """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
+        each request's spares in order (layer-major, then head, then row). All requests in one go:
+        a decode step touches every running request. Returns the rows held before, int64 [R, L, H]."""
+        heads = self.L * self.H
+        before = torch.stack([st.lens for st in reqs])  # [R, L, H]
+        held = torch.stack([st.num_blocks for st in reqs])
+        need = -(-(before + q_lens[:, None, None]) // self.bs)  # blocks per head after the append
+        add = (need - held).clamp(min=0).reshape(len(reqs), heads)
+        totals = add.sum(1).tolist()
+        ids = []
+        for st, rid, total in zip(reqs, req_ids, totals):
+            if total > len(st.spare):
+                raise RuntimeError(f"request {rid}: {total} head-blocks needed, {len(st.spare)} spare "
+                                   "(scheduler under-allocated; accounting bug)")
+            ids += st.spare[:total]
+            del st.spare[:total]
+        if ids:
+            widest = int(need.max())
+            if widest > self.tables.shape[3]:
+                self._grow_tables(rows=self.tables.shape[0], cols=max(widest, 2 * self.tables.shape[3]))
+            flat = add.flatten()
+            owner = torch.repeat_interleave(torch.arange(flat.numel()), flat)  # (request, head) of each id
+            first = torch.cumsum(flat, 0) - flat
+            col = held.flatten()[owner] + torch.arange(len(ids)) - first[owner]
+            row = torch.tensor([st.row for st in reqs])[owner // heads]
+            index = (row.to(self.device), owner.remainder(heads).to(self.device), col.to(self.device))
+            self.tables.view(self.tables.shape[0], heads, -1)[index] = torch.tensor(ids, dtype=torch.int32).to(self.device)
+        blocks = torch.maximum(held, need)
+        for r, st in enumerate(reqs):
+            st.num_blocks = blocks[r]
+        return before
 
     def prepare_step(self, req_ids: list[str], query_lens: list[int]) -> StepLayout:
         """Append ``query_lens[r]`` rows to every head of request ``req_ids[r]`` and lay out the step."""
-        for rid, q_len in zip(req_ids, query_lens):
-            self._assign(rid, q_len)
         reqs = [self.reqs[rid] for rid in req_ids]
+        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        before_host = self._assign(reqs, req_ids, q_lens)
+        after_host = before_host + q_lens[:, None, None]
+        width = int(torch.stack([st.num_blocks for st in reqs]).max())
+        for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
+            st.lens = after_host[r]
+            st.num_tokens += q_len
         dev = self.device
         rows = torch.tensor([st.row for st in reqs], dtype=torch.int64).to(dev)
-        before = torch.stack([st.lens for st in reqs]).to(dev)  # [R, L, H]
-        q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        before = before_host.to(dev)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
         token_offset = (torch.arange(int(q_lens.sum())) - starts[token_row]).to(dev)
@@ -221,13 +236,8 @@ class WorkerState:
         heads = torch.arange(self.L * self.H, device=dev).view(1, self.L, self.H)
         flat = (rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
         slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
-        width = max(int(st.num_blocks.max()) for st in reqs)
         tables = self.tables[rows, :, :, :width]
-        for st, q_len in zip(reqs, query_lens):
-            st.lens += q_len
-            st.num_tokens += q_len
-        after = (before + q_lens.to(dev)[:, None, None]).int()
-        return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, after)
+        return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, after_host.int().to(dev))
 
     def append(self, rid: str, num_new: int) -> torch.Tensor:
         """Room for ``num_new`` rows in every (layer, head); returns their slots int64 [L, num_new, H]."""
