@@ -145,3 +145,9 @@ def test_distribute_properties(weights, low, room, data):
     if w.sum() > 0 and not bool(at_cap.any()):
         exact = (total - low * n) * w / w.sum() + low
         assert bool(((result - exact).abs() < 1 + 1e-6).all())
+
+
+@pytest.mark.parametrize("value", [(1 << 24) + 1, 10**19, 1e300, "99999999999"])
+def test_budget_beyond_any_context_is_refused(value):
+    with pytest.raises(ValueError, match="at most"):
+        Budget.parse(value)

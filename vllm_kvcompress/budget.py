@@ -11,6 +11,11 @@ from dataclasses import dataclass
 import torch
 
 
+# No model's context comes near this; a larger per-head budget is a mistake (and would overflow the
+# int64 bookkeeping of decode-time budgets), so it is refused instead of meaning "keep everything".
+MAX_TOKENS = 1 << 24
+
+
 @dataclass(frozen=True)
 class Budget:
     """Average retained tokens per KV head, as a count or as a fraction of the context."""
@@ -25,6 +30,9 @@ class Budget:
             isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens <= 0
         ):
             raise ValueError(f"budget must be a positive number of tokens per head, got {self.tokens!r}")
+        if self.tokens is not None and self.tokens > MAX_TOKENS:
+            raise ValueError(f"budget must be at most {MAX_TOKENS} tokens per head (longer than any context), "
+                             f"got {self.tokens}")
         if self.fraction is not None and (
             isinstance(self.fraction, bool)
             or not isinstance(self.fraction, (int, float))

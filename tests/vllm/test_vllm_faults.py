@@ -245,18 +245,9 @@ def test_healthy_after_bad_inputs(faults_run):
 
 
 # ==== a known bug, pinned without a server (it kills the engine) =======================================
-@pytest.mark.xfail(strict=True, reason="bug: a per-request kv_budget near or above 2**63 passes the front-end "
-                   "check, then overflows int64 in Policy.decode_budgets / recompress_request in the worker "
-                   "and kills the EngineCore (HTTP 500, then the server is dead)")
 @pytest.mark.parametrize("budget", [10**19, 1e300, 2**63 - 40])
-def test_huge_budget_is_refused_or_harmless(budget):
-    base = CompressionConfig(policy="snapkv", budget=32)
-    try:
-        config = check_request({"kv_budget": budget}, base)  # what the server runs before accepting
-    except ValueError:
-        return  # refused with a 400: fine
-    policy = build_policy(config)
-    retained = torch.full((4, 2), 80, dtype=torch.int64)  # an 80-token prompt, kept whole
-    budgets = policy.decode_budgets(retained, 80)  # raises OverflowError for 1e300
-    slack = config.decode_slack or 0
-    assert bool((budgets >= retained).all()) and bool((budgets + slack >= budgets).all()), budgets
+def test_huge_budget_is_refused(budget):
+    """A per-request budget beyond any context answers 400 (it used to pass the front end and then
+    overflow the worker's int64 decode budgets, killing the engine)."""
+    with pytest.raises(ValueError, match="at most"):
+        check_request({"kv_budget": budget}, CompressionConfig(policy="snapkv", budget=32))

@@ -15,7 +15,6 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
 from ..observation import causal_column_mass
-from ..paged import reference
 from . import kernels, runtime
 
 
@@ -116,6 +115,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                     record_rows.append(st.row)
                     record_slots.append(st.recent_count % st.policy.window)
                     st.recent_count += 1
+        runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks))
         layout = ws.prepare_step(req_ids, q_lens)
         md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
         device = ws.device
@@ -184,10 +184,12 @@ class HeadBlockImpl(AttentionImpl):
             else:
                 out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
                                                      lens[batch], scale=self.scale)[:, 0]
-        for r in md.chunks:  # continued prefill chunk: over the head's own pages, causal in the chunk
+        for r in md.chunks:  # continued prefill chunk: causal over the request's whole cache so far
             a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
-            out[a:b] = reference.decode_attention(q[a:b][None], key_cache, value_cache, tables[r:r + 1],
-                                                  lens[r:r + 1], scale=self.scale)[0]
+            # an uncompressed request (every head holds seq_len rows, in the same block order per head)
+            keys, values = (gather_dense(cache, tables[r], md.seq_lens[r]).transpose(0, 1)
+                            for cache in (key_cache, value_cache))
+            out[a:b] = kernels.chunk_attention(q[a:b], keys, values, self.scale)
         for r in md.observe:
             self._observe(ws, md, r, q, k, key_cache)
         if md.record is not None:
@@ -209,11 +211,15 @@ class HeadBlockImpl(AttentionImpl):
         if md.seq_lens[r] == b - a:  # same call as the HF reference path
             st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
             return
-        keys = torch.stack([reference.gather_head(key_cache, md.tables[r, l, h], md.seq_lens[r])
-                            for h in range(self.num_kv_heads)])  # [H, seq_len, D], all heads full
+        keys = gather_dense(key_cache, md.tables[r, l], md.seq_lens[r])  # [H, seq_len, D], all heads full
         mass = causal_column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)
         if old is not None:
             mass[:, : old.shape[1]] += old
         st.global_attention[l] = mass
 
+
+def gather_dense(cache: torch.Tensor, head_block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` rows of every head, [H, length, D], from its block table [H, >= blocks]."""
+    blocks = head_block_table[:, : -(-length // cache.shape[1])].long()
+    return cache[blocks].reshape(blocks.shape[0], -1, cache.shape[-1])[:, :length]

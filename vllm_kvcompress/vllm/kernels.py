@@ -54,3 +54,24 @@ def prefill_attention(query, key, value, seq_lens: list[int], scale: float) -> t
             q, k, v, is_causal=True, scale=scale, enable_gqa=True).transpose(0, 1)
         start += n
     return out
+
+
+def chunk_attention(query, key, value, scale: float) -> torch.Tensor:
+    """A continued prefill chunk: the last ``q_len`` of ``S`` positions attend causally over all S.
+
+    query [q_len, Hq, D]; key/value [S, H, D] (S >= q_len) -> [q_len, Hq, D]. CUDA: FlashAttention
+    varlen (its causal mask is bottom-right aligned); CPU: SDPA with an explicit mask."""
+    q_len, seq_len = query.shape[0], key.shape[0]
+    if _on_gpu(query):
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=query.device)
+        cu_k = torch.tensor([0, seq_len], dtype=torch.int32, device=query.device)
+        version = 3 if torch.cuda.get_device_capability(query.device)[0] == 9 else 2
+        return flash_attn_varlen_func(query, key, value, q_len, cu_q, seq_len, cu_seqlens_k=cu_k,
+                                      softmax_scale=scale, causal=True, fa_version=version)
+    positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
+    mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask, scale=scale,
+        enable_gqa=True).transpose(0, 1)
