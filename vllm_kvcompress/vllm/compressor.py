@@ -12,7 +12,8 @@ head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see al
 
 During decode (:func:`recompress_request`, when ``decode_slack`` is set): a head holding more than
 its budget + slack rows is brought back to its budget with its query heads' recent queries, as
-``hf.generate(recompress_slack=...)`` does. The connector then reports surplus spares to the
+``hf.generate(recompress_slack=...)`` does; heads of equal length go through the policy in one call
+whatever their layer (``Policy.recompress_heads`` keeps each head's result its own). The connector then reports surplus spares to the
 scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
 positions from the true sequence length.
 """
@@ -38,15 +39,16 @@ def gather_layer(ws: WorkerState, rid: str, layer: int) -> tuple[torch.Tensor, t
     return keys, values
 
 
-def write_rows(ws: WorkerState, row: int, layer: int, heads: torch.Tensor, keys: torch.Tensor,
+def write_rows(ws: WorkerState, row: int, layers: torch.Tensor, heads: torch.Tensor, keys: torch.Tensor,
                values: torch.Tensor, lengths: torch.Tensor) -> None:
-    """Write rows ``0 .. lengths[i]-1`` of keys/values [len(heads), >=max(lengths), D] to the front of
-    KV head ``heads[i]`` of ``layer`` (the head's own blocks, in place)."""
+    """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of KV head
+    ``heads[i]`` of layer ``layers[i]`` (the head's own blocks, in place)."""
     width = int(lengths.max())
     device = ws.pool.device
     positions = torch.arange(width, device=device).expand(len(heads), -1)
     positions = torch.where(positions < lengths.to(device)[:, None], positions, -1)
-    slots = slots_for_positions(ws.tables[row, layer, heads.to(ws.device)], positions, ws.bs)  # [h, width]
+    table = ws.tables[row, layers.to(ws.device), heads.to(ws.device)]  # [n, max_blocks]
+    slots = slots_for_positions(table, positions, ws.bs)  # [n, width]
     kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
                          slots.transpose(0, 1), ws.pool[0], ws.pool[1])
 
@@ -77,7 +79,7 @@ def compress_request(ws: WorkerState, rid: str) -> None:
         observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
     retained = st.policy.compress(observations)
     for l, kept in enumerate(retained):
-        write_rows(ws, st.row, l, torch.arange(ws.H), kept.keys, kept.values, kept.lengths)
+        write_rows(ws, st.row, torch.full((ws.H,), l), torch.arange(ws.H), kept.keys, kept.values, kept.lengths)
     keep = torch.stack([kept.lengths.cpu() for kept in retained])
     if st.decode_slack is not None:
         st.decode_budget = st.policy.decode_budgets(keep, st.num_tokens)
@@ -110,24 +112,24 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
     keep = st.lens.clone()
     group = ws.recent.shape[2] // ws.H
     head_dim = ws.pool.shape[-1]
-    for l in over.any(1).nonzero().flatten().tolist():
-        # heads of a layer that hold the same number of rows go through the policy together
-        for n in sorted(set(st.lens[l][over[l]].tolist())):
-            heads = (over[l] & (st.lens[l] == n)).nonzero().flatten()
-            blocks = ws.tables[st.row, l, heads.to(ws.device), : -(-n // ws.bs)].long()  # [h, nb]
-            keys = ws.pool[0][blocks].reshape(len(heads), -1, head_dim)[:, :n]
-            values = ws.pool[1][blocks].reshape(len(heads), -1, head_dim)[:, :n]
-            q_index = (heads[:, None] * group + torch.arange(group)).flatten().to(ws.device)
-            queries = ws.recent[st.row, l][q_index][:, order.to(ws.device)]
-            budgets = st.decode_budget[l, heads]
-            kept = st.policy.recompress_heads(queries, keys, values, budgets)
-            width = int(budgets.max())
-            kept_keys = torch.zeros(len(heads), width, head_dim, dtype=keys.dtype, device=keys.device)
-            kept_values = torch.zeros_like(kept_keys)
-            for i, (k, v) in enumerate(kept):
-                kept_keys[i, : k.shape[0]], kept_values[i, : v.shape[0]] = k, v
-            write_rows(ws, st.row, l, heads, kept_keys, kept_values, budgets)
-            keep[l, heads] = budgets
+    pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
+    for n in sorted(set(lengths.tolist())):
+        # heads holding the same number of rows, from any layer, go through the policy together
+        layers, heads = pairs[lengths == n].unbind(1)
+        blocks = ws.tables[st.row, layers.to(ws.device), heads.to(ws.device), : -(-n // ws.bs)].long()
+        keys = ws.pool[0][blocks].reshape(len(heads), -1, head_dim)[:, :n]
+        values = ws.pool[1][blocks].reshape(len(heads), -1, head_dim)[:, :n]
+        q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
+        queries = ws.recent[st.row][layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
+        queries = queries.flatten(0, 1)[:, order.to(ws.device)]
+        budgets = st.decode_budget[layers, heads]
+        kept = st.policy.recompress_heads(queries, keys, values, budgets)
+        kept_keys = torch.zeros(len(heads), int(budgets.max()), head_dim, dtype=keys.dtype, device=keys.device)
+        kept_values = torch.zeros_like(kept_keys)
+        for i, (k, v) in enumerate(kept):
+            kept_keys[i, : k.shape[0]], kept_values[i, : v.shape[0]] = k, v
+        write_rows(ws, st.row, layers, heads, kept_keys, kept_values, budgets)
+        keep[layers, heads] = budgets
     _finish(ws, rid, keep, "decode")
     return True
 
