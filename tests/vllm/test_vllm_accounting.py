@@ -144,3 +144,25 @@ def test_reported_need_matches_the_sum_over_heads(block_size, lens, grow):
     T = int(lens.max())
     want = int(((lens + grow + block_size - 1) // block_size).sum())
     assert HeadLengths(T, lens, block_size).need(T + grow) == want
+
+
+def test_packed_upload_returns_every_tensor_unchanged():
+    """The one-copy upload (pinned memory on CUDA) packs and unpacks shapes, dtypes and values."""
+    ws = state()
+    ws.pack_uploads = True
+    host = {"a": torch.arange(6, dtype=torch.int32).view(2, 3), "b": torch.tensor([7, -1]),
+            "empty": torch.zeros(0, dtype=torch.int64), "c": torch.ones(2, 2, 2, dtype=torch.int64)}
+    out = ws.upload(host)
+    assert list(out) == list(host)
+    for name, t in host.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape and torch.equal(out[name], t)
+
+
+def test_step_layout_is_the_same_through_the_packed_upload():
+    plain, packed = state(), state()
+    packed.pack_uploads = True
+    for ws in (plain, packed):
+        ws.ingest(sched(new=[new_req("a", 20, list(range(100, 108))), new_req("b", 5, list(range(200, 204)))]))
+    one, two = plain.prepare_step(["a", "b"], [20, 5]), packed.prepare_step(["a", "b"], [20, 5])
+    for field_ in ("rows", "slots", "tables", "lens"):
+        assert torch.equal(getattr(one, field_), getattr(two, field_)), field_

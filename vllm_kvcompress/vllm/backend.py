@@ -116,17 +116,22 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                     record_slots.append(st.recent_count % st.policy.window)
                     st.recent_count += 1
         runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks))
-        layout = ws.prepare_step(req_ids, q_lens)
-        md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
-        device = ws.device
-        if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (None: every token is)
-            md.fresh_tokens = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh]).to(device)
-        if md.decode and len(md.decode) < n:  # (None: a pure decode step, rows are tokens)
-            md.decode_tokens = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64).to(device)
-            md.decode_rows = torch.tensor(md.decode, dtype=torch.int64).to(device)
+        extra = {}  # index tensors the forward needs, uploaded with the step's layout
+        if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (absent: every token is)
+            extra["fresh_tokens"] = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh])
+        if md.decode and len(md.decode) < n:  # (absent: a pure decode step, rows are tokens)
+            extra["decode_tokens"] = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64)
+            extra["decode_rows"] = torch.tensor(md.decode, dtype=torch.int64)
         if record_tokens:
-            md.record = tuple(torch.tensor(x, dtype=torch.int64).to(device)
-                              for x in (record_tokens, record_rows, record_slots))
+            for name, values in (("record_tokens", record_tokens), ("record_rows", record_rows),
+                                 ("record_slots", record_slots)):
+                extra[name] = torch.tensor(values, dtype=torch.int64)
+        layout = ws.prepare_step(req_ids, q_lens, extra)
+        md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
+        md.fresh_tokens = layout.extra.get("fresh_tokens")
+        md.decode_tokens, md.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
+        if record_tokens:
+            md.record = tuple(layout.extra[name] for name in ("record_tokens", "record_rows", "record_slots"))
         return md
 
 

@@ -84,12 +84,14 @@ class StepLayout:
 
     rows: int64 [R] the requests' table rows; slots: int64 [L, T, H] where each new token's K/V goes
     (T = tokens this step); tables: int32 [R, L, H, W] block tables (W = the widest head);
-    lens: int32 [R, L, H] rows held after this step's append."""
+    lens: int32 [R, L, H] rows held after this step's append; extra: the caller's tensors, uploaded
+    with these."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     tables: torch.Tensor
     lens: torch.Tensor
+    extra: dict = field(default_factory=dict)
 
 
 class WorkerState:
@@ -100,6 +102,7 @@ class WorkerState:
         self.config = config
         self.device = torch.device(device)
         self.workspace_bytes = workspace_bytes  # transient memory of one compression (profiling shows it to vLLM)
+        self.pack_uploads = False  # tests: take upload()'s packed path on the CPU too
         self.reqs: dict[str, ReqState] = {}
         self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
@@ -181,10 +184,28 @@ class WorkerState:
                 self.reqs[rid].spare.extend(new_ids[0])
 
     # ---- appending rows (builder.build, once per step for all layers) -----------------------
-    def _assign(self, reqs: list[ReqState], req_ids: list[str], q_lens: torch.Tensor) -> torch.Tensor:
+    def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The host tensors on the attention device, in ONE non-blocking copy from pinned memory: a
+        copy from pageable memory waits for the GPU to drain, which would serialise every step's
+        host preparation with the previous step's kernels. (PyTorch's pinned-memory cache does not
+        reuse a staging block before its copy completed.)"""
+        if self.device.type == "cpu" and not self.pack_uploads:
+            return host
+        flat = torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()])
+        staging = torch.empty(flat.shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
+        staging.copy_(flat)
+        on_device = staging.to(self.device, non_blocking=True)
+        out, start = {}, 0
+        for name, t in host.items():
+            out[name] = on_device[start:start + t.numel()].view(t.shape).to(t.dtype)
+            start += t.numel()
+        return out
+
+    def _assign(self, reqs: list[ReqState], req_ids: list[str], q_lens: torch.Tensor):
         """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
         each request's spares in order (layer-major, then head, then row). All requests in one go:
-        a decode step touches every running request. Returns the rows held before, int64 [R, L, H]."""
+        a decode step touches every running request. Returns the rows held before, int64 [R, L, H],
+        and the table writes to make (host tensors: request row, head, column, block id; or None)."""
         heads = self.L * self.H
         before = torch.stack([st.lens for st in reqs])  # [R, L, H]
         held = torch.stack([st.num_blocks for st in reqs])
@@ -198,6 +219,7 @@ class WorkerState:
                                    "(scheduler under-allocated; accounting bug)")
             ids += st.spare[:total]
             del st.spare[:total]
+        writes = None
         if ids:
             widest = int(need.max())
             if widest > self.tables.shape[3]:
@@ -207,37 +229,44 @@ class WorkerState:
             first = torch.cumsum(flat, 0) - flat
             col = held.flatten()[owner] + torch.arange(len(ids)) - first[owner]
             row = torch.tensor([st.row for st in reqs])[owner // heads]
-            index = (row.to(self.device), owner.remainder(heads).to(self.device), col.to(self.device))
-            self.tables.view(self.tables.shape[0], heads, -1)[index] = torch.tensor(ids, dtype=torch.int32).to(self.device)
+            writes = (row, owner.remainder(heads), col, torch.tensor(ids, dtype=torch.int32))
         blocks = torch.maximum(held, need)
         for r, st in enumerate(reqs):
             st.num_blocks = blocks[r]
-        return before
+        return before, writes
 
-    def prepare_step(self, req_ids: list[str], query_lens: list[int]) -> StepLayout:
-        """Append ``query_lens[r]`` rows to every head of request ``req_ids[r]`` and lay out the step."""
+    def prepare_step(self, req_ids: list[str], query_lens: list[int],
+                     extra: dict[str, torch.Tensor] | None = None) -> StepLayout:
+        """Append ``query_lens[r]`` rows to every head of request ``req_ids[r]`` and lay out the step.
+        ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        before_host = self._assign(reqs, req_ids, q_lens)
+        before_host, writes = self._assign(reqs, req_ids, q_lens)
         after_host = before_host + q_lens[:, None, None]
         width = int(torch.stack([st.num_blocks for st in reqs]).max())
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
             st.lens = after_host[r]
             st.num_tokens += q_len
-        dev = self.device
-        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64).to(dev)
-        before = before_host.to(dev)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
-        token_offset = (torch.arange(int(q_lens.sum())) - starts[token_row]).to(dev)
-        token_row = token_row.to(dev)
-        pos = before[token_row] + token_offset[:, None, None]  # [T, L, H]
+        host = {"rows": torch.tensor([st.row for st in reqs], dtype=torch.int64), "before": before_host,
+                "after": after_host.int(), "token_row": token_row,
+                "token_offset": torch.arange(int(q_lens.sum())) - starts[token_row], **(extra or {})}
+        if writes is not None:
+            host.update(write_row=writes[0], write_head=writes[1], write_col=writes[2], write_id=writes[3])
+        dev = self.upload(host)
+        if writes is not None:
+            self.tables.view(self.tables.shape[0], self.L * self.H, -1)[
+                dev["write_row"], dev["write_head"], dev["write_col"]] = dev["write_id"]
+        rows, token_row = dev["rows"], dev["token_row"]
+        pos = dev["before"][token_row] + dev["token_offset"][:, None, None]  # [T, L, H]
         cols = self.tables.shape[3]
-        heads = torch.arange(self.L * self.H, device=dev).view(1, self.L, self.H)
+        heads = torch.arange(self.L * self.H, device=self.device).view(1, self.L, self.H)
         flat = (rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
         slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
         tables = self.tables[rows, :, :, :width]
-        return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, after_host.int().to(dev))
+        return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, dev["after"],
+                          {name: dev[name] for name in (extra or {})})
 
     def append(self, rid: str, num_new: int) -> torch.Tensor:
         """Room for ``num_new`` rows in every (layer, head); returns their slots int64 [L, num_new, H]."""
