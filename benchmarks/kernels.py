@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path

@@ -38,11 +38,13 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import project_commit, write_json  # noqa: E402
 
 import torch
 
@@ -364,20 +366,8 @@ def versions() -> dict:
     import transformers
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-        info["vllm_kvcompress_commit"] = rev.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
-    except OSError:
-        info["vllm_kvcompress_commit"] = "unknown"
+    info["vllm_kvcompress_commit"] = project_commit()
     return info
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write atomically, so an interrupted run leaves the previous file intact (for --resume)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def quick_head_scores(path: Path, num_layers: int, num_kv_heads: int) -> Path:

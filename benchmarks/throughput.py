@@ -85,6 +85,9 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import project_commit, write_json  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
@@ -327,20 +330,8 @@ def versions() -> dict:
                 break
             except metadata.PackageNotFoundError:
                 info[name] = None
-    try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True)
-        info["vllm_kvcompress_commit"] = rev.stdout.strip() + ("+uncommitted changes" if dirty.stdout.strip() else "")
-    except OSError:
-        info["vllm_kvcompress_commit"] = "unknown"
+    info["vllm_kvcompress_commit"] = project_commit()
     return info
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Atomically, so an interrupted run leaves the previous file (resumable)."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@
 Rows are tagged so that a test can tell which token sits where: ``row(t)`` is the key ``[t, t]`` and
 its value is ``-row(t)``; padding rows are zero.
 """
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st

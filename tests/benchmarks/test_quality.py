@@ -1,12 +1,10 @@
 """The quality benchmark (benchmarks/quality.py) end to end in --quick mode, its aggregation, and the
 prefill-once API of vllm_kvcompress.hf it is built on."""
-import importlib.util
 import json
 import math
 import shutil
-import sys
-from pathlib import Path
 
+import benchmark_modules
 import pytest
 import torch
 
@@ -16,18 +14,9 @@ from vllm_kvcompress.models import tiny_llama
 from vllm_kvcompress.presets import build_policy
 from vllm_kvcompress.synthetic import make_sample
 
-QUALITY_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "quality.py"
 
 
-def _load_quality():
-    spec = importlib.util.spec_from_file_location("quality_benchmark", QUALITY_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-quality = _load_quality()
+quality = benchmark_modules.load("quality")
 
 
 @pytest.fixture(scope="module")

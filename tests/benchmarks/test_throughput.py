@@ -6,27 +6,16 @@ as 256 head-blocks of the 4-layer, 2-KV-head tiny model): one uncompressed 300-t
 (19 blocks), two do not, so plain vLLM runs the 4 requests one at a time. Compressed to 32 tokens
 per head (+ 8 outputs: 3 head-blocks per head, 24 per request), 4 requests plus one prefilling fit,
 so the plugin runs all 4 at once."""
-import importlib.util
 import json
 import shutil
-import sys
 import time
-from pathlib import Path
 
+import benchmark_modules
 import pytest
 
-THROUGHPUT_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "throughput.py"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("throughput_benchmark", THROUGHPUT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-throughput = _load()
+throughput = benchmark_modules.load("throughput")
 RECORD_FIELDS = {"model", "workload", "config", "policy", "budget_fraction", "output_tok_s", "output_tok_s_ratio",
                  "total_tok_s", "peak_concurrency", "ttft_ms", "tpot_ms", "wall_s", "engine_start_s",
                  "kv_capacity_tokens", "kv_usage_peak", "kv_blocks_peak", "status", "settings", "engine_args"}

@@ -2,28 +2,17 @@
 worker pair of ``benchmarks/reliability.py``: the real HeadBlockManager over vLLM's BlockPool and
 the real WorkerState, driven by (a) the randomized 10,000-request driver, (b) a hypothesis state
 machine whose rules are the individual scheduler / worker events, (c) corrupted reports."""
-import importlib.util
 import random
-import sys
-from pathlib import Path
 
+import benchmark_modules
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-BENCH_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "reliability.py"
 
 
-def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("reliability_benchmark", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-rel = _load_benchmark()
+rel = benchmark_modules.load("reliability")
 HEADS = [(l, h) for l in range(rel.L) for h in range(rel.H)]
 
 

@@ -20,37 +20,23 @@ vLLM preempts (recompute) running requests mid-decode; plus aborts mid-decode. E
 complete with its tokens and every head-block must be back in the free pool.
 """
 import gc
-import importlib.util
 import json
 import os
 import random
-import sys
 from collections import Counter
-from pathlib import Path
 
+import benchmark_modules
 import pytest
-import torch
 
 from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.presets import build_policy
 from vllm_kvcompress.vllm import runtime
 from vllm_kvcompress.vllm.params import check_request
 
 pytestmark = pytest.mark.slow
 
-LOAD_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
 
 
-def _load_module():
-    if "kvc_load_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kvc_load_benchmark", LOAD_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["kvc_load_benchmark"]
-
-
-load = _load_module()
+load = benchmark_modules.load("load")
 
 
 # ==== forced preemption in a real engine (issue #3) ===================================================

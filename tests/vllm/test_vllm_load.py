@@ -7,31 +7,19 @@ and not, prompts of 4-900 tokens (most longer than the budget), 1-64 output toke
 presets and budgets, and ~10% deliberately bad requests; the pool runs nearly dry. Nothing is
 written to benchmarks/results (that is ``python benchmarks/load.py --out ...``).
 """
-import importlib.util
-import sys
-from pathlib import Path
 
+import benchmark_modules
 import pytest
 
 import kvc_server
 
 pytestmark = pytest.mark.slow
 
-LOAD_PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "load.py"
 SECONDS = 45
 CLIENTS = 8
 
 
-def _load_module():
-    if "kvc_load_benchmark" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("kvc_load_benchmark", LOAD_PATH)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules["kvc_load_benchmark"]
-
-
-load = _load_module()
+load = benchmark_modules.load("load")
 
 
 @pytest.fixture(scope="module")

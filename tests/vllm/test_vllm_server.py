@@ -18,7 +18,7 @@ import pytest
 import requests
 
 import kvc_tiny_model as tiny_model
-from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, MODEL, PLUGIN_FLAGS, SERVER, Server, free_port, metric
+from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, PLUGIN_FLAGS, SERVER, Server, free_port, metric
 from vllm_kvcompress.config import PRESET_NAMES
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CompressionConfig
-from ..paged.layout import cdiv
 from ..policy import Policy
 from ..presets import build_policy
 from . import runtime
