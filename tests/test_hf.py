@@ -100,6 +100,7 @@ class RecordingReducer:
 
     def __init__(self, inner):
         self.inner, self.calls = inner, []
+        self.heads_independent = inner.heads_independent
 
     def reduce(self, observations, scores, budgets, protected):
         retained = self.inner.reduce(observations, scores, budgets, protected)
