@@ -248,13 +248,18 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# Calibration prompts start at this seed so they never repeat the quality benchmark's samples
+# (seeds 0, 1, ...): the same planted needles would let HeadKV's scores fit the test set.
+CALIBRATION_SEED = 1000
+
+
 def calibrate(
     model,
     tokenizer,
     model_name: str,
     num_prompts: int = 16,
     context_tokens: int = 2000,
-    seed: int = 0,
+    seed: int = CALIBRATION_SEED,
     max_new_tokens: int = 32,
     log=_log,
 ) -> HeadScores:
@@ -376,7 +381,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="where to write the head-scores JSON")
     parser.add_argument("--num-prompts", type=int, default=16, help="prompts of each kind (default 16)")
     parser.add_argument("--context-tokens", type=int, default=2000, help="prompt length in tokens (default 2000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the first prompt (default 0)")
+    parser.add_argument("--seed", type=int, default=CALIBRATION_SEED,
+                        help=f"seed of the first prompt (default {CALIBRATION_SEED})")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="decode steps per prompt at most (default 32)")
     args = parser.parse_args(argv)
     started = time.perf_counter()

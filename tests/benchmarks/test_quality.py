@@ -252,3 +252,13 @@ def test_continuation_block_equals_token_by_token_decode(tiny, name):
     finally:
         hf._SESSION.reset(token)
     torch.testing.assert_close(scored.logprobs, torch.stack(stepwise), atol=1e-4, rtol=1e-4)
+
+
+def test_shipped_head_scores_were_calibrated_on_other_prompts_than_the_benchmark():
+    """HeadKV's shipped SmolLM2 scores must not come from the committed benchmark's own samples
+    (seeds 0 .. samples-1 of each task): the same planted needles would flatter headkv."""
+    calibration = json.loads(quality.SMOLLM2_HEAD_SCORES.read_text())["calibration"]
+    calibrated = set(range(calibration["seed"], calibration["seed"] + calibration["num_prompts"]))
+    results = json.loads((quality.REPO / "benchmarks" / "results" / "quality-smollm2.json").read_text())
+    benchmarked = set(range(results["config"]["samples_per_task"]))
+    assert not calibrated & benchmarked
