@@ -34,11 +34,16 @@ def write_tokens(
     value_cache.view(-1, head_dim)[slots[keep]] = value.reshape(-1, head_dim)[keep].to(value_cache.dtype)
 
 
+def gather_heads(cache: torch.Tensor, head_block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first ``length`` rows of several heads, [num_heads, length, head_dim], from their block
+    tables [num_heads, >= cdiv(length, block_size)]."""
+    blocks = head_block_table[:, : cdiv(length, cache.shape[1])].long()
+    return cache[blocks].reshape(blocks.shape[0], -1, cache.shape[-1])[:, :length]
+
+
 def gather_head(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` rows of one head, [length, head_dim], from its block list."""
-    block_size = cache.shape[1]
-    n_blocks = cdiv(length, block_size)
-    return cache[block_ids[:n_blocks].long()].reshape(-1, cache.shape[-1])[:length]
+    return gather_heads(cache, block_ids[None], length)[0]
 
 
 def decode_attention(

@@ -15,6 +15,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
 from ..observation import causal_column_mass
+from ..paged import reference
 from . import kernels, runtime
 
 
@@ -192,7 +193,7 @@ class HeadBlockImpl(AttentionImpl):
         for r in md.chunks:  # continued prefill chunk: causal over the request's whole cache so far
             a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
             # an uncompressed request (every head holds seq_len rows, in the same block order per head)
-            keys, values = (gather_dense(cache, tables[r], md.seq_lens[r]).transpose(0, 1)
+            keys, values = (reference.gather_heads(cache, tables[r], md.seq_lens[r]).transpose(0, 1)
                             for cache in (key_cache, value_cache))
             out[a:b] = kernels.chunk_attention(q[a:b], keys, values, self.scale)
         for r in md.observe:
@@ -216,15 +217,10 @@ class HeadBlockImpl(AttentionImpl):
         if md.seq_lens[r] == b - a:  # same call as the HF reference path
             st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
             return
-        keys = gather_dense(key_cache, md.tables[r, l], md.seq_lens[r])  # [H, seq_len, D], all heads full
+        keys = reference.gather_heads(key_cache, md.tables[r, l], md.seq_lens[r])  # [H, seq_len, D], all heads full
         mass = causal_column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)
         if old is not None:
             mass[:, : old.shape[1]] += old
         st.global_attention[l] = mass
 
-
-def gather_dense(cache: torch.Tensor, head_block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first ``length`` rows of every head, [H, length, D], from its block table [H, >= blocks]."""
-    blocks = head_block_table[:, : -(-length // cache.shape[1])].long()
-    return cache[blocks].reshape(blocks.shape[0], -1, cache.shape[-1])[:, :length]

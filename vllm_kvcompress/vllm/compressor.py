@@ -22,21 +22,10 @@ from __future__ import annotations
 import torch
 
 from ..observation import LayerObservation
+from ..paged import reference
 from ..paged.layout import slots_for_positions
 from . import kernels, runtime
 from .state import WorkerState
-
-
-def gather_layer(ws: WorkerState, rid: str, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense keys, values [H, n, D] of a layer whose heads all hold n rows."""
-    st = ws.reqs[rid]
-    n = int(st.lens[layer, 0])
-    blocks = ws.tables[st.row, layer, :, : -(-n // ws.bs)].long()  # [H, nb]
-    key_cache, value_cache = ws.pool[0], ws.pool[1]
-    head_dim = key_cache.shape[-1]
-    keys = key_cache[blocks].reshape(ws.H, -1, head_dim)[:, :n]
-    values = value_cache[blocks].reshape(ws.H, -1, head_dim)[:, :n]
-    return keys, values
 
 
 def write_rows(ws: WorkerState, row: int, layers: torch.Tensor, heads: torch.Tensor, keys: torch.Tensor,
@@ -74,8 +63,8 @@ def compress_request(ws: WorkerState, rid: str) -> None:
     if bool((st.lens != st.num_tokens).any()):
         raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
     observations = []
-    for l in range(ws.L):
-        keys, values = gather_layer(ws, rid, l)
+    for l in range(ws.L):  # every head holds num_tokens rows
+        keys, values = (reference.gather_heads(cache, ws.tables[st.row, l], st.num_tokens) for cache in ws.pool)
         observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
     retained = st.policy.compress(observations)
     for l, kept in enumerate(retained):
@@ -116,9 +105,8 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
     for n in sorted(set(lengths.tolist())):
         # heads holding the same number of rows, from any layer, go through the policy together
         layers, heads = pairs[lengths == n].unbind(1)
-        blocks = ws.tables[st.row, layers.to(ws.device), heads.to(ws.device), : -(-n // ws.bs)].long()
-        keys = ws.pool[0][blocks].reshape(len(heads), -1, head_dim)[:, :n]
-        values = ws.pool[1][blocks].reshape(len(heads), -1, head_dim)[:, :n]
+        table = ws.tables[st.row, layers.to(ws.device), heads.to(ws.device)]  # [n_heads, max_blocks]
+        keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
         q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
         queries = ws.recent[st.row][layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
         queries = queries.flatten(0, 1)[:, order.to(ws.device)]

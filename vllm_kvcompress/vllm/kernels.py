@@ -41,12 +41,7 @@ def prefill_attention(query, key, value, seq_lens: list[int], scale: float) -> t
     query [T, Hq, D], key/value [T, H, D] with T = sum(seq_lens) (GQA: Hq a multiple of H)
     returns [T, Hq, D]. CUDA: vLLM's FlashAttention varlen (FA3 on Hopper); CPU: SDPA per prompt."""
     if _on_gpu(query):
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-        cu = torch.tensor([0, *seq_lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
-        version = 3 if torch.cuda.get_device_capability(query.device)[0] == 9 else 2
-        return flash_attn_varlen_func(query, key, value, max(seq_lens), cu, max(seq_lens), cu_seqlens_k=cu,
-                                      softmax_scale=scale, causal=True, fa_version=version)
+        return _flash_varlen(query, key, value, seq_lens, seq_lens, scale)
     out, start = torch.empty_like(query), 0
     for n in seq_lens:
         q, k, v = (x[start:start + n].transpose(0, 1) for x in (query, key, value))
@@ -63,15 +58,23 @@ def chunk_attention(query, key, value, scale: float) -> torch.Tensor:
     varlen (its causal mask is bottom-right aligned); CPU: SDPA with an explicit mask."""
     q_len, seq_len = query.shape[0], key.shape[0]
     if _on_gpu(query):
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
-
-        cu_q = torch.tensor([0, q_len], dtype=torch.int32, device=query.device)
-        cu_k = torch.tensor([0, seq_len], dtype=torch.int32, device=query.device)
-        version = 3 if torch.cuda.get_device_capability(query.device)[0] == 9 else 2
-        return flash_attn_varlen_func(query, key, value, q_len, cu_q, seq_len, cu_seqlens_k=cu_k,
-                                      softmax_scale=scale, causal=True, fa_version=version)
+        return _flash_varlen(query, key, value, [q_len], [seq_len], scale)
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
     mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
     return torch.nn.functional.scaled_dot_product_attention(
         query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=mask, scale=scale,
         enable_gqa=True).transpose(0, 1)
+
+
+def _flash_varlen(query, key, value, query_lens: list[int], key_lens: list[int], scale: float) -> torch.Tensor:
+    """vLLM's FlashAttention varlen, causal (bottom-right aligned), over packed sequences
+    (FA3 on Hopper; the device bundle carries no FA2 build for other GPUs)."""
+    from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+    def offsets(lens):
+        return torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)
+
+    version = 3 if torch.cuda.get_device_capability(query.device)[0] == 9 else 2
+    return flash_attn_varlen_func(query, key, value, max(query_lens), offsets(query_lens), max(key_lens),
+                                  cu_seqlens_k=offsets(key_lens), softmax_scale=scale, causal=True,
+                                  fa_version=version)

@@ -204,7 +204,8 @@ class WorkerState:
         """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
         each request's spares in order (layer-major, then head, then row). All requests in one go:
         a decode step touches every running request. Returns the rows held before, int64 [R, L, H],
-        and the table writes to make (host tensors: request row, head, column, block id; or None)."""
+        the most blocks any head now holds, and the table writes to make (host tensors: request row,
+        head, column, block id; or None)."""
         heads = self.L * self.H
         before = torch.stack([st.lens for st in reqs])  # [R, L, H]
         held = torch.stack([st.num_blocks for st in reqs])
@@ -232,7 +233,7 @@ class WorkerState:
         blocks = torch.maximum(held, need)
         for r, st in enumerate(reqs):
             st.num_blocks = blocks[r]
-        return before, writes
+        return before, int(blocks.max()), writes
 
     def prepare_step(self, req_ids: list[str], query_lens: list[int],
                      extra: dict[str, torch.Tensor] | None = None) -> StepLayout:
@@ -240,9 +241,8 @@ class WorkerState:
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        before_host, writes = self._assign(reqs, req_ids, q_lens)
+        before_host, width, writes = self._assign(reqs, req_ids, q_lens)
         after_host = before_host + q_lens[:, None, None]
-        width = int(torch.stack([st.num_blocks for st in reqs]).max())
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
             st.lens = after_host[r]
             st.num_tokens += q_len
@@ -270,13 +270,6 @@ class WorkerState:
     def append(self, rid: str, num_new: int) -> torch.Tensor:
         """Room for ``num_new`` rows in every (layer, head); returns their slots int64 [L, num_new, H]."""
         return self.prepare_step([rid], [num_new]).slots
-
-    def table(self, rid: str, layer: int, width: int) -> torch.Tensor:
-        """int32 [H, width] block table of one layer of a request (entries past a head's blocks are stale)."""
-        st = self.reqs[rid]
-        if width > self.tables.shape[3]:
-            self._grow_tables(rows=self.tables.shape[0], cols=width)
-        return self.tables[st.row, layer, :, :width]
 
     # ---- read-only views (tests, invariant checks) --------------------------------------------
     def head_blocks(self, rid: str, layer: int, head: int) -> list[int]:
