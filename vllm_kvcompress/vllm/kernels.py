@@ -32,7 +32,28 @@ def decode_attention(query, key_cache, value_cache, head_block_table, retained_l
 
         return triton_decode(query.contiguous(), key_cache, value_cache, head_block_table.contiguous(),
                              retained_len.contiguous(), scale=scale)
-    return reference.decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale=scale)
+    return padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale)
+
+
+def padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale):
+    """:func:`reference.decode_attention` for all rows and heads at once (the reference loops over
+    them in Python, seconds per step on the CPU): every head's pages are gathered up to the longest
+    head's and the rows past a head's length are masked out. Same shapes and semantics."""
+    num_seqs, num_queries, num_q_heads, head_dim = query.shape
+    num_kv_heads, block_size = head_block_table.shape[1], key_cache.shape[1]
+    group = num_q_heads // num_kv_heads
+    width = -(-int(retained_len.max()) // block_size)
+    blocks = head_block_table[:, :, :width].long()  # [S, H, W]
+    keys, values = (cache[blocks].reshape(num_seqs, num_kv_heads, width * block_size, head_dim).float()
+                    for cache in (key_cache, value_cache))
+    q = query.float().reshape(num_seqs, num_queries, num_kv_heads, group, head_dim)
+    logits = torch.einsum("sqhgd,shld->shqgl", q, keys) * scale
+    # query t of n sees the cached rows up to length - n + t
+    last = retained_len.long()[:, :, None] - num_queries + torch.arange(num_queries, device=query.device)
+    visible = torch.arange(width * block_size, device=query.device) <= last[..., None]  # [S, H, Q, rows]
+    logits = logits.masked_fill(~visible[:, :, :, None], float("-inf"))
+    out = torch.einsum("shqgl,shld->sqhgd", logits.softmax(-1), values)
+    return out.reshape(query.shape).to(query.dtype)
 
 
 def prefill_attention(query, key, value, seq_lens: list[int], scale: float) -> torch.Tensor:
