@@ -107,6 +107,11 @@ class RecordingReducer:
         self.calls.append((observations, retained, protected))
         return retained
 
+    def reduce_heads(self, obs, scores, budgets, protected):
+        retained = self.inner.reduce_heads(obs, scores, budgets, protected)
+        self.calls.append(([obs], [retained], protected))
+        return retained
+
 
 def recorded(policy):
     """``policy`` whose allocator and reducer record what they produce."""

@@ -195,9 +195,12 @@ def test_recompressing_heads_together_equals_one_at_a_time(scorer, reducer):
     queries = torch.randn(num_heads * group, window, head_dim, generator=gen)
     keys, values = torch.randn(2, num_heads, rows, head_dim, generator=gen)
     budgets = torch.tensor([9, 14, 20])
-    together = policy.recompress_heads(queries, keys, values, budgets)
+    together_keys, together_values = policy.recompress_heads(queries, keys, values, budgets)
+    assert together_keys.shape == together_values.shape == (num_heads, int(budgets.max()), head_dim)
     for h in range(num_heads):
-        alone = policy.recompress_head(queries[h * group:(h + 1) * group], keys[h], values[h], int(budgets[h]))
-        assert together[h][0].shape == (int(budgets[h]), head_dim)
-        torch.testing.assert_close(together[h][0], alone[0])
-        torch.testing.assert_close(together[h][1], alone[1])
+        b = int(budgets[h])
+        alone_keys, alone_values = policy.recompress_head(queries[h * group:(h + 1) * group], keys[h], values[h], b)
+        assert alone_keys.shape == (b, head_dim)
+        torch.testing.assert_close(together_keys[h, :b], alone_keys)
+        torch.testing.assert_close(together_values[h, :b], alone_values)
+        assert not together_keys[h, b:].any() and not together_values[h, b:].any()  # padding rows are zero

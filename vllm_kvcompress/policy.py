@@ -55,32 +55,24 @@ class Policy:
         return retained + max(0, asked - prompt_len)
 
     def recompress_heads(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         budgets: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Decode-time recompression of some KV heads of one layer that hold the same number of rows,
-        each down to its own budget, as if each were recompressed alone.
+                         budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode-time recompression of some KV heads that hold the same number of rows, each down to
+        its own budget, as if each were recompressed alone.
 
         queries: [num_heads * group, <=window, D] the heads' query heads' recent queries;
-        keys, values: [num_heads, n, D]; budgets: int [num_heads]. Returns per head the kept
-        (keys, values), each [budget, D]."""
-        num_heads = keys.shape[0]
-        group = queries.shape[0] // num_heads
+        keys, values: [num_heads, n, D]; budgets: int [num_heads]. Returns the kept keys and values,
+        each [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them."""
         protected = protected_positions(keys.shape[1], min(self.window, queries.shape[1]), self.sink, keys.device)
-        batches = [range(num_heads)] if self.reducer.heads_independent else [[h] for h in range(num_heads)]
-        out = []
-        for heads in batches:
-            heads = list(heads)
-            q = torch.cat([queries[h * group:(h + 1) * group] for h in heads])
-            obs = LayerObservation(q, keys[heads], values[heads])
-            budget = torch.as_tensor(budgets)[heads].reshape(1, -1).cpu()
-            # reduce(), not reduce_layer(): WindowReducer implements only the whole-request entry point
-            kept = self.reducer.reduce([obs], [self.scorer.score(obs)], budget, protected)[0]
-            out += [(kept.keys[i, :int(b)], kept.values[i, :int(b)]) for i, b in enumerate(budget[0])]
-        return out
+        obs = LayerObservation(queries, keys, values)
+        kept = self.reducer.reduce_heads(obs, self.scorer.score(obs), torch.as_tensor(budgets).cpu(), protected)
+        return kept.keys, kept.values
 
     def recompress_head(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         budget: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`recompress_heads` of one head: queries [group, <=window, D]; keys, values [n, D]."""
-        return self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))[0]
+        """:meth:`recompress_heads` of one head: queries [group, <=window, D]; keys, values [n, D].
+        Returns the kept keys and values, [budget, D] each."""
+        kept_keys, kept_values = self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))
+        return kept_keys[0], kept_values[0]
 
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""

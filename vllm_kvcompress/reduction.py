@@ -82,6 +82,15 @@ class Reducer:
     ) -> RetainedLayer:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def reduce_heads(
+        self, obs: LayerObservation, scores: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor
+    ) -> RetainedLayer:
+        """Some KV heads of a request (from any layers), each reduced as if it were alone: decode-time
+        recompression. obs: keys/values [num_heads, n, D]; scores [num_heads, n]; budgets int [num_heads]."""
+        if not self.heads_independent:  # pragma: no cover - interface
+            raise NotImplementedError(f"{type(self).__name__} shares work across heads: it must reduce heads alone itself")
+        return self.reduce([obs], [scores], torch.as_tensor(budgets).reshape(1, -1), protected)[0]
+
 
 @dataclass(frozen=True)
 class TopKReducer(Reducer):
@@ -208,24 +217,41 @@ class WindowReducer(Reducer):
     group_size: int = 8
     sink: int = 0
 
+    @staticmethod
+    def top_share(scores: torch.Tensor) -> torch.Tensor:
+        """[rows, seq_len] -> float32 [rows]: the share of each row's mass its top 5% of tokens hold."""
+        top = max(1, round(0.05 * scores.shape[1]))
+        s = scores.float().clamp(min=0)
+        return s.topk(top, dim=-1).values.sum(-1) / s.sum(-1).clamp(min=1e-30)
+
     def task_type(self, scores: list[torch.Tensor]) -> str:
         if self.task != "auto":
             return self.task
-        top = max(1, round(0.05 * scores[0].shape[1]))
-        shares = []
-        for s in scores:
-            s = s.float().clamp(min=0)
-            shares.append((s.topk(top, dim=-1).values.sum(-1) / s.sum(-1).clamp(min=1e-30)).mean())
-        return "retrieval" if float(torch.stack(shares).mean()) >= 0.5 else "aggregation"
+        share = torch.stack([self.top_share(s).mean() for s in scores]).mean()
+        return "retrieval" if float(share) >= 0.5 else "aggregation"
 
-    def window_shape(self, scores: list[torch.Tensor]) -> tuple[int, float]:
-        """(window size, share of a window's tokens its score counts) for this request."""
-        if self.task_type(scores) == "retrieval":
+    def window_shape(self, task: str) -> tuple[int, float]:
+        """(window size, share of a window's tokens its score counts) for a task type."""
+        if task == "retrieval":
             return self.retrieval_window, 0.5
         return self.aggregation_window, 1.0
 
+    def reduce_heads(self, obs, scores, budgets, protected):
+        # what reduce() does to one head alone (its own task type and window ranking), for all at once
+        if self.task == "auto":
+            retrieval = self.top_share(scores) >= 0.5
+        else:
+            retrieval = torch.full((scores.shape[0],), self.task == "retrieval", device=scores.device)
+        normalized = normalize_rows(scores.float().clamp(min=0))
+        priority = torch.empty(normalized.shape, dtype=torch.float64, device=scores.device)
+        for task, rows in (("retrieval", retrieval), ("aggregation", ~retrieval)):
+            if bool(rows.any()):
+                size, top_fraction = self.window_shape(task)
+                priority[rows] = window_priority(normalized[rows], size, self.sink, top_fraction)
+        return RetainedLayer.gather(obs, top_k_indices(priority, torch.as_tensor(budgets), protected))
+
     def reduce(self, observations, scores, budgets, protected):
-        size, top_fraction = self.window_shape(scores)
+        size, top_fraction = self.window_shape(self.task_type(scores))
         retained = []
         for layer, (obs, layer_scores, layer_budgets) in enumerate(zip(observations, scores, budgets)):
             if layer % self.group_size == 0:

@@ -100,7 +100,6 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
     order = torch.arange(st.recent_count - count, st.recent_count) % window  # oldest first
     keep = st.lens.clone()
     group = ws.recent.shape[2] // ws.H
-    head_dim = ws.pool.shape[-1]
     pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
     for n in sorted(set(lengths.tolist())):
         # heads holding the same number of rows, from any layer, go through the policy together
@@ -111,11 +110,7 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
         queries = ws.recent[st.row][layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
         queries = queries.flatten(0, 1)[:, order.to(ws.device)]
         budgets = st.decode_budget[layers, heads]
-        kept = st.policy.recompress_heads(queries, keys, values, budgets)
-        kept_keys = torch.zeros(len(heads), int(budgets.max()), head_dim, dtype=keys.dtype, device=keys.device)
-        kept_values = torch.zeros_like(kept_keys)
-        for i, (k, v) in enumerate(kept):
-            kept_keys[i, : k.shape[0]], kept_values[i, : v.shape[0]] = k, v
+        kept_keys, kept_values = st.policy.recompress_heads(queries, keys, values, budgets)
         write_rows(ws, st.row, layers, heads, kept_keys, kept_values, budgets)
         keep[layers, heads] = budgets
     _finish(ws, rid, keep, "decode")
