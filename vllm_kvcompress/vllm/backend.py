@@ -45,7 +45,7 @@ class HeadBlockMetadata:
     """R rows (requests) and T tokens this step; L layers, H KV heads.
 
     query_start_loc: [R + 1]; seq_lens: [R] (after this step); req_ids: [R];
-    slots: int64 [L, T, H]; tables: int32 [R, L, H, W]; lens: int32 [R, L, H] (after the append);
+    slots: int64 [L, T, H]; tables: int32 [L, R, H, W]; lens: int32 [L, R, H] (after the append);
     fresh: rows whose whole sequence is in this step (attend over the fresh K/V), fresh_tokens: their
     token indices (None: all tokens); decode: rows with
     one new token over cached rows (batched), decode_tokens / decode_rows: their token indices and
@@ -174,7 +174,7 @@ class HeadBlockImpl(AttentionImpl):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         kernels.write_tokens(k, v, md.slots[l], key_cache, value_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        tables, lens = md.tables[:, l], md.lens[:, l]  # [R, H, W], [R, H]
+        tables, lens = md.tables[l], md.lens[l]  # [R, H, W], [R, H], contiguous
         if md.fresh:  # whole prompts in this step: attend over the fresh K/V
             rows = md.fresh_tokens
             q_f, k_f, v_f = (x if rows is None else x[rows] for x in (q, k, v))
@@ -217,7 +217,7 @@ class HeadBlockImpl(AttentionImpl):
         if md.seq_lens[r] == b - a:  # same call as the HF reference path
             st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
             return
-        keys = reference.gather_heads(key_cache, md.tables[r, l], md.seq_lens[r])  # [H, seq_len, D], all heads full
+        keys = reference.gather_heads(key_cache, md.tables[l, r], md.seq_lens[r])  # [H, seq_len, D], all heads full
         mass = causal_column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)
         if old is not None:

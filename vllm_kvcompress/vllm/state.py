@@ -82,9 +82,9 @@ class StepLayout:
     """What one step's rows need in every layer (device tensors).
 
     rows: int64 [R] the requests' table rows; slots: int64 [L, T, H] where each new token's K/V goes
-    (T = tokens this step); tables: int32 [R, L, H, W] block tables (W = the widest head);
-    lens: int32 [R, L, H] rows held after this step's append; extra: the caller's tensors, uploaded
-    with these."""
+    (T = tokens this step); tables: int32 [L, R, H, W] block tables (W = the widest head);
+    lens: int32 [L, R, H] rows held after this step's append; extra: the caller's tensors, uploaded
+    with these. Layer-major, so each layer's slice is contiguous as the kernels take it."""
 
     rows: torch.Tensor
     slots: torch.Tensor
@@ -249,7 +249,7 @@ class WorkerState:
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
         host = {"rows": torch.tensor([st.row for st in reqs], dtype=torch.int64), "before": before_host,
-                "after": after_host.int(), "token_row": token_row,
+                "after": after_host.int().transpose(0, 1).contiguous(), "token_row": token_row,
                 "token_offset": torch.arange(int(q_lens.sum())) - starts[token_row], **(extra or {})}
         if writes is not None:
             host.update(write_row=writes[0], write_head=writes[1], write_col=writes[2], write_id=writes[3])
@@ -263,7 +263,7 @@ class WorkerState:
         heads = torch.arange(self.L * self.H, device=self.device).view(1, self.L, self.H)
         flat = (rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
         slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
-        tables = self.tables[rows, :, :, :width]
+        tables = self.tables.transpose(0, 1)[:, rows, :, :width].contiguous()  # [L, R, H, W]
         return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, dev["after"],
                           {name: dev[name] for name in (extra or {})})
 
