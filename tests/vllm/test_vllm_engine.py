@@ -216,6 +216,12 @@ def test_blocks_return_to_the_pool(llm, prompts, events_path):
     assert events(events_path, "blocks_returned", since)
 
 
+def test_runner_block_table_is_one_column(llm, events_path):
+    """vLLM's per-request block table is left unused (the worker keeps its own): one column, so no
+    step copies L*H*max_len/bs block ids per request to the device."""
+    assert [e["widths"] for e in events(events_path, "block_tables")] == [[1]]
+
+
 # ---- (e) admission ------------------------------------------------------------------------------
 def peak_requests(path, since):
     return max(s["requests"] for s in events(path, "step", since))

@@ -183,3 +183,26 @@ def test_vllm_serve_parser_lists_the_flags():
     assert "KV compression" in [g.title for g in parser._action_groups]
     args = parser.parse_args(["--kv-compression", "snapkv", "--kv-budget", "128"])
     assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_compression"]["budget"] == 128
+
+
+def test_runner_block_table_is_inert():
+    """The worker keeps its own per-head tables; vLLM's per-request BlockTable (sized by
+    HeadBlockSpec.max_num_blocks_per_req) takes no block ids and computes no slots, whatever the
+    positions: the surfaces worker._UnusedBlockTable relies on."""
+    import torch
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_kvcompress.vllm import worker
+
+    assert str(inspect.signature(GPUModelRunner.may_reinitialize_input_batch)) == \
+        "(self, kv_cache_config: vllm.v1.kv_cache_interface.KVCacheConfig, kernel_block_sizes: list[int]) -> None"
+    table = worker._UnusedBlockTable(block_size=16, max_num_reqs=4, max_num_blocks_per_req=1,
+                                     max_num_batched_tokens=64, pin_memory=False, device=torch.device("cpu"),
+                                     kernel_block_size=16, cp_kv_cache_interleave_size=1)
+    table.slot_mapping_mode = worker.SlotMappingMode.NONE
+    table.add_row(list(range(100, 400)), 0)  # far more ids than the one column holds
+    table.append_row([7, 8, 9], 0)
+    assert table.block_table.np.shape == (4, 1) and table.block_table.np[0, 0] == 0
+    before = table.slot_mapping.cpu.clone()
+    table.compute_slot_mapping(1, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([5000, 5001, 5002]))
+    assert torch.equal(table.slot_mapping.cpu, before)

@@ -36,9 +36,9 @@ class HeadBlockSpec(AttentionSpec):
         return self.num_layers * self.num_kv_heads * cdiv(num_tokens, self.block_size)
 
     def max_num_blocks_per_req(self, vllm_config, max_len: int) -> int:
-        # sizes the worker's BlockTable row, which only records the stream of allocations;
-        # + 2 per head: partially filled blocks left by compaction
-        return self.num_layers * self.num_kv_heads * (cdiv(max_len, self.block_size) + 2)
+        # sizes the model runner's BlockTable row, which the worker leaves unused (it keeps its
+        # own per-head tables): one column
+        return 1
 
 
 class HeadLengths:
