@@ -1,15 +1,24 @@
-"""cProfile of vLLM's engine core with the plugin, in process (VLLM_ENABLE_V1_MULTIPROCESSING=0):
-where a step's host time goes. Prints the top functions by cumulative and by own time.
+"""Where a decode step's time goes: vLLM's engine in process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
+stepped by hand, with or without the plugin. All requests are prefilled first; then ``--steps``
+decode steps are timed one by one (wall clock: a step returns once its tokens are sampled) and,
+with ``--torch-profile``, recorded by torch.profiler (top ops by host and by device time), or with
+``--cprofile`` by cProfile (top Python functions).
 
-    python benchmarks/profile_engine.py --policy snapkv --budget 0.1 --prompt 16384 --output 64 --requests 6
+    python benchmarks/profile_engine.py --config snapkv@0.1 --requests 24 --prompt 4096 --steps 64
+    python benchmarks/profile_engine.py --config plain --requests 24 --prompt 4096 --torch-profile
+
+Prints one JSON line (``decode_step_ms`` median / p90, requests running) and writes the profile
+tables to ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import random
+import statistics
 import sys
 import time
 
@@ -18,42 +27,87 @@ sys.path.insert(0, os.path.dirname(__file__))
 from dummy_model import make_dummy  # noqa: E402
 
 
+def engine_kwargs(config: str, kv_options: dict) -> dict:
+    """``plain`` (vLLM's defaults), ``plain-v1`` (V1 model runner) or ``POLICY@BUDGET`` (the plugin)."""
+    if config in ("plain", "plain-v1"):
+        if config == "plain-v1":
+            os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+        return {}
+    policy, _, budget = config.partition("@")
+    options = {"policy": policy, "budget": float(budget) if "." in budget else int(budget), **kv_options}
+    return {"additional_config": {"kv_compression": options}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policy", default="snapkv")
-    parser.add_argument("--budget", default="0.1")
-    parser.add_argument("--prompt", type=int, default=16384)
-    parser.add_argument("--output", type=int, default=64)
-    parser.add_argument("--requests", type=int, default=6)
+    parser.add_argument("--config", default="snapkv@0.1")
+    parser.add_argument("--kv-options", type=json.loads, default={}, help="more plugin options, JSON")
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument("--model", help="a model folder instead of the dummy --shape one")
+    parser.add_argument("--prompt", type=int, default=4096)
+    parser.add_argument("--requests", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+    parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--torch-profile", action="store_true")
+    parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
-    model = make_dummy("/tmp/kvc-dummy-model")
-    extra = {} if args.policy == "plain" else {
-        "additional_config": {"kv_compression": {"policy": args.policy, "budget": float(args.budget)}}}
-    llm = LLM(model, load_format="dummy", max_model_len=args.prompt + args.output + 64, enable_prefix_caching=False,
-              max_num_batched_tokens=args.prompt + args.output + 64, gpu_memory_utilization=args.gpu_memory_utilization,
-              **extra)
+    model = args.model or make_dummy(f"/tmp/kvc-dummy-{args.shape}", args.shape)
+    max_len = args.prompt + args.steps + 64
+    llm = LLM(model, load_format="dummy", max_model_len=max_len, enable_prefix_caching=False,
+              max_num_batched_tokens=max(max_len, 8192), gpu_memory_utilization=args.gpu_memory_utilization,
+              enforce_eager=args.enforce_eager, **engine_kwargs(args.config, args.kv_options))
+    engine = llm.llm_engine
     rng = random.Random(0)
-    prompts = [TokensPrompt(prompt_token_ids=[rng.randrange(3, 300) for _ in range(args.prompt)])
-               for _ in range(args.requests)]
-    params = SamplingParams(max_tokens=args.output, ignore_eos=True, temperature=0)
-    llm.generate(prompts[:1], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    profile = cProfile.Profile()
-    start = time.time()
-    profile.enable()
-    llm.generate(prompts, params, use_tqdm=False)
-    profile.disable()
-    seconds = time.time() - start
+    params = SamplingParams(max_tokens=args.steps + 16, ignore_eos=True, temperature=0)
+    for i in range(args.requests):
+        engine.add_request(str(i), {"prompt_token_ids": [rng.randrange(3, 40) for _ in range(args.prompt)]},
+                           params)
+    generated = {}
+    steps_to_prefill = 0
+    while len(generated) < args.requests or min(generated.values()) < 2:  # every request decoding
+        for out in engine.step():
+            generated[out.request_id] = len(out.outputs[0].token_ids)
+        steps_to_prefill += 1
+    for _ in range(4):  # warm the decode path
+        engine.step()
+    profiler = None
+    if args.torch_profile:
+        import torch
+
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+    elif args.cprofile:
+        profiler = cProfile.Profile()
+    if profiler is not None:
+        profiler.__enter__() if args.torch_profile else profiler.enable()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    result = {"config": args.config, "kv_options": args.kv_options, "requests": args.requests,
+              "prompt": args.prompt, "steps_to_prefill": steps_to_prefill,
+              "decode_step_ms": {"p50": round(statistics.median(times), 2),
+                                 "p90": round(times[int(0.9 * (len(times) - 1))], 2),
+                                 "mean": round(statistics.fmean(times), 2)}}
     with open(args.out, "w") as f:
-        f.write(f"{args} {seconds:.1f} s\n")
-        stats = pstats.Stats(profile, stream=f)
-        stats.sort_stats("cumulative").print_stats(45)
-        stats.sort_stats("tottime").print_stats(30)
-    print(f"{seconds:.1f} s; profile in {args.out}")
+        f.write(json.dumps(result) + "\n")
+        if args.torch_profile:
+            profiler.__exit__(None, None, None)
+            averages = profiler.key_averages()
+            f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+            f.write(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+        elif args.cprofile:
+            profiler.disable()
+            stats = pstats.Stats(profiler, stream=f)
+            stats.sort_stats("cumulative").print_stats(50)
+            stats.sort_stats("tottime").print_stats(30)
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
