@@ -217,9 +217,10 @@ def test_blocks_return_to_the_pool(llm, prompts, events_path):
 
 
 def test_runner_block_table_is_one_column(llm, events_path):
-    """vLLM's per-request block table is left unused (the worker keeps its own): one column, so no
-    step copies L*H*max_len/bs block ids per request to the device."""
-    assert [e["widths"] for e in events(events_path, "block_tables")] == [[1]]
+    """vLLM's per-request block table is left unused (the worker keeps its own): one column (vLLM
+    pads rows to 128 / block_size columns), so no step copies L*H*max_len/bs block ids per request
+    to the device (here 4 * 2 * 144 = 1152 columns)."""
+    assert [e["columns"] for e in events(events_path, "block_tables")] == [[128 // 16]]
 
 
 # ---- (e) admission ------------------------------------------------------------------------------

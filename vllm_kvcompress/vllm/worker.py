@@ -67,8 +67,7 @@ class _HeadBlockRunnerMixin:
         for table in self.input_batch.block_table.block_tables:
             table.__class__ = _UnusedBlockTable
             table.slot_mapping_mode = SlotMappingMode.NONE  # compute_slot_mapping returns at once
-        runtime.event("block_tables", widths=[t.max_num_blocks_per_req
-                                              for t in self.input_batch.block_table.block_tables])
+        runtime.event("block_tables", columns=[t.max_num_blocks_per_req for t in self.input_batch.block_table.block_tables])
 
 
 class _UnusedBlockTable(BlockTable):
