@@ -16,7 +16,9 @@ through thousands of requests with random prompt / output lengths and
 After every step :meth:`Cluster.check` asserts: free + held head-blocks == the pool, no block is
 held twice or both held and free, and every request's scheduler blocks are exactly the worker's
 assigned + spare blocks + blocks released in reports not yet applied + blocks not yet streamed to
-the worker. At the end every block must be free again.
+the worker. After every step's reports it also asserts that no compressed request keeps spares the
+next LAG_TOKENS rows cannot use (nothing withheld from the scheduler). At the end every block must
+be free again.
 
     python benchmarks/reliability.py --requests 10000 --seed 0
 
@@ -264,6 +266,9 @@ class Cluster:
         reports = self.ws.take_reports()
         if reports:
             self.in_flight.append((self.step_no - 1, reports))
+        for rid, st in self.ws.reqs.items():  # nothing the next LAG tokens cannot use is withheld
+            assert not st.compressed or len(st.spare) <= self.ws.spares_needed(st), (
+                f"{rid}: {len(st.spare)} spares kept, {self.ws.spares_needed(st)} needed")
 
     def live(self) -> list[Req]:
         return [*self.running, *self.waiting]

@@ -68,8 +68,20 @@ def _worker_ignores_preemption(monkeypatch):
     monkeypatch.setattr(rel.WorkerState, "ingest", deaf)
 
 
+def _skip_report_checks(monkeypatch):
+    """take_reports looks only at requests flagged since the last check; forget compaction's flag."""
+    compacted = rel.WorkerState.compacted_heads
+
+    def forgetful(self, rid, keep):
+        compacted(self, rid, keep)
+        self.reqs[rid].report_due = False
+
+    monkeypatch.setattr(rel.WorkerState, "compacted_heads", forgetful)
+
+
 @pytest.mark.parametrize("sabotage, error", [
     (_under_allocate, "under-allocated"),
+    (_skip_report_checks, "spares kept"),
     (_leak_on_report, "worker accounts for"),
     (_keep_stale_report, "under-allocated"),
     (_worker_ignores_preemption, "worker state of released requests"),
@@ -195,19 +207,19 @@ def _two_running_requests():
     return c, a, b
 
 
-@pytest.mark.parametrize("bad", ["foreign", "free", "null", "out_of_range", "own_and_foreign"])
+@pytest.mark.parametrize("bad", ["foreign", "free", "null", "out_of_range", "own_and_foreign", "own_twice"])
 def test_corrupted_report_raises_and_changes_nothing(bad):
     c, a, b = _two_running_requests()
     own = [blk.block_id for blk in c.mgr.req_to_blocks["a"]]
     foreign = c.mgr.req_to_blocks["b"][0].block_id
     free = c.pool.free_block_queue.get_all_free_blocks()[0].block_id
     released = {"foreign": [foreign], "free": [free], "null": [0], "out_of_range": [10**6],
-                "own_and_foreign": [own[-1], foreign]}[bad]
+                "own_and_foreign": [own[-1], foreign], "own_twice": [own[-1], own[-1]]}[bad]
     def held():
         return c.pool.get_num_free_blocks(), {rid: [x.block_id for x in bl] for rid, bl in c.mgr.req_to_blocks.items()}
 
     before = held()
-    with pytest.raises(RuntimeError, match="disagree"):
+    with pytest.raises(RuntimeError, match="twice" if bad == "own_twice" else "disagree"):
         c.mgr.apply_report("a", released, 40, [[1] * rel.H] * rel.L)
     assert held() == before
     assert "a" not in c.mgr.reports  # the bad report's lengths were not taken either

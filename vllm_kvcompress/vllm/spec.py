@@ -111,14 +111,16 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         if blocks is None:  # finished (or preempted) meanwhile: everything went back already
             return 0
         ids = set(released)
-        gone = [b for b in blocks if b.block_id in ids]
-        if len(gone) != len(ids):
-            raise RuntimeError(f"worker released {len(ids) - len(gone)} head-blocks request {request_id} "
-                               "does not hold: scheduler and worker disagree")
-        self.req_to_blocks[request_id] = [b for b in blocks if b.block_id not in ids]
-        self.block_pool.free_blocks(gone)
+        kept = [b for b in blocks if b.block_id not in ids]  # one pass: a request holds ~L*H*budget/bs
+        if len(ids) != len(released):
+            raise RuntimeError(f"worker released a head-block of request {request_id} twice in one report")
+        if len(blocks) - len(kept) != len(ids):
+            raise RuntimeError(f"worker released {len(ids) - (len(blocks) - len(kept))} head-blocks request "
+                               f"{request_id} does not hold: scheduler and worker disagree")
+        self.req_to_blocks[request_id] = kept
+        self.block_pool.free_blocks(self.block_pool.blocks[i] for i in released)
         self.reports[request_id] = HeadLengths(T, torch.as_tensor(lens, dtype=torch.int64), self.block_size)
-        return len(gone)
+        return len(released)
 
     def pop_blocks_for_free(self, request_id: str):
         self.reports.pop(request_id, None)
