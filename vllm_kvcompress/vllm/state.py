@@ -307,10 +307,10 @@ class WorkerState:
         col = torch.arange(width)
         tail = (col >= kept_blocks[..., None]) & (col < st.num_blocks[..., None])  # [L, H, width]
         if bool(tail.any()):
-            st.add_spares(self.tables[st.row, :, :, :width][tail.to(self.device)].tolist())
+            st.spare.extend(self.tables[st.row, :, :, :width][tail.to(self.device)].tolist())
         st.num_blocks = kept_blocks
         st.lens = keep.clone()
-        st.report_due = True
+        st.report_due = True  # with or without a tail: spares held before may now be surplus
 
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:
         """Head (layer, head) now holds ``keep`` rows at the front of its blocks; tail -> spare."""

@@ -1,0 +1,137 @@
+"""Host-side cost of the plugin's per-step bookkeeping, without a model or a GPU (CPU, 1 thread).
+
+Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-blocks):
+
+* ``take_reports``: the worker's end-of-step check for surplus spares, 256 running compressed
+  requests (ms per step, median of 30);
+* ``apply_report``: the scheduler taking back 1k of a request's ~28k head-blocks (ms, median of 10);
+* ``recompress``: one decode-time recompression of all 256 heads of a request at 1,665 rows each
+  (budget 1,600 + slack 64 + 1), per policy: PyTorch calls counted by torch.profiler. On a GPU each
+  call is at least one kernel launch from Python, so the count is what the host pays.
+
+    python benchmarks/host_overhead.py                       # table + benchmarks/results/host-overhead-cpu.json
+
+``--label`` names the run (default: the project commit); runs with other labels stay in the JSON,
+so two commits can be compared side by side.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recording import project_commit  # noqa: E402
+
+L, H, BS, D, GROUP = 32, 8, 16, 128, 4
+RESULTS = Path(__file__).resolve().parent / "results" / "host-overhead-cpu.json"
+NOT_COUNTED = {"aten::empty", "aten::as_strided", "aten::view", "aten::slice", "aten::select", "aten::detach",
+               "aten::alias", "aten::unsqueeze", "aten::expand", "aten::reshape", "aten::_reshape_alias"}
+
+
+def scheduler_output(rid: str, prompt_len: int, block_ids: list[int]):
+    new = SimpleNamespace(req_id=rid, prompt_token_ids=[0] * prompt_len, block_ids=(block_ids,), sampling_params=None)
+    cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], all_token_ids={})
+    return SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached, finished_req_ids=set(),
+                           preempted_req_ids=set())
+
+
+def take_reports_ms(num_requests: int = 256) -> float:
+    from vllm_kvcompress.config import CompressionConfig
+    from vllm_kvcompress.vllm.state import WorkerState
+
+    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=100))
+    gen = torch.Generator().manual_seed(0)
+    for r in range(num_requests):
+        n = L * H * 8
+        ws.ingest(scheduler_output(str(r), 100, list(range(r * n, (r + 1) * n))))
+        ws.append(str(r), 100)
+        ws.compacted_heads(str(r), torch.randint(40, 100, (L, H), generator=gen))
+        ws.reqs[str(r)].compressed = True
+    ws.take_reports()  # the first check releases every request's surplus
+    times = []
+    for _ in range(30):
+        start = time.perf_counter()
+        ws.take_reports()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def apply_report_ms() -> tuple[float, int, int]:
+    from vllm.v1.core.block_pool import BlockPool
+
+    from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
+
+    spec = HeadBlockSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=torch.bfloat16, num_layers=L)
+    pool = BlockPool(num_gpu_blocks=100_000, enable_caching=False, hash_block_size=BS)
+    mgr = HeadBlockManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0, scheduler_block_size=BS)
+    lens = [[1700] * H] * L
+    times = []
+    for i in range(10):
+        rid, tokens = f"r{i}", 1765
+        mgr.get_num_blocks_to_allocate(rid, tokens, [], 0, 0, tokens)
+        blocks = mgr.allocate_new_blocks(rid, tokens, tokens)
+        released = [b.block_id for b in blocks[::28]]
+        start = time.perf_counter()
+        mgr.apply_report(rid, released, tokens, lens)
+        times.append((time.perf_counter() - start) * 1e3)
+        mgr.free(rid)
+    return statistics.median(times), len(blocks), len(released)
+
+
+def recompress_calls(policy: str, prompt: int = 1600) -> int:
+    from vllm_kvcompress.config import CompressionConfig
+    from vllm_kvcompress.vllm import compressor
+    from vllm_kvcompress.vllm.state import WorkerState
+
+    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=prompt, window=32, decode_slack=64))
+    num_blocks = L * H * ((prompt + 80) // BS + 2)
+    gen = torch.Generator().manual_seed(0)
+    ws.pool = torch.randn(2, num_blocks, BS, D, generator=gen).to(torch.bfloat16)
+    ws.ingest(scheduler_output("a", prompt, list(range(num_blocks))))
+    st = ws.reqs["a"]
+    ws.append("a", prompt)
+    for layer in range(L):
+        st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
+        st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
+    compressor.compress_request(ws, "a")  # budget = prompt: every head keeps all rows
+    ws.append("a", 65)  # every head now over budget + slack
+    st.recent_count += 65
+    with torch.profiler.profile() as prof:
+        if not compressor.recompress_request(ws, "a"):
+            raise RuntimeError("no head was over its budget")
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default=None, help="name of this run (default: the project commit)")
+    parser.add_argument("--policies", default="snapkv,adakv,ems,windowkv")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    label = args.label or project_commit()
+    apply_ms, held, released = apply_report_ms()
+    run = {"label": label, "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv]),
+           "versions": {"python": sys.version.split()[0], "torch": torch.__version__},
+           "take_reports_256_requests_ms": round(take_reports_ms(), 3),
+           "apply_report_ms": round(apply_ms, 3), "apply_report_blocks_held": held,
+           "apply_report_blocks_released": released,
+           "recompress_pytorch_calls": {p: recompress_calls(p) for p in args.policies.split(",")}}
+    runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    runs = [r for r in runs if r["label"] != label] + [run]
+    args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
+    print(f"{'run':<28} {'take_reports ms':>16} {'apply_report ms':>16}  recompress calls")
+    for r in runs:
+        calls = ", ".join(f"{p} {n}" for p, n in r["recompress_pytorch_calls"].items())
+        print(f"{r['label']:<28} {r['take_reports_256_requests_ms']:>16} {r['apply_report_ms']:>16}  {calls}")
+
+
+if __name__ == "__main__":
+    main()
