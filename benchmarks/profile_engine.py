@@ -25,6 +25,7 @@ import time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 sys.path.insert(0, os.path.dirname(__file__))
 from dummy_model import make_dummy  # noqa: E402
+from throughput import plugin_entry_point  # noqa: E402
 
 
 def engine_kwargs(config: str, kv_options: dict) -> dict:
@@ -53,7 +54,14 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
+    plugin = args.config not in ("plain", "plain-v1")
+    if plugin and plugin_entry_point():  # vLLM would silently ignore additional_config: plain numbers
+        raise SystemExit(plugin_entry_point())
     from vllm import LLM, SamplingParams
+
+    from vllm_kvcompress.vllm.runtime import EVENTS_ENV, read_events
+
+    events = os.environ.setdefault(EVENTS_ENV, f"/tmp/kvc-profile-{os.getpid()}.jsonl")
 
     model = args.model or make_dummy(f"/tmp/kvc-dummy-{args.shape}", args.shape)
     max_len = args.prompt + args.steps + 64
@@ -61,6 +69,8 @@ def main() -> None:
               max_num_batched_tokens=max(max_len, 8192), gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, **engine_kwargs(args.config, args.kv_options))
     engine = llm.llm_engine
+    if plugin != any(e["kind"] == "manager_init" for e in read_events(events)):  # the plugin's start-up event
+        raise SystemExit(f"--config {args.config}, but the plugin {'never' if plugin else 'also'} started")
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.steps + 16, ignore_eos=True, temperature=0)
     for i in range(args.requests):
