@@ -11,6 +11,9 @@
   layer each; ``prefill_frac_eager`` uses the eager time, launch gaps included.
 * compaction: Triton and CUDA, ``compaction_bw_frac`` = (kept rows read + written, K and V) per
   second / device-to-device copy bandwidth measured in the same run.
+* column_mass: EMS's global score of one layer (every prompt query's softmax summed down the key
+  columns), Triton two-pass kernel against the PyTorch reference it replaced on the GPU
+  (``speedup``) and against the layer's causal prefill attention (``prefill_frac``).
 * merge: EMS merge of K and V, ``bw_frac`` from the bytes of K, V read once and the fp32 outputs
   written once over the launcher's GPU time (graph replay, its sort included); ``kernel_bw_frac``
   over the kernel alone (segments precomputed; eager, so one launch gap included).
@@ -27,6 +30,7 @@ import triton.testing
 from vllm_kvcompress.paged import compaction as dispatch
 from vllm_kvcompress.triton_kernels import compaction as triton_compaction
 from vllm_kvcompress.triton_kernels import merge as triton_merge
+from vllm_kvcompress.triton_kernels.column_mass import column_mass
 from vllm_kvcompress.triton_kernels.window_scores import window_scores
 
 
@@ -82,6 +86,25 @@ def bench_window_scores(device) -> list[dict]:
 
             ref_ms = bench(lambda: reference.window_scores(wq, key.contiguous(), power=1))
             rows[-2]["torch_ref_ms"] = ref_ms
+    return rows
+
+
+def bench_column_mass(device) -> list[dict]:
+    from vllm_kvcompress.observation import causal_column_mass
+
+    q_heads, kv_heads, head_dim = 32, 8, 128
+    rows = []
+    for seq_len in (4096, 16384):
+        q_tok = torch.randn(seq_len, q_heads, head_dim, device=device, dtype=torch.bfloat16)
+        k_tok = torch.randn(seq_len, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+        query, key = q_tok.transpose(0, 1), k_tok.transpose(0, 1)  # the backend's views, no copies
+        prefill_ms, backend = prefill_attention_ms(query[None], key[None], key[None])
+        ms = bench(lambda: column_mass(query, key))
+        ref_ms = bench(lambda: causal_column_mass(query, key))
+        err = ((column_mass(query, key) - causal_column_mass(query, key)).norm()
+               / causal_column_mass(query, key).norm()).item()
+        rows.append(dict(op="column_mass", seq_len=seq_len, ms=ms, torch_ref_ms=ref_ms, speedup=ref_ms / ms,
+                         prefill_ms=prefill_ms, prefill_backend=backend, prefill_frac=ms / prefill_ms, rel_err=err))
     return rows
 
 
@@ -157,13 +180,15 @@ def bench_merge(device, copy_bw) -> list[dict]:
     return rows
 
 
-def run_all(device="cuda", ops=("window_scores", "compaction", "merge")) -> list[dict]:
+def run_all(device="cuda", ops=("window_scores", "column_mass", "compaction", "merge")) -> list[dict]:
     """All measurements, each a flat dict; the first is the copy bandwidth they are relative to."""
     device = torch.device(device)
     copy_bw = copy_bandwidth(device)
     rows = [dict(op="copy", gb_per_s=copy_bw / 1e9, device=torch.cuda.get_device_name(device))]
     if "window_scores" in ops:
         rows += bench_window_scores(device)
+    if "column_mass" in ops:
+        rows += bench_column_mass(device)
     if "compaction" in ops:
         rows += bench_compaction(device, copy_bw)
     if "merge" in ops:
@@ -179,5 +204,5 @@ def print_table(rows: list[dict]) -> None:
 if __name__ == "__main__":
     import sys
 
-    # python benchmarks/bench_cache_ops.py [window_scores] [compaction] [merge]   (default: all)
+    # python benchmarks/bench_cache_ops.py [window_scores] [column_mass] [compaction] [merge]   (default: all)
     print_table(run_all("cuda", *(sys.argv[1:2] and [tuple(sys.argv[1:])])))

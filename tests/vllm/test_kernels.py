@@ -26,3 +26,25 @@ def test_padded_decode_attention_matches_reference(num_seqs, num_queries, num_kv
     assert got.dtype == dtype and got.shape == expected.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("head_size", [16, 64, 128, 256])
+def test_gpu_head_sizes_the_kernels_tile_are_accepted(head_size):
+    kernels.check_head_size(head_size, "cuda")
+    kernels.check_head_size(head_size, "cpu")
+
+
+@pytest.mark.parametrize("head_size", [8, 80, 96, 112])
+def test_other_head_sizes_are_refused_on_a_gpu_only(head_size):
+    with pytest.raises(ValueError, match=f"power-of-two head size >= 16; this model's attention heads have {head_size}"):
+        kernels.check_head_size(head_size, "cuda")
+    kernels.check_head_size(head_size, "cpu")  # the PyTorch paths take any size
+
+
+def test_column_mass_on_the_cpu_is_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    query, key = torch.randn(6, 9, 16, generator=gen), torch.randn(2, 30, 16, generator=gen)
+    from vllm_kvcompress.observation import causal_column_mass
+
+    torch.testing.assert_close(kernels.column_mass(query, key, start=21), causal_column_mass(query, key, start=21),
+                               rtol=0, atol=0)

@@ -14,7 +14,6 @@ import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
-from ..observation import causal_column_mass
 from ..paged import reference
 from . import kernels, runtime
 
@@ -163,6 +162,7 @@ class HeadBlockImpl(AttentionImpl):
                 # vLLM sizes the KV pool from the profiling run's peak memory: show it the transient
                 # a compression needs (freed at once), so the pool leaves room for it
                 torch.empty(ws.workspace_bytes, dtype=torch.uint8, device=query.device)
+                kernels.warm_up(self.num_heads, self.num_kv_heads, self.head_size, query.dtype, query.device)
             return output
         if self.layer is None:
             self.layer = ws.layer_index[layer.layer_name]
@@ -215,10 +215,10 @@ class HeadBlockImpl(AttentionImpl):
         if not st.policy.needs_global_attention:
             return
         if md.seq_lens[r] == b - a:  # same call as the HF reference path
-            st.global_attention[l] = causal_column_mass(qh, k[a:b].transpose(0, 1))
+            st.global_attention[l] = kernels.column_mass(qh, k[a:b].transpose(0, 1))
             return
         keys = reference.gather_heads(key_cache, md.tables[l, r], md.seq_lens[r])  # [H, seq_len, D], all heads full
-        mass = causal_column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
+        mass = kernels.column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
         old = st.global_attention.get(l)
         if old is not None:
             mass[:, : old.shape[1]] += old

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 import torch
 
+from ..observation import causal_column_mass
 from ..paged import reference
 
 
 def _on_gpu(x: torch.Tensor) -> bool:
     return x.is_cuda
+
+
+def check_head_size(head_size: int, device: torch.device | str) -> None:
+    """The Triton kernels tile the head dimension in one power-of-two block: refuse other sizes at
+    start-up on a GPU rather than at the first request (the CPU path takes any size)."""
+    if torch.device(device).type == "cuda" and (head_size & (head_size - 1) or head_size < 16):
+        raise ValueError(f"kv compression's GPU kernels need a power-of-two head size >= 16; this model's "
+                         f"attention heads have {head_size}")
 
 
 def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
@@ -99,3 +108,31 @@ def _flash_varlen(query, key, value, query_lens: list[int], key_lens: list[int],
     return flash_attn_varlen_func(query, key, value, max(query_lens), offsets(query_lens), max(key_lens),
                                   cu_seqlens_k=offsets(key_lens), softmax_scale=scale, causal=True,
                                   fa_version=version)
+
+
+def column_mass(query, key, start: int = 0) -> torch.Tensor:
+    """EMS's global score: the causal attention mass each key receives, summed per GQA group.
+
+    query [Hq, q_len, D] at positions ``start ..``; key [H, seq_len, D] -> float32 [H, seq_len].
+    CUDA: the two-pass Triton kernel (nothing q_len x seq_len in memory); CPU: the PyTorch
+    reference :func:`~vllm_kvcompress.observation.causal_column_mass`, which the HF path uses too."""
+    if _on_gpu(query):
+        from ..triton_kernels.column_mass import column_mass as triton_mass
+
+        return triton_mass(query, key, start)
+    return causal_column_mass(query, key, start=start)
+
+
+_warmed: set = set()
+
+
+def warm_up(num_q_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dtype, device) -> None:
+    """Compile the kernels that only some requests reach (EMS's column mass) during vLLM's profiling
+    run, once per shape: a kernel that fails to build fails the engine's start, and the first EMS
+    request pays no compile."""
+    if torch.device(device).type != "cuda" or (num_q_heads, num_kv_heads, head_size, dtype) in _warmed:
+        return
+    query = torch.randn(num_q_heads, 16, head_size, dtype=dtype, device=device)
+    key = torch.randn(num_kv_heads, 16, head_size, dtype=dtype, device=device)
+    column_mass(query, key)
+    _warmed.add((num_q_heads, num_kv_heads, head_size, dtype))

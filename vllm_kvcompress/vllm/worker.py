@@ -18,7 +18,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 from vllm.v1.worker.block_table import BlockTable, SlotMappingMode
 
 from ..head_scores import HeadScores
-from . import runtime, settings
+from . import kernels, runtime, settings
 from .spec import HeadBlockSpec
 from .state import WorkerState
 
@@ -44,6 +44,7 @@ class _HeadBlockRunnerMixin:
         if any((s.num_kv_heads, s.head_size, s.dtype) != (first.num_kv_heads, first.head_size, first.dtype)
                for s in specs.values()):
             raise ValueError("kv compression needs the same KV heads, head size and dtype in every layer")
+        kernels.check_head_size(first.head_size, self.device)
         spec = HeadBlockSpec(block_size=first.block_size, num_kv_heads=first.num_kv_heads,
                              head_size=first.head_size, dtype=first.dtype, num_layers=len(names))
         for name in names[1:]:  # same pool tensor and same metadata as the first layer
