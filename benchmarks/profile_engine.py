@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--torch-profile", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--step-times", action="store_true", help="also list every step's ms, in order")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
     plugin = args.config not in ("plain", "plain-v1")
@@ -99,12 +100,15 @@ def main() -> None:
         start = time.perf_counter()
         engine.step()
         times.append((time.perf_counter() - start) * 1e3)
+    in_order = [round(t, 2) for t in times]
     times.sort()
     result = {"config": args.config, "kv_options": args.kv_options, "requests": args.requests,
               "prompt": args.prompt, "steps_to_prefill": steps_to_prefill,
               "decode_step_ms": {"p50": round(statistics.median(times), 2),
                                  "p90": round(times[int(0.9 * (len(times) - 1))], 2),
                                  "mean": round(statistics.fmean(times), 2)}}
+    if args.step_times:
+        result["step_ms"] = in_order
     with open(args.out, "w") as f:
         f.write(json.dumps(result) + "\n")
         if args.torch_profile:

@@ -201,7 +201,8 @@ def decode_attention(
         raise ValueError(f"num_q_heads {num_q_heads} is not a multiple of num_kv_heads {num_kv_heads}")
     if head_dim & (head_dim - 1) or head_dim < 16:
         raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache)):
+    for name, x in (("query", query), ("key_cache", key_cache), ("value_cache", value_cache),
+                    ("head_block_table", head_block_table)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim")
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale

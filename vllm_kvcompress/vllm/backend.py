@@ -50,8 +50,8 @@ class HeadBlockMetadata:
     one new token over cached rows (batched), decode_tokens / decode_rows: their token indices and
     rows (device);
     chunks: the other rows (continued prefill chunks); observe: rows whose queries the compressor
-    needs; record: (token indices, ring rows, ring slots) of queries kept for decode-time
-    recompression; dummy: profiling / warm-up run."""
+    needs; record: (token indices or None for every token, flat ring index row * window + slot) of
+    the queries kept for decode-time recompression; dummy: profiling / warm-up run."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
@@ -92,7 +92,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
             md.dummy = True  # profiling and warm-up runs: no requests behind the rows
             return md
         q_lens = [qsl[r + 1] - qsl[r] for r in range(n)]
-        record_tokens, record_rows, record_slots = [], [], []
+        record_tokens, record_index = [], []
         for r, rid in enumerate(req_ids):
             st = ws.reqs[rid]
             if st.num_tokens != seq_lens[r] - q_lens[r]:
@@ -112,8 +112,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
             elif st.decode_budget is not None:
                 for t in range(qsl[r], qsl[r + 1]):  # newest queries into the request's ring
                     record_tokens.append(t)
-                    record_rows.append(st.row)
-                    record_slots.append(st.recent_count % st.policy.window)
+                    record_index.append(st.row * ws.recent.shape[2] + st.recent_count % st.policy.window)
                     st.recent_count += 1
         runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks))
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
@@ -122,16 +121,16 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         if md.decode and len(md.decode) < n:  # (absent: a pure decode step, rows are tokens)
             extra["decode_tokens"] = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64)
             extra["decode_rows"] = torch.tensor(md.decode, dtype=torch.int64)
-        if record_tokens:
-            for name, values in (("record_tokens", record_tokens), ("record_rows", record_rows),
-                                 ("record_slots", record_slots)):
-                extra[name] = torch.tensor(values, dtype=torch.int64)
+        if record_index:
+            extra["record_index"] = torch.tensor(record_index, dtype=torch.int64)
+            if len(record_tokens) < cm.num_actual_tokens:  # (absent: every token is recorded, in order)
+                extra["record_tokens"] = torch.tensor(record_tokens, dtype=torch.int64)
         layout = ws.prepare_step(req_ids, q_lens, extra)
         md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
         md.fresh_tokens = layout.extra.get("fresh_tokens")
         md.decode_tokens, md.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
-        if record_tokens:
-            md.record = tuple(layout.extra[name] for name in ("record_tokens", "record_rows", "record_slots"))
+        if record_index:
+            md.record = (layout.extra.get("record_tokens"), layout.extra["record_index"])
         return md
 
 
@@ -185,8 +184,8 @@ class HeadBlockImpl(AttentionImpl):
                 out[rows] = attended
         if md.decode:  # one new token per request, all requests in one call
             rows, batch = md.decode_tokens, md.decode_rows
-            if rows is None:
-                out.copy_(kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale)[:, 0])
+            if rows is None:  # a pure decode step: written straight into vLLM's output
+                kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale, out[:, None])
             else:
                 out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
                                                      lens[batch], scale=self.scale)[:, 0]
@@ -198,9 +197,10 @@ class HeadBlockImpl(AttentionImpl):
             out[a:b] = kernels.chunk_attention(q[a:b], keys, values, self.scale)
         for r in md.observe:
             self._observe(ws, md, r, q, k, key_cache)
-        if md.record is not None:
-            tokens, ring_rows, ring_slots = md.record
-            ws.recent[ring_rows, l, :, ring_slots] = q[tokens].to(ws.recent.dtype)
+        if md.record is not None:  # newest queries into their requests' rings, one kernel
+            tokens, ring_index = md.record
+            ring = ws.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
+            ring.index_copy_(0, ring_index, (q if tokens is None else q[tokens]).to(ring.dtype))
         return output
 
     def _observe(self, ws, md, r, q, k, key_cache) -> None:

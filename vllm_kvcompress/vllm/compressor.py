@@ -85,7 +85,7 @@ def _start_recent(ws: WorkerState, st) -> None:
     ws.ensure_recent(st.policy.window, first.shape[0], first.shape[-1], first.dtype)
     count = first.shape[1]
     for l in range(ws.L):
-        ws.recent[st.row, l, :, :count] = st.queries[l]
+        ws.recent[l, st.row, :count] = st.queries[l].transpose(0, 1)
     st.recent_count = count
 
 
@@ -99,7 +99,8 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
     count = min(st.recent_count, window)
     order = torch.arange(st.recent_count - count, st.recent_count) % window  # oldest first
     keep = st.lens.clone()
-    group = ws.recent.shape[2] // ws.H
+    group = ws.recent.shape[3] // ws.H
+    ring = ws.recent[:, st.row].transpose(1, 2)  # [L, Hq, W, D]
     pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
     for n in sorted(set(lengths.tolist())):
         # heads holding the same number of rows, from any layer, go through the policy together
@@ -107,7 +108,7 @@ def recompress_request(ws: WorkerState, rid: str) -> bool:
         table = ws.tables[st.row, layers.to(ws.device), heads.to(ws.device)]  # [n_heads, max_blocks]
         keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
         q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
-        queries = ws.recent[st.row][layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
+        queries = ring[layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
         queries = queries.flatten(0, 1)[:, order.to(ws.device)]
         budgets = st.decode_budget[layers, heads]
         kept_keys, kept_values = st.policy.recompress_heads(queries, keys, values, budgets)

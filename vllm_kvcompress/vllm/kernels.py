@@ -34,14 +34,16 @@ def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
         reference.write_tokens(key, value, slot_mapping, key_cache, value_cache)
 
 
-def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale):
-    """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H])."""
+def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, out=None):
+    """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H]);
+    written into ``out`` (query's shape, last dim contiguous) when given. Returns the result."""
     if _on_gpu(query):
         from ..triton_kernels.decode_attention import decode_attention as triton_decode
 
-        return triton_decode(query.contiguous(), key_cache, value_cache, head_block_table.contiguous(),
-                             retained_len.contiguous(), scale=scale)
-    return padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale)
+        # the kernel takes any strides but the last dim's; tables and lengths are contiguous slices
+        return triton_decode(query, key_cache, value_cache, head_block_table, retained_len, scale=scale, out=out)
+    result = padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale)
+    return result if out is None else out.copy_(result)
 
 
 def padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale):

@@ -114,7 +114,9 @@ class WorkerState:
         self.pool: torch.Tensor | None = None  # (2, num_blocks, bs, D), set by the first forward
         self.tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32, device=self.device)
         self.free_rows: list[int] = []
-        self.recent: torch.Tensor | None = None  # [rows, L, Hq, window, D] ring of decode queries
+        # ring of decode queries, layer-major [L, rows, window, Hq, D]: one layer's slice is written by
+        # one index_copy_ per step (rows * window + slot)
+        self.recent: torch.Tensor | None = None
         self._policies: dict[str, Policy | None] = {}
 
     # ---- policies ---------------------------------------------------------------------------
@@ -128,11 +130,11 @@ class WorkerState:
 
     def ensure_recent(self, window: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         """The ring of recent queries (decode-time recompression) exists and holds ``window`` queries."""
-        if self.recent is None or self.recent.shape[3] < window:
-            recent = torch.zeros(self.tables.shape[0], self.L, num_q_heads, window, head_dim, dtype=dtype,
+        if self.recent is None or self.recent.shape[2] < window:
+            recent = torch.zeros(self.L, self.tables.shape[0], window, num_q_heads, head_dim, dtype=dtype,
                                  device=self.device)
             if self.recent is not None:
-                recent[:, :, :, : self.recent.shape[3]] = self.recent
+                recent[:, :, : self.recent.shape[2]] = self.recent
             self.recent = recent
 
     # ---- request lifetime -------------------------------------------------------------------
@@ -157,8 +159,8 @@ class WorkerState:
         self.tables[: old.shape[0], :, :, : old.shape[3]] = old
         self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
         if self.recent is not None:
-            recent = self.recent.new_zeros(rows, *self.recent.shape[1:])
-            recent[: self.recent.shape[0]] = self.recent
+            recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
+            recent[:, : self.recent.shape[1]] = self.recent
             self.recent = recent
 
     # ---- from the scheduler output (worker.execute_model, before the forward) --------------
