@@ -7,7 +7,8 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 * ``apply_report``: the scheduler taking back 1k of a request's ~28k head-blocks (ms, median of 10);
 * ``recompress``: one decode-time recompression of all 256 heads of a request at 1,665 rows each
   (budget 1,600 + slack 64 + 1), per policy: PyTorch calls counted by torch.profiler. On a GPU each
-  call is at least one kernel launch from Python, so the count is what the host pays.
+  call is at least one kernel launch from Python, so the count is what the host pays. Also 8
+  requests due in the same step (400-row heads), one by one against together.
 
     python benchmarks/host_overhead.py                       # table + benchmarks/results/host-overhead-cpu.json
 
@@ -85,27 +86,41 @@ def apply_report_ms() -> tuple[float, int, int]:
     return statistics.median(times), len(blocks), len(released)
 
 
-def recompress_calls(policy: str, prompt: int = 1600) -> int:
+def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0):
+    """A WorkerState holding ``num_requests`` compressed requests ("r0", ...) with random caches and
+    query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
+    decode-time recompression."""
     from vllm_kvcompress.config import CompressionConfig
     from vllm_kvcompress.vllm import compressor
     from vllm_kvcompress.vllm.state import WorkerState
 
     ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=prompt, window=32, decode_slack=64))
-    num_blocks = L * H * ((prompt + 80) // BS + 2)
-    gen = torch.Generator().manual_seed(0)
-    ws.pool = torch.randn(2, num_blocks, BS, D, generator=gen).to(torch.bfloat16)
-    ws.ingest(scheduler_output("a", prompt, list(range(num_blocks))))
-    st = ws.reqs["a"]
-    ws.append("a", prompt)
-    for layer in range(L):
-        st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
-        st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
-    compressor.compress_request(ws, "a")  # budget = prompt: every head keeps all rows
-    ws.append("a", 65)  # every head now over budget + slack
-    st.recent_count += 65
+    per_request = L * H * ((prompt + 80) // BS + 2)
+    gen = torch.Generator().manual_seed(seed)
+    ws.pool = torch.randn(2, per_request * num_requests, BS, D, generator=gen).to(torch.bfloat16)
+    for r in range(num_requests):
+        rid = f"r{r}"
+        ws.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
+        st = ws.reqs[rid]
+        ws.append(rid, prompt)
+        for layer in range(L):
+            st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
+            st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
+        compressor.compress_request(ws, rid)  # budget = prompt: every head keeps all rows
+        ws.append(rid, 65)  # every head now over budget + slack
+        ws.recent[:, st.row] = torch.randn(ws.recent[:, st.row].shape, generator=gen).to(ws.recent.dtype)
+        st.recent_count += 65 + r  # rings at different positions
+    return ws
+
+
+def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1) -> int:
+    """PyTorch calls of the recompression of ``num_requests`` requests due in the same step."""
+    from vllm_kvcompress.vllm import compressor
+
+    ws = due_requests(policy, prompt, num_requests)
     with torch.profiler.profile() as prof:
-        if not compressor.recompress_request(ws, "a"):
-            raise RuntimeError("no head was over its budget")
+        if len(compressor.recompress_requests(ws, list(ws.reqs))) != num_requests:
+            raise RuntimeError("a request had no head over its budget")
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
 
 
@@ -123,7 +138,11 @@ def main() -> None:
            "take_reports_256_requests_ms": round(take_reports_ms(), 3),
            "apply_report_ms": round(apply_ms, 3), "apply_report_blocks_held": held,
            "apply_report_blocks_released": released,
-           "recompress_pytorch_calls": {p: recompress_calls(p) for p in args.policies.split(",")}}
+           "recompress_pytorch_calls": {p: recompress_calls(p) for p in args.policies.split(",")},
+           # 8 requests due in the same step (400-row heads): one by one (8 x one) vs. together
+           "recompress_8_requests_pytorch_calls": {
+               p: {"one_by_one": 8 * recompress_calls(p, 400), "together": recompress_calls(p, 400, 8)}
+               for p in args.policies.split(",")}}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
     args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
@@ -131,6 +150,8 @@ def main() -> None:
     for r in runs:
         calls = ", ".join(f"{p} {n}" for p, n in r["recompress_pytorch_calls"].items())
         print(f"{r['label']:<28} {r['take_reports_256_requests_ms']:>16} {r['apply_report_ms']:>16}  {calls}")
+        for p, n in r.get("recompress_8_requests_pytorch_calls", {}).items():
+            print(f"{'':<28} 8 due requests, {p}: {n['one_by_one']} calls one by one, {n['together']} together")
 
 
 if __name__ == "__main__":

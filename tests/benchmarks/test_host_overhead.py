@@ -20,3 +20,11 @@ def test_bookkeeping_timers_run():
     assert math.isfinite(host.take_reports_ms(num_requests=4))
     ms, held, released = host.apply_report_ms()
     assert math.isfinite(ms) and held == 32 * 8 * 111 and released == len(range(0, held, 28))
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ems"])
+def test_requests_due_together_share_the_policy_calls(policy):
+    """Four requests due in one step: the policy runs once for all (only per-request bookkeeping
+    repeats), so far fewer calls than four recompressions one by one (1,524 vs 635 for snapkv)."""
+    one, four = host.recompress_calls(policy, prompt=48), host.recompress_calls(policy, prompt=48, num_requests=4)
+    assert four < 2 * one, (one, four)

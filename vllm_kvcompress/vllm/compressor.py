@@ -10,11 +10,11 @@ head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see al
 3. write each head's retained rows to the front of its own blocks (in place; the dense copy was
    taken first) and move the tail blocks to the spare list.
 
-During decode (:func:`recompress_request`, when ``decode_slack`` is set): a head holding more than
+During decode (:func:`recompress_requests`, when ``decode_slack`` is set): a head holding more than
 its budget + slack rows is brought back to its budget with its query heads' recent queries, as
 ``hf.generate(recompress_slack=...)`` does; heads of equal length go through the policy in one call
-whatever their layer (``Policy.recompress_heads`` keeps each head's result its own). The connector then reports surplus spares to the
-scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
+whatever their layer and request (``Policy.recompress_heads`` keeps each head's result its own).
+The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
 positions from the true sequence length.
 """
 from __future__ import annotations
@@ -28,14 +28,16 @@ from . import kernels, runtime
 from .state import WorkerState
 
 
-def write_rows(ws: WorkerState, row: int, layers: torch.Tensor, heads: torch.Tensor, keys: torch.Tensor,
-               values: torch.Tensor, lengths: torch.Tensor) -> None:
+def write_rows(ws: WorkerState, row: int | torch.Tensor, layers: torch.Tensor, heads: torch.Tensor,
+               keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor) -> None:
     """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of KV head
-    ``heads[i]`` of layer ``layers[i]`` (the head's own blocks, in place)."""
+    ``heads[i]`` of layer ``layers[i]`` of the request in table row ``row`` (or ``row[i]``: one per
+    head), in the head's own blocks, in place."""
     width = int(lengths.max())
     device = ws.pool.device
     positions = torch.arange(width, device=device).expand(len(heads), -1)
     positions = torch.where(positions < lengths.to(device)[:, None], positions, -1)
+    row = row.to(ws.device) if isinstance(row, torch.Tensor) else row
     table = ws.tables[row, layers.to(ws.device), heads.to(ws.device)]  # [n, max_blocks]
     slots = slots_for_positions(table, positions, ws.bs)  # [n, width]
     kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
@@ -91,31 +93,50 @@ def _start_recent(ws: WorkerState, st) -> None:
 
 def recompress_request(ws: WorkerState, rid: str) -> bool:
     """Bring the heads over budget + slack back to their budgets. Returns whether any head was."""
-    st = ws.reqs[rid]
-    over = st.lens > st.decode_budget + st.decode_slack
-    if not bool(over.any()):
-        return False
-    window = st.policy.window
-    count = min(st.recent_count, window)
-    order = torch.arange(st.recent_count - count, st.recent_count) % window  # oldest first
-    keep = st.lens.clone()
-    group = ws.recent.shape[3] // ws.H
-    ring = ws.recent[:, st.row].transpose(1, 2)  # [L, Hq, W, D]
-    pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
-    for n in sorted(set(lengths.tolist())):
-        # heads holding the same number of rows, from any layer, go through the policy together
-        layers, heads = pairs[lengths == n].unbind(1)
-        table = ws.tables[st.row, layers.to(ws.device), heads.to(ws.device)]  # [n_heads, max_blocks]
+    return bool(recompress_requests(ws, [rid]))
+
+
+def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
+    """:func:`recompress_request` for several requests at once: heads with the same policy, number of
+    rows and number of recent queries go through the policy in ONE call, whatever their request or
+    layer (``Policy.recompress_heads`` keeps each head's result its own), so requests due in the same
+    step cost one round of launches. Returns the requests that had a head over its limit."""
+    groups: dict[tuple, list] = {}  # (policy, rows, queries) -> [(request, layers, heads)]
+    keep = {}
+    for rid in rids:
+        st = ws.reqs[rid]
+        over = st.lens > st.decode_budget + st.decode_slack
+        if not bool(over.any()):
+            continue
+        keep[rid] = st.lens.clone()
+        count = min(st.recent_count, st.policy.window)
+        pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
+        for n in sorted(set(lengths.tolist())):
+            layers, heads = pairs[lengths == n].unbind(1)
+            groups.setdefault((id(st.policy), n, count), []).append((rid, layers, heads))
+    for (_, n, count), members in groups.items():
+        st0 = ws.reqs[members[0][0]]
+        sizes = [len(layers) for _, layers, _ in members]
+        layers = torch.cat([layers for _, layers, _ in members])
+        heads = torch.cat([heads for _, _, heads in members])
+        rows = torch.tensor([ws.reqs[rid].row for rid, _, _ in members]).repeat_interleave(torch.tensor(sizes))
+        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _ in members])
+        order = (oldest.repeat_interleave(torch.tensor(sizes))[:, None] + torch.arange(count)) % st0.policy.window
+        table = ws.tables[rows.to(ws.device), layers.to(ws.device), heads.to(ws.device)]  # [n_heads, max_blocks]
         keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
+        group = ws.recent.shape[3] // ws.H
         q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
-        queries = ring[layers[:, None].to(ws.device), q_heads.to(ws.device)]  # [n_heads, group, W, D]
-        queries = queries.flatten(0, 1)[:, order.to(ws.device)]
-        budgets = st.decode_budget[layers, heads]
-        kept_keys, kept_values = st.policy.recompress_heads(queries, keys, values, budgets)
-        write_rows(ws, st.row, layers, heads, kept_keys, kept_values, budgets)
-        keep[layers, heads] = budgets
-    _finish(ws, rid, keep, "decode")
-    return True
+        # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
+        index = (layers[:, None, None], rows[:, None, None], order[:, None, :], q_heads[:, :, None])
+        queries = ws.recent[tuple(i.to(ws.device) for i in index)].flatten(0, 1)
+        budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h in members])
+        kept_keys, kept_values = st0.policy.recompress_heads(queries, keys, values, budgets)
+        write_rows(ws, rows, layers, heads, kept_keys, kept_values, budgets)
+        for (rid, l, h), part in zip(members, budgets.split(sizes)):
+            keep[rid][l, h] = part
+    for rid, rows_kept in keep.items():
+        _finish(ws, rid, rows_kept, "decode")
+    return list(keep)
 
 
 def compress_pending(ws: WorkerState) -> None:
@@ -125,6 +146,5 @@ def compress_pending(ws: WorkerState) -> None:
     for rid in pending:
         if rid in ws.reqs:
             compress_request(ws, rid)
-    for rid, st in ws.reqs.items():
-        if st.decode_budget is not None and st.num_tokens >= st.recompress_at and rid not in pending:
-            recompress_request(ws, rid)
+    recompress_requests(ws, [rid for rid, st in ws.reqs.items()
+                             if st.decode_budget is not None and st.num_tokens >= st.recompress_at and rid not in pending])
