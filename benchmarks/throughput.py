@@ -997,8 +997,9 @@ def plot(data: dict, path: Path) -> None:
             ax.set_ylabel(label)
             if row == 0:
                 wl = group[0]
+                pool = wl.get("settings", {}).get("kv_pool_tokens")
                 ax.set_title(f"{model}, workload {workload}\n{wl['prompt_len']} prompt / {wl['output_len']} output, "
-                             f"{wl['requests']} requests", fontsize=9)
+                             f"{wl['requests']} requests" + (f", KV pool {pool:,} tokens" if pool else ""), fontsize=9)
             ax.grid(alpha=0.3)
     handles, labels = [], []
     for ax in axes.flat:
@@ -1008,8 +1009,11 @@ def plot(data: dict, path: Path) -> None:
                 labels.append(l)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
     meta = data["meta"]
-    fig.suptitle(f"vllm-kvcompress vs plain vLLM {meta['versions'].get('vllm')}, {meta['device']}, "
-                 f"gpu_memory_utilization {meta['settings']['gpu_memory_utilization']}", fontsize=10)
+    fixed = any(r.get("settings", {}).get("kv_pool_tokens") for r in data["records"])
+    memory = ("same KV pool bytes for both (per panel)" if fixed
+              else f"gpu_memory_utilization {meta['settings']['gpu_memory_utilization']}")
+    fig.suptitle(f"vllm-kvcompress vs plain vLLM {meta['versions'].get('vllm')}, {meta['device']}, {memory}",
+                 fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
