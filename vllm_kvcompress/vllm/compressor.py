@@ -91,15 +91,10 @@ def _start_recent(ws: WorkerState, st) -> None:
     st.recent_count = count
 
 
-def recompress_request(ws: WorkerState, rid: str) -> bool:
-    """Bring the heads over budget + slack back to their budgets. Returns whether any head was."""
-    return bool(recompress_requests(ws, [rid]))
-
-
 def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
-    """:func:`recompress_request` for several requests at once: heads with the same policy, number of
-    rows and number of recent queries go through the policy in ONE call, whatever their request or
-    layer (``Policy.recompress_heads`` keeps each head's result its own), so requests due in the same
+    """Bring the heads over budget + slack of these requests back to their budgets. Heads with the
+    same policy, number of rows and number of recent queries go through the policy in ONE call,
+    whatever their request or layer (``Policy.recompress_heads`` keeps each head's result its own), so requests due in the same
     step cost one round of launches. Returns the requests that had a head over its limit."""
     groups: dict[tuple, list] = {}  # (policy, rows, queries) -> [(request, layers, heads)]
     keep = {}
@@ -117,18 +112,20 @@ def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
     for (_, n, count), members in groups.items():
         st0 = ws.reqs[members[0][0]]
         sizes = [len(layers) for _, layers, _ in members]
+        per_head = torch.tensor(sizes)  # members' values repeated for each of their heads
         layers = torch.cat([layers for _, layers, _ in members])
         heads = torch.cat([heads for _, _, heads in members])
-        rows = torch.tensor([ws.reqs[rid].row for rid, _, _ in members]).repeat_interleave(torch.tensor(sizes))
-        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _ in members])
-        order = (oldest.repeat_interleave(torch.tensor(sizes))[:, None] + torch.arange(count)) % st0.policy.window
-        table = ws.tables[rows.to(ws.device), layers.to(ws.device), heads.to(ws.device)]  # [n_heads, max_blocks]
-        keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
+        rows = torch.tensor([ws.reqs[rid].row for rid, _, _ in members]).repeat_interleave(per_head)
+        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _ in members]).repeat_interleave(per_head)
+        order = (oldest[:, None] + torch.arange(count)) % st0.policy.window
         group = ws.recent.shape[3] // ws.H
         q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
+        rows_d, layers_d, heads_d, order_d, q_heads_d = (x.to(ws.device) for x in (rows, layers, heads, order, q_heads))
+        table = ws.tables[rows_d, layers_d, heads_d]  # [n_heads, max_blocks]
+        keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
         # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-        index = (layers[:, None, None], rows[:, None, None], order[:, None, :], q_heads[:, :, None])
-        queries = ws.recent[tuple(i.to(ws.device) for i in index)].flatten(0, 1)
+        queries = ws.recent[layers_d[:, None, None], rows_d[:, None, None], order_d[:, None, :],
+                            q_heads_d[:, :, None]].flatten(0, 1)
         budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h in members])
         kept_keys, kept_values = st0.policy.recompress_heads(queries, keys, values, budgets)
         write_rows(ws, rows, layers, heads, kept_keys, kept_values, budgets)
