@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# The runs of one device session (the `device` tool's GPU machine, vLLM 0.26.0 put there with
+# ../shared/device/README.md), so that each call's command line stays short and the exact
+# commands behind benchmarks/results/ are in the repository.
+#
+#   source .device/part2/install.sh   (first call after part1; later calls: source .device/part2/env.sh)
+#   bash scripts/gpu_session.sh setup            # this package + its vLLM entry point
+#   bash scripts/gpu_session.sh kernels          # kernel tests natively + bench_cache_ops column_mass
+#   bash scripts/gpu_session.sh throughput ARGS  # benchmarks/throughput.py, JSON kept in /tmp/thr
+#   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS   # OpenAI-server soak in the background
+#   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
+#
+# Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
+# reliability-gpu.json, logs.tar.xz.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/out}
+THR=/tmp/thr/throughput-h200.json
+SOAK=/tmp/soak
+step=${1:?step}; shift || true
+
+collect_logs() {
+  # engine logs of throughput.py, the soak's load log and its server's log (in load.py's workdir)
+  (cd /tmp && tar cJf "$OUT/logs.tar.xz" --ignore-failed-read $(ls -d logs soak/load.log kvc-load-*/server.log 2>/dev/null)) || true
+}
+
+case "$step" in
+  setup)
+    python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "^WARNING" || true
+    python3 -c "from importlib import metadata; eps=[e.value for e in metadata.entry_points(group='vllm.general_plugins')]; print('entry points', eps); assert any(v.startswith('vllm_kvcompress.') for v in eps)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
+    ;;
+  kernels)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/triton_kernels tests/vllm/test_kernels.py 2>&1 | tail -15
+    timeout 120 python3 benchmarks/bench_cache_ops.py column_mass 2>&1 | tail -20
+    ;;
+  throughput)
+    mkdir -p /tmp/thr /tmp/logs
+    [ -f "$THR" ] || cp benchmarks/results/throughput-h200.json "$THR"
+    python3 benchmarks/throughput.py --out "$THR" --log-dir /tmp/logs "$@" || echo "throughput.py exited $?"
+    cp "$THR" "${THR%.json}.png" "$OUT/" 2>/dev/null || true
+    collect_logs
+    ;;
+  soak-start)
+    seconds=${1:-600}; clients=${2:-256}
+    mkdir -p "$SOAK"
+    python3 - <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from throughput import build_model_dir
+build_model_dir("llama3-8b", Path("/tmp/soak/models"))
+Path("/tmp/soak/chat.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
+PY
+    # Dummy Llama-3-8B; the WordLevel tokenizer maps each of load.py's words to one token, so its
+    # prompt lengths (and the context-filling and too-long inputs) are exact. A pool of ~0.3 of
+    # the GPU, so that 256 clients press on it.
+    flags="--load-format dummy --tokenizer $SOAK/models/llama3-8b/tokenizer --max-model-len 4096 --max-num-seqs 256 --gpu-memory-utilization 0.3 --seed 0"
+    setsid nohup python3 benchmarks/load.py --model "$SOAK/models/llama3-8b" --chat-template "$SOAK/chat.jinja" \
+      --kv-compression snapkv --kv-budget 0.1 --engine-flags "$flags" --server-flags "" \
+      --clients "$clients" --seconds "$seconds" --prompt-max 3000 --max-tokens 256 --faults \
+      --out "$SOAK/reliability-gpu.json" > "$SOAK/load.log" 2>&1 < /dev/null &
+    echo "soak started: $clients clients, $seconds s"
+    ;;
+  soak-wait)
+    limit=${1:-580}; start=$(date +%s)
+    while pgrep -f "benchmarks/load.py" > /dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
+    pgrep -f "benchmarks/load.py" > /dev/null && echo "soak still running after $limit s"
+    cp "$SOAK/reliability-gpu.json" "$OUT/" 2>/dev/null || echo "no reliability-gpu.json (yet)"
+    cp "$SOAK/load.log" "$OUT/" 2>/dev/null || true
+    tail -c 3000 "$SOAK/load.log" || true
+    collect_logs
+    ;;
+  *) echo "unknown step $step" >&2; exit 2 ;;
+esac
