@@ -166,6 +166,22 @@ def test_real_engine_config_is_completed(tiny_model_dir):
     assert config.additional_config["kv_compression"]["budget"] == 32
 
 
+@pytest.mark.parametrize("scores", ["tiny", "smollm2"])
+def test_head_scores_must_fit_the_model(scores, tiny_model_dir, head_scores_path):
+    """create_engine_config (front end, no engine process yet) takes the tiny model's own scores and
+    refuses SmolLM2's (30 layers x 3 KV heads) for the tiny model (4 x 2), naming both shapes."""
+    from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
+
+    path = head_scores_path if scores == "tiny" else str(SHIPPED_HEAD_SCORES)
+    args = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True, additional_config={
+        "kv_compression": {"policy": "headkv", "budget": 32, "headkv_scores": path}})
+    if scores == "tiny":
+        assert args.create_engine_config().additional_config["kv_compression"]["headkv_scores"] == path
+        return
+    with pytest.raises(ValueError, match=r"30 layers x 3 KV heads, but this model has 4 x 2"):
+        args.create_engine_config()
+
+
 def test_real_engine_config_untouched_without_compression(tiny_model_dir):
     config = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True,
                         additional_config={"kv_compression": {"policy": "none"}}).create_engine_config()

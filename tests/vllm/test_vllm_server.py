@@ -20,6 +20,7 @@ import requests
 import kvc_tiny_model as tiny_model
 from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, PLUGIN_FLAGS, SERVER, Server, free_port, metric
 from vllm_kvcompress.config import PRESET_NAMES
+from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
 
 pytestmark = pytest.mark.slow
 
@@ -243,7 +244,9 @@ def sliding_window_model(tiny_model_dir, tmp_path_factory):
      "unknown kv-compression policy 'nosuch'; valid policies: none, streamingllm, snapkv"),
     ("tiny", ["--kv-budget", "0"], "budget must be a positive number"),
     ("sliding", ["--kv-compression", "snapkv"], "sliding-window attention"),
-], ids=["policy", "budget", "sliding-window-model"])
+    ("tiny", ["--kv-compression", "headkv", "--kv-compression-config", json.dumps({"headkv_scores": str(SHIPPED_HEAD_SCORES)})],
+     "were computed for"),
+], ids=["policy", "budget", "sliding-window-model", "head-scores-of-another-model"])
 def test_bad_flags_exit_with_the_reason(model, flags, message, tiny_model_dir, sliding_window_model):
     model_dir = tiny_model_dir if model == "tiny" else sliding_window_model
     argv = [*SERVER, "--model", model_dir, "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS, *flags]

@@ -114,7 +114,25 @@ def refusals(vllm_config) -> list[str]:
         why.append("vLLM's V2 model runner is not supported (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if cache.enable_prefix_caching:
         why.append("prefix caching must be off (compressed head-blocks cannot be shared)")
+    why.extend(_head_score_mismatch(vllm_config))
     return why
+
+
+def _head_score_mismatch(vllm_config) -> list[str]:
+    """A HeadKV scores file calibrated for another model shape, found before any engine process
+    starts (the worker checks it again against the layers it actually built)."""
+    config = read(getattr(vllm_config, "additional_config", None))
+    if config is None or not config.headkv_scores:
+        return []
+    from ..head_scores import HeadScores
+
+    model = vllm_config.model_config
+    try:
+        HeadScores.load(config.headkv_scores).check_model(
+            model.get_num_layers(vllm_config.parallel_config), model.get_total_num_kv_heads(), config.headkv_scores)
+    except ValueError as error:
+        return [str(error)]
+    return []
 
 
 def _has_sliding_layers(model) -> bool:
