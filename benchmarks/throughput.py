@@ -226,12 +226,14 @@ PLAIN = "plain"
 @dataclass(frozen=True)
 class RunConfig:
     """``plain`` / ``plain-v1`` (stock vLLM; -v1 pins the V1 model runner the plugin uses) or
-    ``POLICY@BUDGET`` (budget: tokens per head ``256`` or a fraction of the prompt ``0.1``)."""
+    ``POLICY@BUDGET`` (budget: tokens per head ``256`` or a fraction of the prompt ``0.1``), with
+    ``+graphs`` for the plugin's full CUDA graphs of decode steps (``cuda_graphs``)."""
 
     label: str
     policy: str  # "none" for plain
     budget: int | float | None = None
     v1_runner: bool = False
+    graphs: bool = False
 
     @property
     def plugin(self) -> bool:
@@ -253,13 +255,21 @@ def parse_config(text: str) -> RunConfig:
     if text in (PLAIN, "plain-v1"):
         return RunConfig(text, "none", None, v1_runner=text == "plain-v1")
     if "@" not in text:
-        raise ValueError(f"configuration {text!r}: expected plain, plain-v1 or POLICY@BUDGET (snapkv@0.1)")
-    policy, budget_text = text.split("@", 1)
+        raise ValueError(f"configuration {text!r}: expected plain, plain-v1 or POLICY@BUDGET[+graphs] (snapkv@0.1)")
+    body, _, flag = text.partition("+")
+    if flag not in ("", "graphs"):
+        raise ValueError(f"configuration {text!r}: unknown suffix +{flag} (only +graphs)")
+    policy, budget_text = body.split("@", 1)
     if policy not in PRESET_NAMES or policy == "none":
         raise ValueError(f"configuration {text!r}: unknown policy {policy!r} ({', '.join(PRESET_NAMES[1:])})")
     budget = Budget.parse(budget_text)
     value = budget.tokens if budget.tokens is not None else budget.fraction
-    return RunConfig(f"{policy}@{value}", policy, value)
+    return RunConfig(f"{policy}@{value}" + ("+graphs" if flag else ""), policy, value, graphs=bool(flag))
+
+
+def series(record: dict) -> str:
+    """A record's line in the plot: its policy, ``+graphs`` when it ran with the plugin's decode graphs."""
+    return record["policy"] + ("+graphs" if (record.get("compression") or {}).get("cuda_graphs") else "")
 
 
 def compression_options(config: RunConfig, extra: dict) -> dict | None:
@@ -268,7 +278,8 @@ def compression_options(config: RunConfig, extra: dict) -> dict | None:
         return None
     from vllm_kvcompress.config import CompressionConfig
 
-    return CompressionConfig.from_dict({**extra, "policy": config.policy, "budget": config.budget}).to_dict()
+    graphs = {"cuda_graphs": True} if config.graphs else {}
+    return CompressionConfig.from_dict({**extra, "policy": config.policy, "budget": config.budget, **graphs}).to_dict()
 
 
 # ---- small helpers ----------------------------------------------------------------------------------
@@ -966,7 +977,7 @@ def plot(data: dict, path: Path) -> None:
     panels = sorted({(r["model"], r["workload"]) for r in records})
     if not panels:
         return
-    policies = sorted({r["policy"] for r in records if r["policy"] != "none"})
+    policies = sorted({series(r) for r in records if r["policy"] != "none"})
     fig, axes = plt.subplots(2, len(panels), figsize=(4.6 * len(panels), 7), squeeze=False)
     colors = plt.get_cmap("tab10")
     for col, (model, workload) in enumerate(panels):
@@ -979,11 +990,11 @@ def plot(data: dict, path: Path) -> None:
                 ax.axhline(plain[0][key], color="black", linestyle="--", linewidth=1, label="plain vLLM")
             for i, policy in enumerate(policies):
                 points = sorted((r["budget_fraction"], r[key]) for r in group
-                                if r["policy"] == policy and r.get(key) is not None)
+                                if series(r) == policy and r.get(key) is not None)
                 if points:
                     ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], color=colors(i % 10), label=policy)
                 partial = [(r["budget_fraction"], r[key]) for r in group
-                           if r["policy"] == policy and r.get(key) is not None and r["status"] != "ok"]
+                           if series(r) == policy and r.get(key) is not None and r["status"] != "ok"]
                 if partial:
                     ax.scatter(*zip(*partial), facecolors="none", edgecolors="red", s=120, zorder=5,
                                label="partial (timeout)" if i == 0 else None)

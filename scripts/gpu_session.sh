@@ -6,6 +6,7 @@
 #   source .device/part2/install.sh   (first call after part1; later calls: source .device/part2/env.sh)
 #   bash scripts/gpu_session.sh setup            # this package + its vLLM entry point
 #   bash scripts/gpu_session.sh kernels          # kernel tests natively + bench_cache_ops column_mass
+#   bash scripts/gpu_session.sh graphs           # cuda_graphs: captured decode graphs vs eager, same tokens
 #   bash scripts/gpu_session.sh throughput ARGS  # benchmarks/throughput.py, JSON kept in /tmp/thr
 #   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS   # OpenAI-server soak in the background
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
@@ -33,6 +34,10 @@ case "$step" in
   kernels)
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/triton_kernels tests/vllm/test_kernels.py 2>&1 | tail -15
     timeout 120 python3 benchmarks/bench_cache_ops.py column_mass 2>&1 | tail -20
+    ;;
+  graphs)
+    timeout 400 python3 scripts/graph_check.py 2>&1 | tee /tmp/graph_check.log | grep -v "^\(INFO\|WARNING\|DEBUG\)" | tail -20
+    grep -o "Capturing CUDA graphs[^\n]*" /tmp/graph_check.log | sort | uniq -c | head -5
     ;;
   throughput)
     mkdir -p /tmp/thr /tmp/logs

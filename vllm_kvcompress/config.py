@@ -104,6 +104,9 @@ class CompressionConfig:
     ems_*: see :class:`~vllm_kvcompress.scoring.EMSScorer` and
         :class:`~vllm_kvcompress.reduction.EvictThenMergeReducer`.
     windowkv_*: see :class:`~vllm_kvcompress.reduction.WindowReducer`.
+    cuda_graphs: serve pure-decode steps as full CUDA graphs (persistent metadata buffers,
+        :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. Off by default
+        until it has been measured on a GPU.
     """
 
     policy: str = "snapkv"
@@ -127,6 +130,7 @@ class CompressionConfig:
     windowkv_retrieval_window: int = 8
     windowkv_aggregation_window: int = 8
     windowkv_group_size: int = 8
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", canonical_preset(self.policy))
@@ -150,6 +154,8 @@ class CompressionConfig:
         _check_number("headkv_beta", self.headkv_beta, 1.0, 1e6, open_low=True)
         _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
         _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
         for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_group_size"):
             _check_positive_int(name, getattr(self, name))
         if self.allocator_name == "headkv" and not self.headkv_scores:

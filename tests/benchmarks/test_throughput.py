@@ -114,7 +114,11 @@ def test_parse_config():
     p = throughput.parse_config("plain")
     assert (p.policy, p.plugin, p.budget_fraction(100), p.v1_runner) == ("none", False, 1.0, False)
     assert throughput.parse_config("plain-v1").v1_runner
-    for bad in ("snapkv", "nosuch@0.1", "snapkv@1.5", "snapkv@-3", "none@0.1"):
+    g = throughput.parse_config("ems@0.1+graphs")
+    assert (g.label, g.policy, g.budget, g.graphs, c.graphs) == ("ems@0.1+graphs", "ems", 0.1, True, False)
+    assert throughput.compression_options(g, {})["cuda_graphs"] is True
+    assert throughput.compression_options(c, {})["cuda_graphs"] is False
+    for bad in ("snapkv", "nosuch@0.1", "snapkv@1.5", "snapkv@-3", "none@0.1", "snapkv@0.1+fast"):
         with pytest.raises(ValueError):
             throughput.parse_config(bad)
 

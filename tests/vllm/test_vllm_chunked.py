@@ -4,12 +4,11 @@ column mass is accumulated chunk by chunk) and must still match the HF oracle to
 import pytest
 import torch
 
-from test_vllm_engine import MAX_TOKENS, events, generate, greedy, prompt_ids, shutdown
+from test_vllm_engine import MAX_TOKENS, events, generate, greedy, plugin_llm, prompt_ids, shutdown
 
 from vllm_kvcompress import hf
 from vllm_kvcompress.config import CompressionConfig
 from vllm_kvcompress.presets import build_policy
-from vllm_kvcompress.vllm import runtime
 
 pytestmark = pytest.mark.slow
 
@@ -23,18 +22,12 @@ def chunked_runs(tiny_model_dir, tmp_path_factory):
     import json
     import os
 
-    from vllm import LLM
 
     vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
     prompts = [prompt_ids(n, 10 + i, vocab) for i, n in enumerate((150, 230, 310))]
     path = str(tmp_path_factory.mktemp("events") / "chunked.jsonl")
-    os.environ[runtime.EVENTS_ENV] = path
-    try:
-        llm = LLM(model=tiny_model_dir, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
-                  max_num_batched_tokens=STEP_TOKENS, max_num_seqs=4, gpu_memory_utilization=0.15,
-                  additional_config={"kv_compression": CONFIG})
-    finally:
-        del os.environ[runtime.EVENTS_ENV]
+    llm = plugin_llm(tiny_model_dir, path, CONFIG, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
+                     max_num_batched_tokens=STEP_TOKENS, max_num_seqs=4, gpu_memory_utilization=0.15)
     try:
         runs = {p: generate(llm, prompts, greedy(extra={"kv_compression": p})) for p in PRESETS}
     finally:

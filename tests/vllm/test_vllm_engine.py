@@ -59,6 +59,18 @@ def generate(llm, prompts, params):
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
+def plugin_llm(model_dir: str, events_path: str, config: dict, **engine):
+    """An LLM with the plugin on (``config``: kv_compression options) whose EngineCore and worker
+    processes log their events to ``events_path`` (they inherit the variable at start)."""
+    from vllm import LLM
+
+    os.environ[runtime.EVENTS_ENV] = events_path
+    try:
+        return LLM(model=model_dir, additional_config={"kv_compression": config}, **engine)
+    finally:
+        del os.environ[runtime.EVENTS_ENV]
+
+
 def shutdown(llm):
     llm.llm_engine.engine_core.shutdown()
     del llm
@@ -89,14 +101,7 @@ def compress_config(head_scores_path):
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir, stock_tokens, events_path, compress_config):
     """The plugin's engine (starts after the stock one is gone); its processes log events."""
-    from vllm import LLM
-
-    os.environ[runtime.EVENTS_ENV] = events_path  # inherited by the EngineCore and worker processes
-    try:
-        engine = LLM(model=tiny_model_dir, num_gpu_blocks_override=POOL_BLOCKS,
-                     additional_config={"kv_compression": compress_config}, **ENGINE)
-    finally:
-        del os.environ[runtime.EVENTS_ENV]
+    engine = plugin_llm(tiny_model_dir, events_path, compress_config, num_gpu_blocks_override=POOL_BLOCKS, **ENGINE)
     yield engine
     shutdown(engine)
 

@@ -27,6 +27,7 @@ from collections import Counter
 
 import benchmark_modules
 import pytest
+from test_vllm_engine import plugin_llm
 
 from vllm_kvcompress.config import CompressionConfig
 from vllm_kvcompress.vllm import runtime
@@ -75,17 +76,11 @@ def preemption_run(tiny_model_dir, tmp_path_factory):
        preempts running requests mid-decode and recomputes them later;
     2. the same through ``add_request`` / ``step``, aborting 3 requests mid-decode (one of them
        preempted if any is, at that moment)."""
-    from vllm import LLM
     from vllm.inputs import TokensPrompt
 
     events_path = str(tmp_path_factory.mktemp("preempt-events") / "events.jsonl")
     vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
-    os.environ[runtime.EVENTS_ENV] = events_path
-    try:
-        llm = LLM(model=tiny_model_dir, num_gpu_blocks_override=PREEMPT_POOL,
-                  additional_config={"kv_compression": PREEMPT_CONFIG}, **PREEMPT_ENGINE)
-    finally:
-        del os.environ[runtime.EVENTS_ENV]
+    llm = plugin_llm(tiny_model_dir, events_path, PREEMPT_CONFIG, num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
     try:
         prompts = _prompts(vocab, PREEMPT_REQUESTS, seed=1)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], _greedy(PREEMPT_TOKENS),

@@ -4,7 +4,9 @@ The KV-cache tensor of every layer is the same pool, ``(2, num_head_blocks, bloc
 (one head per block, so no head dimension). The metadata is built ONCE per step for all layers
 (one kv-cache group) and carries, per layer, slots / per-head block tables / retained lengths
 (the layout of ``paged/layout.py``), plus which rows observe (prefill of a request that will be
-compressed) and which requests complete their prefill in this step.
+compressed) and which requests complete their prefill in this step. With ``cuda_graphs`` on, pure
+decode steps use the persistent layout of :mod:`.graphs` instead, so vLLM can capture and replay
+them as full CUDA graphs.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, Att
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
 
 from ..paged import reference
-from . import kernels, runtime
+from . import kernels, runtime, settings
 
 
 class HeadBlockBackend(AttentionBackend):
@@ -51,7 +53,10 @@ class HeadBlockMetadata:
     rows (device);
     chunks: the other rows (continued prefill chunks); observe: rows whose queries the compressor
     needs; record: (token indices or None for every token, flat ring index row * window + slot) of
-    the queries kept for decode-time recompression; dummy: profiling / warm-up run."""
+    the queries kept for decode-time recompression; dummy: profiling / warm-up run.
+    graph: a pure-decode step in the persistent buffers of :mod:`.graphs` (slots / tables / lens are
+    their views, every row one token, padded rows included; step_queries [L, T, Hq, D] receives the
+    queries, which WorkerState.flush_graph_queries moves to the rings after the forward)."""
 
     num_actual_tokens: int
     query_start_loc: list[int]
@@ -69,6 +74,12 @@ class HeadBlockMetadata:
     observe: list[int] = field(default_factory=list)
     record: tuple | None = None
     dummy: bool = False
+    graph: bool = False
+    step_queries: torch.Tensor | None = None
+
+
+def _uniform_decode(cm: CommonAttentionMetadata) -> bool:
+    return cm.max_query_len == 1 and cm.num_actual_tokens == cm.num_reqs
 
 
 class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
@@ -76,6 +87,29 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):  # abstract in the base class
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        config = settings.read(vllm_config.additional_config)
+        if config is not None and config.cuda_graphs:
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return cls._cudagraph_support
+
+    def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> HeadBlockMetadata:
+        ws = runtime.WORKER_STATE
+        if ws is None or ws.decode_buffers is None:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        if not _uniform_decode(common_attn_metadata):
+            raise RuntimeError("kv compression captures full CUDA graphs of pure-decode batches only")
+        return self._graph_padding(ws, common_attn_metadata)
+
+    @staticmethod
+    def _graph_padding(ws, cm: CommonAttentionMetadata) -> HeadBlockMetadata:
+        """A pure-decode step of padded rows only: what capture and its warm-up runs see."""
+        md = HeadBlockMetadata(cm.num_actual_tokens, [], [], [], graph=True)
+        md.slots, md.tables, md.lens = ws.decode_buffers.fill(None, None, None, cm.num_reqs)
+        md.step_queries = ws.decode_buffers.queries[:, : cm.num_reqs]
+        return md
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadBlockMetadata:
@@ -89,9 +123,12 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         seq_lens = (known[:n] if known is not None else cm.seq_lens[:n].cpu()).tolist()
         md = HeadBlockMetadata(cm.num_actual_tokens, qsl, seq_lens, req_ids)
         if ws is None or not req_ids or any(r not in ws.reqs for r in req_ids):
+            if ws is not None and ws.decode_buffers is not None and _uniform_decode(cm) \
+                    and n <= ws.decode_buffers.rows:
+                return self._graph_padding(ws, cm)  # warm-up before a capture: the graph's kernels
             md.dummy = True  # profiling and warm-up runs: no requests behind the rows
             return md
-        q_lens = [qsl[r + 1] - qsl[r] for r in range(n)]
+        q_lens = [qsl[r + 1] - qsl[r] for r in range(len(req_ids))]  # padded rows (full graphs) excluded
         record_tokens, record_index = [], []
         for r, rid in enumerate(req_ids):
             st = ws.reqs[rid]
@@ -114,7 +151,13 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                     record_tokens.append(t)
                     record_index.append(st.row * ws.recent.shape[2] + st.recent_count % st.policy.window)
                     st.recent_count += 1
-        runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks))
+        graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe
+        runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
+                      graph=graph)
+        if graph:
+            return self._build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index)
+        if len(req_ids) < n:
+            raise RuntimeError(f"kv compression: {n - len(req_ids)} padded rows outside a pure-decode step")
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
         if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (absent: every token is)
             extra["fresh_tokens"] = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh])
@@ -131,6 +174,22 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         md.decode_tokens, md.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
         if record_index:
             md.record = (layout.extra.get("record_tokens"), layout.extra["record_index"])
+        return md
+
+    @staticmethod
+    def _build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index) -> HeadBlockMetadata:
+        """A pure-decode step in the persistent buffers (same forward whether vLLM replays a captured
+        graph, captures one or runs eagerly); padded rows beyond the requests' rows."""
+        extra = {}
+        if record_index:
+            extra = {"record_tokens": torch.tensor(record_tokens, dtype=torch.int64),
+                     "record_index": torch.tensor(record_index, dtype=torch.int64)}
+        layout = ws.prepare_step(req_ids, q_lens, extra)
+        md.slots, md.tables, md.lens = ws.decode_buffers.fill(layout.slots, layout.tables, layout.lens, cm.num_reqs)
+        md.step_queries = ws.decode_buffers.queries[:, : cm.num_reqs]
+        md.graph, md.fresh, md.decode = True, [], list(range(len(req_ids)))
+        if record_index:
+            ws.graph_record = (layout.extra["record_tokens"], layout.extra["record_index"])
         return md
 
 
@@ -173,6 +232,11 @@ class HeadBlockImpl(AttentionImpl):
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
         kernels.write_tokens(k, v, md.slots[l], key_cache, value_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if md.graph:  # persistent buffers, nothing else: the same launches when a CUDA graph replays them
+            kernels.decode_attention(q[:, None], key_cache, value_cache, md.tables[l], md.lens[l], self.scale,
+                                     out[:, None])
+            md.step_queries[l].copy_(q)
+            return output
         tables, lens = md.tables[l], md.lens[l]  # [R, H, W], [R, H], contiguous
         if md.fresh:  # whole prompts in this step: attend over the fresh K/V
             rows = md.fresh_tokens

@@ -43,6 +43,7 @@ class KVCompressConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         ws = runtime.WORKER_STATE
         if ws is not None:
+            ws.flush_graph_queries()  # recompression below reads the rings
             compress_pending(ws)
 
     def build_connector_worker_meta(self):

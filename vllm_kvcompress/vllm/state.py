@@ -37,6 +37,8 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
     extra = extra_args or {}
     changes = dict(extra.get("kv_compression_config") or {})
     changes.update({field_: extra[key] for key, field_ in OVERRIDE_KEYS.items() if key in extra})
+    if "cuda_graphs" in changes:  # captured once for the whole server
+        raise ValueError("cuda_graphs is a server option (--kv-compression-config), not a per-request one")
     return base.replace(**changes) if changes else base
 
 
@@ -118,6 +120,10 @@ class WorkerState:
         # one index_copy_ per step (rows * window + slot)
         self.recent: torch.Tensor | None = None
         self._policies: dict[str, Policy | None] = {}
+        # cuda_graphs: persistent layout of pure-decode steps (graphs.DecodeBuffers, set by the worker)
+        self.decode_buffers = None
+        self.step_observes = False  # a request scheduled this step still observes its prefill
+        self.graph_record: tuple | None = None  # (token indices, ring indices) left in decode_buffers.queries
 
     # ---- policies ---------------------------------------------------------------------------
     def policy_for(self, extra_args: dict | None) -> tuple[Policy | None, int | None]:
@@ -189,6 +195,21 @@ class WorkerState:
                 self._start(rid, policy, target, slack)
             if new_ids is not None:
                 self.reqs[rid].add_spares(new_ids[0])
+        if self.decode_buffers is not None:  # such a step must not replay a decode graph: its
+            # prefill queries are stashed in Python
+            self.step_observes = any(
+                st.observing and st.num_tokens < st.compress_at
+                for st in (self.reqs.get(rid) for rid in so.num_scheduled_tokens) if st is not None)
+
+    def flush_graph_queries(self) -> None:
+        """Move the recorded queries of a pure-decode step (left in ``decode_buffers.queries`` by the
+        forward, inside or outside a CUDA graph) into their requests' rings, all layers at once."""
+        if self.graph_record is None:
+            return
+        tokens, ring_index = self.graph_record
+        self.graph_record = None
+        ring = self.recent.view(self.L, -1, *self.recent.shape[3:])  # [L, rows * window, Hq, D]
+        ring.index_copy_(1, ring_index, self.decode_buffers.queries[:, tokens].to(ring.dtype))
 
     # ---- appending rows (builder.build, once per step for all layers) -----------------------
     def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

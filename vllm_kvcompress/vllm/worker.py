@@ -7,6 +7,9 @@
   ``get_kv_cache_spec`` reports one :class:`HeadBlockSpec` for the first layer and maps every other
   layer onto it (``shared_kv_cache_layers``): one kv-cache group, one pool, one metadata build.
   The runner's own per-request block table goes unused (``may_reinitialize_input_batch``).
+  With ``cuda_graphs`` the persistent decode buffers (:mod:`.graphs`) are allocated there too
+  (before vLLM's profiling run, so the KV pool is sized around them), and a step in which a
+  request still observes its prefill is kept from replaying a decode graph (``_is_uniform_decode``).
 * ``execute_model``: the scheduler's block ids go to :class:`WorkerState` before the forward.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from vllm.v1.worker.block_table import BlockTable, SlotMappingMode
 
 from ..head_scores import HeadScores
 from . import kernels, runtime, settings
+from .graphs import DecodeBuffers
 from .spec import HeadBlockSpec
 from .state import WorkerState
 
@@ -54,10 +58,21 @@ class _HeadBlockRunnerMixin:
             if config.headkv_scores:  # wrong shape: fail at start-up, not at the first compression
                 HeadScores.load(config.headkv_scores).check_model(len(names), first.num_kv_heads,
                                                                   config.headkv_scores)
-            runtime.WORKER_STATE = WorkerState(len(names), first.num_kv_heads, first.block_size,
-                                               {n: i for i, n in enumerate(names)}, config, device=self.device,
-                                               workspace_bytes=compression_workspace(spec, self.vllm_config))
+            ws = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
+                             config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config))
+            if config.cuda_graphs:
+                ws.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config),
+                                                           dtype=first.dtype, device=self.device)
+            runtime.WORKER_STATE = ws
         return {names[0]: spec}
+
+    def _is_uniform_decode(self, *args, force_uniform_decode=None, **kwargs) -> bool:
+        """vLLM's test for a full-graph decode batch, refused while a scheduled request still
+        observes its prefill (its last chunk can be one token): the backend stashes those queries
+        in Python, which a replayed graph would skip."""
+        uniform = super()._is_uniform_decode(*args, force_uniform_decode=force_uniform_decode, **kwargs)
+        ws = runtime.WORKER_STATE
+        return uniform and not (force_uniform_decode is None and ws is not None and ws.step_observes)
 
     def may_reinitialize_input_batch(self, kv_cache_config, kernel_block_sizes):
         """The worker keeps every head's blocks in its own device tables (:class:`WorkerState`), so
@@ -84,6 +99,17 @@ def compression_workspace(spec: HeadBlockSpec, vllm_config) -> int:
     scoring temporaries, plus 256 MiB of attention logits (EMS column mass, window scores)."""
     dense = spec.blocks_per_request(vllm_config.model_config.max_model_len) * spec.page_size_bytes
     return dense + dense // 4 + (256 << 20)
+
+
+def decode_buffer_shape(spec: HeadBlockSpec, vllm_config) -> dict:
+    """Sizes of the CUDA-graph decode buffers: a row for every request a decode graph can hold
+    (vLLM pads batches up to its largest capture size), a table column for every block of the
+    longest head the context allows."""
+    compilation, scheduler = vllm_config.compilation_config, vllm_config.scheduler_config
+    rows = max(scheduler.max_num_seqs, getattr(compilation, "max_cudagraph_capture_size", None) or 0)
+    return dict(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
+                num_q_heads=vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
+                head_dim=spec.head_size, rows=rows, width=-(-vllm_config.model_config.max_model_len // spec.block_size))
 
 
 _RUNNERS: dict[type, type] = {}

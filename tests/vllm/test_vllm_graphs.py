@@ -1,0 +1,169 @@
+"""``cuda_graphs``: pure-decode steps in persistent buffers (vllm_kvcompress/vllm/graphs.py).
+
+The CPU build of vLLM captures no CUDA graphs, but every pure-decode step with ``cuda_graphs`` on
+takes the same path a captured graph replays (the same buffers, the same launches), so the engine
+tests here check that path token for token against the HF oracle; the units check padding, what a
+capture-time step writes, and the runner's refusal of full graphs while a request observes.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from test_vllm_engine import generate, greedy, plugin_llm, prompt_ids, shutdown
+
+from vllm_kvcompress import hf
+from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.vllm import runtime
+from vllm_kvcompress.vllm.backend import HeadBlockImpl, HeadBlockMetadataBuilder
+from vllm_kvcompress.vllm.graphs import DecodeBuffers
+from vllm_kvcompress.vllm.state import WorkerState, request_config
+
+L, H, HQ, D, BS = 2, 2, 4, 16, 16
+
+
+def buffers(rows=8, width=5, dtype=torch.float32):
+    return DecodeBuffers.allocate(L, H, HQ, D, rows, width, dtype, "cpu")
+
+
+def poison(buf: DecodeBuffers) -> None:
+    for t in (buf.slots, buf.tables, buf.lens):
+        t.fill_(7777)
+    buf.queries.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("real, padded, width", [(3, 3, 5), (3, 8, 2), (1, 4, 5), (0, 6, 1)])
+def test_fill_copies_the_layout_and_pads(real, padded, width):
+    buf = buffers()
+    poison(buf)
+    gen = torch.Generator().manual_seed(real * 10 + padded)
+    slots = torch.randint(0, 1000, (L, real, H), generator=gen)
+    tables = torch.randint(1, 1000, (L, real, H, width), generator=gen, dtype=torch.int32)
+    lens = torch.randint(1, width * BS, (L, real, H), generator=gen, dtype=torch.int32)
+    got_slots, got_tables, got_lens = buf.fill(*((slots, tables, lens) if real else (None, None, None)), padded)
+    assert got_slots.shape == (L, padded, H) and got_tables.shape == (L, padded, H, buf.width)
+    assert got_slots.data_ptr() == buf.slots.data_ptr()  # views of the persistent buffers
+    assert torch.equal(got_slots[:, :real], slots) and torch.equal(got_lens[:, :real], lens)
+    assert torch.equal(got_tables[:, :real, :, :width], tables)
+    assert (got_slots[:, real:] == -1).all() and (got_lens[:, real:] == 1).all()
+    assert (got_tables[:, real:, :, 0] == 0).all()  # padded rows read vLLM's null block
+
+
+def test_fill_refuses_what_does_not_fit():
+    buf = buffers(rows=4, width=3)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        buf.fill(None, None, None, 5)
+    tables = torch.ones(L, 2, H, 4, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="more than the 3 columns"):
+        buf.fill(torch.zeros(L, 2, H, dtype=torch.int64), tables, torch.ones(L, 2, H, dtype=torch.int32), 2)
+
+
+def test_a_capture_step_writes_no_cache_row_and_keeps_its_queries():
+    """What vLLM captures (and warms up before): padded rows only. Nothing may land in the pool;
+    the queries land in the step buffer (copied to the rings after the forward)."""
+    ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", cuda_graphs=True))
+    ws.decode_buffers = buffers()
+    poison(ws.decode_buffers)
+    n = 5
+    md = HeadBlockMetadataBuilder._graph_padding(ws, SimpleNamespace(num_reqs=n, num_actual_tokens=n))
+    assert md.graph and not md.dummy and md.tables.shape == (L, n, H, 5)
+    runtime.WORKER_STATE = ws
+    try:
+        impl = HeadBlockImpl(HQ, D, D ** -0.5, H, None, None, "auto")
+        pool = torch.randn(2, 10, BS, D)
+        before = pool.clone()
+        query, key, value = torch.randn(n, HQ * D), torch.randn(n, H * D), torch.randn(n, H * D)
+        output = torch.full((n, HQ * D), float("nan"))
+        for layer in ("l0", "l1"):
+            impl.layer = None
+            impl.forward(SimpleNamespace(layer_name=layer), query, key, value, pool, md, output)
+    finally:
+        runtime.WORKER_STATE = None
+    assert torch.equal(pool, before)
+    assert torch.equal(ws.decode_buffers.queries[:, :n], query.view(n, HQ, D).expand(L, -1, -1, -1))
+    assert torch.isfinite(output).all()  # padded rows attend to row 0 of block 0
+
+
+class _Base:
+    @staticmethod
+    def _is_uniform_decode(max_num_scheduled_tokens, uniform_decode_query_len, num_tokens, num_reqs,
+                           force_uniform_decode=None):
+        return num_tokens == num_reqs if force_uniform_decode is None else force_uniform_decode
+
+
+def test_runner_refuses_full_graphs_while_a_request_observes():
+    from vllm_kvcompress.vllm.worker import _HeadBlockRunnerMixin
+
+    runner = type("Runner", (_HeadBlockRunnerMixin, _Base), {})()
+    ask = dict(max_num_scheduled_tokens=1, uniform_decode_query_len=1, num_tokens=4, num_reqs=4)
+    ws = SimpleNamespace(step_observes=False)
+    runtime.WORKER_STATE = ws
+    try:
+        assert runner._is_uniform_decode(**ask)
+        ws.step_observes = True
+        assert not runner._is_uniform_decode(**ask)
+        assert runner._is_uniform_decode(**ask, force_uniform_decode=True)  # capture: vLLM's own choice
+    finally:
+        runtime.WORKER_STATE = None
+
+
+def test_cuda_graphs_is_a_server_option():
+    base = CompressionConfig(policy="snapkv", cuda_graphs=True)
+    with pytest.raises(ValueError, match="server option"):
+        request_config(base, {"kv_compression_config": {"cuda_graphs": False}})
+    with pytest.raises(ValueError, match="true or false"):
+        CompressionConfig(cuda_graphs="yes")
+
+
+# ---- a CPU engine with cuda_graphs on, against the HF oracle ------------------------------------
+STEP_TOKENS = 96
+CONFIG = {"policy": "snapkv", "budget": 48, "window": 16, "decode_slack": 3, "cuda_graphs": True}
+PRESETS = ("snapkv", "ems", "windowkv", "adakv")
+DECODE_TOKENS = 20
+
+
+@pytest.fixture(scope="module")
+def graph_runs(tiny_model_dir, tmp_path_factory):
+    """Per preset, tokens of four prompts decoded together (decode-time recompression every 4
+    tokens); first, alone, a prompt of STEP_TOKENS + 1 tokens, whose last prefill chunk is a
+    one-token step that must not take the decode path."""
+    import json
+    import os
+
+
+    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
+    prompts = [prompt_ids(n, 20 + i, vocab) for i, n in enumerate((STEP_TOKENS + 1, 150, 230, 310))]
+    path = str(tmp_path_factory.mktemp("events") / "graphs.jsonl")
+    llm = plugin_llm(tiny_model_dir, path, CONFIG, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
+                     max_num_batched_tokens=STEP_TOKENS, max_num_seqs=4, gpu_memory_utilization=0.15)
+    try:
+        runs = {}
+        for preset in PRESETS:
+            params = greedy(DECODE_TOKENS, {"kv_compression": preset})
+            runs[preset] = generate(llm, prompts[:1], params) + generate(llm, prompts[1:], params)
+    finally:
+        shutdown(llm)
+    return prompts, runs, runtime.read_events(path)
+
+
+def test_decode_steps_took_the_graph_path(graph_runs):
+    _, _, found = graph_runs
+    builds = [e for e in found if e["kind"] == "build"]
+    graph = [e for e in builds if e["graph"]]
+    assert len(graph) >= len(PRESETS) * DECODE_TOKENS  # every decode step of every preset
+    assert all(e["fresh"] == 0 and e["chunks"] == 0 for e in graph)
+    # the one-token last chunk of the first prompt observed (it was compressed at its end) outside
+    assert any(not e["graph"] and e["tokens"] == 1 for e in builds)
+    decoded = [e for e in found if e["kind"] == "compressed" and e["what"] == "decode"]
+    assert len(decoded) >= len(PRESETS) * 4
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_path_matches_hf_oracle(preset, graph_runs, hf_model):
+    prompts, runs, _ = graph_runs
+    policy = build_policy(CompressionConfig.from_dict({**CONFIG, "policy": preset}))
+    for prompt, got in zip(prompts, runs[preset]):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS, recompress_slack=3)
+        assert want.recompressions > 0
+        assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"

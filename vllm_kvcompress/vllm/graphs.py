@@ -1,0 +1,72 @@
+"""Persistent buffers of pure-decode steps, so that vLLM can run them as full CUDA graphs.
+
+With ``cuda_graphs`` on, the backend declares ``UNIFORM_SINGLE_TOKEN_DECODE`` support: vLLM then
+captures whole decode forwards (all layers) once per batch size and replays them, and no Python
+runs between the layers. A replayed graph reads its inputs from the addresses it was captured
+with, so every pure-decode step -- captured, replayed or run eagerly -- lays its metadata out in
+these buffers, at fixed widths, instead of in fresh tensors:
+
+* ``slots`` int64 [L, rows, H]: where each new token's K/V goes (-1: a padded row, nothing written);
+* ``tables`` int32 [L, rows, H, width]: per-head block tables, ``width`` = blocks of the longest
+  possible head (``max_model_len / block_size``); columns past a head's length are never read;
+* ``lens`` int32 [L, rows, H]: rows held after the append (1 for padded rows);
+* ``queries`` [L, rows, Hq, D]: every row's query, copied out inside the graph; after the forward
+  the rows that record queries for decode-time recompression are moved to the request's ring
+  (:meth:`WorkerState.flush_graph_queries`), whose size may change between steps.
+
+Padded rows (vLLM pads a batch up to the next captured size) attend to row 0 of block 0, vLLM's
+null block, which no request owns: their outputs are garbage that nothing reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DecodeBuffers:
+    slots: torch.Tensor
+    tables: torch.Tensor
+    lens: torch.Tensor
+    queries: torch.Tensor
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_kv_heads: int, num_q_heads: int, head_dim: int, rows: int,
+                 width: int, dtype: torch.dtype, device) -> "DecodeBuffers":
+        shape = (num_layers, rows, num_kv_heads)
+        return cls(slots=torch.full(shape, -1, dtype=torch.int64, device=device),
+                   tables=torch.zeros(*shape, width, dtype=torch.int32, device=device),
+                   lens=torch.ones(shape, dtype=torch.int32, device=device),
+                   queries=torch.zeros(num_layers, rows, num_q_heads, head_dim, dtype=dtype, device=device))
+
+    @property
+    def rows(self) -> int:
+        return self.slots.shape[1]
+
+    @property
+    def width(self) -> int:
+        return self.tables.shape[3]
+
+    def fill(self, slots: torch.Tensor | None, tables: torch.Tensor | None, lens: torch.Tensor | None,
+             padded_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Copy a step's layout (slots [L, R, H], tables [L, R, H, W], lens [L, R, H]; None: no real
+        rows, as in capture) into the buffers and mark rows R .. padded_rows as padding. Returns the
+        views [:, :padded_rows] of slots, tables (full width) and lens."""
+        real = 0 if lens is None else lens.shape[1]
+        if padded_rows > self.rows or real > padded_rows:
+            raise RuntimeError(f"kv compression: a decode batch of {padded_rows} rows ({real} real) does not fit "
+                               f"the {self.rows} rows of the CUDA-graph buffers")
+        if real:
+            width = tables.shape[3]
+            if width > self.width:
+                raise RuntimeError(f"kv compression: a head holds {width} blocks, more than the {self.width} "
+                                   "columns of the CUDA-graph buffers (max_model_len / block_size)")
+            self.slots[:, :real].copy_(slots)
+            self.tables[:, :real, :, :width].copy_(tables)
+            self.lens[:, :real].copy_(lens)
+        if padded_rows > real:
+            self.slots[:, real:padded_rows].fill_(-1)
+            self.lens[:, real:padded_rows].fill_(1)
+            self.tables[:, real:padded_rows, :, 0].fill_(0)
+        return self.slots[:, :padded_rows], self.tables[:, :padded_rows], self.lens[:, :padded_rows]
