@@ -6,7 +6,7 @@
 #   source .device/part2/install.sh   (first call after part1; later calls: source .device/part2/env.sh)
 #   bash scripts/gpu_session.sh setup            # this package + its vLLM entry point
 #   bash scripts/gpu_session.sh kernels          # kernel tests natively + bench_cache_ops column_mass
-#   bash scripts/gpu_session.sh graphs           # cuda_graphs: captured decode graphs vs eager, same tokens
+#   bash scripts/gpu_session.sh graphs           # cuda_graphs: replayed decode graphs vs the piecewise path
 #   bash scripts/gpu_session.sh throughput ARGS  # benchmarks/throughput.py, JSON kept in /tmp/thr
 #   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS   # OpenAI-server soak in the background
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects

@@ -1,13 +1,18 @@
-"""GPU check of ``cuda_graphs``: the same greedy requests through an engine that captures and
-replays full CUDA graphs of its decode steps and through one that runs the same path eagerly
-(``enforce_eager``), on the test suite's tiny random Llama in bf16, with decode-time recompression.
+"""GPU check of ``cuda_graphs``: the same greedy requests through two compiled engines, one with
+``cuda_graphs`` (vLLM captures and replays full graphs of the decode steps) and one without (the
+plugin's piecewise path), on the test suite's tiny random Llama in bf16, with decode-time
+recompression, four presets.
 
     python scripts/graph_check.py            # on the device machine, after the vLLM bundle
 
-Prints, per preset, how many of the sequences are identical and where the first difference is.
-The two engines run the same kernels on the same buffers; a replayed graph that read stale
-metadata would diverge at once. (Matrix products padded to a captured batch size may round
-differently, so a late single-token divergence is not by itself a bug; an early one is.)
+Prints, per preset, how many sequences are identical, where the first differences are, and the
+largest difference of the chosen tokens' log-probabilities before a sequence's first difference.
+The two paths should differ in rounding only (the decode kernel splits the wider graph tables into
+other chunks; the compiled model may be specialised differently), so sequences may part late after
+a near tie; a replayed graph that read stale metadata would be off by nats at its first step.
+Passes when every log-probability before the first difference agrees within ``TOLERANCE``. On the
+CPU build (no graphs there: both engines take their paths eagerly) the largest difference was
+0.20 nats in bf16 (23 of 24 sequences identical) and below 5e-5 in float32 (``--float32``).
 """
 from __future__ import annotations
 
@@ -25,21 +30,25 @@ PRESETS = ("snapkv", "ems", "windowkv", "adakv")
 CONFIG = {"policy": "snapkv", "budget": 48, "window": 16, "decode_slack": 3, "cuda_graphs": True}
 PROMPT_LENS = (97, 150, 230, 310, 180, 260)
 TOKENS = 32
+TOLERANCE = 1.0  # nats: bf16 rounding on this peaked tiny model reaches ~0.2
+DTYPE = "bfloat16"  # FlashAttention-3 (the GPU prefill path) has no float32; --float32 on the CPU
 
 
-def run(model_dir: str, prompts: list[list[int]], eager: bool) -> dict[str, list[list[int]]]:
+def run(model_dir: str, prompts: list[list[int]], graphs: bool) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per preset, (tokens, their log-probabilities) of every prompt."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, dtype="bfloat16", enforce_eager=eager, seed=0, max_model_len=512,
-              max_num_batched_tokens=512, max_num_seqs=8, gpu_memory_utilization=0.3,
-              additional_config={"kv_compression": CONFIG})
+    llm = LLM(model=model_dir, dtype=DTYPE, seed=0, max_model_len=512, max_num_batched_tokens=512,
+              max_num_seqs=8, gpu_memory_utilization=0.3,
+              additional_config={"kv_compression": {**CONFIG, "cuda_graphs": graphs}})
     out = {}
     for preset in PRESETS:
-        params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True,
+        params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, logprobs=0,
                                 extra_args={"kv_compression": preset})
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        out[preset] = [list(r.outputs[0].token_ids) for r in results]
+        out[preset] = [(list(o.token_ids), [step[t].logprob for step, t in zip(o.logprobs, o.token_ids)])
+                       for o in (r.outputs[0] for r in results)]
     llm.llm_engine.engine_core.shutdown()
     return out
 
@@ -49,20 +58,32 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> int:
+    global DTYPE, PRESETS
+    if "--float32" in sys.argv:
+        DTYPE = "float32"
+    if "--presets" in sys.argv:
+        PRESETS = tuple(sys.argv[sys.argv.index("--presets") + 1].split(","))
     model_dir = kvc_tiny_model.build(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
-    graphs, eager = run(model_dir, prompts, eager=False), run(model_dir, prompts, eager=True)
-    print(f"{'preset':10} identical  first differences (token index)")
-    worst = TOKENS
+    graphs, piecewise = run(model_dir, prompts, graphs=True), run(model_dir, prompts, graphs=False)
+    print(f"{'preset':10} identical  max |d logprob| before a difference  first differences (token index)")
+    worst = 0.0
     for preset in PRESETS:
-        diffs = [first_difference(a, b) for a, b in zip(graphs[preset], eager[preset])]
+        diffs, delta = [], 0.0
+        for (tokens_a, logprobs_a), (tokens_b, logprobs_b) in zip(graphs[preset], piecewise[preset]):
+            first = first_difference(tokens_a, tokens_b)
+            diffs.append(first)
+            upto = TOKENS if first is None else first
+            delta = max([delta] + [abs(a - b) for a, b in zip(logprobs_a[:upto], logprobs_b[:upto])])
+        worst = max(worst, delta)
         same = sum(d is None for d in diffs)
-        worst = min([worst] + [d for d in diffs if d is not None])
-        print(f"{preset:10} {same}/{len(prompts)}       {[d for d in diffs if d is not None]}")
-    print("OK" if worst >= TOKENS // 2 else f"FAILED: a sequence diverged at token {worst}")
-    return 0 if worst >= TOKENS // 2 else 1
+        print(f"{preset:10} {same}/{len(prompts)}       {delta:10.4f}                          "
+              f"{[d for d in diffs if d is not None]}")
+    ok = worst <= TOLERANCE
+    print("OK" if ok else f"FAILED: log-probabilities differ by {worst:.3f} before any token does")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
