@@ -8,7 +8,11 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 * ``recompress``: one decode-time recompression of all 256 heads of a request at 1,665 rows each
   (budget 1,600 + slack 64 + 1), per policy: PyTorch calls counted by torch.profiler. On a GPU each
   call is at least one kernel launch from Python, so the count is what the host pays. Also 8
-  requests due in the same step (400-row heads), one by one against together.
+  requests due in the same step (400-row heads), one by one against together;
+* ``decode_step``: the metadata of one pure-decode step of 256 running requests (400 rows a head):
+  ``WorkerState.prepare_step`` and, with ``cuda_graphs``, the copy into the persistent buffers
+  (``DecodeBuffers.fill``): PyTorch calls and ms. Once a replayed graph takes the 32 per-layer
+  attention calls off the host, this and the scheduler are what a decode step still costs it.
 
     python benchmarks/host_overhead.py                       # table + benchmarks/results/host-overhead-cpu.json
 
@@ -124,6 +128,38 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1) -> 
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
 
 
+def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> dict:
+    """PyTorch calls and CPU ms of one pure-decode step's layout, without and with the graph buffers."""
+    from vllm_kvcompress.config import CompressionConfig
+    from vllm_kvcompress.vllm.graphs import DecodeBuffers
+    from vllm_kvcompress.vllm.state import WorkerState
+
+    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=rows))
+    per_request = L * H * -(-(rows + 2 * steps + 2) // BS)  # room for the measured steps
+    rids = [str(r) for r in range(num_requests)]
+    for r, rid in enumerate(rids):
+        ws.ingest(scheduler_output(rid, rows, list(range(r * per_request, (r + 1) * per_request))))
+        ws.append(rid, rows)
+    buffers = DecodeBuffers.allocate(L, H, H * GROUP, D, num_requests, 1088, torch.bfloat16, "cpu")  # 17k tokens
+    out = {}
+    for name, graph in (("layout", False), ("layout_and_graph_buffers", True)):
+        def step():
+            layout = ws.prepare_step(rids, [1] * num_requests)
+            if graph:
+                buffers.fill(layout.slots, layout.tables, layout.lens, num_requests)
+        step()
+        with torch.profiler.profile() as prof:
+            step()
+        calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+        times = []
+        for _ in range(steps // 2 - 1):
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+        out[name] = {"pytorch_calls": calls, "cpu_ms": round(statistics.median(times), 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default=None, help="name of this run (default: the project commit)")
@@ -142,7 +178,8 @@ def main() -> None:
            # 8 requests due in the same step (400-row heads): one by one (8 x one) vs. together
            "recompress_8_requests_pytorch_calls": {
                p: {"one_by_one": 8 * recompress_calls(p, 400), "together": recompress_calls(p, 400, 8)}
-               for p in args.policies.split(",")}}
+               for p in args.policies.split(",")},
+           "decode_step_256_requests": decode_step()}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
     args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
@@ -152,6 +189,8 @@ def main() -> None:
         print(f"{r['label']:<28} {r['take_reports_256_requests_ms']:>16} {r['apply_report_ms']:>16}  {calls}")
         for p, n in r.get("recompress_8_requests_pytorch_calls", {}).items():
             print(f"{'':<28} 8 due requests, {p}: {n['one_by_one']} calls one by one, {n['together']} together")
+        for name, n in r.get("decode_step_256_requests", {}).items():
+            print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
 
 
 if __name__ == "__main__":
