@@ -11,7 +11,7 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
   requests due in the same step (400-row heads), one by one against together;
 * ``decode_step``: the metadata of one pure-decode step of 256 running requests (400 rows a head):
   ``WorkerState.prepare_step`` and, with ``cuda_graphs``, the copy into the persistent buffers
-  (``DecodeBuffers.fill``): PyTorch calls and ms. Once a replayed graph takes the 32 per-layer
+  (``DecodeBuffers.fill``): PyTorch calls and ms of a step that assigns no new block. Once a replayed graph takes the 32 per-layer
   attention calls off the host, this and the scheduler are what a decode step still costs it.
 
     python benchmarks/host_overhead.py                       # table + benchmarks/results/host-overhead-cpu.json

@@ -28,3 +28,12 @@ def test_requests_due_together_share_the_policy_calls(policy):
     repeats), so far fewer calls than four recompressions one by one (1,524 vs 635 for snapkv)."""
     one, four = host.recompress_calls(policy, prompt=48), host.recompress_calls(policy, prompt=48, num_requests=4)
     assert four < 2 * one, (one, four)
+
+
+def test_a_decode_steps_layout_costs_the_same_calls_for_any_number_of_requests():
+    """One batched layout per step (90 PyTorch calls at the full size), whatever the batch; the
+    CUDA-graph buffers add their three copies (and a fill of padded rows only when padded)."""
+    few, many = host.decode_step(num_requests=4, rows=40, steps=6), host.decode_step(num_requests=32, rows=40, steps=6)
+    assert few["layout"]["pytorch_calls"] == many["layout"]["pytorch_calls"] < 150
+    for run in (few, many):
+        assert run["layout_and_graph_buffers"]["pytorch_calls"] - run["layout"]["pytorch_calls"] == 3
