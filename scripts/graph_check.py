@@ -16,6 +16,7 @@ CPU build (no graphs there: both engines take their paths eagerly) the largest d
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import random
@@ -34,16 +35,17 @@ TOLERANCE = 1.0  # nats: bf16 rounding on this peaked tiny model reaches ~0.2
 DTYPE = "bfloat16"  # FlashAttention-3 (the GPU prefill path) has no float32; --float32 on the CPU
 
 
-def run(model_dir: str, prompts: list[list[int]], graphs: bool) -> dict[str, list[tuple[list[int], list[float]]]]:
+def run(model_dir: str, prompts: list[list[int]], graphs: bool, dtype: str,
+        presets: tuple[str, ...]) -> dict[str, list[tuple[list[int], list[float]]]]:
     """Per preset, (tokens, their log-probabilities) of every prompt."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = LLM(model=model_dir, dtype=DTYPE, seed=0, max_model_len=512, max_num_batched_tokens=512,
+    llm = LLM(model=model_dir, dtype=dtype, seed=0, max_model_len=512, max_num_batched_tokens=512,
               max_num_seqs=8, gpu_memory_utilization=0.3,
               additional_config={"kv_compression": {**CONFIG, "cuda_graphs": graphs}})
     out = {}
-    for preset in PRESETS:
+    for preset in presets:
         params = SamplingParams(temperature=0.0, max_tokens=TOKENS, ignore_eos=True, logprobs=0,
                                 extra_args={"kv_compression": preset})
         results = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -58,19 +60,19 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 def main() -> int:
-    global DTYPE, PRESETS
-    if "--float32" in sys.argv:
-        DTYPE = "float32"
-    if "--presets" in sys.argv:
-        PRESETS = tuple(sys.argv[sys.argv.index("--presets") + 1].split(","))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--float32", action="store_true", help="float32 instead of bf16 (CPU only)")
+    parser.add_argument("--presets", default=",".join(PRESETS))
+    args = parser.parse_args()
+    dtype, presets = ("float32" if args.float32 else DTYPE), tuple(args.presets.split(","))
     model_dir = kvc_tiny_model.build(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]
-    graphs, piecewise = run(model_dir, prompts, graphs=True), run(model_dir, prompts, graphs=False)
+    graphs, piecewise = (run(model_dir, prompts, on, dtype, presets) for on in (True, False))
     print(f"{'preset':10} identical  max |d logprob| before a difference  first differences (token index)")
     worst = 0.0
-    for preset in PRESETS:
+    for preset in presets:
         diffs, delta = [], 0.0
         for (tokens_a, logprobs_a), (tokens_b, logprobs_b) in zip(graphs[preset], piecewise[preset]):
             first = first_difference(tokens_a, tokens_b)

@@ -106,10 +106,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
     @staticmethod
     def _graph_padding(ws, cm: CommonAttentionMetadata) -> HeadBlockMetadata:
         """A pure-decode step of padded rows only: what capture and its warm-up runs see."""
-        md = HeadBlockMetadata(cm.num_actual_tokens, [], [], [], graph=True)
-        md.slots, md.tables, md.lens = ws.decode_buffers.fill(None, None, None, cm.num_reqs)
-        md.step_queries = ws.decode_buffers.queries[:, : cm.num_reqs]
-        return md
+        return _in_graph_buffers(ws, HeadBlockMetadata(cm.num_actual_tokens, [], [], []), cm.num_reqs)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadBlockMetadata:
@@ -185,12 +182,20 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
             extra = {"record_tokens": torch.tensor(record_tokens, dtype=torch.int64),
                      "record_index": torch.tensor(record_index, dtype=torch.int64)}
         layout = ws.prepare_step(req_ids, q_lens, extra)
-        md.slots, md.tables, md.lens = ws.decode_buffers.fill(layout.slots, layout.tables, layout.lens, cm.num_reqs)
-        md.step_queries = ws.decode_buffers.queries[:, : cm.num_reqs]
-        md.graph, md.fresh, md.decode = True, [], list(range(len(req_ids)))
+        md.fresh, md.decode = [], list(range(len(req_ids)))
         if record_index:
             ws.graph_record = (layout.extra["record_tokens"], layout.extra["record_index"])
-        return md
+        return _in_graph_buffers(ws, md, cm.num_reqs, layout)
+
+
+def _in_graph_buffers(ws, md: HeadBlockMetadata, padded_rows: int, layout=None) -> HeadBlockMetadata:
+    """``md`` as a graph step: its slots / tables / lens / step queries are views of the persistent
+    buffers, holding ``layout``'s rows (None: padding only) and padded up to ``padded_rows``."""
+    rows = (None, None, None) if layout is None else (layout.slots, layout.tables, layout.lens)
+    md.slots, md.tables, md.lens = ws.decode_buffers.fill(*rows, padded_rows)
+    md.step_queries = ws.decode_buffers.queries[:, :padded_rows]
+    md.graph = True
+    return md
 
 
 class HeadBlockImpl(AttentionImpl):
