@@ -38,6 +38,8 @@ case "$step" in
   graphs)
     timeout 400 python3 scripts/graph_check.py 2>&1 | tee /tmp/graph_check.log | grep -v "^\(INFO\|WARNING\|DEBUG\)" | tail -20
     grep -o "Capturing CUDA graphs[^\n]*" /tmp/graph_check.log | sort | uniq -c | head -5
+    cp /tmp/graph_check.log "$OUT/"
+    grep -q "^OK" /tmp/graph_check.log  # the step fails unless the check passed
     ;;
   throughput)
     mkdir -p /tmp/thr /tmp/logs

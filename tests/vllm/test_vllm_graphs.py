@@ -153,6 +153,10 @@ def test_decode_steps_took_the_graph_path(graph_runs):
     graph = [e for e in builds if e["graph"]]
     assert len(graph) >= len(PRESETS) * DECODE_TOKENS  # every decode step of every preset
     assert all(e["fresh"] == 0 and e["chunks"] == 0 for e in graph)
+    # eager (the CPU replays nothing): every graph step's layer-0 forward ran in Python, none capturing;
+    # on a GPU, graph_check counts fewer of these than builds (the replayed steps)
+    forwards = [e for e in found if e["kind"] == "graph_forward"]
+    assert len(forwards) == len(graph) and not any(e["capturing"] for e in forwards)
     # the one-token last chunk of the first prompt observed (it was compressed at its end) outside
     assert any(not e["graph"] and e["tokens"] == 1 for e in builds)
     decoded = [e for e in found if e["kind"] == "compressed" and e["what"] == "decode"]

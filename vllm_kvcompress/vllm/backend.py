@@ -238,6 +238,8 @@ class HeadBlockImpl(AttentionImpl):
         kernels.write_tokens(k, v, md.slots[l], key_cache, value_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if md.graph:  # persistent buffers, nothing else: the same launches when a CUDA graph replays them
+            if l == 0:  # Python runs here only when not replaying: graph_check counts these against builds
+                runtime.event("graph_forward", capturing=query.is_cuda and torch.cuda.is_current_stream_capturing())
             kernels.decode_attention(q[:, None], key_cache, value_cache, md.tables[l], md.lens[l], self.scale,
                                      out[:, None])
             md.step_queries[l].copy_(q)
