@@ -20,7 +20,7 @@ by this script (config.json + an offline tokenizer, nothing downloaded):
 * ``tiny`` (``--quick``): the test suite's 4-layer GQA Llama (tests/vllm/kvc_tiny_model.py), fp32.
 
 The tokenizer (``tokenizers`` package, in a ``tokenizer/`` folder of its own) is a WordLevel
-vocabulary with exactly ``vocab_size`` entries (``<unk> <s> </s>`` then ``t3 .. tN``): the LM head
+vocabulary with exactly ``vocab_size`` entries (``<unk> <s> <|end_of_text|>`` then ``t3 .. tN``): the LM head
 has the real size (128k / 152k, not a small tokenizer's), every id the model can emit detokenizes,
 and a decoded random prompt re-tokenizes to the same length (which ``vllm bench serve``'s random
 dataset relies on). Prompts are seeded random token ids in ``[3, vocab)``, the same for every
@@ -92,7 +92,11 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 RESULTS = HERE / "results"
 PROGRESS = "[throughput]"  # child lines with this prefix are echoed to the parent's stderr
-FIRST_ID = 3  # ids 0..2 are <unk> <s> </s>; random prompts use [FIRST_ID, vocab)
+FIRST_ID = 3  # ids 0..2 are <unk> <s> EOS; random prompts use [FIRST_ID, vocab)
+# vLLM's front end refuses a prompt of more characters than max input tokens x the longest vocabulary
+# entry, before tokenizing; our words take one more character (the space) than they hold, so an EOS
+# longer than any two words keeps that bound above every prompt (it refused 3 of 64 `d` prompts)
+EOS = "<|end_of_text|>"
 POOL_BLOCK_SIZE = 16  # block size pinned for both when --kv-pool-tokens sizes the pool
 PERCENTILES = (50, 90, 99)
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h")
@@ -165,16 +169,17 @@ def build_model_dir(name: str, root: Path) -> Path:
     path = root / name
     config_text = json.dumps(shape, indent=1, sort_keys=True)
     if (path / "config.json").exists() and (path / "config.json").read_text() == config_text \
-            and (path / "tokenizer" / "tokenizer.json").exists():
+            and (path / "tokenizer" / "tokenizer.json").exists() \
+            and EOS in (path / "tokenizer" / "tokenizer.json").read_text():
         return path
     if path.exists():
         shutil.rmtree(path)
     (path / "tokenizer").mkdir(parents=True)
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab = {"<unk>": 0, "<s>": 1, EOS: 2}
     vocab.update({f"t{i}": i for i in range(FIRST_ID, shape["vocab_size"])})
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token=EOS)
     fast.save_pretrained(str(path / "tokenizer"))
     if len(fast) != shape["vocab_size"]:
         raise RuntimeError(f"tokenizer of {name} has {len(fast)} entries, expected {shape['vocab_size']}")

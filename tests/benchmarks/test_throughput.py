@@ -173,9 +173,22 @@ def test_model_dirs_have_the_shapes_and_a_full_vocabulary(tmp_path):
     assert len(tok) == config["vocab_size"] == 152064
     ids = [3, 77, 152063]
     assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids  # random prompts round-trip
-    llama = json.loads((throughput.build_model_dir("llama3-8b", tmp_path) / "config.json").read_text())
+    llama_dir = throughput.build_model_dir("llama3-8b", tmp_path)
+    llama = json.loads((llama_dir / "config.json").read_text())
     assert (llama["num_hidden_layers"], llama["num_key_value_heads"], llama["head_dim"], llama["rope_theta"],
             llama["vocab_size"], llama["torch_dtype"]) == (32, 8, 128, 500000.0, 128256, "bfloat16")
+
+
+def test_prompts_pass_the_servers_character_bound(tmp_path):
+    """vLLM's front end refuses, untokenized, a prompt longer than max input tokens x its longest
+    vocabulary entry: our longest words plus their spaces must stay under that bound."""
+    from vllm.tokenizers import get_tokenizer
+
+    tok = get_tokenizer(str(throughput.build_model_dir("llama3-8b", tmp_path) / "tokenizer"))
+    ids = list(range(128256 - 1000, 128256))  # the longest words
+    text = tok.decode(ids)
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert len(text) <= len(ids) * tok.max_chars_per_token
 
 
 def test_device_slug():
