@@ -106,7 +106,7 @@ class CompressionConfig:
     windowkv_*: see :class:`~vllm_kvcompress.reduction.WindowReducer`.
     cuda_graphs: serve pure-decode steps as full CUDA graphs (persistent metadata buffers,
         :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. Off by default
-        until it has been measured on a GPU.
+        until it has been through the GPU soak (measured on an H200: same outputs, 1.3-2.6x faster decode).
     """
 
     policy: str = "snapkv"
