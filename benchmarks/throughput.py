@@ -2,7 +2,9 @@
 
 Every configuration -- ``plain`` (stock vLLM 0.26, its default attention backend and model runner)
 or ``POLICY@BUDGET`` (the plugin) -- runs in a FRESH subprocess (a vLLM engine does not reliably
-give its GPU memory back in-process) with identical engine arguments apart from the plugin's
+give its GPU memory back in-process; ``--share-engine`` runs the plugin configurations of one
+offline workload one after another in one engine instead, each request carrying its configuration's
+options, to save engine starts) with identical engine arguments apart from the plugin's
 ``additional_config``: same ``gpu_memory_utilization``, ``max_num_seqs``, ``max_model_len``,
 ``max_num_batched_tokens``, prefix caching off for both (the plugin requires it off), same prompts.
 On CUDA vLLM 0.26 runs dense models on its V2 model runner by default while the plugin pins V1
@@ -463,7 +465,8 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
 
 def plugin_summary(events_path: str, since: int, shape: dict) -> dict:
     """What the plugin logged after the warm-up: retained fraction (kept rows / full rows over all
-    (layer, head) of every compressed prompt), compressions, its own peak of requests holding blocks."""
+    (layer, head) of every compressed prompt), compressions, its own peak of requests holding blocks
+    (since the engine started: with ``--share-engine``, over this run and those before it)."""
     from vllm_kvcompress.vllm.runtime import read_events
 
     events = read_events(events_path)
@@ -531,7 +534,11 @@ def engine_kwargs(spec: dict) -> dict:
     return engine
 
 
-def child_offline(spec: dict) -> dict:
+def child_offline(spec: dict, results: list[dict]) -> None:
+    """One engine; each of ``spec["runs"]`` measured on it in turn (several: ``--share-engine``, their
+    requests carrying their own compression options). A run gets the window a run of its own
+    would have had: from its first request to ``spec["deadline"]`` for the first, as long for the rest.
+    Appends a result per run to ``results`` (kept if a later run fails)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -541,22 +548,38 @@ def child_offline(spec: dict) -> dict:
     shape = spec["shape"]
     llm = LLM(model=spec["model_dir"], tokenizer=spec["tokenizer_dir"], disable_log_stats=False, **engine_kwargs(spec))
     engine = llm.llm_engine
-    result = {"engine_start_s": round(time.perf_counter() - started, 1),
+    common = {"engine_start_s": round(time.perf_counter() - started, 1),
               "v2_model_runner": bool(engine.vllm_config.use_v2_model_runner)}
     check_plugin_active(spec)
     num_blocks = engine.vllm_config.cache_config.num_gpu_blocks
     stats = StepStats().install(engine.logger_manager)
-    progress(f"{spec['name']}: engine up in {result['engine_start_s']} s, {num_blocks} KV blocks")
+    progress(f"{spec['name']}: engine up in {common['engine_start_s']} s, {num_blocks} KV blocks")
 
     greedy = dict(temperature=0.0, ignore_eos=True)
     if spec["warmup"]:
         warm = random_prompts(1, min(workload.prompt_len, 256), shape["vocab_size"], seed=10_000)
         llm.generate([TokensPrompt(prompt_token_ids=warm[0])], SamplingParams(max_tokens=4, **greedy), use_tqdm=False)
-    since = len(open(spec["events_path"]).readlines()) if os.path.exists(spec["events_path"]) else 0
-    stats.reset()
-
     prompts = random_prompts(spec["requests"], workload.prompt_len, shape["vocab_size"], spec["seed"])
-    params = SamplingParams(max_tokens=workload.output_len, **greedy)
+    window = None
+    for run in spec["runs"]:
+        since = len(open(spec["events_path"]).readlines()) if os.path.exists(spec["events_path"]) else 0
+        stats.reset()
+        params = SamplingParams(max_tokens=workload.output_len, extra_args=run["extra_args"], **greedy)
+        t0 = time.perf_counter()
+        window = window or deadline - t0
+        result = {**common, **measure_offline(engine, llm, prompts, params, stats, run["name"], t0 + window)}
+        result.update(kv_summary(spec, num_blocks, engine.vllm_config.cache_config.block_size, stats.kv_usage_peak,
+                                 stats.kv_usage_sum / stats.steps if stats.steps else None))
+        if spec["compression"]:
+            result.update(plugin_summary(spec["events_path"], since, shape))
+        results.append(result)
+
+
+def measure_offline(engine, llm, prompts, params, stats: "StepStats", name: str, deadline: float) -> dict:
+    """Enqueue every prompt at once and step the engine until all finish or ``deadline`` (then abort
+    the rest: status partial). Throughput, TTFT / TPOT percentiles and the step stats."""
+    from vllm.inputs import TokensPrompt
+
     t0 = time.perf_counter()
     ids = llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     finished = []
@@ -569,13 +592,17 @@ def child_offline(spec: dict) -> dict:
         now = time.perf_counter()
         if now - last_report > 20:
             last_report = now
-            progress(f"{spec['name']}: {now - t0:.0f} s, {stats.generation_tokens} tokens out, "
+            progress(f"{name}: {now - t0:.0f} s, {stats.generation_tokens} tokens out, "
                      f"{len(finished)}/{len(ids)} done, {stats.running} running (peak {stats.peak_running})")
         if now > deadline:
             status = "partial"
-            progress(f"{spec['name']}: --timeout reached, aborting {len(ids) - len(finished)} requests")
+            progress(f"{name}: --timeout reached, aborting {len(ids) - len(finished)} requests")
             done = {o.request_id for o in finished}
             engine.abort_request([i for i in ids if i not in done])
+            for _ in range(1000):  # let the aborts land before a next run starts
+                if not engine.has_unfinished_requests():
+                    break
+                engine.step()
             break
     wall = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in finished)
@@ -585,7 +612,7 @@ def child_offline(spec: dict) -> dict:
     ttft = [o.metrics.first_token_latency for o in finished if o.metrics is not None]
     tpot = [(o.metrics.last_token_ts - o.metrics.first_token_ts) / (o.metrics.num_generation_tokens - 1)
             for o in finished if o.metrics is not None and o.metrics.num_generation_tokens > 1]
-    result.update({
+    return {
         "status": status,
         "completed": len(finished),
         "output_tokens": out_tokens,
@@ -596,13 +623,7 @@ def child_offline(spec: dict) -> dict:
         "ttft_ms": percentiles(ttft, 1000),
         "tpot_ms": percentiles(tpot, 1000),
         **step_summary(stats.snapshot()),
-    })
-    usage_mean = stats.kv_usage_sum / stats.steps if stats.steps else None
-    result.update(kv_summary(spec, num_blocks, engine.vllm_config.cache_config.block_size, stats.kv_usage_peak,
-                             usage_mean))
-    if spec["compression"]:
-        result.update(plugin_summary(spec["events_path"], since, shape))
-    return result
+    }
 
 
 def read_metrics(base_url: str) -> dict:
@@ -781,15 +802,19 @@ def child_served(spec: dict) -> dict:
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
+    results = []
     try:
-        result = (child_served if spec["workload"]["served"] else child_offline)(spec)
+        if spec["workload"]["served"]:
+            results.append(child_served(spec))
+        else:
+            child_offline(spec, results)
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which records it
         import traceback
 
         traceback.print_exc()
-        result = {"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]}
-    Path(spec["result_path"]).write_text(json.dumps(result))
-    progress(f"{spec['name']}: {result['status']}")
+        results.append({"status": "failed", "error": f"{type(e).__name__}: {e}"[:2000]})
+    Path(spec["result_path"]).write_text(json.dumps(results))
+    progress(f"{spec['name']}: {', '.join(r['status'] for r in results)}")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # the parent stops whatever engine processes remain in our process group
@@ -814,8 +839,9 @@ def stop_group(pgid: int, grace: float = 20.0) -> None:
             time.sleep(0.2)
 
 
-def run_child(spec: dict, timeout: float, log_path: Path) -> dict:
-    """Run one configuration in a fresh process group; at most ``timeout`` seconds."""
+def run_child(spec: dict, timeout: float, log_path: Path) -> list[dict]:
+    """Run one engine (its ``spec["runs"]``) in a fresh process group, at most ``timeout`` seconds;
+    a result per run (runs that never reported: the failure, or a timeout)."""
     spec_path = log_path.with_suffix(".spec.json")
     spec_path.write_text(json.dumps(spec, indent=1))
     env = dict(os.environ, **spec["env"])
@@ -843,16 +869,17 @@ def run_child(spec: dict, timeout: float, log_path: Path) -> dict:
             stop_group(proc.pid)  # engine processes the child left behind
     elapsed = time.monotonic() - started
     result_path = Path(spec["result_path"])
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
-    else:
-        status = "timeout" if elapsed >= timeout - 1 else "failed"
-        result = {"status": status, "error": f"no result after {elapsed:.0f} s (exit code {proc.returncode})"}
-    if result["status"] not in ("ok", "partial"):
+    results = json.loads(result_path.read_text()) if result_path.exists() else []
+    status = "timeout" if elapsed >= timeout - 1 else "failed"
+    missing = results[-1:] if results and results[-1]["status"] == "failed" else \
+        [{"status": status, "error": f"no result after {elapsed:.0f} s (exit code {proc.returncode})"}]
+    results += missing * (len(spec["runs"]) - len(results))
+    if any(r["status"] not in ("ok", "partial") for r in results):
         tail = log_path.read_text(errors="replace").splitlines()[-25:]
         sys.stderr.write("".join(f"    | {line}\n" for line in tail))
-    result["child_s"] = round(elapsed, 1)
-    return result
+    for r in results:
+        r["child_s"] = round(elapsed, 1)
+    return results[:len(spec["runs"])]
 
 
 def settings_of(args, workload: Workload, model: str) -> dict:
@@ -875,8 +902,13 @@ def settings_of(args, workload: Workload, model: str) -> dict:
     }
 
 
-def make_spec(args, model: str, model_dir: Path, workload: Workload, config: RunConfig, run_dir: Path,
+def make_spec(args, model: str, model_dir: Path, workload: Workload, configs: list[RunConfig], run_dir: Path,
               timeout: float) -> dict:
+    """One engine started with ``configs[0]``; one measured run per configuration. Several (plugin
+    configurations, ``--share-engine``): every request of a run carries its configuration's options
+    (``kv_compression_config``, validated like a served request's), so the engine's own is only the
+    default it overrides."""
+    config = configs[0]
     settings = settings_of(args, workload, model)
     shape = SHAPES[model]
     layers, heads, _ = shape_dims(shape)
@@ -896,7 +928,7 @@ def make_spec(args, model: str, model_dir: Path, workload: Workload, config: Run
         engine["block_size"] = POOL_BLOCK_SIZE
         blocks = -(-args.kv_pool_tokens // POOL_BLOCK_SIZE)
         engine["num_gpu_blocks_override"] = blocks * (layers * heads if config.plugin else 1)
-    name = f"{model}/{workload.name}/{config.label}"
+    name = f"{model}/{workload.name}/{','.join(c.label for c in configs)}"
     stem = name.replace("/", "_").replace("@", "-")
     env = {"VLLM_KVC_EVENTS": str(run_dir / f"{stem}.events.jsonl")}
     if config.v1_runner:
@@ -912,6 +944,10 @@ def make_spec(args, model: str, model_dir: Path, workload: Workload, config: Run
         "workload": asdict(workload),
         "engine": engine,
         "compression": compression_options(config, args.kv_options),
+        "runs": [{"name": f"{model}/{workload.name}/{c.label}", "label": c.label,
+                  "extra_args": None if len(configs) == 1 else {"kv_compression_config": {
+                      k: v for k, v in compression_options(c, args.kv_options).items() if k != "cuda_graphs"}}}
+                 for c in configs],
         "requests": args.requests,
         "seed": args.seed,
         "request_rate": args.request_rate,
@@ -926,6 +962,21 @@ def make_spec(args, model: str, model_dir: Path, workload: Workload, config: Run
         "log_path": str(run_dir / f"{stem}.log"),
         "settings": settings,
     }
+
+
+def engine_groups(todo: list[tuple], share: bool) -> list[list[tuple]]:
+    """``todo``'s (model, workload, config) in engine starts: one each, or with ``share`` the plugin
+    configurations of one offline (model, workload) and the same ``+graphs`` (a server option) in one."""
+    groups: list[list[tuple]] = []
+    for item in todo:
+        model, workload, config = item
+        last = groups[-1][-1] if groups else None
+        if share and last is not None and config.plugin and last[2].plugin and not workload.served \
+                and (last[0], last[1].name, last[2].graphs) == (model, workload.name, config.graphs):
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+    return groups
 
 
 def record_key(r: dict) -> tuple:
@@ -1066,6 +1117,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="seconds for this whole invocation: a configuration starts only while its whole "
                              "--timeout still fits; the rest is left for the next (resumable) call")
     parser.add_argument("--force", action="store_true", help="rerun configurations already in the JSON")
+    parser.add_argument("--share-engine", action="store_true",
+                        help="run the plugin configurations of one offline workload (same +graphs) in one engine, "
+                             "one after another, each request carrying its configuration's options: one engine "
+                             "start instead of one per configuration (records say shared_engine)")
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/throughput-<device>.json)")
     parser.add_argument("--model-dir", type=Path, help="where the model folders are written (default: a tmp dir)")
     parser.add_argument("--log-dir", type=Path, help="engine logs, specs and event files (default: a tmp dir)")
@@ -1177,40 +1232,55 @@ def run(args: argparse.Namespace) -> dict:
         raise SystemExit(plugin_entry_point())
     model_dirs = {m: build_model_dir(m, model_root) for m in {t[0] for t in todo}}
 
-    for index, (model, workload, config) in enumerate(todo, 1):
-        timeout = args.timeout
-        if args.time_limit is not None and args.time_limit - (time.monotonic() - started) - 10 < timeout:
-            # every configuration gets the same --timeout (comparable), so the rest waits for the next call
-            progress(f"--time-limit: {len(todo) - index + 1} configuration(s) left for the next call")
-            break
-        spec = make_spec(args, model, model_dirs[model], workload, config, run_dir, timeout)
-        progress(f"[{index}/{len(todo)}] {spec['name']}: starting (timeout {timeout:.0f} s)")
-        result = run_child(spec, timeout, Path(spec["log_path"]))
-        record = {
-            "model": model,
-            "workload": workload.name,
-            "config": config.label,
-            "policy": config.policy,
-            "budget": config.budget,
-            "budget_fraction": round(config.budget_fraction(workload.prompt_len), 5),
-            "prompt_len": workload.prompt_len,
-            "output_len": workload.output_len,
-            "requests": args.requests,
-            "timeout_s": timeout,
-            "date": run_info["date"],
-            "device": device,
-            **result,
-            "compression": spec["compression"],
-            "engine_args": spec["engine"],
-            "env": {k: v for k, v in spec["env"].items() if k != "VLLM_KVC_EVENTS"},
-            "settings": spec["settings"],
-        }
-        by_key[record_key(record)] = record
+    groups = engine_groups(todo, args.share_engine)
+    done = 0
+    for index, group in enumerate(groups, 1):
+        model, workload = group[0][0], group[0][1]
+        configs = [config for _, _, config in group]
+        if args.time_limit is not None:
+            # every configuration gets the same --timeout (comparable): what does not fit waits for the next call
+            fits = int((args.time_limit - (time.monotonic() - started) - 10) // args.timeout)
+            if fits < len(configs):
+                configs = configs[:max(fits, 0)]
+            if not configs:
+                progress(f"--time-limit: {len(todo) - done} configuration(s) left for the next call")
+                break
+        timeout = args.timeout * len(configs)
+        spec = make_spec(args, model, model_dirs[model], workload, configs, run_dir, timeout)
+        progress(f"[{index}/{len(groups)}] {spec['name']}: starting (timeout {timeout:.0f} s)")
+        results = run_child(spec, timeout, Path(spec["log_path"]))
+        for config, result in zip(configs, results):
+            record = {
+                "model": model,
+                "workload": workload.name,
+                "config": config.label,
+                "policy": config.policy,
+                "budget": config.budget,
+                "budget_fraction": round(config.budget_fraction(workload.prompt_len), 5),
+                "prompt_len": workload.prompt_len,
+                "output_len": workload.output_len,
+                "requests": args.requests,
+                "timeout_s": args.timeout,
+                "date": run_info["date"],
+                "device": device,
+                **result,
+                "compression": compression_options(config, args.kv_options),
+                "engine_args": spec["engine"],
+                "env": {k: v for k, v in spec["env"].items() if k != "VLLM_KVC_EVENTS"},
+                "settings": spec["settings"],
+            }
+            if len(configs) > 1:  # the engine started with the first; this run's requests carried its options
+                record["shared_engine"] = [c.label for c in configs]
+            by_key[record_key(record)] = record
+            progress(f"[{index}/{len(groups)}] {model}/{workload.name}/{config.label}: {record['status']}, "
+                     f"{record.get('output_tok_s', 0) or 0:.1f} output tok/s, peak {record.get('peak_concurrency')} "
+                     f"running ({record.get('child_s')} s)")
         records[:] = list(by_key.values())
         save()
-        progress(f"[{index}/{len(todo)}] {spec['name']}: {record['status']}, "
-                 f"{record.get('output_tok_s', 0) or 0:.1f} output tok/s, peak {record.get('peak_concurrency')} "
-                 f"running ({record.get('child_s')} s)")
+        done += len(configs)
+        if len(configs) < len(group):
+            progress(f"--time-limit: {len(todo) - done} configuration(s) left for the next call")
+            break
     data = save()
     print_table(data["records"])
     png = out.with_suffix(".png")

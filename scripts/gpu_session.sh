@@ -8,7 +8,8 @@
 #   bash scripts/gpu_session.sh kernels          # kernel tests natively + bench_cache_ops column_mass
 #   bash scripts/gpu_session.sh graphs           # cuda_graphs: replayed decode graphs vs the piecewise path
 #   bash scripts/gpu_session.sh throughput ARGS  # benchmarks/throughput.py, JSON kept in /tmp/thr
-#   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS   # OpenAI-server soak in the background
+#   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS [SERVER_FLAGS]   # OpenAI-server soak in the background
+#        (e.g. SERVER_FLAGS="--kv-compression-config '{\"cuda_graphs\": true}'": load.py shlex-splits it)
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
@@ -49,7 +50,7 @@ case "$step" in
     collect_logs
     ;;
   soak-start)
-    seconds=${1:-600}; clients=${2:-256}
+    seconds=${1:-600}; clients=${2:-256}; server_flags=${3:-}
     mkdir -p "$SOAK"
     python3 - <<'PY'
 import sys
@@ -64,10 +65,10 @@ PY
     # the GPU, so that 256 clients press on it.
     flags="--load-format dummy --tokenizer $SOAK/models/llama3-8b/tokenizer --max-model-len 4096 --max-num-seqs 256 --gpu-memory-utilization 0.3 --seed 0"
     setsid nohup python3 benchmarks/load.py --model "$SOAK/models/llama3-8b" --chat-template "$SOAK/chat.jinja" \
-      --kv-compression snapkv --kv-budget 0.1 --engine-flags "$flags" --server-flags "" \
+      --kv-compression snapkv --kv-budget 0.1 --engine-flags "$flags" --server-flags "$server_flags" \
       --clients "$clients" --seconds "$seconds" --prompt-max 3000 --max-tokens 256 --faults \
       --out "$SOAK/reliability-gpu.json" > "$SOAK/load.log" 2>&1 < /dev/null &
-    echo "soak started: $clients clients, $seconds s"
+    echo "soak started: $clients clients, $seconds s, server flags: ${server_flags:-none}"
     ;;
   soak-wait)
     limit=${1:-580}; start=$(date +%s)

@@ -102,6 +102,39 @@ def test_quick_run_header_plot_and_resume(quick_run):
     assert len(again["meta"]["runs"]) == len(meta["runs"]) + 1
 
 
+@pytest.mark.slow
+def test_shared_engine_runs_each_configuration_with_its_own_options(tmp_path):
+    """``--share-engine``: one engine start for snapkv@32 and @64; each run's requests carry their
+    budget, so the second keeps twice the rows although the engine was started with 32."""
+    out = tmp_path / "shared.json"
+    data = throughput.main(["--quick", "--configs", "snapkv@32,snapkv@64", "--share-engine", "--out", str(out),
+                            "--log-dir", str(tmp_path / "logs")])
+    records = _records(data)
+    small, large = records["snapkv@32"], records["snapkv@64"]
+    for r in (small, large):
+        assert (r["status"], r["completed"], r["output_tokens"]) == ("ok", 4, 4 * 8)
+        assert r["shared_engine"] == ["snapkv@32", "snapkv@64"] and r["compressions"] == 4
+    assert small["engine_start_s"] == large["engine_start_s"]
+    assert (small["compression"]["budget"], large["compression"]["budget"]) == (32, 64)
+    assert small["retained_fraction"] == pytest.approx(32 / 300, abs=0.01)
+    assert large["retained_fraction"] == pytest.approx(64 / 300, abs=0.01)
+    logs = list((tmp_path / "logs").glob("*.log"))
+    assert len(logs) == 1  # one engine
+
+
+def test_engine_groups_share_only_plugin_runs_of_one_offline_workload_and_graph_mode():
+    a, c, d = (throughput.WORKLOADS[w] for w in "acd")
+    snap, ada, plain, graphs = (throughput.parse_config(x) for x in ("snapkv@0.1", "adakv@0.1", "plain",
+                                                                       "snapkv@0.1+graphs"))
+    todo = [("m", a, plain), ("m", a, snap), ("m", a, ada), ("m", a, graphs), ("m", c, snap), ("m", c, ada),
+            ("m", d, snap), ("m", d, ada), ("n", c, snap)]
+    labels = [[(item[1].name, item[2].label) for item in g] for g in throughput.engine_groups(todo, share=True)]
+    assert labels == [[("a", "plain")], [("a", "snapkv@0.1"), ("a", "adakv@0.1")], [("a", "snapkv@0.1+graphs")],
+                      [("c", "snapkv@0.1"), ("c", "adakv@0.1")], [("d", "snapkv@0.1")], [("d", "adakv@0.1")],
+                      [("c", "snapkv@0.1")]]
+    assert [len(g) for g in throughput.engine_groups(todo, share=False)] == [1] * len(todo)
+
+
 # ---- helpers (no engine) ---------------------------------------------------------------------------
 
 
