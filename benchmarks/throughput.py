@@ -537,7 +537,8 @@ def engine_kwargs(spec: dict) -> dict:
 def child_offline(spec: dict, results: list[dict]) -> None:
     """One engine; each of ``spec["runs"]`` measured on it in turn (several: ``--share-engine``, their
     requests carrying their own compression options). A run gets the window a run of its own
-    would have had: from its first request to ``spec["deadline"]`` for the first, as long for the rest.
+    would have had (``run_timeout_s`` from the engine's start, less the stop margin), each from its
+    first request.
     Appends a result per run to ``results`` (kept if a later run fails)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -566,8 +567,10 @@ def child_offline(spec: dict, results: list[dict]) -> None:
         stats.reset()
         params = SamplingParams(max_tokens=workload.output_len, extra_args=run["extra_args"], **greedy)
         t0 = time.perf_counter()
-        window = window or deadline - t0
-        result = {**common, **measure_offline(engine, llm, prompts, params, stats, run["name"], t0 + window)}
+        if window is None:  # as long as a configuration of its own gets, engine start included
+            window = started + spec["run_timeout_s"] - stop_margin(spec["run_timeout_s"]) - t0
+        result = {**common, **measure_offline(engine, llm, prompts, params, stats, run["name"],
+                                              min(t0 + window, deadline))}
         result.update(kv_summary(spec, num_blocks, engine.vllm_config.cache_config.block_size, stats.kv_usage_peak,
                                  stats.kv_usage_sum / stats.steps if stats.steps else None))
         if spec["compression"]:
@@ -954,7 +957,8 @@ def make_spec(args, model: str, model_dir: Path, workload: Workload, configs: li
         "warmup": not args.no_warmup,
         "timeout_s": timeout,
         # wall-clock time at which the child stops and reports what it has: room for shutting down
-        "deadline": time.time() + timeout - max(15.0, min(60.0, 0.15 * timeout)),
+        "deadline": time.time() + timeout - stop_margin(timeout),
+        "run_timeout_s": args.timeout,  # what one configuration gets (several share ``timeout``)
         "events_path": env["VLLM_KVC_EVENTS"],
         "env": env,
         "result_path": str(run_dir / f"{stem}.result.json"),
@@ -977,6 +981,11 @@ def engine_groups(todo: list[tuple], share: bool) -> list[list[tuple]]:
         else:
             groups.append([item])
     return groups
+
+
+def stop_margin(timeout: float) -> float:
+    """Seconds before its timeout at which a child stops measuring, to shut down in time."""
+    return max(15.0, min(60.0, 0.15 * timeout))
 
 
 def record_key(r: dict) -> tuple:
