@@ -27,7 +27,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -41,10 +40,9 @@ NOT_COUNTED = {"aten::empty", "aten::as_strided", "aten::view", "aten::slice", "
 
 
 def scheduler_output(rid: str, prompt_len: int, block_ids: list[int]):
-    new = SimpleNamespace(req_id=rid, prompt_token_ids=[0] * prompt_len, block_ids=(block_ids,), sampling_params=None)
-    cached = SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], all_token_ids={})
-    return SimpleNamespace(scheduled_new_reqs=[new], scheduled_cached_reqs=cached, finished_req_ids=set(),
-                           preempted_req_ids=set())
+    from vllm_kvcompress.vllm import scheduled
+
+    return scheduled.scheduler_output([scheduled.new_request(rid, prompt_len, block_ids)])
 
 
 def take_reports_ms(num_requests: int = 256) -> float:

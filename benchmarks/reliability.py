@@ -37,13 +37,13 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import vllm
 from vllm.v1.core.block_pool import BlockPool
 
 from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.vllm import scheduled
 from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
 from vllm_kvcompress.vllm.state import WorkerState
 
@@ -186,26 +186,22 @@ class Cluster:
                 self.counts["reports"] += 1
 
     # ---- the step: scheduler output -> worker ------------------------------------------------
-    def scheduler_output(self) -> SimpleNamespace:
-        """The fields of vLLM's SchedulerOutput that WorkerState.ingest reads."""
+    def scheduler_output(self):
+        """This step's plan as the fields of vLLM's SchedulerOutput that WorkerState.ingest reads."""
         new, cached_ids, new_block_ids, resumed, all_tokens = [], [], [], set(), {}
         for rid, (req, _) in self.plan.items():
             ids = self.unsent.get(rid) or None
             if not req.seen:
                 extra = None if req.compress else {"kv_compression": "none"}
-                new.append(SimpleNamespace(req_id=rid, prompt_token_ids=[0] * req.prompt_len,
-                                           block_ids=(ids or [],),
-                                           sampling_params=SimpleNamespace(extra_args=extra)))
+                new.append(scheduled.new_request(rid, req.prompt_len, ids or [], extra))
                 continue
             cached_ids.append(rid)
-            new_block_ids.append(None if ids is None else (ids,))
+            new_block_ids.append(ids)
             if req.resumed:
                 resumed.add(rid)
                 all_tokens[rid] = [0] * (req.prompt_len + req.generated)
-        cached = SimpleNamespace(req_ids=cached_ids, resumed_req_ids=resumed, new_block_ids=new_block_ids,
-                                 all_token_ids=all_tokens)
-        return SimpleNamespace(scheduled_new_reqs=new, scheduled_cached_reqs=cached,
-                               finished_req_ids=set(self.finished_ids), preempted_req_ids=set(self.preempted_ids))
+        return scheduled.scheduler_output(new, scheduled.cached_requests(cached_ids, new_block_ids, resumed, all_tokens),
+                                          self.finished_ids, self.preempted_ids)
 
     def execute(self) -> list[Req]:
         """Run the step: the worker ingests the scheduler output and lays out every scheduled token

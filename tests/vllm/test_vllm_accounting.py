@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from vllm.v1.core.block_pool import BlockPool
 
 from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.vllm import scheduled
 from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec, HeadLengths
 from vllm_kvcompress.vllm.state import LAG_TOKENS, WorkerState, request_config
 
@@ -73,24 +74,13 @@ def test_report_after_finish_is_ignored_and_foreign_blocks_are_an_error():
     assert mgr.apply_report("a", [blocks[0].block_id], 32, [[1, 1], [1, 1]]) == 0
 
 
-def new_req(rid, prompt_len, block_ids, extra=None):
-    return SimpleNamespace(req_id=rid, prompt_token_ids=list(range(prompt_len)), block_ids=(block_ids,),
-                           sampling_params=SimpleNamespace(extra_args=extra))
-
-
-def sched(new=(), cached=None, finished=(), preempted=()):
-    cached = cached or SimpleNamespace(req_ids=[], resumed_req_ids=set(), new_block_ids=[], all_token_ids={})
-    return SimpleNamespace(scheduled_new_reqs=list(new), scheduled_cached_reqs=cached,
-                           finished_req_ids=set(finished), preempted_req_ids=set(preempted))
-
-
 def state(policy="snapkv"):
     return WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy=policy, budget=16, window=4))
 
 
 def test_worker_assigns_blocks_per_head_in_order():
     ws = state()
-    ws.ingest(sched(new=[new_req("a", 20, list(range(100, 108)))]))
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 20, list(range(100, 108)))]))
     slots = ws.append("a", 20)  # [L, 20, H]: 2 blocks per head
     assert slots.shape == (L, 20, H)
     assert [[ws.head_blocks("a", l, h) for h in range(H)] for l in range(L)] == [[[100, 101], [102, 103]], [[104, 105], [106, 107]]]
@@ -102,7 +92,7 @@ def test_worker_assigns_blocks_per_head_in_order():
 
 def test_compaction_and_reports_keep_lag_spares():
     ws = state()
-    ws.ingest(sched(new=[new_req("a", 64, list(range(16)))]))
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 64, list(range(16)))]))
     ws.append("a", 64)  # 4 blocks per head
     for l in range(L):
         for h in range(H):
@@ -118,13 +108,12 @@ def test_compaction_and_reports_keep_lag_spares():
 
 def test_finish_preempt_resume():
     ws = state()
-    ws.ingest(sched(new=[new_req("a", 8, [1, 2, 3, 4]), new_req("b", 8, [5, 6, 7, 8], {"kv_compression": "none"})]))
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 8, [1, 2, 3, 4]), scheduled.new_request("b", 8, [5, 6, 7, 8], {"kv_compression": "none"})]))
     assert ws.reqs["b"].policy is None and not ws.reqs["b"].observing
-    ws.ingest(sched(finished=["b"], preempted=["a"]))
+    ws.ingest(scheduled.scheduler_output(finished=["b"], preempted=["a"]))
     assert ws.reqs == {}
-    cached = SimpleNamespace(req_ids=["a"], resumed_req_ids={"a"}, new_block_ids=[([9, 10, 11, 12],)],
-                             all_token_ids={"a": list(range(10))})
-    ws.ingest(sched(cached=cached))
+    cached = scheduled.cached_requests(["a"], [[9, 10, 11, 12]], resumed={"a"}, all_token_ids={"a": list(range(10))})
+    ws.ingest(scheduled.scheduler_output(cached=cached))
     assert ws.reqs["a"].spare == [9, 10, 11, 12] and ws.reqs["a"].compress_at == 10
 
 
@@ -162,7 +151,7 @@ def test_step_layout_is_the_same_through_the_packed_upload():
     plain, packed = state(), state()
     packed.pack_uploads = True
     for ws in (plain, packed):
-        ws.ingest(sched(new=[new_req("a", 20, list(range(100, 108))), new_req("b", 5, list(range(200, 204)))]))
+        ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 20, list(range(100, 108))), scheduled.new_request("b", 5, list(range(200, 204)))]))
     one, two = plain.prepare_step(["a", "b"], [20, 5]), packed.prepare_step(["a", "b"], [20, 5])
     for field_ in ("rows", "slots", "tables", "lens"):
         assert torch.equal(getattr(one, field_), getattr(two, field_)), field_
