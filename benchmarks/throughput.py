@@ -948,8 +948,8 @@ def make_spec(args, model: str, model_dir: Path, workload: Workload, configs: li
         "engine": engine,
         "compression": compression_options(config, args.kv_options),
         "runs": [{"name": f"{model}/{workload.name}/{c.label}", "label": c.label,
-                  "extra_args": None if len(configs) == 1 else {"kv_compression_config": {
-                      k: v for k, v in compression_options(c, args.kv_options).items() if k != "cuda_graphs"}}}
+                  "extra_args": None if len(configs) == 1 else {
+                      "kv_compression_config": compression_options(c, args.kv_options)}}
                  for c in configs],
         "requests": args.requests,
         "seed": args.seed,

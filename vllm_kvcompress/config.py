@@ -107,6 +107,10 @@ class CompressionConfig:
     cuda_graphs: serve pure-decode steps as full CUDA graphs (persistent metadata buffers,
         :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. Off by default
         until it has been through the GPU soak (measured on an H200: same outputs, 1.3-2.6x faster decode).
+    cuda_graphs_max_len: rows per head a decode graph can hold (its table buffer is sized for it at
+        every graph row: 4 bytes x layers x graph rows x KV heads x cuda_graphs_max_len / 16, 537 MB
+        for Llama-3-8B at the default and 512 rows); a step in which a head would hold more runs
+        without the graphs. Server options, like ``cuda_graphs``.
     """
 
     policy: str = "snapkv"
@@ -131,6 +135,7 @@ class CompressionConfig:
     windowkv_aggregation_window: int = 8
     windowkv_group_size: int = 8
     cuda_graphs: bool = False
+    cuda_graphs_max_len: int = 16384
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", canonical_preset(self.policy))
@@ -156,6 +161,7 @@ class CompressionConfig:
         _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
         if not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        _check_positive_int("cuda_graphs_max_len", self.cuda_graphs_max_len)
         for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_group_size"):
             _check_positive_int(name, getattr(self, name))
         if self.allocator_name == "headkv" and not self.headkv_scores:

@@ -3,7 +3,8 @@
 The CPU build of vLLM captures no CUDA graphs, but every pure-decode step with ``cuda_graphs`` on
 takes the same path a captured graph replays (the same buffers, the same launches), so the engine
 tests here check that path token for token against the HF oracle; the units check padding, what a
-capture-time step writes, and the runner's refusal of full graphs while a request observes.
+capture-time step writes, and the runner's refusal of full graphs while a request observes or a
+head outgrows the graph tables (``cuda_graphs_max_len``).
 """
 from types import SimpleNamespace
 
@@ -92,16 +93,16 @@ class _Base:
         return num_tokens == num_reqs if force_uniform_decode is None else force_uniform_decode
 
 
-def test_runner_refuses_full_graphs_while_a_request_observes():
+def test_runner_refuses_full_graphs_when_the_state_does():
     from vllm_kvcompress.vllm.worker import _HeadBlockRunnerMixin
 
     runner = type("Runner", (_HeadBlockRunnerMixin, _Base), {})()
     ask = dict(max_num_scheduled_tokens=1, uniform_decode_query_len=1, num_tokens=4, num_reqs=4)
-    ws = SimpleNamespace(step_observes=False)
+    ws = SimpleNamespace(step_refuses_graphs=False)
     runtime.WORKER_STATE = ws
     try:
         assert runner._is_uniform_decode(**ask)
-        ws.step_observes = True
+        ws.step_refuses_graphs = True
         assert not runner._is_uniform_decode(**ask)
         assert runner._is_uniform_decode(**ask, force_uniform_decode=True)  # capture: vLLM's own choice
     finally:
@@ -110,10 +111,36 @@ def test_runner_refuses_full_graphs_while_a_request_observes():
 
 def test_cuda_graphs_is_a_server_option():
     base = CompressionConfig(policy="snapkv", cuda_graphs=True)
-    with pytest.raises(ValueError, match="server option"):
-        request_config(base, {"kv_compression_config": {"cuda_graphs": False}})
+    for change in ({"cuda_graphs": False}, {"cuda_graphs_max_len": 4096}):
+        with pytest.raises(ValueError, match="server option"):
+            request_config(base, {"kv_compression_config": change})
+    # repeating the server's value is no change (a request may carry a whole config)
+    same = request_config(base, {"kv_compression_config": {**base.to_dict(), "budget": 0.2}})
+    assert same.cuda_graphs and float(same.budget.fraction) == 0.2
     with pytest.raises(ValueError, match="true or false"):
         CompressionConfig(cuda_graphs="yes")
+    with pytest.raises(ValueError, match="cuda_graphs_max_len"):
+        CompressionConfig(cuda_graphs_max_len=0)
+
+
+@pytest.mark.parametrize("held, observing, refused", [(47, False, False), (48, False, True), (10, True, True)])
+def test_state_refuses_graphs_for_a_head_past_the_tables(held, observing, refused):
+    """Tables of 3 blocks (48 rows): a decode step that would give a head its 49th row, or one in
+    which a request still observes its prefill, must not replay a graph."""
+    from vllm_kvcompress.vllm import scheduled
+
+    ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", budget=8, window=4))
+    ws.decode_buffers = buffers(width=3)
+    ws.ingest(scheduled.scheduler_output([scheduled.new_request("a", 60, list(range(1, 25)))]))
+    ws.prepare_step(["a"], [held])
+    st = ws.reqs["a"]
+    st.compress_at = held + (5 if observing else 0)  # observing: its prefill is not complete yet
+    lens = torch.full((L, H), 3)
+    lens[1, 0] = held
+    ws.compacted_heads("a", lens)  # one head keeps all it had, the others 3 rows
+    assert st.max_len == held
+    ws.ingest(scheduled.scheduler_output(num_scheduled_tokens={"a": 1}))
+    assert ws.step_refuses_graphs is refused
 
 
 # ---- a CPU engine with cuda_graphs on, against the HF oracle ------------------------------------
@@ -171,3 +198,28 @@ def test_graph_path_matches_hf_oracle(preset, graph_runs, hf_model):
         want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS, recompress_slack=3)
         assert want.recompressions > 0
         assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"
+
+
+def test_heads_past_the_graph_tables_run_those_steps_without_graphs(tiny_model_dir, tmp_path, hf_model):
+    """Budget 45, decode slack 6: heads hold 45..51 rows; tables of 3 blocks (cuda_graphs_max_len
+    48) take the steps up to 48 rows, the others run without the buffers -- the same tokens as the
+    HF oracle either way."""
+    import json
+    import os
+
+    config = {**CONFIG, "budget": 45, "decode_slack": 6, "cuda_graphs_max_len": 48}
+    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
+    prompts = [prompt_ids(n, 40 + i, vocab) for i, n in enumerate((150, 230, 310))]
+    path = str(tmp_path / "events.jsonl")
+    llm = plugin_llm(tiny_model_dir, path, config, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
+                     max_num_batched_tokens=512, max_num_seqs=4, gpu_memory_utilization=0.15)
+    try:
+        got = generate(llm, prompts, greedy(DECODE_TOKENS, None))
+    finally:
+        shutdown(llm)
+    decode_steps = [e for e in runtime.read_events(path) if e["kind"] == "build" and e["tokens"] == e["rows"] == 3]
+    assert {e["graph"] for e in decode_steps} == {True, False}
+    policy = build_policy(CompressionConfig.from_dict(config))
+    for prompt, tokens in zip(prompts, got):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS, recompress_slack=6)
+        assert tokens == want.tokens

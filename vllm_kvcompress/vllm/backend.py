@@ -148,7 +148,9 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                     record_tokens.append(t)
                     record_index.append(st.row * ws.recent.shape[2] + st.recent_count % st.policy.window)
                     st.recent_count += 1
-        graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe
+        # the same test as the runner's (it ran the step without a graph when the state refused one)
+        graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe \
+            and not ws.step_refuses_graphs
         runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
                       graph=graph)
         if graph:

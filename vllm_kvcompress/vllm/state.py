@@ -29,6 +29,7 @@ LAG_TOKENS = 2
 
 # Per-request overrides read from SamplingParams.extra_args (design section 6).
 OVERRIDE_KEYS = {"kv_compression": "policy", "kv_budget": "budget"}
+SERVER_OPTIONS = ("cuda_graphs", "cuda_graphs_max_len")  # a request may repeat them, not change them
 
 
 def request_config(base: CompressionConfig, extra_args: dict | None) -> CompressionConfig:
@@ -37,8 +38,9 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
     extra = extra_args or {}
     changes = dict(extra.get("kv_compression_config") or {})
     changes.update({field_: extra[key] for key, field_ in OVERRIDE_KEYS.items() if key in extra})
-    if "cuda_graphs" in changes:  # captured once for the whole server
-        raise ValueError("cuda_graphs is a server option (--kv-compression-config), not a per-request one")
+    for name in SERVER_OPTIONS:  # the decode graphs are captured once for the whole server
+        if name in changes and changes[name] != getattr(base, name):
+            raise ValueError(f"{name} is a server option (--kv-compression-config), not a per-request one")
     return base.replace(**changes) if changes else base
 
 
@@ -59,6 +61,7 @@ class ReqState:
     spare: list[int] = field(default_factory=list)
     report_due: bool = False  # spares added or heads compacted since the last check (take_reports)
     num_tokens: int = 0
+    max_len: int = 0  # rows of its longest head
     prefill_chunks: int = 0  # steps the observed prefill took (chunked prefill when > 1)
     compressed: bool = False
     lens: torch.Tensor = None
@@ -122,7 +125,9 @@ class WorkerState:
         self._policies: dict[str, Policy | None] = {}
         # cuda_graphs: persistent layout of pure-decode steps (graphs.DecodeBuffers, set by the worker)
         self.decode_buffers = None
-        self.step_observes = False  # a request scheduled this step still observes its prefill
+        # this step must not replay a decode graph: a scheduled request still observes its prefill
+        # (the backend stashes its queries in Python), or a head would outgrow the graph tables
+        self.step_refuses_graphs = False
         self.graph_record: tuple | None = None  # (token indices, ring indices) left in decode_buffers.queries
 
     # ---- policies ---------------------------------------------------------------------------
@@ -195,11 +200,12 @@ class WorkerState:
                 self._start(rid, policy, target, slack)
             if new_ids is not None:
                 self.reqs[rid].add_spares(new_ids[0])
-        if self.decode_buffers is not None:  # such a step must not replay a decode graph: its
-            # prefill queries are stashed in Python
-            self.step_observes = any(
-                st.observing and st.num_tokens < st.compress_at
-                for st in (self.reqs.get(rid) for rid in so.num_scheduled_tokens) if st is not None)
+        if self.decode_buffers is not None:
+            limit = self.decode_buffers.width * self.bs
+            self.step_refuses_graphs = any(
+                (st.observing and st.num_tokens < st.compress_at) or st.max_len + n > limit
+                for st, n in ((self.reqs.get(rid), n) for rid, n in so.num_scheduled_tokens.items())
+                if st is not None)
 
     def flush_graph_queries(self) -> None:
         """Move the recorded queries of a pure-decode step (left in ``decode_buffers.queries`` by the
@@ -272,8 +278,10 @@ class WorkerState:
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         before_host, width, writes = self._assign(reqs, req_ids, q_lens)
         after_host = before_host + q_lens[:, None, None]
+        longest = after_host.flatten(1).amax(1).tolist()
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
             st.lens = after_host[r]
+            st.max_len = longest[r]
             st.num_tokens += q_len
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
@@ -333,6 +341,7 @@ class WorkerState:
             st.spare.extend(self.tables[st.row, :, :, :width][tail.to(self.device)].tolist())
         st.num_blocks = kept_blocks
         st.lens = keep.clone()
+        st.max_len = int(keep.max())
         st.report_due = True  # with or without a tail: spares held before may now be surplus
 
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:

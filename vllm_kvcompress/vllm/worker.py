@@ -9,7 +9,8 @@
   The runner's own per-request block table goes unused (``may_reinitialize_input_batch``).
   With ``cuda_graphs`` the persistent decode buffers (:mod:`.graphs`) are allocated there too
   (before vLLM's profiling run, so the KV pool is sized around them), and a step in which a
-  request still observes its prefill is kept from replaying a decode graph (``_is_uniform_decode``).
+  request still observes its prefill, or a head outgrows the graph tables, is kept from replaying a
+  decode graph (``_is_uniform_decode``).
 * ``execute_model``: the scheduler's block ids go to :class:`WorkerState` before the forward.
 """
 from __future__ import annotations
@@ -61,18 +62,20 @@ class _HeadBlockRunnerMixin:
             ws = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
                              config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config))
             if config.cuda_graphs:
-                ws.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config),
+                ws.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
+                                                                                 config.cuda_graphs_max_len),
                                                            dtype=first.dtype, device=self.device)
             runtime.WORKER_STATE = ws
         return {names[0]: spec}
 
     def _is_uniform_decode(self, *args, force_uniform_decode=None, **kwargs) -> bool:
         """vLLM's test for a full-graph decode batch, refused while a scheduled request still
-        observes its prefill (its last chunk can be one token): the backend stashes those queries
-        in Python, which a replayed graph would skip."""
+        observes its prefill (its last chunk can be one token: the backend stashes those queries in
+        Python, which a replayed graph would skip) or a head would hold more rows than the graph
+        tables have (``cuda_graphs_max_len``): ``WorkerState.step_refuses_graphs``."""
         uniform = super()._is_uniform_decode(*args, force_uniform_decode=force_uniform_decode, **kwargs)
         ws = runtime.WORKER_STATE
-        return uniform and not (force_uniform_decode is None and ws is not None and ws.step_observes)
+        return uniform and not (force_uniform_decode is None and ws is not None and ws.step_refuses_graphs)
 
     def may_reinitialize_input_batch(self, kv_cache_config, kernel_block_sizes):
         """The worker keeps every head's blocks in its own device tables (:class:`WorkerState`), so
@@ -101,15 +104,16 @@ def compression_workspace(spec: HeadBlockSpec, vllm_config) -> int:
     return dense + dense // 4 + (256 << 20)
 
 
-def decode_buffer_shape(spec: HeadBlockSpec, vllm_config) -> dict:
+def decode_buffer_shape(spec: HeadBlockSpec, vllm_config, max_len: int) -> dict:
     """Sizes of the CUDA-graph decode buffers: a row for every request a decode graph can hold
     (vLLM pads batches up to its largest capture size), a table column for every block of the
-    longest head the context allows."""
+    longest head a graph step may hold (``max_len`` rows, at most the context)."""
     compilation, scheduler = vllm_config.compilation_config, vllm_config.scheduler_config
     rows = max(scheduler.max_num_seqs, getattr(compilation, "max_cudagraph_capture_size", None) or 0)
     return dict(num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads,
                 num_q_heads=vllm_config.model_config.get_num_attention_heads(vllm_config.parallel_config),
-                head_dim=spec.head_size, rows=rows, width=-(-vllm_config.model_config.max_model_len // spec.block_size))
+                head_dim=spec.head_size, rows=rows,
+                width=-(-min(vllm_config.model_config.max_model_len, max_len) // spec.block_size))
 
 
 _RUNNERS: dict[type, type] = {}
