@@ -68,7 +68,18 @@ def _preemptions_metric(llm) -> float | None:
 
 
 @pytest.fixture(scope="module")
-def preemption_run(tiny_model_dir, tmp_path_factory):
+def preemption_runs(tiny_model_dir, tmp_path_factory):
+    """The run below without and with ``cuda_graphs`` (its persistent decode buffers; the CPU replays
+    no graphs but takes the same path)."""
+    return {graphs: _preemption_run(tiny_model_dir, tmp_path_factory, graphs) for graphs in (False, True)}
+
+
+@pytest.fixture(params=[False, True], ids=["piecewise", "cuda_graphs"])
+def preemption_run(request, preemption_runs):
+    return preemption_runs[request.param]
+
+
+def _preemption_run(tiny_model_dir, tmp_path_factory, graphs: bool) -> dict:
     """One engine, two phases, then shut down (the results stay):
 
     1. ``generate`` of 12 requests x 160 tokens: the pool holds ~8 compressed requests' prompts but
@@ -80,12 +91,14 @@ def preemption_run(tiny_model_dir, tmp_path_factory):
 
     events_path = str(tmp_path_factory.mktemp("preempt-events") / "events.jsonl")
     vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
-    llm = plugin_llm(tiny_model_dir, events_path, PREEMPT_CONFIG, num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
+    llm = plugin_llm(tiny_model_dir, events_path, {**PREEMPT_CONFIG, "cuda_graphs": graphs},
+                     num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
     try:
         prompts = _prompts(vocab, PREEMPT_REQUESTS, seed=1)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], _greedy(PREEMPT_TOKENS),
                             use_tqdm=False)
         generated = {o.request_id: len(o.outputs[0].token_ids) for o in outs}
+        tokens = {o.request_id: list(o.outputs[0].token_ids) for o in outs}
         phase1_events = len(runtime.read_events(events_path))
         phase1_metric = _preemptions_metric(llm)
 
@@ -115,8 +128,18 @@ def preemption_run(tiny_model_dir, tmp_path_factory):
         del llm
         gc.collect()
     return {"events": runtime.read_events(events_path), "phase1_events": phase1_events, "generated": generated,
+            "tokens": tokens,
             "finished": finished, "aborted": aborted, "ids": ids, "metric": metric, "phase1_metric": phase1_metric,
             "steps": steps}
+
+
+def test_graph_buffers_change_no_token_under_preemption(preemption_runs):
+    """The same preempting run with the decode steps in the graph buffers: the same tokens, and the
+    decode steps did take that path (outside the steps of a resumed request's recompute)."""
+    piecewise, graphs = preemption_runs[False], preemption_runs[True]
+    assert graphs["tokens"] == piecewise["tokens"]
+    built = [e["graph"] for e in graphs["events"] if e["kind"] == "build"]
+    assert sum(built) > PREEMPT_TOKENS and not any(e["graph"] for e in piecewise["events"] if e["kind"] == "build")
 
 
 def _freed_per_request(events, start=0, stop=None):
