@@ -278,7 +278,7 @@ class WorkerState:
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         before_host, width, writes = self._assign(reqs, req_ids, q_lens)
         after_host = before_host + q_lens[:, None, None]
-        longest = after_host.flatten(1).amax(1).tolist()
+        longest = after_host.amax((1, 2)).tolist()  # rows of each request's longest head
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
             st.lens = after_host[r]
             st.max_len = longest[r]
