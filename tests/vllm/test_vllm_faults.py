@@ -134,10 +134,19 @@ def _preemption_run(tiny_model_dir, tmp_path_factory, graphs: bool) -> dict:
 
 
 def test_graph_buffers_change_no_token_under_preemption(preemption_runs):
-    """The same preempting run with the decode steps in the graph buffers: the same tokens, and the
-    decode steps did take that path (outside the steps of a resumed request's recompute)."""
+    """The same preempting run with the decode steps in the graph buffers: the same tokens for every
+    request neither run preempted, and the decode steps did take that path. (A preempted request is
+    recomputed and compressed again from wherever it was stopped, which depends on timing: two runs
+    without the buffers differ there too.)"""
     piecewise, graphs = preemption_runs[False], preemption_runs[True]
-    assert graphs["tokens"] == piecewise["tokens"]
+
+    def preempted(run):  # vLLM's request ids, without the suffix the engine core adds
+        freed = _freed_per_request(run["events"], 0, run["phase1_events"])
+        return {rid.split("-")[0] for rid, n in freed.items() if n > 1}
+
+    steady = set(piecewise["tokens"]) - preempted(piecewise) - preempted(graphs)
+    assert len(steady) >= 4, steady
+    assert {r: graphs["tokens"][r] for r in steady} == {r: piecewise["tokens"][r] for r in steady}
     built = [e["graph"] for e in graphs["events"] if e["kind"] == "build"]
     assert sum(built) > PREEMPT_TOKENS and not any(e["graph"] for e in piecewise["events"] if e["kind"] == "build")
 
