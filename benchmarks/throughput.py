@@ -466,14 +466,15 @@ def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[in
 def plugin_summary(events_path: str, since: int, shape: dict) -> dict:
     """What the plugin logged after the warm-up: retained fraction (kept rows / full rows over all
     (layer, head) of every compressed prompt), compressions, its own peak of requests holding blocks
-    (since the engine started: with ``--share-engine``, over this run and those before it)."""
+    (the pool's state before each step, and its own peak events, of this run only)."""
     from vllm_kvcompress.vllm.runtime import read_events
 
     events = read_events(events_path)
     layers, heads, _ = shape_dims(shape)
     compressed = [e for e in events[since:] if e["kind"] == "compressed"]
     fractions = [sum(map(sum, e["lens"])) / (layers * heads * e["tokens"]) for e in compressed if e["tokens"]]
-    peaks = [e["peak"] for e in events if e["kind"] == "peak_requests"]
+    peaks = [e["requests"] if e["kind"] == "step" else e["peak"] for e in events[since:]
+             if e["kind"] in ("step", "peak_requests")]
     return {
         "retained_fraction": round(sum(fractions) / len(fractions), 5) if fractions else None,
         "compressions": len(compressed),

@@ -114,6 +114,7 @@ def test_shared_engine_runs_each_configuration_with_its_own_options(tmp_path):
     for r in (small, large):
         assert (r["status"], r["completed"], r["output_tokens"]) == ("ok", 4, 4 * 8)
         assert r["shared_engine"] == ["snapkv@32", "snapkv@64"] and r["compressions"] == 4
+        assert r["plugin_peak_requests"] >= r["peak_concurrency"] >= 1  # this run's own peak
     assert small["engine_start_s"] == large["engine_start_s"]
     assert (small["compression"]["budget"], large["compression"]["budget"]) == (32, 64)
     assert small["retained_fraction"] == pytest.approx(32 / 300, abs=0.01)
