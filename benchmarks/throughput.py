@@ -1250,8 +1250,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.time_limit is not None:
             # every configuration gets the same --timeout (comparable): what does not fit waits for the next call
             fits = int((args.time_limit - (time.monotonic() - started) - 10) // args.timeout)
-            if fits < len(configs):
-                configs = configs[:max(fits, 0)]
+            configs = configs[:max(fits, 0)]
             if not configs:
                 progress(f"--time-limit: {len(todo) - done} configuration(s) left for the next call")
                 break

@@ -37,8 +37,9 @@ DTYPE = "bfloat16"  # FlashAttention-3 (the GPU prefill path) has no float32; --
 
 
 def run(model_dir: str, prompts: list[list[int]], graphs: bool, dtype: str,
-        presets: tuple[str, ...]) -> dict[str, list[tuple[list[int], list[float]]]]:
-    """Per preset, (tokens, their log-probabilities) of every prompt."""
+        presets: tuple[str, ...]) -> tuple[dict[str, list[tuple[list[int], list[float]]]], int]:
+    """Per preset, (tokens, their log-probabilities) of every prompt; and how many decode steps
+    were replayed from a CUDA graph."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

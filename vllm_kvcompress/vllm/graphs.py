@@ -8,7 +8,8 @@ these buffers, at fixed widths, instead of in fresh tensors:
 
 * ``slots`` int64 [L, rows, H]: where each new token's K/V goes (-1: a padded row, nothing written);
 * ``tables`` int32 [L, rows, H, width]: per-head block tables, ``width`` = blocks of the longest
-  possible head (``max_model_len / block_size``); columns past a head's length are never read;
+  head a graph step may hold (``cuda_graphs_max_len`` rows, at most ``max_model_len``; a step with a
+  longer head runs without the graphs); columns past a head's length are never read;
 * ``lens`` int32 [L, rows, H]: rows held after the append (1 for padded rows);
 * ``queries`` [L, rows, Hq, D]: every row's query, copied out inside the graph; after the forward
   the rows that record queries for decode-time recompression are moved to the request's ring
@@ -61,7 +62,7 @@ class DecodeBuffers:
             width = tables.shape[3]
             if width > self.width:
                 raise RuntimeError(f"kv compression: a head holds {width} blocks, more than the {self.width} "
-                                   "columns of the CUDA-graph buffers (max_model_len / block_size)")
+                                   "columns of the CUDA-graph buffers (cuda_graphs_max_len / block_size)")
             self.slots[:, :real].copy_(slots)
             self.tables[:, :real, :, :width].copy_(tables)
             self.lens[:, :real].copy_(lens)
