@@ -601,12 +601,14 @@ def measure_offline(engine, llm, prompts, params, stats: "StepStats", name: str,
         if now > deadline:
             status = "partial"
             progress(f"{name}: --timeout reached, aborting {len(ids) - len(finished)} requests")
-            done = {o.request_id for o in finished}
-            engine.abort_request([i for i in ids if i not in done])
-            for _ in range(1000):  # let the aborts land before a next run starts
+            # enqueue returns vLLM's internal ids (external id + a random suffix); finished ones are skipped
+            engine.abort_request(ids, internal=True)
+            for _ in range(100):  # let the aborts land before a next run starts
                 if not engine.has_unfinished_requests():
                     break
                 engine.step()
+            else:
+                raise RuntimeError(f"{name}: requests still running after their abort")
             break
     wall = time.perf_counter() - t0
     out_tokens = sum(len(o.outputs[0].token_ids) for o in finished)

@@ -123,6 +123,33 @@ def test_shared_engine_runs_each_configuration_with_its_own_options(tmp_path):
     assert len(logs) == 1  # one engine
 
 
+@pytest.mark.slow
+def test_a_run_past_its_deadline_stops_at_once_and_the_engine_serves_the_next(tmp_path):
+    """``measure_offline`` past its deadline aborts what is still running (``LLM.enqueue`` returns
+    vLLM's internal request ids: aborting them as external ids does nothing, and the run would go on
+    to the end), so a partial run counts only the tokens made before the stop and leaves the engine
+    empty for the next run of a shared engine."""
+    from vllm import LLM, SamplingParams
+
+    args = throughput.parse_args(["--quick", "--configs", "plain"])
+    model_dir = throughput.build_model_dir("tiny", tmp_path / "models")
+    spec = throughput.make_spec(args, "tiny", model_dir, throughput.QUICK_WORKLOADS["a"], args.configs,
+                                tmp_path, timeout=100)
+    llm = LLM(model=spec["model_dir"], tokenizer=spec["tokenizer_dir"], disable_log_stats=False,
+              **throughput.engine_kwargs(spec))
+    stats = throughput.StepStats().install(llm.llm_engine.logger_manager)
+    prompts = throughput.random_prompts(4, 100, spec["shape"]["vocab_size"], seed=0)
+    long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    stopped = throughput.measure_offline(llm.llm_engine, llm, prompts, long, stats, "t", deadline=0.0)
+    assert (stopped["status"], stopped["completed"]) == ("partial", 0)
+    assert 0 < stopped["output_tokens"] < 4 * 300 // 10  # not run to the end after the "abort"
+    assert not llm.llm_engine.has_unfinished_requests()
+    stats.reset()
+    short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    after = throughput.measure_offline(llm.llm_engine, llm, prompts, short, stats, "t", deadline=float("inf"))
+    assert (after["status"], after["completed"], after["output_tokens"]) == ("ok", 4, 4 * 5)
+
+
 def test_engine_groups_share_only_plugin_runs_of_one_offline_workload_and_graph_mode():
     a, c, d = (throughput.WORKLOADS[w] for w in "acd")
     snap, ada, plain, graphs = (throughput.parse_config(x) for x in ("snapkv@0.1", "adakv@0.1", "plain",
