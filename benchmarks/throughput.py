@@ -285,8 +285,11 @@ def compression_options(config: RunConfig, extra: dict) -> dict | None:
         return None
     from vllm_kvcompress.config import CompressionConfig
 
-    graphs = {"cuda_graphs": True} if config.graphs else {}
-    return CompressionConfig.from_dict({**extra, "policy": config.policy, "budget": config.budget, **graphs}).to_dict()
+    if "cuda_graphs" in extra:
+        raise ValueError("--kv-options: cuda_graphs is chosen per configuration (POLICY@BUDGET+graphs)")
+    # explicit, so that a label without +graphs means no graphs on any device
+    return CompressionConfig.from_dict({**extra, "policy": config.policy, "budget": config.budget,
+                                        "cuda_graphs": config.graphs}).to_dict()
 
 
 # ---- small helpers ----------------------------------------------------------------------------------

@@ -105,8 +105,10 @@ class CompressionConfig:
         :class:`~vllm_kvcompress.reduction.EvictThenMergeReducer`.
     windowkv_*: see :class:`~vllm_kvcompress.reduction.WindowReducer`.
     cuda_graphs: serve pure-decode steps as full CUDA graphs (persistent metadata buffers,
-        :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. Off by default
-        until it has been through the GPU soak (measured on an H200: same outputs, 1.3-2.6x faster decode).
+        :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. None (the
+        default) = wherever vLLM captures CUDA graphs: on for a CUDA device unless ``enforce_eager``
+        or a ``cudagraph_mode`` without full graphs, off on the CPU (decided once at start-up,
+        ``vllm.settings.complete_engine_args``; H200: same outputs, 1.3-2.6x faster decode).
     cuda_graphs_max_len: rows per head a decode graph can hold (its table buffer is sized for it at
         every graph row: 4 bytes x layers x graph rows x KV heads x cuda_graphs_max_len / 16, 537 MB
         for Llama-3-8B at the default and 512 rows); a step in which a head would hold more runs
@@ -134,7 +136,7 @@ class CompressionConfig:
     windowkv_retrieval_window: int = 8
     windowkv_aggregation_window: int = 8
     windowkv_group_size: int = 8
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None
     cuda_graphs_max_len: int = 16384
 
     def __post_init__(self) -> None:
@@ -159,8 +161,9 @@ class CompressionConfig:
         _check_number("headkv_beta", self.headkv_beta, 1.0, 1e6, open_low=True)
         _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
         _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
-        if not isinstance(self.cuda_graphs, bool):
-            raise ValueError(f"cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be true, false or null (where vLLM captures graphs), "
+                             f"got {self.cuda_graphs!r}")
         _check_positive_int("cuda_graphs_max_len", self.cuda_graphs_max_len)
         for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_group_size"):
             _check_positive_int(name, getattr(self, name))

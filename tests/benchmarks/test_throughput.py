@@ -178,7 +178,9 @@ def test_parse_config():
     g = throughput.parse_config("ems@0.1+graphs")
     assert (g.label, g.policy, g.budget, g.graphs, c.graphs) == ("ems@0.1+graphs", "ems", 0.1, True, False)
     assert throughput.compression_options(g, {})["cuda_graphs"] is True
-    assert throughput.compression_options(c, {})["cuda_graphs"] is False
+    assert throughput.compression_options(c, {})["cuda_graphs"] is False  # not the plugin's default (None)
+    with pytest.raises(ValueError, match=r"\+graphs"):
+        throughput.compression_options(c, {"cuda_graphs": True})
     for bad in ("snapkv", "nosuch@0.1", "snapkv@1.5", "snapkv@-3", "none@0.1", "snapkv@0.1+fast"):
         with pytest.raises(ValueError):
             throughput.parse_config(bad)

@@ -117,7 +117,9 @@ def test_cuda_graphs_is_a_server_option():
     # repeating the server's value is no change (a request may carry a whole config)
     same = request_config(base, {"kv_compression_config": {**base.to_dict(), "budget": 0.2}})
     assert same.cuda_graphs and float(same.budget.fraction) == 0.2
-    with pytest.raises(ValueError, match="true or false"):
+    # null is the default ("where vLLM captures graphs"): a request carrying it keeps the server's
+    assert request_config(base, {"kv_compression_config": {"cuda_graphs": None}}).cuda_graphs is True
+    with pytest.raises(ValueError, match="true, false or null"):
         CompressionConfig(cuda_graphs="yes")
     with pytest.raises(ValueError, match="cuda_graphs_max_len"):
         CompressionConfig(cuda_graphs_max_len=0)

@@ -101,6 +101,30 @@ def test_completion_fills_in_the_engine_args():
     assert args.additional_config["kv_compression"]["budget"] == 64
 
 
+@pytest.mark.parametrize("device, engine, requested, expected", [
+    ("cpu", {}, None, False),  # the CPU build captures no CUDA graphs
+    ("cuda", {}, None, True),
+    ("cuda", {"enforce_eager": True}, None, False),
+    ("cuda", {"compilation_config": {"cudagraph_mode": "PIECEWISE"}}, None, False),
+    ("cuda", {"compilation_config": {"cudagraph_mode": "FULL_DECODE_ONLY"}}, None, True),
+    ("cuda", {}, False, False),  # asked for: kept as asked
+    ("cpu", {}, True, True),  # the CPU runs the buffers eagerly (the test suite's graph path)
+])
+def test_cuda_graphs_default_follows_vllms_graph_capture(monkeypatch, device, engine, requested, expected):
+    from vllm_kvcompress.vllm import params
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    monkeypatch.setenv(params.CONFIG_ENV, "")  # restored after the test
+    args = EngineArgs(model="m", **engine)
+    options = {"policy": "snapkv"} if requested is None else {"policy": "snapkv", "cuda_graphs": requested}
+    config = settings.read({"kv_compression": options})
+    assert config.cuda_graphs is requested
+    settings.complete_engine_args(args, config, device)
+    assert args.additional_config["kv_compression"]["cuda_graphs"] is expected
+    assert settings.read(args.additional_config).cuda_graphs is expected  # what the workers read
+    assert params.server_config().cuda_graphs is expected  # what requests are checked against
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("worker_cls", "my.Worker", "cannot run with --worker-cls"),
     ("kv_transfer_config", {"kv_connector": "LMCacheConnectorV1"}, "another kv connector"),

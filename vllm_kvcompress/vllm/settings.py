@@ -78,6 +78,10 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str) -> N
             # V2 is the CUDA default for dense models in 0.26; the EngineCore and workers inherit this
             logger.warning("kv compression: pinning vLLM's V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
             os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    if config.cuda_graphs is None:  # the default: full decode graphs wherever vLLM captures graphs
+        config = config.replace(cuda_graphs=captures_decode_graphs(args, device_type))
+        logger.info("kv compression: cuda_graphs %s (vLLM %s full CUDA graphs of decode steps here)",
+                    config.cuda_graphs, "captures" if config.cuda_graphs else "captures no")
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     # per-request options (vllm_xargs) are checked in the front end, HTTP 400 instead of a worker error
     from . import params
@@ -85,6 +89,18 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str) -> N
     params.publish_server_config(config)
     if params.PROCESSOR not in (args.logits_processors or []):
         args.logits_processors = [*(args.logits_processors or []), params.PROCESSOR]
+
+
+def captures_decode_graphs(args, device_type: str) -> bool:
+    """Whether vLLM will capture full CUDA graphs of decode steps with these engine args: a CUDA
+    device, no ``enforce_eager``, and a ``cudagraph_mode`` left to vLLM (FULL_AND_PIECEWISE) or
+    one whose decode graphs are full."""
+    if device_type != "cuda" or args.enforce_eager:
+        return False
+    from vllm.config import CUDAGraphMode
+
+    mode = getattr(args.compilation_config, "cudagraph_mode", None)
+    return mode is None or mode.decode_mode() == CUDAGraphMode.FULL
 
 
 def refusals(vllm_config) -> list[str]:

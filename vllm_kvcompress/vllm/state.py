@@ -39,7 +39,9 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
     changes = dict(extra.get("kv_compression_config") or {})
     changes.update({field_: extra[key] for key, field_ in OVERRIDE_KEYS.items() if key in extra})
     for name in SERVER_OPTIONS:  # the decode graphs are captured once for the whole server
-        if name in changes and changes[name] != getattr(base, name):
+        if name in changes and changes[name] is None:  # the default: whatever the server does
+            del changes[name]
+        elif name in changes and changes[name] != getattr(base, name):
             raise ValueError(f"{name} is a server option (--kv-compression-config), not a per-request one")
     return base.replace(**changes) if changes else base
 
