@@ -91,6 +91,18 @@ def test_policy_none_is_inert():
     assert settings.read({"kv_compression": '{"policy": "full"}'}) is None
 
 
+@pytest.mark.parametrize("options, warned", [
+    ({"policy": "snapkv", "budget": 32}, True),  # = the window
+    ({"policy": "streamingllm", "budget": 34}, True),  # below window + its sinks
+    ({"policy": "snapkv", "budget": 33}, False),
+    ({"policy": "snapkv", "budget": 0.1}, False),  # a fraction: depends on each prompt
+])
+def test_a_budget_that_leaves_the_policy_no_choice_is_warned_at_start_up(caplog, options, warned):
+    with caplog.at_level("WARNING", logger=settings.logger.name):
+        settings.check_policy_builds(settings.read({"kv_compression": options}))
+    assert ("scores choose nothing" in caplog.text) is warned
+
+
 def test_completion_fills_in_the_engine_args():
     args = EngineArgs(model="m")
     config = settings.read({"kv_compression": {"policy": "snapkv", "budget": 64}})

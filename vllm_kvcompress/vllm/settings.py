@@ -39,10 +39,17 @@ def read(additional_config) -> CompressionConfig | None:
 
 def check_policy_builds(config: CompressionConfig) -> None:
     """Build the policy once in the front end: a headkv score file that does not load fails here,
-    at start-up, not in the worker mid-request."""
+    at start-up, not in the worker mid-request. Warns when a token budget leaves the policy no
+    choice (every head keeps its protected window and sinks, whatever the scores)."""
     from ..presets import build_policy
 
-    build_policy(config)
+    policy = build_policy(config)
+    kept_anyway = policy.window + policy.sink
+    if config.budget.tokens is not None and config.budget.tokens <= kept_anyway:
+        logger.warning("kv compression: a budget of %d tokens per head is at or below the %d every head keeps "
+                       "anyway (window %d + sink %d), so %s keeps exactly those in every head and its scores "
+                       "choose nothing; give a larger budget (or a smaller window) for the policy to matter",
+                       config.budget.tokens, kept_anyway, policy.window, policy.sink, config.policy)
 
 
 def complete_engine_args(args, config: CompressionConfig, device_type: str) -> None:
