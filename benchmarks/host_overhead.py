@@ -8,7 +8,9 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 * ``recompress``: one decode-time recompression of all 256 heads of a request at 1,665 rows each
   (budget 1,600 + slack 64 + 1), per policy: PyTorch calls counted by torch.profiler. On a GPU each
   call is at least one kernel launch from Python, so the count is what the host pays. Also 8
-  requests due in the same step (400-row heads), one by one against together;
+  requests due in the same step (400-row heads), one by one against together, and one request
+  whose layers hold 32 different lengths (PyramidKV's budgets do that), one policy call per
+  length against one padded call;
 * ``decode_step``: the metadata of one pure-decode step of 256 running requests (400 rows a head):
   ``WorkerState.prepare_step`` and, with ``cuda_graphs``, the copy into the persistent buffers
   (``DecodeBuffers.fill``): PyTorch calls and ms of a step that assigns no new block. Once a replayed graph takes the 32 per-layer
@@ -88,10 +90,11 @@ def apply_report_ms() -> tuple[float, int, int]:
     return statistics.median(times), len(blocks), len(released)
 
 
-def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0):
+def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False):
     """A WorkerState holding ``num_requests`` compressed requests ("r0", ...) with random caches and
     query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
-    decode-time recompression."""
+    decode-time recompression. ``layer_lengths``: 32 more rows, and layer l's heads l fewer, so
+    each layer holds its own length (as PyramidKV's budgets make them)."""
     from vllm_kvcompress.config import CompressionConfig
     from vllm_kvcompress.vllm import compressor
     from vllm_kvcompress.vllm.state import WorkerState
@@ -110,19 +113,31 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0)
             st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
         compressor.compress_request(ws, rid)  # budget = prompt: every head keeps all rows
         ws.append(rid, 65)  # every head now over budget + slack
+        if layer_lengths:
+            ws.append(rid, L)
+            st.lens -= torch.arange(L)[:, None]
         ws.recent[:, st.row] = torch.randn(ws.recent[:, st.row].shape, generator=gen).to(ws.recent.dtype)
         st.recent_count += 65 + r  # rings at different positions
     return ws
 
 
-def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1) -> int:
-    """PyTorch calls of the recompression of ``num_requests`` requests due in the same step."""
+def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, layer_lengths: bool = False,
+                     by_length: bool = False) -> int:
+    """PyTorch calls of the recompression of ``num_requests`` requests due in the same step.
+    ``by_length``: as before padded recompression, one policy call per distinct head length (the
+    reducer's ``pads_heads`` off for the measurement)."""
     from vllm_kvcompress.vllm import compressor
 
-    ws = due_requests(policy, prompt, num_requests)
-    with torch.profiler.profile() as prof:
-        if len(compressor.recompress_requests(ws, list(ws.reqs))) != num_requests:
-            raise RuntimeError("a request had no head over its budget")
+    ws = due_requests(policy, prompt, num_requests, layer_lengths=layer_lengths)
+    reducer = type(ws.reqs["r0"].policy.reducer)
+    pads = reducer.pads_heads
+    reducer.pads_heads = pads and not by_length
+    try:
+        with torch.profiler.profile() as prof:
+            if len(compressor.recompress_requests(ws, list(ws.reqs))) != num_requests:
+                raise RuntimeError("a request had no head over its budget")
+    finally:
+        reducer.pads_heads = pads
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
 
 
@@ -177,6 +192,11 @@ def main() -> None:
            "recompress_8_requests_pytorch_calls": {
                p: {"one_by_one": 8 * recompress_calls(p, 400), "together": recompress_calls(p, 400, 8)}
                for p in args.policies.split(",")},
+           # one request whose 32 layers hold 32 lengths (PyramidKV): one call per length vs padded
+           "recompress_32_lengths_pytorch_calls": {
+               p: {"by_length": recompress_calls(p, layer_lengths=True, by_length=True),
+                   "padded": recompress_calls(p, layer_lengths=True)}
+               for p in args.policies.split(",") if p != "windowkv"},
            "decode_step_256_requests": decode_step()}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
@@ -187,6 +207,8 @@ def main() -> None:
         print(f"{r['label']:<28} {r['take_reports_256_requests_ms']:>16} {r['apply_report_ms']:>16}  {calls}")
         for p, n in r.get("recompress_8_requests_pytorch_calls", {}).items():
             print(f"{'':<28} 8 due requests, {p}: {n['one_by_one']} calls one by one, {n['together']} together")
+        for p, n in r.get("recompress_32_lengths_pytorch_calls", {}).items():
+            print(f"{'':<28} 32 head lengths, {p}: {n['by_length']} calls by length, {n['padded']} padded")
         for name, n in r.get("decode_step_256_requests", {}).items():
             print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
 

@@ -182,6 +182,43 @@ def test_budget_is_the_policy_budget():
     assert build_policy("snapkv", budget="0.3").budget == Budget(fraction=0.3)
 
 
+@pytest.mark.parametrize("reducer", [name for name in REDUCER_NAMES if name != "windows"])
+@pytest.mark.parametrize("scorer", SCORER_NAMES)
+@pytest.mark.parametrize("sink", [0, 2])
+def test_recompressing_heads_of_different_lengths_together_equals_one_at_a_time(scorer, reducer, sink):
+    """Heads of different lengths in one call (PyramidKV, Ada-KV, HeadKV and ZigZag budgets make
+    them): each head right-aligned, poisoned padding before its rows, comes out as if recompressed
+    alone at its own length."""
+    gen = torch.Generator().manual_seed(2)
+    group, window, head_dim = 2, 4, 16
+    lengths = torch.tensor([40, 23, 31, 40, 17])
+    budgets = torch.tensor([9, 14, 20, 12, 16])
+    num_heads, width = len(lengths), int(lengths.max())
+    policy = build_policy(CompressionConfig(policy="snapkv", scorer=scorer, reducer=reducer, budget=12,
+                                            window=window, sink=sink))
+    queries = torch.randn(num_heads * group, window, head_dim, generator=gen)
+    keys, values = torch.randn(2, num_heads, width, head_dim, generator=gen)
+    padding = torch.arange(width)[None, :] < (width - lengths)[:, None]
+    keys[padding], values[padding] = 1e4, -1e4  # poison: must not reach any kept row
+    together_keys, together_values = policy.recompress_heads(queries, keys, values, budgets, lengths)
+    assert together_keys.shape == (num_heads, int(budgets.max()), head_dim)
+    for h in range(num_heads):
+        n, b = int(lengths[h]), int(budgets[h])
+        alone_keys, alone_values = policy.recompress_head(queries[h * group:(h + 1) * group], keys[h, width - n:],
+                                                          values[h, width - n:], b)
+        torch.testing.assert_close(together_keys[h, :b], alone_keys)
+        torch.testing.assert_close(together_values[h, :b], alone_values)
+        assert not together_keys[h, b:].any() and not together_values[h, b:].any()
+
+
+def test_window_reducer_recompresses_equal_lengths_only():
+    policy = build_policy(CompressionConfig(policy="windowkv", budget=12, window=4))
+    assert not policy.reducer.pads_heads
+    q, k = torch.randn(2, 4, 16), torch.randn(2, 1, 30, 16)
+    with pytest.raises(ValueError, match="equal lengths"):
+        policy.recompress_heads(q, k[0], k[1], torch.tensor([8]), torch.tensor([20]))
+
+
 @pytest.mark.parametrize("reducer", REDUCER_NAMES)
 @pytest.mark.parametrize("scorer", SCORER_NAMES)
 def test_recompressing_heads_together_equals_one_at_a_time(scorer, reducer):

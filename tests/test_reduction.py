@@ -50,6 +50,23 @@ def test_top_k_protects_window_and_sink_and_breaks_ties_by_position():
     assert keep.tolist() == [[0, 2, 3, 6, 7, -1], [0, 6, 7, -1, -1, -1], [0, 2, 3, 5, 6, 7]]
 
 
+def test_protected_positions_of_heads_padded_at_the_front():
+    # lengths 5 and 3 in 5 rows: the second head's rows are 2..4, its sink is row 2
+    protected = protected_positions(5, window=1, sink=1, lengths=torch.tensor([5, 3]))
+    assert protected.int().tolist() == [[1, 0, 0, 0, 1], [0, 0, 1, 0, 1]]
+
+
+def test_merge_classes_leave_padding_out_even_when_it_matches_a_kept_key():
+    # head 1 holds 3 rows (padding at 0 and 1 copies its kept row 2): the padding is class 0
+    keys = [[[1.0, 0.0], [0.0, 1.0], [1.0, 0.1], [0.9, 0.0], [0.0, 1.0]],
+            [[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]]
+    obs = layer(keys, keys)
+    obs.lengths = torch.tensor([5, 3])
+    protected = protected_positions(5, window=1, sink=0, lengths=obs.lengths)
+    classes = EvictThenMergeReducer(merge_threshold=0.5).classes(obs, torch.tensor([[0, 4], [2, 4]]), protected)
+    assert classes.tolist() == [[1, 0, 1, 1, 2], [0, 0, 1, 0, 2]]
+
+
 def test_top_k_budget_zero_keeps_nothing():
     keep = top_k_indices(torch.rand(2, 5), torch.tensor([0, 0]), torch.zeros(5, dtype=torch.bool))
     assert keep.shape == (2, 0)

@@ -18,6 +18,10 @@ class LayerObservation:
                       from every prompt query (column sums of the causal softmax, summed over the
                       query heads of its group); collected only for scorers that ask for it.
     layer_idx:        index of the layer in the model.
+    lengths:          int64 [num_kv_heads] or None -- heads of different lengths in one
+                      observation (decode-time recompression): head h's rows are the LAST
+                      ``lengths[h]`` positions, the ones before them padding (so the recent
+                      window lines up at the end for every head). None: every head holds seq_len.
     """
 
     window_queries: torch.Tensor
@@ -25,6 +29,7 @@ class LayerObservation:
     values: torch.Tensor
     layer_idx: int = 0
     global_attention: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         num_q_heads, _, head_dim = self.window_queries.shape
@@ -36,6 +41,14 @@ class LayerObservation:
             )
         if num_q_heads % num_kv_heads:
             raise ValueError(f"{num_q_heads} query heads do not split into {num_kv_heads} KV-head groups")
+
+    @property
+    def padding(self) -> torch.Tensor | None:
+        """bool [num_kv_heads, seq_len], True at the padding rows before each head's own (None: none)."""
+        if self.lengths is None:
+            return None
+        start = self.seq_len - self.lengths.to(self.keys.device)
+        return torch.arange(self.seq_len, device=self.keys.device)[None, :] < start[:, None]
 
     @property
     def num_kv_heads(self) -> int:

@@ -55,16 +55,25 @@ class Policy:
         return retained + max(0, asked - prompt_len)
 
     def recompress_heads(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         budgets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode-time recompression of some KV heads that hold the same number of rows, each down to
-        its own budget, as if each were recompressed alone.
+                         budgets: torch.Tensor, lengths: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode-time recompression of some KV heads, each down to its own budget, as if each were
+        recompressed alone.
 
         queries: [num_heads * group, <=window, D] the heads' query heads' recent queries;
-        keys, values: [num_heads, n, D]; budgets: int [num_heads]. Returns the kept keys and values,
-        each [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them."""
-        protected = protected_positions(keys.shape[1], min(self.window, queries.shape[1]), self.sink, keys.device)
-        obs = LayerObservation(queries, keys, values)
-        kept = self.reducer.reduce_heads(obs, self.scorer.score(obs), torch.as_tensor(budgets).cpu(), protected)
+        keys, values: [num_heads, n, D]; budgets: int [num_heads]; lengths: int64 [num_heads] or
+        None -- heads of different lengths (only if ``reducer.pads_heads``): head i's rows are its
+        last ``lengths[i]``, padding before them. Returns the kept keys and values, each
+        [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them."""
+        if lengths is not None and not self.reducer.pads_heads:
+            raise ValueError(f"{type(self.reducer).__name__} recompresses heads of equal lengths only")
+        window = min(self.window, queries.shape[1])
+        protected = protected_positions(keys.shape[1], window, self.sink, keys.device, lengths)
+        obs = LayerObservation(queries, keys, values, lengths=lengths)
+        scores = self.scorer.score(obs)
+        if lengths is not None:  # padding is never kept
+            scores = scores.masked_fill(obs.padding, float("-inf"))
+        kept = self.reducer.reduce_heads(obs, scores, torch.as_tensor(budgets).cpu(), protected)
         return kept.keys, kept.values
 
     def recompress_head(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -37,21 +37,27 @@ class RetainedLayer:
         return cls(keep_idx, keys, values, valid.sum(-1))
 
 
-def protected_positions(seq_len: int, window: int, sink: int, device=None) -> torch.Tensor:
-    """bool [seq_len]: the first ``sink`` and the last ``window`` positions, which every head keeps."""
+def protected_positions(seq_len: int, window: int, sink: int, device=None, lengths: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """bool [seq_len]: the first ``sink`` and the last ``window`` positions, which every head keeps.
+    With ``lengths`` (heads padded at the front, :attr:`LayerObservation.lengths`): bool
+    [num_heads, seq_len], each head's sinks counted from its own first row."""
     pos = torch.arange(seq_len, device=device)
-    return (pos < sink) | (pos >= seq_len - window)
+    if lengths is None:
+        return (pos < sink) | (pos >= seq_len - window)
+    start = seq_len - lengths.to(pos.device)[:, None]
+    return ((pos[None, :] >= start) & (pos[None, :] < start + sink)) | (pos[None, :] >= seq_len - window)
 
 
 def top_k_indices(scores: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """Per head, the protected positions plus the best-scoring others, ``budgets[h]`` in all.
 
-    scores: [num_heads, seq_len]; budgets: int [num_heads]; protected: bool [seq_len]
-    returns int64 [num_heads, max(budgets)], increasing positions, -1 padded. Ties go to the
-    earlier position (stable sort), so the result is deterministic.
+    scores: [num_heads, seq_len]; budgets: int [num_heads]; protected: bool [seq_len] (or
+    [num_heads, seq_len]) returns int64 [num_heads, max(budgets)], increasing positions, -1 padded.
+    Ties go to the earlier position (stable sort), so the result is deterministic.
     """
     num_heads, seq_len = scores.shape
-    s = scores.float().masked_fill(protected[None, :], float("inf"))
+    s = scores.float().masked_fill(protected if protected.dim() == 2 else protected[None, :], float("inf"))
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     width = int(budgets.max()) if num_heads else 0
     chosen = order[:, :width]
@@ -66,6 +72,10 @@ class Reducer:
     # Whether each head's result depends on its own scores and rows only (then any subset of a
     # layer's heads can be reduced in one call, e.g. by decode-time recompression).
     heads_independent = True
+    # Whether reduce_heads takes heads of different lengths in one call (padded at the front,
+    # LayerObservation.lengths; padding scored -inf). Decode-time recompression then needs one
+    # call for all heads due, whatever their lengths, instead of one per distinct length.
+    pads_heads = True
 
     def reduce(
         self,
@@ -127,7 +137,8 @@ class EvictThenMergeReducer(Reducer):
         keep_idx: [num_kv_heads, max_budget] (-1 padded); protected: bool [seq_len]."""
         num_heads, seq_len, _ = obs.keys.shape
         valid = keep_idx >= 0
-        target = valid & ~protected[keep_idx.clamp(min=0)]
+        guarded = protected if protected.dim() == 2 else protected[None, :].expand(num_heads, -1)
+        target = valid & ~torch.gather(guarded, 1, keep_idx.clamp(min=0))
         keys = torch.nn.functional.normalize(obs.keys.float(), dim=-1)
         kept = torch.gather(keys, 1, keep_idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
         best_sim = torch.empty(num_heads, seq_len, device=keys.device)
@@ -141,6 +152,8 @@ class EvictThenMergeReducer(Reducer):
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
         # retained tokens are their own class, whatever their similarity to others. Only valid slots
         # are written: padding slots would alias position 0 and overwrite its class.
+        if obs.padding is not None:  # padding rows merge into nothing
+            classes.masked_fill_(obs.padding, 0)
         heads, slots = valid.nonzero(as_tuple=True)
         classes[heads, keep_idx[heads, slots]] = slots + 1
         return classes
@@ -210,6 +223,7 @@ class WindowReducer(Reducer):
     """
 
     heads_independent = False  # the heads of a layer share one window ranking
+    pads_heads = False  # windows are counted from each head's own first row: equal lengths only
 
     task: str = "auto"
     retrieval_window: int = 8

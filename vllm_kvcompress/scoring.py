@@ -53,6 +53,8 @@ class RecencyScorer(Scorer):
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         positions = torch.arange(obs.seq_len, dtype=torch.float32, device=obs.keys.device)
+        if obs.lengths is not None:  # each head's own positions (its padding negative)
+            return positions[None, :] - (obs.seq_len - obs.lengths.to(obs.keys.device)).float()[:, None]
         return positions.expand(obs.num_kv_heads, -1).clone()
 
 
@@ -66,7 +68,7 @@ class SnapKVScorer(Scorer):
     exclude_window: bool = True  # score the prefix only (see prefix_only)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=1)
+        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=1, padding=obs.padding)
         return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
 
 
@@ -80,7 +82,7 @@ class SquaredAttentionScorer(Scorer):
     exclude_window: bool = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=2)
+        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=2, padding=obs.padding)
         return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
 
 
@@ -110,7 +112,7 @@ class EMSScorer(Scorer):
     needs_global_attention = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1)
+        local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1, padding=obs.padding)
         local = normalize_rows(_decidable(local, obs, self.exclude_window))
         if obs.global_attention is None:
             mixed = local

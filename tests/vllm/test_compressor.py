@@ -35,3 +35,31 @@ def test_recompressing_requests_together_equals_one_by_one(policy):
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
     assert (together.reqs["r0"].lens == together.reqs["r0"].decode_budget).all()
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ems", "pyramidkv", "streamingllm"])
+def test_heads_of_different_lengths_go_through_the_policy_in_one_call(policy, monkeypatch):
+    """Padded (``Reducer.pads_heads``): every head due, whatever its length, in one policy call,
+    with the same rows as the equal-length grouping (one call per distinct length)."""
+    states = {}
+    for name, pads in (("padded", True), ("by_length", False)):
+        ws = host.due_requests(policy, 40, num_requests=2)
+        for r, rid in enumerate(("r0", "r1")):
+            ws.append(rid, 30)  # 135 rows a head, then up to 29 fewer in some: all still over 40 + 64
+            ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
+        reducer = type(ws.reqs["r0"].policy.reducer)
+        monkeypatch.setattr(reducer, "pads_heads", pads)
+        calls = []
+        original = type(ws.reqs["r0"].policy).recompress_heads
+        monkeypatch.setattr(type(ws.reqs["r0"].policy), "recompress_heads",
+                            lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+        assert compressor.recompress_requests(ws, ["r0", "r1"]) == ["r0", "r1"]
+        states[name] = ws, len(calls)
+        monkeypatch.undo()
+    (padded, padded_calls), (by_length, by_length_calls) = states["padded"], states["by_length"]
+    assert padded_calls == 1 < by_length_calls
+    for rid in ("r0", "r1"):
+        assert torch.equal(padded.reqs[rid].lens, by_length.reqs[rid].lens)
+        got, want = heads_content(padded, rid), heads_content(by_length, rid)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])

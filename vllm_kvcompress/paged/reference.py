@@ -89,12 +89,14 @@ def window_scores(
     key: torch.Tensor,
     scale: float | None = None,
     power: int = 1,
+    padding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention mass each key receives from the observation window, summed over window and group.
 
     window_query: [num_q_heads, window, head_dim] -- the last ``window`` queries of the prompt
     key:          [num_kv_heads, seq_len, head_dim]
     power:        1 sums softmax probabilities (SnapKV); 2 sums their squares (KV-Compress)
+    padding:      bool [num_kv_heads, seq_len] or None -- keys no query sees (they get 0)
     returns       float32 [num_kv_heads, seq_len]
 
     Window query i sits at position seq_len - window + i and sees keys up to it (causal).
@@ -106,8 +108,10 @@ def window_scores(
     q = window_query.float().reshape(num_kv_heads, group * window, head_dim)
     logits = torch.einsum("hqd,hld->hql", q, key.float()) * scale
     query_pos = (seq_len - window + torch.arange(window, device=key.device)).repeat(group)
-    causal = torch.arange(seq_len, device=key.device)[None, :] <= query_pos[:, None]
-    probs = logits.masked_fill(~causal, float("-inf")).softmax(-1)
+    hidden = (torch.arange(seq_len, device=key.device)[None, :] > query_pos[:, None])[None]  # [1, q, seq]
+    if padding is not None:
+        hidden = hidden | padding[:, None, :]
+    probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)
     return probs.pow(power).sum(1)
 
 

@@ -12,8 +12,9 @@ head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see al
 
 During decode (:func:`recompress_requests`, when ``decode_slack`` is set): a head holding more than
 its budget + slack rows is brought back to its budget with its query heads' recent queries, as
-``hf.generate(recompress_slack=...)`` does; heads of equal length go through the policy in one call
-whatever their layer and request (``Policy.recompress_heads`` keeps each head's result its own).
+``hf.generate(recompress_slack=...)`` does; the heads due go through the policy in one call
+whatever their layer, request and length (padded at the front; equal lengths only for reducers
+that need them, WindowKV's), and ``Policy.recompress_heads`` keeps each head's result its own.
 The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
 positions from the true sequence length.
 """
@@ -91,12 +92,24 @@ def _start_recent(ws: WorkerState, st) -> None:
     st.recent_count = count
 
 
+def _gather_padded(cache: torch.Tensor, table: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Rows of heads of different lengths, each right-aligned: [n_heads, max(lengths), D], head i's
+    ``lengths[i]`` rows last, zeros before them (``LayerObservation.lengths``)."""
+    width = int(lengths.max())
+    positions = torch.arange(width, device=table.device)[None, :] - (width - lengths.to(table.device))[:, None]
+    slots = slots_for_positions(table, positions, block_size)  # -1 before each head's rows
+    rows = cache.flatten(0, 1)[slots.clamp(min=0)]
+    return rows.masked_fill((slots < 0)[..., None], 0)
+
+
 def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
     """Bring the heads over budget + slack of these requests back to their budgets. Heads with the
-    same policy, number of rows and number of recent queries go through the policy in ONE call,
-    whatever their request or layer (``Policy.recompress_heads`` keeps each head's result its own), so requests due in the same
-    step cost one round of launches. Returns the requests that had a head over its limit."""
-    groups: dict[tuple, list] = {}  # (policy, rows, queries) -> [(request, layers, heads)]
+    same policy and number of recent queries go through the policy in ONE call, whatever their
+    request, layer or length (padded, :func:`_gather_padded`; of one length per call for reducers
+    without ``pads_heads``), so the requests due in a step cost one round of launches.
+    ``Policy.recompress_heads`` keeps each head's result its own. Returns the requests that had a
+    head over its limit."""
+    groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
     keep = {}
     for rid in rids:
         st = ws.reqs[rid]
@@ -106,30 +119,40 @@ def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
         keep[rid] = st.lens.clone()
         count = min(st.recent_count, st.policy.window)
         pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its limit
+        if st.policy.reducer.pads_heads:
+            layers, heads = pairs.unbind(1)
+            groups.setdefault((id(st.policy), None, count), []).append((rid, layers, heads, lengths))
+            continue
         for n in sorted(set(lengths.tolist())):
             layers, heads = pairs[lengths == n].unbind(1)
-            groups.setdefault((id(st.policy), n, count), []).append((rid, layers, heads))
-    for (_, n, count), members in groups.items():
+            groups.setdefault((id(st.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
+    for (_, _, count), members in groups.items():
         st0 = ws.reqs[members[0][0]]
-        sizes = [len(layers) for _, layers, _ in members]
+        sizes = [len(layers) for _, layers, _, _ in members]
         per_head = torch.tensor(sizes)  # members' values repeated for each of their heads
-        layers = torch.cat([layers for _, layers, _ in members])
-        heads = torch.cat([heads for _, _, heads in members])
-        rows = torch.tensor([ws.reqs[rid].row for rid, _, _ in members]).repeat_interleave(per_head)
-        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _ in members]).repeat_interleave(per_head)
+        layers = torch.cat([layers for _, layers, _, _ in members])
+        heads = torch.cat([heads for _, _, heads, _ in members])
+        lengths = torch.cat([lengths for _, _, _, lengths in members])
+        uniform = bool((lengths == lengths[0]).all())
+        rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members]).repeat_interleave(per_head)
+        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members]).repeat_interleave(per_head)
         order = (oldest[:, None] + torch.arange(count)) % st0.policy.window
         group = ws.recent.shape[3] // ws.H
         q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
         rows_d, layers_d, heads_d, order_d, q_heads_d = (x.to(ws.device) for x in (rows, layers, heads, order, q_heads))
         table = ws.tables[rows_d, layers_d, heads_d]  # [n_heads, max_blocks]
-        keys, values = (reference.gather_heads(cache, table, n) for cache in ws.pool)
+        if uniform:
+            keys, values = (reference.gather_heads(cache, table, int(lengths[0])) for cache in ws.pool)
+        else:
+            keys, values = (_gather_padded(cache, table, lengths, ws.bs) for cache in ws.pool)
         # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
         queries = ws.recent[layers_d[:, None, None], rows_d[:, None, None], order_d[:, None, :],
                             q_heads_d[:, :, None]].flatten(0, 1)
-        budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h in members])
-        kept_keys, kept_values = st0.policy.recompress_heads(queries, keys, values, budgets)
+        budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h, _ in members])
+        kept_keys, kept_values = st0.policy.recompress_heads(queries, keys, values, budgets,
+                                                             None if uniform else lengths)
         write_rows(ws, rows, layers, heads, kept_keys, kept_values, budgets)
-        for (rid, l, h), part in zip(members, budgets.split(sizes)):
+        for (rid, l, h, _), part in zip(members, budgets.split(sizes)):
             keep[rid][l, h] = part
     for rid, rows_kept in keep.items():
         _finish(ws, rid, rows_kept, "decode")
