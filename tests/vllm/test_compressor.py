@@ -63,3 +63,31 @@ def test_heads_of_different_lengths_go_through_the_policy_in_one_call(policy, mo
         got, want = heads_content(padded, rid), heads_content(by_length, rid)
         for key in want:
             torch.testing.assert_close(got[key], want[key])
+
+
+def test_calls_split_heads_longest_first_within_the_row_limit():
+    lengths = torch.tensor([10, 40, 25, 40, 12])
+    assert compressor._calls(lengths, None) == [None] and compressor._calls(lengths, 200) == [None]
+    parts = compressor._calls(lengths, 80)  # 2 heads of 40, then 25 + 12 + 10 (3 x 25 <= 80)
+    assert [p.tolist() for p in parts] == [[1, 3], [2, 4, 0]]
+    assert [p.tolist() for p in compressor._calls(lengths, 30)] == [[1], [3], [2], [4, 0]]  # 40 > 30: alone
+
+
+def test_a_workspace_too_small_for_one_call_splits_it_with_the_same_rows():
+    states = {}
+    for name, workspace in (("one_call", 0), ("split", 300_000)):
+        ws = host.due_requests("snapkv", 40, num_requests=2)
+        ws.workspace_bytes = workspace
+        for r, rid in enumerate(("r0", "r1")):
+            ws.append(rid, 30)
+            ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
+        if workspace:
+            heads_due = int(sum((ws.reqs[rid].lens > 104).sum() for rid in ("r0", "r1")))
+            assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, 32))) > 2
+        assert compressor.recompress_requests(ws, ["r0", "r1"]) == ["r0", "r1"]
+        states[name] = ws
+    for rid in ("r0", "r1"):
+        assert torch.equal(states["split"].reqs[rid].lens, states["one_call"].reqs[rid].lens)
+        got, want = heads_content(states["split"], rid), heads_content(states["one_call"], rid)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key])

@@ -102,11 +102,60 @@ def _gather_padded(cache: torch.Tensor, table: torch.Tensor, lengths: torch.Tens
     return rows.masked_fill((slots < 0)[..., None], 0)
 
 
+def _max_rows(ws: WorkerState, count: int) -> int | None:
+    """Padded rows one recompression call may gather: its dense K/V and window-score temporaries
+    (logits, probabilities, powers: float32 per query) stay within the compression workspace that
+    vLLM's profiling run reserved. None: no limit (a WorkerState without a workspace, in tests)."""
+    if not ws.workspace_bytes:
+        return None
+    head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
+    group = ws.recent.shape[3] // ws.H if ws.recent is not None else 1
+    return max(1, ws.workspace_bytes // (2 * head_dim * itemsize + 3 * group * max(count, 1) * 4))
+
+
+def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
+    """How the heads of one group split into policy calls: [None] (all at once, in order) when
+    ``len(lengths) * max(lengths)`` padded rows fit in ``max_rows``; else runs of heads of similar
+    length, longest first, each within it (a head longer than it alone)."""
+    longest = int(lengths.max())
+    if max_rows is None or len(lengths) * longest <= max_rows:
+        return [None]
+    order = lengths.argsort(descending=True, stable=True)
+    parts, start = [], 0
+    while start < len(order):
+        fit = max(1, max_rows // int(lengths[order[start]]))
+        parts.append(order[start:start + fit])
+        start += fit
+    return parts
+
+
+def _recompress_heads(ws: WorkerState, policy, count: int, rows: torch.Tensor, layers: torch.Tensor,
+                      heads: torch.Tensor, lengths: torch.Tensor, oldest: torch.Tensor, budgets: torch.Tensor) -> None:
+    """One policy call: heads (table ``rows``, ``layers``, ``heads``, each holding ``lengths`` rows,
+    its ring's oldest of ``count`` queries at ``oldest``) brought back to ``budgets``, in place."""
+    uniform = bool((lengths == lengths[0]).all())
+    order = (oldest[:, None] + torch.arange(count)) % policy.window
+    group = ws.recent.shape[3] // ws.H
+    q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
+    rows_d, layers_d, heads_d, order_d, q_heads_d = (x.to(ws.device) for x in (rows, layers, heads, order, q_heads))
+    table = ws.tables[rows_d, layers_d, heads_d]  # [n_heads, max_blocks]
+    if uniform:
+        keys, values = (reference.gather_heads(cache, table, int(lengths[0])) for cache in ws.pool)
+    else:
+        keys, values = (_gather_padded(cache, table, lengths, ws.bs) for cache in ws.pool)
+    # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
+    queries = ws.recent[layers_d[:, None, None], rows_d[:, None, None], order_d[:, None, :],
+                        q_heads_d[:, :, None]].flatten(0, 1)
+    kept_keys, kept_values = policy.recompress_heads(queries, keys, values, budgets, None if uniform else lengths)
+    write_rows(ws, rows, layers, heads, kept_keys, kept_values, budgets)
+
+
 def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
     """Bring the heads over budget + slack of these requests back to their budgets. Heads with the
     same policy and number of recent queries go through the policy in ONE call, whatever their
     request, layer or length (padded, :func:`_gather_padded`; of one length per call for reducers
-    without ``pads_heads``), so the requests due in a step cost one round of launches.
+    without ``pads_heads``; split by :func:`_calls` where they would outgrow the compression
+    workspace), so the requests due in a step cost one round of launches.
     ``Policy.recompress_heads`` keeps each head's result its own. Returns the requests that had a
     head over its limit."""
     groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
@@ -127,33 +176,18 @@ def recompress_requests(ws: WorkerState, rids: list[str]) -> list[str]:
             layers, heads = pairs[lengths == n].unbind(1)
             groups.setdefault((id(st.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
     for (_, _, count), members in groups.items():
-        st0 = ws.reqs[members[0][0]]
+        policy = ws.reqs[members[0][0]].policy
         sizes = [len(layers) for _, layers, _, _ in members]
-        per_head = torch.tensor(sizes)  # members' values repeated for each of their heads
-        layers = torch.cat([layers for _, layers, _, _ in members])
-        heads = torch.cat([heads for _, _, heads, _ in members])
-        lengths = torch.cat([lengths for _, _, _, lengths in members])
-        uniform = bool((lengths == lengths[0]).all())
-        rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members]).repeat_interleave(per_head)
-        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members]).repeat_interleave(per_head)
-        order = (oldest[:, None] + torch.arange(count)) % st0.policy.window
-        group = ws.recent.shape[3] // ws.H
-        q_heads = heads[:, None] * group + torch.arange(group)  # [n_heads, group]
-        rows_d, layers_d, heads_d, order_d, q_heads_d = (x.to(ws.device) for x in (rows, layers, heads, order, q_heads))
-        table = ws.tables[rows_d, layers_d, heads_d]  # [n_heads, max_blocks]
-        if uniform:
-            keys, values = (reference.gather_heads(cache, table, int(lengths[0])) for cache in ws.pool)
-        else:
-            keys, values = (_gather_padded(cache, table, lengths, ws.bs) for cache in ws.pool)
-        # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-        queries = ws.recent[layers_d[:, None, None], rows_d[:, None, None], order_d[:, None, :],
-                            q_heads_d[:, :, None]].flatten(0, 1)
+        member = torch.arange(len(members)).repeat_interleave(torch.tensor(sizes))  # each head's member
+        layers, heads, lengths = (torch.cat([m[i] for m in members]) for i in (1, 2, 3))
         budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h, _ in members])
-        kept_keys, kept_values = st0.policy.recompress_heads(queries, keys, values, budgets,
-                                                             None if uniform else lengths)
-        write_rows(ws, rows, layers, heads, kept_keys, kept_values, budgets)
-        for (rid, l, h, _), part in zip(members, budgets.split(sizes)):
-            keep[rid][l, h] = part
+        rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members])[member]
+        oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
+        for part in _calls(lengths, _max_rows(ws, count)):
+            _recompress_heads(ws, policy, count, *(x if part is None else x[part]
+                                                   for x in (rows, layers, heads, lengths, oldest, budgets)))
+        for (rid, l, h, _), kept in zip(members, budgets.split(sizes)):
+            keep[rid][l, h] = kept
     for rid, rows_kept in keep.items():
         _finish(ws, rid, rows_kept, "decode")
     return list(keep)
