@@ -109,7 +109,7 @@ def _max_rows(ws: WorkerState, count: int) -> int | None:
     if not ws.workspace_bytes:
         return None
     head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
-    group = ws.recent.shape[3] // ws.H if ws.recent is not None else 1
+    group = ws.recent.shape[3] // ws.H  # query heads per KV head (the rings exist once a request is due)
     return max(1, ws.workspace_bytes // (2 * head_dim * itemsize + 3 * group * max(count, 1) * 4))
 
 
