@@ -31,6 +31,49 @@ def test_patched_vllm_is_the_pinned_version():
     assert EngineArgs.create_engine_config is patches._create_engine_config
 
 
+@pytest.fixture
+def unsupported_vllm(monkeypatch):
+    """The plugin as it loads on another vLLM version; the real one is restored after the test."""
+    patches.remove()
+    monkeypatch.setattr(vllm, "__version__", "0.27.1")
+    try:
+        yield patches
+    finally:
+        patches.remove()
+        monkeypatch.setattr(vllm, "__version__", patches.VLLM_VERSION)
+        assert patches.apply()
+
+
+def test_another_vllm_version_leaves_plain_vllm_working(unsupported_vllm, caplog):
+    with caplog.at_level("WARNING", logger=patches.logger.name):
+        assert unsupported_vllm.apply() is False
+    assert "inactive" in caplog.text and "0.26.0" in caplog.text and "0.27.1" in caplog.text
+    engine_args = AsyncEngineArgs.from_cli_args(parse("--max-model-len", "512"))  # a plain server's flags
+    assert engine_args.max_model_len == 512 and "kv_compression" not in (engine_args.additional_config or {})
+    seen, stock = [], unsupported_vllm.ORIGINALS["create_engine_config"]
+    unsupported_vllm.ORIGINALS["create_engine_config"] = lambda self, *a, **k: seen.append(self) or "stock config"
+    try:
+        plain = EngineArgs(model="m", additional_config={"kv_compression": {"policy": "none"}})
+        assert plain.create_engine_config() == "stock config" and seen == [plain]
+    finally:
+        unsupported_vllm.ORIGINALS["create_engine_config"] = stock
+
+
+@pytest.mark.parametrize("how", ["cli", "additional_config"])
+def test_another_vllm_version_refuses_compression_at_start_up(unsupported_vllm, how):
+    unsupported_vllm.apply()
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.26\.0 only: found vLLM 0\.27\.1"):
+        if how == "cli":
+            AsyncEngineArgs.from_cli_args(parse("--kv-compression", "ems"))
+        else:
+            EngineArgs(model="m", additional_config={"kv_compression": {"policy": "ems"}}).create_engine_config()
+
+
+def test_changed_wrapped_signature_makes_the_plugin_inert(monkeypatch):
+    monkeypatch.setitem(patches.EXPECTED, "from_cli_args", "(cls, args, extra)")
+    assert "EngineArgs.from_cli_args changed" in patches.incompatibility()
+
+
 def test_entry_point_is_installed():
     from importlib.metadata import entry_points
 

@@ -14,14 +14,18 @@ Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
   refuse what cannot run. Same path for ``vllm serve``, ``LLM(...)`` and ``AsyncLLM``.
 
 Without compression requested the wrappers call the originals unchanged (only the flags appear).
-``EXPECTED`` pins the wrapped callables' signatures; tests/vllm/test_patches.py fails when vLLM
-changes them.
+
+On a vLLM other than ``VLLM_VERSION`` (or one whose wrapped methods changed, ``EXPECTED``) the
+plugin is inert: a warning, the flags still listed, and a request for compression refused at
+start-up with a message naming the supported version; plain vLLM runs untouched.
+``tests/vllm/test_vllm_plugin.py`` pins the signatures and tests both modes.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import logging
 
 from ..budget import Budget
 from ..config import CompressionConfig
@@ -36,6 +40,10 @@ EXPECTED = {
                             "vllm.config.vllm.VllmConfig",
 }
 ORIGINALS: dict[str, object] = {}  # name -> the unwrapped function
+# why the plugin is inert in this process (an unsupported vLLM), or None when it is active
+INACTIVE: str | None = None
+
+logger = logging.getLogger("vllm.kv_compression")
 
 
 def add_kv_compression_args(parser):
@@ -69,10 +77,18 @@ def _add_cli_args(parser):
     return add_kv_compression_args(parser)
 
 
+def _refuse_if_inactive() -> None:
+    if INACTIVE is not None:
+        raise RuntimeError(f"kv compression was requested, but vllm-kvcompress supports vLLM {VLLM_VERSION} only: "
+                           f"{INACTIVE}. Install vllm=={VLLM_VERSION}, or run without --kv-compression "
+                           "(plain vLLM works as usual with this package installed)")
+
+
 def _from_cli_args(cls, args):
     engine_args = ORIGINALS["from_cli_args"](cls, args)
     options = options_from_cli(args)
     if options is not None:
+        _refuse_if_inactive()
         extra = engine_args.additional_config
         if isinstance(extra, str):
             extra = json.loads(extra)
@@ -84,6 +100,7 @@ def _create_engine_config(self, *args, **kwargs):
     config = settings.read(self.additional_config)  # ValueError for bad options
     if config is None:
         return ORIGINALS["create_engine_config"](self, *args, **kwargs)
+    _refuse_if_inactive()
     from vllm.platforms import current_platform
 
     settings.check_policy_builds(config)
@@ -93,29 +110,54 @@ def _create_engine_config(self, *args, **kwargs):
     return vllm_config
 
 
-def check_vllm_version() -> None:
+def incompatibility() -> str | None:
+    """Why this vLLM cannot run the plugin (another version, or changed wrapped methods); None: it can."""
     import vllm
     from vllm.engine.arg_utils import EngineArgs
 
     if vllm.__version__ != VLLM_VERSION:
-        raise RuntimeError(f"vllm-kvcompress patches vLLM {VLLM_VERSION} internals; found vLLM {vllm.__version__}")
+        return f"found vLLM {vllm.__version__}"
     for name, expected in EXPECTED.items():
-        original = ORIGINALS.get(name) or EngineArgs.__dict__[name]
-        found = str(inspect.signature(getattr(original, "__func__", original)))
+        original = ORIGINALS.get(name) or EngineArgs.__dict__.get(name)
+        found = str(inspect.signature(getattr(original, "__func__", original))) if original else "missing"
         if found != expected:
-            raise RuntimeError(f"vLLM's EngineArgs.{name} changed: {found} (patched for {expected})")
+            return f"vLLM's EngineArgs.{name} changed: {found} (patched for {expected})"
+    return None
 
 
-def apply() -> None:
-    """Wrap the three EngineArgs methods once per process."""
+def apply() -> bool:
+    """Wrap the three EngineArgs methods once per process. Returns whether the plugin is active: on
+    an unsupported vLLM it warns and the wrappers only refuse requests for compression."""
+    global INACTIVE
     from vllm.engine.arg_utils import EngineArgs
 
     if ORIGINALS:
-        return
-    check_vllm_version()
+        return INACTIVE is None
+    INACTIVE = incompatibility()
+    if INACTIVE is not None:
+        logger.warning("vllm-kvcompress is inactive: it supports vLLM %s only (%s); plain vLLM is unaffected",
+                       VLLM_VERSION, INACTIVE)
+        descriptors = (EngineArgs.__dict__.get("add_cli_args"), EngineArgs.__dict__.get("from_cli_args"))
+        if not (isinstance(descriptors[0], staticmethod) and isinstance(descriptors[1], classmethod)
+                and callable(EngineArgs.__dict__.get("create_engine_config"))):
+            return False  # not even the shape we wrap: leave vLLM as it is
     ORIGINALS["add_cli_args"] = EngineArgs.__dict__["add_cli_args"].__func__
     ORIGINALS["from_cli_args"] = EngineArgs.__dict__["from_cli_args"].__func__
     ORIGINALS["create_engine_config"] = EngineArgs.__dict__["create_engine_config"]
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_engine_config = _create_engine_config
+    return INACTIVE is None
+
+
+def remove() -> None:
+    """Undo :func:`apply` (tests switch between the active and the inert plugin)."""
+    global INACTIVE
+    from vllm.engine.arg_utils import EngineArgs
+
+    if not ORIGINALS:
+        return
+    EngineArgs.add_cli_args = staticmethod(ORIGINALS.pop("add_cli_args"))
+    EngineArgs.from_cli_args = classmethod(ORIGINALS.pop("from_cli_args"))
+    EngineArgs.create_engine_config = ORIGINALS.pop("create_engine_config")
+    INACTIVE = None
