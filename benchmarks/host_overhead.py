@@ -58,7 +58,7 @@ def take_reports_ms(num_requests: int = 256) -> float:
         ws.ingest(scheduler_output(str(r), 100, list(range(r * n, (r + 1) * n))))
         ws.append(str(r), 100)
         ws.compacted_heads(str(r), torch.randint(40, 100, (L, H), generator=gen))
-        ws.reqs[str(r)].compressed = True
+        ws.reqs[str(r)].compressed_to(None)
     ws.take_reports()  # the first check releases every request's surplus
     times = []
     for _ in range(30):
@@ -111,7 +111,7 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
         for layer in range(L):
             st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
             st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
-        compressor.compress_request(ws, rid)  # budget = prompt: every head keeps all rows
+        compressor.Compressor(ws).compress_prefill(rid)  # budget = prompt: every head keeps all rows
         ws.append(rid, 65)  # every head now over budget + slack
         if layer_lengths:
             ws.append(rid, L)
@@ -134,7 +134,7 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
     reducer.pads_heads = pads and not by_length
     try:
         with torch.profiler.profile() as prof:
-            if len(compressor.recompress_requests(ws, list(ws.reqs))) != num_requests:
+            if len(compressor.Compressor(ws).recompress(list(ws.reqs))) != num_requests:
                 raise RuntimeError("a request had no head over its budget")
     finally:
         reducer.pads_heads = pads

@@ -252,7 +252,8 @@ class Cluster:
             kept[l, h] = keep(lens[l][h])
             assert 0 <= kept[l, h] <= lens[l][h], "compression only shrinks"
         self.ws.compacted_heads(req.rid, kept)  # what the compressor calls
-        self.ws.reqs[req.rid].compressed = True
+        if not self.ws.reqs[req.rid].compressed:
+            self.ws.reqs[req.rid].compressed_to(None)
         self.counts["decode_recompressions" if req.compressed else "compressions"] += 1
         self.counts["chunked_prefills"] += not req.compressed and req.steps > 1
         req.compressed = True

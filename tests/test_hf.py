@@ -280,9 +280,30 @@ def test_none_ignores_recompress_slack():
     model = tiny("gqa4")
     ids = random_prompt()
     plain = hf.generate(model, ids, None, max_new_tokens=8)
-    slack = hf.generate(model, ids, None, max_new_tokens=8, recompress_slack=0)
+    slack = hf.generate(model, ids, None, max_new_tokens=8, recompress_slack=1)
     assert slack.tokens == plain.tokens and slack.recompressions == 0
     assert torch.equal(slack.final_per_layer, plain.final_per_layer)
+
+
+def test_a_slack_below_one_is_refused():
+    with pytest.raises(ValueError, match="recompress_slack must be >= 1"):
+        hf.generate(tiny("gqa4"), random_prompt(), build_policy("snapkv", budget=24, window=WINDOW),
+                    max_new_tokens=4, recompress_slack=0)
+
+
+def cadence(prompt_len: int, start: int, budget: int, slack: int, phase: int | None, decode_steps: int):
+    """The recompression schedule of one head, worked out step by step: it starts with ``start``
+    rows, gains one per decode forward, and after a forward that leaves the cache at ``n`` tokens
+    with ``n % slack == phase`` (default ``prompt_len % slack``) it is cut back to ``budget`` if
+    longer. Returns (rows before each forward, recompressions, rows at the end)."""
+    phase = prompt_len % slack if phase is None else phase
+    rows, before, recompressions = start, [], 0
+    for step in range(decode_steps):
+        before.append(rows)
+        rows += 1
+        if (prompt_len + step + 1) % slack == phase and rows > budget:
+            rows, recompressions = budget, recompressions + 1
+    return before, recompressions, rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +393,8 @@ def test_decode_positions_count_from_the_true_length():
 
 
 @pytest.mark.parametrize("preset", COMPRESSING)
-def test_recompression_keeps_each_head_within_budget_plus_slack(preset, tiny_scores):
+@pytest.mark.parametrize("phase", [None, 1])
+def test_recompression_keeps_each_head_within_budget_plus_slack(preset, tiny_scores, phase):
     model = tiny("gqa4")
     slack, new_tokens, budget = 4, 28, 24
     policy = recorded(make_policy(preset, tiny_scores["gqa4"], budget=budget, window=WINDOW))
@@ -386,7 +408,8 @@ def test_recompression_keeps_each_head_within_budget_plus_slack(preset, tiny_sco
     hook = model.register_forward_pre_hook(record_lengths)
     try:
         with ForwardRecorder(model) as recorder:
-            result = hf.generate(model, random_prompt(), policy, max_new_tokens=new_tokens, recompress_slack=slack)
+            result = hf.generate(model, random_prompt(), policy, max_new_tokens=new_tokens, recompress_slack=slack,
+                                 recompress_phase=phase)
     finally:
         hook.remove()
 
@@ -395,11 +418,13 @@ def test_recompression_keeps_each_head_within_budget_plus_slack(preset, tiny_sco
     assert len(result.tokens) == new_tokens and torch.isfinite(recorder.logit_rows).all()
     assert torch.equal(result.retained_per_layer, budgets)
     assert len(lengths_before_step) == decode_steps
-    for lengths in lengths_before_step:
-        assert (lengths >= budgets).all() and (lengths <= budgets + slack).all()
-    # every head grows by one a step and is cut back to its budget once it passes budget + slack
-    assert result.recompressions == budgets.numel() * (decode_steps // (slack + 1)) > 0
-    assert torch.equal(result.final_per_layer, budgets + decode_steps % (slack + 1))
+    # every head grows by one a step and is cut back to its budget on the cadence (budget 0 here
+    # stands for each head's own budget: the heads start at it)
+    before, per_head, final = cadence(PROMPT_LEN, 0, 0, slack, phase, decode_steps)
+    for lengths, over in zip(lengths_before_step, before):
+        assert torch.equal(lengths, budgets + over) and over <= slack
+    assert result.recompressions == budgets.numel() * per_head > 0
+    assert torch.equal(result.final_per_layer, budgets + final)
 
 
 @pytest.mark.parametrize(
@@ -421,10 +446,8 @@ def test_a_prompt_shorter_than_the_budget_grows_to_the_budget(prompt_len, budget
 
     assert (result.retained_per_layer == prompt_len).all()
     asked, decode_steps = max(budget, window), new_tokens - 1
-    first = asked + slack + 1 - prompt_len  # the forward after which a head first exceeds asked + slack
-    per_head = 0 if decode_steps < first else 1 + (decode_steps - first) // (slack + 1)
+    _, per_head, final = cadence(prompt_len, prompt_len, asked, slack, None, decode_steps)
     assert result.recompressions == per_head * result.retained_per_layer.numel()
-    final = prompt_len + decode_steps if per_head == 0 else asked + (decode_steps - first) % (slack + 1)
     assert (result.final_per_layer == final).all()
     if per_head == 0:  # nothing was ever evicted: exactly the full cache
         assert result.tokens == expected.tokens
@@ -534,5 +557,5 @@ def test_smollm2_recompression_stays_bounded(smollm2, smollm2_prompt):
         result = hf.generate(model, smollm2_prompt, policy, max_new_tokens=new_tokens, recompress_slack=slack)
     budgets = policy.allocator.budgets[0]
     assert len(result.tokens) == new_tokens and torch.isfinite(recorder.logit_rows).all()
-    assert result.recompressions == budgets.numel() * ((new_tokens - 1) // (slack + 1)) > 0
+    assert result.recompressions == budgets.numel() * ((new_tokens - 1) // slack) > 0
     assert (result.final_per_layer <= budgets + slack).all()

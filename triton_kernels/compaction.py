@@ -87,6 +87,20 @@ def compact(
     keep_len:  int [num_heads];  old_len: int [num_heads] (rows held before compaction)
     returns    per head, the int64 block ids that no longer hold a retained row (to free)
     """
+    compact_rows(key_cache, value_cache, head_block_table, keep_idx, keep_len, block_rows)
+    return freed_blocks(head_block_table, keep_len, old_len, key_cache.shape[1])
+
+
+def compact_rows(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_block_table: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_len: torch.Tensor,
+    block_rows: int = 256,
+) -> None:
+    """:func:`compact` without the freed block ids: one launch, nothing waits for the device (the
+    caller knows which blocks it freed)."""
     num_heads = head_block_table.shape[0]
     block_size, head_dim = key_cache.shape[1:]
     if key_cache.stride() != value_cache.stride() or key_cache.dtype != value_cache.dtype:
@@ -104,4 +118,3 @@ def compact(
             ROW=head_dim, BLOCK_SIZE=block_size, BLOCK_R=block_rows,
             BLOCK_D=triton.next_power_of_2(head_dim), num_warps=8,
         )
-    return freed_blocks(head_block_table, keep_len, old_len, block_size)

@@ -93,8 +93,11 @@ class CompressionConfig:
     window: observation window (last prompt tokens whose queries score the cache; always kept).
     sink: leading tokens always kept (None = the preset's default: 4 for streamingllm, else 0).
     pool_kernel: max-pooling width of SnapKV-style scores (odd).
-    decode_slack: during decode, a head is recompressed once it holds budget + slack tokens
-        (None = never; the default 64 keeps long generations bounded).
+    decode_slack: decode-time recompression's cadence: every ``decode_slack`` engine steps (one
+        clock for all requests, so the requests due are recompressed together, in one policy call),
+        every head longer than its budget is brought back to it; a head then never holds more
+        than budget + decode_slack rows (None = never recompress; the default 64 keeps long
+        generations bounded).
     pyramid_beta: PyramidKV's ratio of largest to smallest layer budget, 2*beta - 1 (paper: 20).
     adakv_alpha: Ada-KV safeguard: share of each head's budget it keeps for itself (paper: 0.2).
     zigzag_*: see :class:`~vllm_kvcompress.allocation.ZigZagAllocator`.
@@ -153,7 +156,7 @@ class CompressionConfig:
         if self.pool_kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
         if self.decode_slack is not None:
-            _check_positive_int("decode_slack", self.decode_slack, minimum=0)
+            _check_positive_int("decode_slack", self.decode_slack, minimum=1)
         _check_number("pyramid_beta", self.pyramid_beta, 1.0, 1e6, open_low=True)
         _check_number("adakv_alpha", self.adakv_alpha, 0.0, 1.0)
         _check_number("zigzag_min_fraction", self.zigzag_min_fraction, 0.0, 1.0)

@@ -12,8 +12,12 @@ own, as in the paged cache. During the call, the model's attention implementatio
 observation, (b) decodes over a :class:`HeadwiseLayer` cache with per-head lengths. Positions
 keep counting from the true sequence length after compression.
 
-With ``recompress_slack`` set, a head whose length exceeds its budget by more than the slack
-during decode is compressed back to its budget, scored by its most recent ``window`` queries.
+With ``recompress_slack`` set, decode-time recompression runs on the vLLM worker's cadence: after
+every ``recompress_slack``-th token (when the cache holds ``n`` tokens with ``n % recompress_slack
+== recompress_phase``), every head longer than its budget is compressed back to it, scored by its
+most recent ``window`` queries. The worker's clock is its step count, shared by all requests, so a
+request's phase is where its length stood when the worker's clock ticked (the vLLM tests read it
+off the engine's events); the default phase ticks every ``recompress_slack`` generated tokens.
 
 Prefill once, compress many times (benchmarks compare policies on the same prompt)::
 
@@ -173,14 +177,14 @@ def _layers_from_prefill(session: _Session, dtype: torch.dtype) -> tuple[list[He
     return [HeadwiseLayer.from_retained(r, dtype) for r in retained], torch.stack([r.lengths for r in retained])
 
 
-def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor, slack: int) -> int:
-    """Bring every head of ``layer`` that exceeds ``budget + slack`` back to its budget. Returns the
-    number of heads compressed. queries: [num_q_heads, <=window, d], the layer's recent queries."""
+def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor) -> int:
+    """Bring every head of ``layer`` longer than its budget back to it. Returns the number of heads
+    compressed. queries: [num_q_heads, <=window, d], the layer's recent queries."""
     group = queries.shape[0] // layer.keys.shape[0]
     done = 0
     for h in range(layer.keys.shape[0]):
         budget = int(budgets[h])
-        if int(layer.lengths[h]) <= budget + slack:
+        if int(layer.lengths[h]) <= budget:
             continue
         keys, values = layer.head(h)
         layer.replace_head(h, *policy.recompress_head(queries[h * group : (h + 1) * group], keys, values, budget))
@@ -263,9 +267,15 @@ def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple
     return session, budgets
 
 
-def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack):
+def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack,
+            recompress_phase=None):
     """Greedy decoding from the prefill's ``logits`` [1, vocab] over ``session``'s cache."""
     policy = session.policy
+    if recompress_slack is not None:
+        if recompress_slack < 1:
+            raise ValueError(f"recompress_slack must be >= 1 (tokens between recompressions), got {recompress_slack}")
+        if recompress_phase is None:
+            recompress_phase = prompt_len % recompress_slack
     stop = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or [])
     retained = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
     token = _SESSION.set(session)
@@ -282,11 +292,10 @@ def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_token
                 logits = model(
                     input_ids=torch.tensor([[next_token]], device=model.device), position_ids=position, use_cache=False
                 ).logits[:, -1]
-                if recompress_slack is not None and budgets is not None:
+                cached = prompt_len + step + 1
+                if recompress_slack is not None and budgets is not None and cached % recompress_slack == recompress_phase:
                     for i, layer in session.layers.items():
-                        recompressions += _recompress_layer(
-                            policy, layer, session.recent_queries[i], budgets[i], recompress_slack
-                        )
+                        recompressions += _recompress_layer(policy, layer, session.recent_queries[i], budgets[i])
     finally:
         _SESSION.reset(token)
     final = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
@@ -301,13 +310,13 @@ def generate_from_prefill(
     max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None,
     recompress_slack: int | None = None,
+    recompress_phase: int | None = None,
 ) -> GenerationResult:
     """:func:`generate` for a prompt already run by :func:`prefill`: compress its cache with
     ``policy`` (None = full cache) and decode greedily. ``prefilled`` stays reusable."""
     session, budgets = _decode_session(model, prefilled, policy)
-    return _greedy(
-        model, session, budgets, prefilled.logits, prefilled.prompt_len, max_new_tokens, eos_token_id, recompress_slack
-    )
+    return _greedy(model, session, budgets, prefilled.logits, prefilled.prompt_len, max_new_tokens, eos_token_id,
+                   recompress_slack, recompress_phase)
 
 
 @dataclass
@@ -373,10 +382,12 @@ def generate(
     max_new_tokens: int = 32,
     eos_token_id: int | list[int] | None = None,
     recompress_slack: int | None = None,
+    recompress_phase: int | None = None,
 ) -> GenerationResult:
     """Greedy decoding of one prompt with ``policy`` applied after prefill (None = full cache).
 
-    input_ids: int [1, prompt_len] or [prompt_len].
+    input_ids: int [1, prompt_len] or [prompt_len]. ``recompress_slack`` / ``recompress_phase``:
+    decode-time recompression's cadence (module docstring).
     """
     _check_one_prompt(input_ids)
     window = policy.window if policy is not None else 1
@@ -385,4 +396,5 @@ def generate(
     session, budgets = _decode_session(model, prefilled, policy)
     logits, prompt_len = prefilled.logits, prefilled.prompt_len
     del prefilled  # only the compressed cache lives on through decode
-    return _greedy(model, session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack)
+    return _greedy(model, session, budgets, logits, prompt_len, max_new_tokens, eos_token_id, recompress_slack,
+                   recompress_phase)

@@ -50,6 +50,17 @@ class LayerObservation:
         start = self.seq_len - self.lengths.to(self.keys.device)
         return torch.arange(self.seq_len, device=self.keys.device)[None, :] < start[:, None]
 
+    def window_mass(self, power: int = 1) -> torch.Tensor:
+        """float32 [num_kv_heads, seq_len]: the attention each key receives from the window queries
+        (softmax probabilities to ``power``, summed over the window and the group; padding 0)."""
+        from .paged.reference import window_scores
+
+        return window_scores(self.window_queries, self.keys, self.scale, power=power, padding=self.padding)
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
     @property
     def num_kv_heads(self) -> int:
         return self.keys.shape[0]

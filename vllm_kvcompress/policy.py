@@ -67,14 +67,28 @@ class Policy:
         [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them."""
         if lengths is not None and not self.reducer.pads_heads:
             raise ValueError(f"{type(self.reducer).__name__} recompresses heads of equal lengths only")
-        window = min(self.window, queries.shape[1])
-        protected = protected_positions(keys.shape[1], window, self.sink, keys.device, lengths)
         obs = LayerObservation(queries, keys, values, lengths=lengths)
-        scores = self.scorer.score(obs)
-        if lengths is not None:  # padding is never kept
-            scores = scores.masked_fill(obs.padding, float("-inf"))
+        scores, protected = self._decode_scores(obs)
         kept = self.reducer.reduce_heads(obs, scores, torch.as_tensor(budgets).cpu(), protected)
         return kept.keys, kept.values
+
+    def _decode_scores(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [n, seq_len] with padding -inf, protected positions) of heads being recompressed."""
+        window = min(self.window, obs.window)
+        protected = protected_positions(obs.seq_len, window, self.sink, obs.device, obs.lengths)
+        scores = self.scorer.score(obs)
+        if obs.lengths is not None:  # padding is never kept
+            scores = scores.masked_fill(obs.padding, float("-inf"))
+        return scores, protected
+
+    def select_heads(self, heads, budgets: torch.Tensor) -> torch.Tensor:
+        """:meth:`recompress_heads` for reducers that only select rows (``reducer.selects_rows``),
+        from an observation without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`):
+        the rows each head keeps, int64 [n, max(budgets)], increasing columns of ``heads`` (its
+        right-aligned layout), -1 padded. budgets: int64 [n] on the host (pinned on CUDA, so that
+        nothing waits for the device)."""
+        scores, protected = self._decode_scores(heads)
+        return self.reducer.select_heads(heads, scores, budgets, protected)
 
     def recompress_head(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                         budget: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -61,7 +61,8 @@ def top_k_indices(scores: torch.Tensor, budgets: torch.Tensor, protected: torch.
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     width = int(budgets.max()) if num_heads else 0
     chosen = order[:, :width]
-    in_budget = torch.arange(width, device=scores.device)[None, :] < budgets[:, None].to(scores.device)
+    # budgets may be a pinned host tensor (decode-time recompression): its copy must not wait
+    in_budget = torch.arange(width, device=scores.device)[None, :] < budgets[:, None].to(scores.device, non_blocking=True)
     chosen = torch.where(in_budget, chosen, torch.full_like(chosen, seq_len))  # padding sorts last
     chosen = chosen.sort(-1).values
     return torch.where(chosen < seq_len, chosen, torch.full_like(chosen, -1))
@@ -76,6 +77,16 @@ class Reducer:
     # LayerObservation.lengths; padding scored -inf). Decode-time recompression then needs one
     # call for all heads due, whatever their lengths, instead of one per distinct length.
     pads_heads = True
+    # Whether the retained rows are rows of the cache, unchanged (no merging): then
+    # select_heads says which, and the engine moves them in place (paged.heads.PagedHeads).
+    selects_rows = False
+    # Whether evicted rows are merged into kept ones (each row compared with every kept row).
+    merges_rows = False
+
+    def select_heads(self, obs, scores: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+        """For reducers that ``selects_rows``: the rows :meth:`reduce_heads` keeps, int64
+        [num_heads, max(budgets)], increasing positions, -1 padded. obs needs no keys."""
+        raise NotImplementedError(f"{type(self).__name__} does not only select rows")
 
     def reduce(
         self,
@@ -106,6 +117,11 @@ class Reducer:
 class TopKReducer(Reducer):
     """Evict all but each head's top-``budget`` tokens (protected positions always kept)."""
 
+    selects_rows = True
+
+    def select_heads(self, obs, scores, budgets, protected):
+        return top_k_indices(scores, budgets, protected)
+
     def reduce_layer(self, obs, scores, budgets, protected):
         return RetainedLayer.gather(obs, top_k_indices(scores, budgets, protected))
 
@@ -128,6 +144,8 @@ class EvictThenMergeReducer(Reducer):
     0 = dropped; one ``scatter_add`` over ``[heads, max_budget + 1]`` then serves heads of any
     budget at once (a head with a smaller budget leaves its extra classes empty).
     """
+
+    merges_rows = True
 
     merge_threshold: float = 0.5
     chunk: int = 4096  # tokens per similarity block: memory O(heads * chunk * max_budget)

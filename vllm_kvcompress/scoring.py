@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .observation import LayerObservation
-from .paged.reference import max_pool_scores, window_scores
+from .paged.reference import max_pool_scores
 
 
 @dataclass(frozen=True)
@@ -52,9 +52,9 @@ class RecencyScorer(Scorer):
     the attention sinks plus the most recent tokens (Xiao et al. 2023)."""
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        positions = torch.arange(obs.seq_len, dtype=torch.float32, device=obs.keys.device)
+        positions = torch.arange(obs.seq_len, dtype=torch.float32, device=obs.device)
         if obs.lengths is not None:  # each head's own positions (its padding negative)
-            return positions[None, :] - (obs.seq_len - obs.lengths.to(obs.keys.device)).float()[:, None]
+            return positions[None, :] - (obs.seq_len - obs.lengths.to(obs.device)).float()[:, None]
         return positions.expand(obs.num_kv_heads, -1).clone()
 
 
@@ -68,8 +68,7 @@ class SnapKVScorer(Scorer):
     exclude_window: bool = True  # score the prefix only (see prefix_only)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=1, padding=obs.padding)
-        return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
+        return _pooled(obs.window_mass(power=1), obs, self.pool_kernel, self.exclude_window)
 
 
 @dataclass(frozen=True)
@@ -82,8 +81,7 @@ class SquaredAttentionScorer(Scorer):
     exclude_window: bool = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        mass = window_scores(obs.window_queries, obs.keys, obs.scale, power=2, padding=obs.padding)
-        return _pooled(mass, obs, self.pool_kernel, self.exclude_window)
+        return _pooled(obs.window_mass(power=2), obs, self.pool_kernel, self.exclude_window)
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:
@@ -112,7 +110,7 @@ class EMSScorer(Scorer):
     needs_global_attention = True
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
-        local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1, padding=obs.padding)
+        local = obs.window_mass(power=1)
         local = normalize_rows(_decidable(local, obs, self.exclude_window))
         if obs.global_attention is None:
             mixed = local
@@ -120,7 +118,7 @@ class EMSScorer(Scorer):
             seq_len = obs.seq_len
             group = obs.window_queries.shape[0] // obs.num_kv_heads
             # key j is seen by the seq_len - j causal queries of each of the group's heads
-            seen_by = group * (seq_len - torch.arange(seq_len, device=obs.keys.device)).float()
+            seen_by = group * (seq_len - torch.arange(seq_len, device=obs.device)).float()
             glob = normalize_rows(_decidable(obs.global_attention.float() / seen_by, obs, self.exclude_window))
             mixed = (1 - self.local_weight) * glob + self.local_weight * local
         return _pooled(mixed, obs, self.pool_kernel, self.exclude_window)

@@ -97,3 +97,20 @@ def test_compact_no_heads(device):
     before = case[0].clone()
     assert compact(*empty) == []
     assert torch.equal(case[0], before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("impl", ["reference", "dispatch"])
+def test_compact_rows_equals_compact(device, dtype, impl):
+    """compact_rows (no freed ids, nothing read back): the same pool as reference.compact, bitwise;
+    the vectorised reference on the CPU, the kernel on a GPU through the dispatcher."""
+    from vllm_kvcompress.paged import compaction
+
+    case = make_case(len(PATTERNS), 3, 16, 64, dtype, torch.int64, device, seed=7)
+    expected = [t.cpu().clone() for t in case]
+    reference.compact(*expected)
+    rows = reference.compact_rows if impl == "reference" else compaction.compact_rows
+    if impl == "reference":
+        case = [t.cpu() for t in case]
+    rows(*case[:5])
+    assert torch.equal(bits(case[0]), bits(expected[0])) and torch.equal(bits(case[1]), bits(expected[1]))

@@ -27,8 +27,8 @@ def test_recompressing_requests_together_equals_one_by_one(policy):
     for ws in (together, alone):
         ws.reqs["r1"].lens[0, :3] -= 5
         ws.reqs["r2"].decode_budget += 1000
-    assert compressor.recompress_requests(together, ["r0", "r1", "r2"]) == ["r0", "r1"]
-    assert [compressor.recompress_requests(alone, [rid]) for rid in ("r0", "r1", "r2")] == [["r0"], ["r1"], []]
+    assert compressor.Compressor(together).recompress(["r0", "r1", "r2"]) == ["r0", "r1"]
+    assert [compressor.Compressor(alone).recompress([rid]) for rid in ("r0", "r1", "r2")] == [["r0"], ["r1"], []]
     for rid in ("r0", "r1", "r2"):
         assert torch.equal(together.reqs[rid].lens, alone.reqs[rid].lens)
         got, want = heads_content(together, rid), heads_content(alone, rid)
@@ -49,11 +49,12 @@ def test_heads_of_different_lengths_go_through_the_policy_in_one_call(policy, mo
             ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
         reducer = type(ws.reqs["r0"].policy.reducer)
         monkeypatch.setattr(reducer, "pads_heads", pads)
-        calls = []
-        original = type(ws.reqs["r0"].policy).recompress_heads
-        monkeypatch.setattr(type(ws.reqs["r0"].policy), "recompress_heads",
-                            lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
-        assert compressor.recompress_requests(ws, ["r0", "r1"]) == ["r0", "r1"]
+        calls = []  # policy calls: select_heads (reducers that select rows) or recompress_heads
+        for method in ("recompress_heads", "select_heads"):
+            original = getattr(type(ws.reqs["r0"].policy), method)
+            monkeypatch.setattr(type(ws.reqs["r0"].policy), method,
+                                lambda self, *a, _original=original, **k: calls.append(1) or _original(self, *a, **k))
+        assert compressor.Compressor(ws).recompress(["r0", "r1"]) == ["r0", "r1"]
         states[name] = ws, len(calls)
         monkeypatch.undo()
     (padded, padded_calls), (by_length, by_length_calls) = states["padded"], states["by_length"]
@@ -83,11 +84,30 @@ def test_a_workspace_too_small_for_one_call_splits_it_with_the_same_rows():
             ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
         if workspace:
             heads_due = int(sum((ws.reqs[rid].lens > 104).sum() for rid in ("r0", "r1")))
-            assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, 32))) > 2
-        assert compressor.recompress_requests(ws, ["r0", "r1"]) == ["r0", "r1"]
+            assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, ws.reqs["r0"].policy, 32, 135))) > 2
+        assert compressor.Compressor(ws).recompress(["r0", "r1"]) == ["r0", "r1"]
         states[name] = ws
     for rid in ("r0", "r1"):
         assert torch.equal(states["split"].reqs[rid].lens, states["one_call"].reqs[rid].lens)
         got, want = heads_content(states["split"], rid), heads_content(states["one_call"], rid)
         for key in want:
             torch.testing.assert_close(got[key], want[key])
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "streamingllm", "pyramidkv"])
+def test_paged_selection_keeps_the_rows_the_dense_path_keeps(policy, monkeypatch):
+    """Reducers that only select rows are scored from the pages and compacted in place
+    (PagedHeads, compact_rows); the dense path (gather, recompress_heads, write back) keeps the same
+    rows, bit for bit, for heads of different lengths and rings at different positions."""
+    states = {}
+    for name, paged in (("paged", True), ("dense", False)):
+        ws = host.due_requests(policy, 40, num_requests=2, layer_lengths=True)
+        monkeypatch.setattr(type(ws.reqs["r0"].policy.reducer), "selects_rows", paged)
+        assert compressor.Compressor(ws).recompress(["r0", "r1"]) == ["r0", "r1"]
+        states[name] = ws
+        monkeypatch.undo()
+    for rid in ("r0", "r1"):
+        assert torch.equal(states["paged"].reqs[rid].lens, states["dense"].reqs[rid].lens)
+        got, want = heads_content(states["paged"], rid), heads_content(states["dense"], rid)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

@@ -97,7 +97,7 @@ def test_compaction_and_reports_keep_lag_spares():
     for l in range(L):
         for h in range(H):
             ws.compacted("a", l, h, 17 if h == 0 else 5)  # 2 and 1 blocks kept
-    ws.reqs["a"].compressed = True
+    ws.reqs["a"].compressed_to(None)
     reports = ws.take_reports()
     released, T, lens = reports["a"]
     assert T == 64 and lens == [[17, 5], [17, 5]]

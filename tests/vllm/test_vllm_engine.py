@@ -50,13 +50,36 @@ def greedy(max_tokens=MAX_TOKENS, extra=None):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, extra_args=extra)
 
 
-def generate(llm, prompts, params):
+def generate_outputs(llm, prompts, params):
+    """vLLM's RequestOutputs of ``prompts`` (in order)."""
     from vllm.inputs import TokensPrompt
 
     if not isinstance(params, list):
         params = [params] * len(prompts)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs]
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def generate(llm, prompts, params):
+    return [list(o.outputs[0].token_ids) for o in generate_outputs(llm, prompts, params)]
+
+
+def recompression_phases(found: list[dict], request_ids: list[str], slack: int) -> list[int]:
+    """Per request (vLLM's external ids), the phase of its decode-time recompression for the HF
+    oracle (``hf.generate(recompress_phase=...)``): the worker recompresses on steps that are
+    multiples of ``slack``, and a request compressed after its prefill at step s with T tokens
+    holds T + (t - s) tokens at a later step t. Also checks that every decode-time recompression
+    of these requests happened on that cadence (internal ids are ``external-suffix``)."""
+    external = {}
+    for e in found:
+        if e["kind"] == "compressed" and e["req_id"].rsplit("-", 1)[0] in request_ids:
+            external[e["req_id"]] = e["req_id"].rsplit("-", 1)[0]
+    phases = {external[e["req_id"]]: (e["tokens"] - e["step"]) % slack for e in found
+              if e["kind"] == "compressed" and e["what"] == "prefill" and e["req_id"] in external}
+    for e in found:
+        if e["kind"] == "compressed" and e["what"] == "decode" and e["req_id"] in external:
+            assert e["step"] % slack == 0, f"a recompression off the cadence: {e}"
+            assert (e["tokens"] - phases[external[e["req_id"]]]) % slack == 0, e
+    return [phases[r] for r in request_ids]
 
 
 def plugin_llm(model_dir: str, events_path: str, config: dict, **engine):
@@ -160,25 +183,30 @@ DECODE_SLACK, DECODE_TOKENS = 3, 24
 
 @pytest.fixture(scope="module")
 def decode_runs(llm, prompts, events_path):
-    """{preset: tokens per prompt} with heads recompressed every DECODE_SLACK + 1 generated tokens,
-    and the decode-time compression events."""
+    """{preset: (tokens, recompression phase) per prompt} with heads recompressed every
+    DECODE_SLACK engine steps, and the decode-time compression events."""
     presets = [p for p in PRESET_NAMES if p != "none"]
     since = len(runtime.read_events(events_path))
     params = [greedy(DECODE_TOKENS, {"kv_compression": p, "kv_compression_config": {"decode_slack": DECODE_SLACK}})
               for p in presets for _ in prompts]
-    tokens = generate(llm, [q for _ in presets for q in prompts], params)
-    decoded = [e for e in events(events_path, "compressed", since) if e["what"] == "decode"]
-    return {p: tokens[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(presets)}, decoded
+    outs = generate_outputs(llm, [q for _ in presets for q in prompts], params)
+    found = events(events_path, "compressed", since)
+    phases = recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
+    runs = [(list(o.outputs[0].token_ids), phase) for o, phase in zip(outs, phases)]
+    decoded = [e for e in found if e["what"] == "decode"]
+    return {p: runs[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(presets)}, decoded
 
 
 @pytest.mark.parametrize("preset", [p for p in PRESET_NAMES if p != "none"])
 def test_decode_recompression_matches_hf_oracle(preset, decode_runs, prompts, hf_model, compress_config):
     runs, decoded = decode_runs
     assert len(decoded) >= len(runs) * len(prompts)  # every request was recompressed while decoding
+    # requests decoding together were recompressed together: fewer distinct steps than recompressions
+    assert len({e["step"] for e in decoded}) < len(decoded)
     policy = build_policy(CompressionConfig.from_dict({**compress_config, "policy": preset}))
-    for prompt, got in zip(prompts, runs[preset]):
+    for prompt, (got, phase) in zip(prompts, runs[preset]):
         want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
-                           recompress_slack=DECODE_SLACK)
+                           recompress_slack=DECODE_SLACK, recompress_phase=phase)
         assert want.recompressions > 0
         assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"
 

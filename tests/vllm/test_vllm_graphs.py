@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_vllm_engine import generate, greedy, plugin_llm, prompt_ids, shutdown
+from test_vllm_engine import generate_outputs, greedy, plugin_llm, prompt_ids, recompression_phases, shutdown
 
 from vllm_kvcompress import hf
 from vllm_kvcompress.config import CompressionConfig
@@ -167,13 +167,17 @@ def graph_runs(tiny_model_dir, tmp_path_factory):
     llm = plugin_llm(tiny_model_dir, path, CONFIG, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
                      max_num_batched_tokens=STEP_TOKENS, max_num_seqs=4, gpu_memory_utilization=0.15)
     try:
-        runs = {}
+        outputs = {}
         for preset in PRESETS:
             params = greedy(DECODE_TOKENS, {"kv_compression": preset})
-            runs[preset] = generate(llm, prompts[:1], params) + generate(llm, prompts[1:], params)
+            outputs[preset] = generate_outputs(llm, prompts[:1], params) + generate_outputs(llm, prompts[1:], params)
     finally:
         shutdown(llm)
-    return prompts, runs, runtime.read_events(path)
+    found = runtime.read_events(path)
+    runs = {preset: list(zip([list(o.outputs[0].token_ids) for o in outs],
+                             recompression_phases(found, [o.request_id for o in outs], CONFIG["decode_slack"])))
+            for preset, outs in outputs.items()}
+    return prompts, runs, found
 
 
 def test_decode_steps_took_the_graph_path(graph_runs):
@@ -196,8 +200,9 @@ def test_decode_steps_took_the_graph_path(graph_runs):
 def test_graph_path_matches_hf_oracle(preset, graph_runs, hf_model):
     prompts, runs, _ = graph_runs
     policy = build_policy(CompressionConfig.from_dict({**CONFIG, "policy": preset}))
-    for prompt, got in zip(prompts, runs[preset]):
-        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS, recompress_slack=3)
+    for prompt, (got, phase) in zip(prompts, runs[preset]):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
+                           recompress_slack=CONFIG["decode_slack"], recompress_phase=phase)
         assert want.recompressions > 0
         assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"
 
@@ -216,12 +221,15 @@ def test_heads_past_the_graph_tables_run_those_steps_without_graphs(tiny_model_d
     llm = plugin_llm(tiny_model_dir, path, config, dtype="float32", enforce_eager=True, seed=0, max_model_len=512,
                      max_num_batched_tokens=512, max_num_seqs=4, gpu_memory_utilization=0.15)
     try:
-        got = generate(llm, prompts, greedy(DECODE_TOKENS, None))
+        outs = generate_outputs(llm, prompts, greedy(DECODE_TOKENS, None))
     finally:
         shutdown(llm)
-    decode_steps = [e for e in runtime.read_events(path) if e["kind"] == "build" and e["tokens"] == e["rows"] == 3]
+    found = runtime.read_events(path)
+    decode_steps = [e for e in found if e["kind"] == "build" and e["tokens"] == e["rows"] == 3]
     assert {e["graph"] for e in decode_steps} == {True, False}
     policy = build_policy(CompressionConfig.from_dict(config))
-    for prompt, tokens in zip(prompts, got):
-        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS, recompress_slack=6)
-        assert tokens == want.tokens
+    phases = recompression_phases(found, [o.request_id for o in outs], config["decode_slack"])
+    for prompt, out, phase in zip(prompts, outs, phases):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
+                           recompress_slack=config["decode_slack"], recompress_phase=phase)
+        assert list(out.outputs[0].token_ids) == want.tokens

@@ -90,3 +90,20 @@ def compact(
     cuda_extension().compact(key_cache, value_cache, table.to(torch.int32), keep,
                              keep_len.to(torch.int32).contiguous())
     return triton_compaction.freed_blocks(head_block_table, keep_len, old_len, key_cache.shape[1])
+
+
+def compact_rows(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_block_table: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_len: torch.Tensor,
+) -> None:
+    """:func:`compact` without the freed block ids (the caller knows them): nothing waits for the
+    device. CUDA: the Triton kernel (in place, no copy of the rows); CPU: the PyTorch reference."""
+    if key_cache.device.type != "cuda":
+        reference.compact_rows(key_cache, value_cache, head_block_table, keep_idx, keep_len)
+        return
+    from vllm_kvcompress.triton_kernels import compaction as triton_compaction
+
+    triton_compaction.compact_rows(key_cache, value_cache, head_block_table, keep_idx, keep_len)

@@ -41,6 +41,21 @@ def gather_heads(cache: torch.Tensor, head_block_table: torch.Tensor, length: in
     return cache[blocks].reshape(blocks.shape[0], -1, cache.shape[-1])[:, :length]
 
 
+def gather_heads_padded(cache: torch.Tensor, head_block_table: torch.Tensor, lengths: torch.Tensor,
+                        width: int | None = None) -> torch.Tensor:
+    """Rows of heads of different lengths, each right-aligned: [num_heads, width, head_dim] (width
+    defaults to max(lengths)), head i's ``lengths[i]`` rows last, zeros before them -- the layout of
+    :attr:`~vllm_kvcompress.observation.LayerObservation.lengths`. lengths: int [num_heads]."""
+    from .layout import slots_for_positions
+
+    width = int(lengths.max()) if width is None else width
+    device = head_block_table.device
+    positions = torch.arange(width, device=device)[None, :] - (width - lengths.to(device))[:, None]
+    slots = slots_for_positions(head_block_table, positions, cache.shape[1])  # -1 before each head's rows
+    rows = cache.flatten(0, 1)[slots.clamp(min=0)]
+    return rows.masked_fill((slots < 0)[..., None], 0)
+
+
 def gather_head(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
     """The first ``length`` rows of one head, [length, head_dim], from its block list."""
     return gather_heads(cache, block_ids[None], length)[0]
@@ -115,6 +130,20 @@ def window_scores(
     return probs.pow(power).sum(1)
 
 
+def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_block_table: torch.Tensor,
+                        lengths: torch.Tensor, width: int, scale: float | None = None, power: int = 1) -> torch.Tensor:
+    """:func:`window_scores` of many heads from their pages, right-aligned (decode-time recompression).
+
+    queries [n, group, count, D]: head i's query heads' ``count`` most recent queries, the newest at
+    its last row; key_cache [num_blocks, block_size, D]; head_block_table int [n, max_blocks];
+    lengths int [n] (rows each head holds, >= count); returns float32 [n, width]: head i's scores in
+    its last ``lengths[i]`` columns, 0 before them."""
+    n, group, count, head_dim = queries.shape
+    keys = gather_heads_padded(key_cache, head_block_table, lengths, width)
+    padding = torch.arange(width, device=keys.device)[None, :] < (width - lengths.to(keys.device))[:, None]
+    return window_scores(queries.reshape(n * group, count, head_dim), keys, scale, power, padding)
+
+
 def max_pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     """Same-length 1-D max pooling along the last dim (odd kernel; kernel 1 = identity)."""
     if kernel <= 1:
@@ -151,6 +180,28 @@ def compact(
             flat[blocks[pos // block_size].long() * block_size + pos % block_size] = rows
         freed.append(blocks[cdiv(n_keep, block_size) : cdiv(n_old, block_size)].long().clone())
     return freed
+
+
+def compact_rows(
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    head_block_table: torch.Tensor,
+    keep_idx: torch.Tensor,
+    keep_len: torch.Tensor,
+) -> None:
+    """:func:`compact` of all heads at once, without the freed block ids: every kept row is read
+    before any is written, so the moves may overlap. keep_idx past keep_len is ignored."""
+    from .layout import slots_for_positions
+
+    block_size = key_cache.shape[1]
+    width = keep_idx.shape[1]
+    kept = torch.arange(width, device=keep_idx.device)[None, :] < keep_len.to(keep_idx.device)[:, None]
+    source = slots_for_positions(head_block_table, torch.where(kept, keep_idx, -1), block_size)[kept]
+    target = slots_for_positions(head_block_table, torch.where(kept, torch.arange(width, device=kept.device), -1),
+                                 block_size)[kept]
+    for cache in (key_cache, value_cache):
+        flat = cache.view(-1, cache.shape[-1])
+        flat[target] = flat[source]
 
 
 def merge_by_class(

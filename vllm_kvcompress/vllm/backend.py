@@ -110,7 +110,10 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadBlockMetadata:
-        cm = common_attn_metadata
+        with runtime.TIMER.host("layout_ms"):
+            return self._build(common_attn_metadata)
+
+    def _build(self, cm: CommonAttentionMetadata) -> HeadBlockMetadata:
         ws, runner = runtime.WORKER_STATE, runtime.RUNNER
         n = cm.num_reqs
         # CommonAttentionMetadata has no request ids; the V1 runner's input_batch is in row order
@@ -138,21 +141,19 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                 md.decode.append(r)
             else:
                 md.chunks.append(r)
-            if st.observing and st.num_tokens < st.compress_at:
+            if st.observes_step():
                 md.observe.append(r)
-                st.prefill_chunks += 1
-                if seq_lens[r] >= st.compress_at:
+                if st.count_prefill_chunk(seq_lens[r]):
                     ws.pending.append(rid)
-            elif st.decode_budget is not None:
-                for t in range(qsl[r], qsl[r + 1]):  # newest queries into the request's ring
-                    record_tokens.append(t)
-                    record_index.append(st.row * ws.recent.shape[2] + st.recent_count % st.policy.window)
-                    st.recent_count += 1
+            elif st.records_queries:  # newest queries into the request's ring
+                record_tokens.extend(range(qsl[r], qsl[r + 1]))
+                record_index.extend(st.ring_slots(q_lens[r], ws.recent.shape[2]))
         # the same test as the runner's (it ran the step without a graph when the state refused one)
         graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe \
             and not ws.step_refuses_graphs
         runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
                       graph=graph)
+        runtime.TIMER.note(graph=graph, prefill=bool(md.fresh or md.chunks))
         if graph:
             return self._build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index)
         if len(req_ids) < n:
@@ -279,21 +280,14 @@ class HeadBlockImpl(AttentionImpl):
     def _observe(self, ws, md, r, q, k, key_cache) -> None:
         """Stash the request's latest window queries and (EMS) accumulate the causal column mass."""
         st = ws.reqs[md.req_ids[r]]
-        l = self.layer
         a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
-        previous = st.queries.get(l)
-        stacked = qh if previous is None else torch.cat([previous, qh], 1)
-        st.queries[l] = stacked[:, -st.policy.window:].clone()
-        if not st.policy.needs_global_attention:
-            return
-        if md.seq_lens[r] == b - a:  # same call as the HF reference path
-            st.global_attention[l] = kernels.column_mass(qh, k[a:b].transpose(0, 1))
-            return
-        keys = reference.gather_heads(key_cache, md.tables[l, r], md.seq_lens[r])  # [H, seq_len, D], all heads full
-        mass = kernels.column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
-        old = st.global_attention.get(l)
-        if old is not None:
-            mass[:, : old.shape[1]] += old
-        st.global_attention[l] = mass
+        mass, chunk = None, md.seq_lens[r] != b - a
+        if st.policy.needs_global_attention:
+            if not chunk:  # same call as the HF reference path
+                mass = kernels.column_mass(qh, k[a:b].transpose(0, 1))
+            else:
+                keys = reference.gather_heads(key_cache, md.tables[self.layer, r], md.seq_lens[r])  # all heads full
+                mass = kernels.column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
+        st.observe(self.layer, qh, st.policy.window, mass, accumulate=chunk)
 

@@ -12,7 +12,6 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V
                                                                KVConnectorRole, KVConnectorWorkerMetadata)
 
 from . import runtime
-from .compressor import compress_pending
 from .metrics import KVCompressPromMetrics, KVCompressStats
 
 
@@ -44,11 +43,12 @@ class KVCompressConnector(KVConnectorBase_V1):
         ws = runtime.WORKER_STATE
         if ws is not None:
             ws.flush_graph_queries()  # recompression below reads the rings
-            compress_pending(ws)
+            runtime.COMPRESSOR.after_forward()
 
     def build_connector_worker_meta(self):
         ws = runtime.WORKER_STATE
-        reports = ws.take_reports() if ws is not None else {}
+        with runtime.TIMER.host("report_ms"):
+            reports = ws.take_reports() if ws is not None else {}
         return KVCompressWorkerMetadata(reports) if reports else None
 
     def get_kv_connector_stats(self) -> KVCompressStats | None:

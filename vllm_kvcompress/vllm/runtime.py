@@ -2,18 +2,21 @@
 
 vLLM runs the front end, the EngineCore (scheduler) and the worker in separate processes (always
 on the CPU), so these globals are only ever read in the process that set them: ``MANAGER`` in the
-EngineCore, ``WORKER_STATE`` and ``RUNNER`` in the worker.
+EngineCore, ``WORKER_STATE``, ``COMPRESSOR`` and ``RUNNER`` in the worker.
 
 ``VLLM_KVC_EVENTS=/path/file.jsonl`` makes every process append events there (tests and
-benchmarks read block counts and peak concurrency from it); unset, ``event`` is a no-op.
+benchmarks read block counts and peak concurrency from it); unset, ``event`` is a no-op. With it
+set, the worker also writes one ``step_time`` event per step (:class:`StepTimer`): where the step's
+time went, for the serving benchmark's breakdown.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EVENTS_ENV = "VLLM_KVC_EVENTS"
 
@@ -22,6 +25,7 @@ logger = logging.getLogger("vllm.kv_compression")
 
 MANAGER = None       # EngineCore process: the HeadBlockManager
 WORKER_STATE = None  # worker process: the WorkerState
+COMPRESSOR = None    # worker process: the Compressor over WORKER_STATE
 RUNNER = None        # worker process: the model runner (rows of input_batch -> request ids)
 
 
@@ -70,3 +74,77 @@ def read_events(path: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+@dataclass
+class _StepRecord:
+    fields: dict
+    device: list = field(default_factory=list)  # (name, start event, end event) on the device
+
+
+class StepTimer:
+    """Where a worker step's time goes: one ``step_time`` event per step, only while events are on.
+
+    ``interval_ms``: host time from this step's start to the next's (the step as the worker paces
+    it); ``host(name)`` regions add host ms (``layout_ms``, ``report_ms``); ``device(name)``
+    regions add the device time of the work they enqueue (``compress_ms``, ``recompress_ms``),
+    measured with CUDA events that are read once they completed -- a step's record is written a
+    step or more later, and nothing waits for the device. On the CPU both are host times."""
+
+    def __init__(self):
+        self.enabled = bool(os.environ.get(EVENTS_ENV))
+        self.current: _StepRecord | None = None
+        self.started = 0.0
+        self.waiting: list[_StepRecord] = []  # finished steps whose device events may still run
+
+    def step_started(self, **fields) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        if self.current is not None:
+            self.current.fields["interval_ms"] = round((now - self.started) * 1e3, 3)
+            self.waiting.append(self.current)
+        self.current, self.started = _StepRecord({"layout_ms": 0.0, "compress_ms": 0.0, "recompress_ms": 0.0,
+                                                  "report_ms": 0.0, **fields}), now
+        self._write_completed()
+
+    def note(self, **fields) -> None:
+        if self.enabled and self.current is not None:
+            self.current.fields.update(fields)
+
+    @contextlib.contextmanager
+    def host(self, name: str):
+        if not self.enabled or self.current is None:
+            yield
+            return
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.current.fields[name] += (time.perf_counter() - start) * 1e3
+
+    @contextlib.contextmanager
+    def device(self, name: str, on_cuda: bool):
+        if not self.enabled or self.current is None or not on_cuda:
+            with self.host(name):
+                yield
+            return
+        import torch
+
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            yield
+        finally:
+            end.record()
+            self.current.device.append((name, start, end))
+
+    def _write_completed(self) -> None:
+        while self.waiting and all(end.query() for _, _, end in self.waiting[0].device):
+            record = self.waiting.pop(0)
+            for name, start, end in record.device:
+                record.fields[name] += start.elapsed_time(end)
+            event("step_time", **{k: round(v, 3) if isinstance(v, float) else v for k, v in record.fields.items()})
+
+
+TIMER = StepTimer()

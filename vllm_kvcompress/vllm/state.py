@@ -9,8 +9,10 @@ Invariant: the scheduler's blocks of a request = assigned + spare (+ reports in 
 
 Every request owns one row of :attr:`WorkerState.tables`, int32 [rows, L, H, max_blocks], kept on
 the attention device so a step's block tables and slots are gathered there without copying the
-tables from the host; only newly assigned block ids travel. Per-head lengths and block counts are
-small host tensors ([L, H] per request), so no step needs a device-to-host sync.
+tables from the host; only newly assigned block ids travel. :attr:`WorkerState.host_tables` mirrors
+them on the host (the same writes), so the blocks a compaction frees are known without reading the
+device. Per-head lengths and block counts are small host tensors ([L, H] per request), so no step
+needs a device-to-host sync. A request's phases and fields are its own (:mod:`.request`).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from ..config import CompressionConfig
 from ..policy import Policy
 from ..presets import build_policy
 from . import runtime
+from .request import Request
 
 # Tokens the scheduler may schedule before it sees a report (one step in flight, async scheduling).
 LAG_TOKENS = 2
@@ -44,50 +47,6 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
         elif name in changes and changes[name] != getattr(base, name):
             raise ValueError(f"{name} is a server option (--kv-compression-config), not a per-request one")
     return base.replace(**changes) if changes else base
-
-
-@dataclass
-class ReqState:
-    """One request. row: its row of ``WorkerState.tables``; lens / num_blocks: int64 [L, H] rows held
-    and blocks assigned per head (host); num_tokens: the true sequence length whose K/V went through
-    the cache; compress_at: the length at which the prefill completes (None = never compress);
-    queries[l]: [Hq, <=window, D] the latest prefill queries; global_attention[l]: float32 [H, n]
-    causal column mass so far (EMS scorers only); decode_budget: int64 [L, H] the lengths
-    decode-time recompression brings heads back to (None: no decode-time recompression)."""
-
-    num_layers: int
-    num_kv_heads: int
-    policy: Policy | None
-    compress_at: int | None
-    row: int = -1
-    spare: list[int] = field(default_factory=list)
-    report_due: bool = False  # spares added or heads compacted since the last check (take_reports)
-    num_tokens: int = 0
-    max_len: int = 0  # rows of its longest head
-    prefill_chunks: int = 0  # steps the observed prefill took (chunked prefill when > 1)
-    compressed: bool = False
-    lens: torch.Tensor = None
-    num_blocks: torch.Tensor = None
-    queries: dict = field(default_factory=dict)
-    global_attention: dict = field(default_factory=dict)
-    decode_slack: int | None = None
-    decode_budget: torch.Tensor | None = None
-    recent_count: int = 0  # queries written to the recent-query ring (decode-time recompression)
-    recompress_at: int = 0  # num_tokens at which some head first exceeds decode_budget + slack
-
-    def __post_init__(self) -> None:
-        self.lens = torch.zeros(self.num_layers, self.num_kv_heads, dtype=torch.int64)
-        self.num_blocks = torch.zeros_like(self.lens)
-
-    def add_spares(self, block_ids: list[int]) -> None:
-        if block_ids:
-            self.spare.extend(block_ids)
-            self.report_due = True
-
-    @property
-    def observing(self) -> bool:
-        """True while the prefill runs for a request that will be compressed at its end."""
-        return self.policy is not None and not self.compressed and self.compress_at is not None
 
 
 @dataclass
@@ -115,12 +74,14 @@ class WorkerState:
         self.device = torch.device(device)
         self.workspace_bytes = workspace_bytes  # transient memory of one compression (profiling shows it to vLLM)
         self.pack_uploads = False  # tests: take upload()'s packed path on the CPU too
-        self.reqs: dict[str, ReqState] = {}
+        self.reqs: dict[str, Request] = {}
         self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
         self.pool: torch.Tensor | None = None  # (2, num_blocks, bs, D), set by the first forward
         self.tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32, device=self.device)
+        self.host_tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32)  # the same, on the host
         self.free_rows: list[int] = []
+        self.step = 0  # engine steps with scheduled tokens so far: the clock of decode-time recompression
         # ring of decode queries, layer-major [L, rows, window, Hq, D]: one layer's slice is written by
         # one index_copy_ per step (rows * window + slot)
         self.recent: torch.Tensor | None = None
@@ -151,25 +112,25 @@ class WorkerState:
             self.recent = recent
 
     # ---- request lifetime -------------------------------------------------------------------
-    def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> ReqState:
-        st = ReqState(self.L, self.H, policy, compress_at if policy is not None else None)
-        st.decode_slack = decode_slack
+    def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> Request:
         if not self.free_rows:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
-        st.row = self.free_rows.pop()
+        st = Request(self.L, self.H, policy, compress_at, decode_slack, row=self.free_rows.pop())
         self.reqs[rid] = st
         return st
 
-    def _end(self, rid: str) -> ReqState | None:
+    def _end(self, rid: str) -> Request | None:
         st = self.reqs.pop(rid, None)
         if st is not None:
             self.free_rows.append(st.row)
         return st
 
     def _grow_tables(self, rows: int, cols: int) -> None:
-        old = self.tables
+        old, old_host = self.tables, self.host_tables
         self.tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32, device=self.device)
         self.tables[: old.shape[0], :, :, : old.shape[3]] = old
+        self.host_tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32)
+        self.host_tables[: old.shape[0], :, :, : old.shape[3]] = old_host
         self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
         if self.recent is not None:
             recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
@@ -179,6 +140,8 @@ class WorkerState:
     # ---- from the scheduler output (worker.execute_model, before the forward) --------------
     def ingest(self, scheduler_output) -> None:
         so = scheduler_output
+        if so.num_scheduled_tokens:
+            self.step += 1
         for rid in so.finished_req_ids:
             self._end(rid)
             self.preempted.pop(rid, None)
@@ -205,7 +168,7 @@ class WorkerState:
         if self.decode_buffers is not None:
             limit = self.decode_buffers.width * self.bs
             self.step_refuses_graphs = any(
-                (st.observing and st.num_tokens < st.compress_at) or st.max_len + n > limit
+                st.observes_step() or st.max_len + n > limit
                 for st, n in ((self.reqs.get(rid), n) for rid, n in so.num_scheduled_tokens.items())
                 if st is not None)
 
@@ -237,7 +200,7 @@ class WorkerState:
             start += t.numel()
         return out
 
-    def _assign(self, reqs: list[ReqState], req_ids: list[str], q_lens: torch.Tensor):
+    def _assign(self, reqs: list[Request], req_ids: list[str], q_lens: torch.Tensor):
         """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
         each request's spares in order (layer-major, then head, then row). All requests in one go:
         a decode step touches every running request. Returns the rows held before, int64 [R, L, H],
@@ -251,11 +214,7 @@ class WorkerState:
         totals = add.sum(1).tolist()
         ids = []
         for st, rid, total in zip(reqs, req_ids, totals):
-            if total > len(st.spare):
-                raise RuntimeError(f"request {rid}: {total} head-blocks needed, {len(st.spare)} spare "
-                                   "(scheduler under-allocated; accounting bug)")
-            ids += st.spare[:total]
-            del st.spare[:total]
+            ids += st.take_spares(total, rid)
         writes = None
         if ids:
             widest = int(need.max())
@@ -267,10 +226,9 @@ class WorkerState:
             col = held.flatten()[owner] + torch.arange(len(ids)) - first[owner]
             row = torch.tensor([st.row for st in reqs])[owner // heads]
             writes = (row, owner.remainder(heads), col, torch.tensor(ids, dtype=torch.int32))
+            self.host_tables.view(self.host_tables.shape[0], heads, -1)[writes[0], writes[1], writes[2]] = writes[3]
         blocks = torch.maximum(held, need)
-        for r, st in enumerate(reqs):
-            st.num_blocks = blocks[r]
-        return before, int(blocks.max()), writes
+        return before, blocks, writes
 
     def prepare_step(self, req_ids: list[str], query_lens: list[int],
                      extra: dict[str, torch.Tensor] | None = None) -> StepLayout:
@@ -278,13 +236,12 @@ class WorkerState:
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        before_host, width, writes = self._assign(reqs, req_ids, q_lens)
+        before_host, blocks, writes = self._assign(reqs, req_ids, q_lens)
+        width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
         longest = after_host.amax((1, 2)).tolist()  # rows of each request's longest head
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
-            st.lens = after_host[r]
-            st.max_len = longest[r]
-            st.num_tokens += q_len
+            st.appended(after_host[r], blocks[r], q_len, longest[r])
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
         host = {"rows": torch.tensor([st.row for st in reqs], dtype=torch.int64), "before": before_host,
@@ -339,12 +296,7 @@ class WorkerState:
         width = int(st.num_blocks.max())
         col = torch.arange(width)
         tail = (col >= kept_blocks[..., None]) & (col < st.num_blocks[..., None])  # [L, H, width]
-        if bool(tail.any()):
-            st.spare.extend(self.tables[st.row, :, :, :width][tail.to(self.device)].tolist())
-        st.num_blocks = kept_blocks
-        st.lens = keep.clone()
-        st.max_len = int(keep.max())
-        st.report_due = True  # with or without a tail: spares held before may now be surplus
+        st.compacted(keep, kept_blocks, self.host_tables[st.row, :, :, :width][tail].tolist())
 
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:
         """Head (layer, head) now holds ``keep`` rows at the front of its blocks; tail -> spare."""
@@ -352,7 +304,7 @@ class WorkerState:
         lens[layer, head] = keep
         self.compacted_heads(rid, lens)
 
-    def spares_needed(self, st: ReqState) -> int:
+    def spares_needed(self, st: Request) -> int:
         """Spare blocks the request's heads can take in the next LAG_TOKENS rows."""
         return int((-(-(st.lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
 
@@ -367,10 +319,8 @@ class WorkerState:
         for rid, st in self.reqs.items():
             if not st.compressed or not st.report_due:
                 continue
-            st.report_due = False
-            need = self.spares_needed(st)
-            if len(st.spare) > need:
-                released, st.spare = st.spare[need:], st.spare[:need]
+            released = st.take_surplus(self.spares_needed(st))
+            if released:
                 runtime.record_release(len(released))
                 out[rid] = (released, st.num_tokens, st.lens.tolist())
         return out

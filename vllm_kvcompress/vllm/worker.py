@@ -23,6 +23,7 @@ from vllm.v1.worker.block_table import BlockTable, SlotMappingMode
 
 from ..head_scores import HeadScores
 from . import kernels, runtime, settings
+from .compressor import Compressor
 from .graphs import DecodeBuffers
 from .spec import HeadBlockSpec
 from .state import WorkerState
@@ -66,6 +67,7 @@ class _HeadBlockRunnerMixin:
                                                                                  config.cuda_graphs_max_len),
                                                            dtype=first.dtype, device=self.device)
             runtime.WORKER_STATE = ws
+            runtime.COMPRESSOR = Compressor(ws)
         return {names[0]: spec}
 
     def _is_uniform_decode(self, *args, force_uniform_decode=None, **kwargs) -> bool:
@@ -140,6 +142,8 @@ class _KVCompressWorkerMixin:
         runtime.RUNNER = self.model_runner
 
     def execute_model(self, scheduler_output, *args, **kwargs):
+        runtime.TIMER.step_started(rows=len(scheduler_output.num_scheduled_tokens),
+                                   tokens=scheduler_output.total_num_scheduled_tokens)
         if runtime.WORKER_STATE is not None:
             runtime.WORKER_STATE.ingest(scheduler_output)
         return super().execute_model(scheduler_output, *args, **kwargs)

@@ -1,0 +1,88 @@
+"""paged_window_scores kernel vs reference.paged_window_scores (interpreter on CPU, native on GPU)."""
+import pytest
+import torch
+
+from vllm_kvcompress.paged import reference
+from vllm_kvcompress.triton_kernels.paged_window_scores import paged_window_scores
+
+TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+BS = 16
+
+
+def heads_in_pages(lengths: list[int], head_dim: int, dtype, device, gen):
+    """A shuffled pool holding one head per entry of ``lengths``: (key_cache, table [n, max_blocks])."""
+    blocks = [-(-n // BS) for n in lengths]
+    order = torch.randperm(sum(blocks) + 3, generator=gen)[: sum(blocks)]  # scattered, not all used
+    key_cache = (2 * torch.randn(sum(blocks) + 3, BS, head_dim, generator=gen)).to(dtype).to(device)
+    table = torch.zeros(len(lengths), max(blocks) + 2, dtype=torch.int32)
+    start = 0
+    for i, b in enumerate(blocks):
+        table[i, :b] = order[start:start + b]
+        start += b
+    return key_cache, table.to(device)
+
+
+def run_case(device, lengths, group, count, head_dim, dtype, power, width_extra=0, strided=False):
+    gen = torch.Generator().manual_seed(sum(lengths) * 7 + group + head_dim)
+    key_cache, table = heads_in_pages(lengths, head_dim, dtype, device, gen)
+    n = len(lengths)
+    if strided:  # the ring's layout: [n, count, group, D] viewed as [n, group, count, D]
+        queries = torch.randn(n, count, group, head_dim, generator=gen).to(dtype).to(device).transpose(1, 2)
+    else:
+        queries = torch.randn(n, group, count, head_dim, generator=gen).to(dtype).to(device)
+    width = max(lengths) + width_extra
+    lens = torch.tensor(lengths, device=device)
+    out = torch.full((n, width), float("nan"), device=device)  # poisoned: every column must be written
+    paged_window_scores(queries, key_cache, table, lens, width, power=power, out=out)
+    ref = reference.paged_window_scores(queries.cpu(), key_cache.cpu(), table.cpu(), lens.cpu(), width, power=power)
+    assert not out.isnan().any()
+    pad = torch.arange(width)[None, :] < (width - torch.tensor(lengths))[:, None]
+    assert (out.cpu()[pad] == 0).all()
+    err = ((out.cpu().double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOL[dtype], err
+
+
+# (lengths, group, count, head_dim, dtype, power, width_extra, strided)
+CPU_CASES = [
+    ([40, 17, 33], 4, 8, 64, torch.float32, 1, 0, False),
+    ([70], 1, 5, 64, torch.bfloat16, 2, 3, True),
+    ([16, 16], 8, 16, 128, torch.float16, 1, 0, False),  # heads exactly one page, count = length
+    ([97, 50, 21, 64], 2, 3, 64, torch.float32, 2, 0, True),
+    ([130, 35], 8, 20, 64, torch.bfloat16, 1, 0, False),  # 160 query rows: two row blocks
+]
+GPU_CASES = CPU_CASES + [
+    ([1700] * 64 + [1650, 1690], 4, 32, 128, torch.bfloat16, 1, 0, True),  # Llama-3-8B heads due together
+    ([1701, 333, 2049], 4, 32, 128, torch.bfloat16, 2, 5, True),
+    ([900, 901], 8, 32, 128, torch.float16, 1, 0, False),
+    ([4100], 1, 64, 64, torch.float32, 1, 0, False),
+]
+
+
+@pytest.mark.parametrize("case", GPU_CASES if torch.cuda.is_available() else CPU_CASES, ids=str)
+def test_paged_window_scores_match_reference(device, case):
+    run_case(device, *case)
+
+
+def test_reference_equals_window_scores_of_each_head_alone():
+    """The right-aligned reference is each head's own window_scores, placed at its end."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [30, 19]
+    key_cache, table = heads_in_pages(lengths, 8, torch.float32, "cpu", gen)
+    queries = torch.randn(2, 2, 4, 8, generator=gen)
+    got = reference.paged_window_scores(queries, key_cache, table, torch.tensor(lengths), 32)
+    for i, n in enumerate(lengths):
+        keys = reference.gather_heads(key_cache, table[i:i + 1], n)
+        alone = reference.window_scores(queries[i], keys)[0]
+        torch.testing.assert_close(got[i, 32 - n:], alone)
+        assert (got[i, :32 - n] == 0).all()
+
+
+def test_shapes_are_checked(device):
+    key_cache = torch.zeros(4, BS, 64, device=device)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        paged_window_scores(torch.zeros(2, 1, 4, 64, device=device), key_cache,
+                            torch.zeros(3, 2, dtype=torch.int32, device=device), torch.tensor([8, 8], device=device), 8)
+    with pytest.raises(ValueError, match="power"):
+        paged_window_scores(torch.zeros(1, 1, 4, 64, device=device), key_cache,
+                            torch.zeros(1, 2, dtype=torch.int32, device=device), torch.tensor([8], device=device), 8,
+                            power=3)

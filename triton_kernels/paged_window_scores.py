@@ -1,0 +1,134 @@
+"""Observation-window scores of many KV heads straight from their head-blocks (decode-time
+recompression), without gathering their keys.
+
+Semantics: :func:`vllm_kvcompress.paged.reference.paged_window_scores`. Head ``i`` holds
+``lengths[i]`` rows in the pages of ``head_block_table[i]``; its ``count`` most recent queries
+of each of its ``group`` query heads form ``group * count`` query rows, the newest of which
+sits at its last row (query ``c`` sees rows ``<= lengths[i] - count + c``). Each key's score is
+the sum over the rows of softmax(q.k * scale)^power. Scores are right-aligned in ``width``
+columns (head i's rows are the last ``lengths[i]``, the columns before them 0), as
+:class:`~vllm_kvcompress.observation.LayerObservation` lays out heads of different lengths.
+
+One program per head, two passes over its keys per block of query rows (the row log-sum-exp,
+then the scores); keys are read through the block table, 16-token pages at a time. HBM traffic
+is two reads of the heads' keys plus the float32 scores; nothing ``rows x keys`` is stored.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+NEG = tl.constexpr(-1.0e30)  # logit of an invisible key: finite, so exp2(NEG - m) is 0 without NaN
+
+
+@triton.jit
+def _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr,
+                BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Keys [BLOCK_D, BLOCK_N] of rows ``cols`` of one head, through its block table row."""
+    d = tl.arange(0, BLOCK_D)
+    block = tl.load(table_row + cols // BLOCK_SIZE, mask=cols_ok, other=0).to(tl.int64)
+    offset = block * stride_kb + (cols % BLOCK_SIZE) * stride_kr
+    k = tl.load(k_ptr + offset[None, :] + d[:, None], mask=cols_ok[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _paged_window_scores_kernel(
+    q_ptr, k_ptr, table_ptr, len_ptr, out_ptr,
+    count, num_rows, width,
+    stride_qn, stride_qg, stride_qc, stride_kb, stride_kr, stride_t, stride_o,
+    qk_scale,
+    POWER: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    i = tl.program_id(0)
+    length = tl.load(len_ptr + i).to(tl.int32)
+    pad = width - length
+    table_row = table_ptr + i.to(tl.int64) * stride_t
+    out_row = out_ptr + i.to(tl.int64) * stride_o
+    d = tl.arange(0, BLOCK_D)
+    for start in range(0, pad, BLOCK_N):  # the padding columns before the head's rows
+        cols = start + tl.arange(0, BLOCK_N)
+        tl.store(out_row + cols, tl.zeros([BLOCK_N], tl.float32), mask=cols < pad)
+    for row_start in range(0, num_rows, BLOCK_M):
+        rows = row_start + tl.arange(0, BLOCK_M)
+        rows_ok = rows < num_rows
+        q_off = i.to(tl.int64) * stride_qn + (rows // count) * stride_qg + (rows % count) * stride_qc
+        q = tl.load(q_ptr + q_off[:, None] + d[None, :], mask=rows_ok[:, None] & (d < HEAD_DIM)[None, :], other=0.0)
+        if UPCAST:
+            q = q.to(tl.float32)
+        last_visible = length - count + rows % count  # causal: the query's own row and those before
+        m = tl.full([BLOCK_M], NEG, tl.float32)
+        l = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, length, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cols_ok = cols < length
+            k = _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, BLOCK_SIZE, BLOCK_D, HEAD_DIM,
+                            UPCAST)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            visible = cols_ok[None, :] & (cols[None, :] <= last_visible[:, None])
+            s = tl.where(visible, s, NEG)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
+            l = l * tl.exp2(m - m_new) + tl.sum(p, axis=1)
+            m = m_new
+        lse = m + tl.log2(tl.maximum(l, 1e-30))  # base 2; rows past num_rows see nothing
+        for start in range(0, length, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            cols_ok = cols < length
+            k = _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, BLOCK_SIZE, BLOCK_D, HEAD_DIM,
+                            UPCAST)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            visible = rows_ok[:, None] & cols_ok[None, :] & (cols[None, :] <= last_visible[:, None])
+            p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+            if POWER == 2:
+                p = p * p
+            dst = out_row + pad + cols
+            # rows past the first block add to what this program stored before the barrier below
+            total = tl.sum(p, axis=0) + tl.load(dst, mask=cols_ok & (row_start > 0), other=0.0)
+            tl.store(dst, total, mask=cols_ok)
+        tl.debug_barrier()  # this row block's stores are visible to every thread of the next
+
+
+def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_block_table: torch.Tensor,
+                        lengths: torch.Tensor, width: int, scale: float | None = None, power: int = 1,
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """queries [n, group, count, D] (any strides with a unit last stride); key_cache
+    [num_blocks, block_size, D]; head_block_table int [n, max_blocks] (unit last stride); lengths
+    int [n] on the device, each in [count, width]; returns float32 [n, width] (right-aligned)."""
+    n, group, count, head_dim = queries.shape
+    block_size = key_cache.shape[1]
+    if key_cache.shape[2] != head_dim or head_block_table.shape[0] != n or lengths.shape != (n,):
+        raise ValueError(f"shapes do not match: queries {tuple(queries.shape)}, cache {tuple(key_cache.shape)}, "
+                         f"table {tuple(head_block_table.shape)}, lengths {tuple(lengths.shape)}")
+    if power not in (1, 2):
+        raise ValueError(f"power must be 1 or 2, got {power}")
+    if queries.dtype != key_cache.dtype:
+        raise ValueError(f"query {queries.dtype} and key {key_cache.dtype} dtypes differ")
+    if queries.stride(-1) != 1:
+        queries = queries.contiguous()
+    if head_block_table.stride(-1) != 1:
+        head_block_table = head_block_table.contiguous()
+    if out is None:
+        out = torch.empty(n, width, dtype=torch.float32, device=key_cache.device)
+    num_rows = group * count
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    precision = "ieee" if key_cache.dtype == torch.float32 else "tf32"
+    upcast = key_cache.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    if n:
+        _paged_window_scores_kernel[(n,)](
+            queries, key_cache, head_block_table, lengths, out, count, num_rows, width,
+            queries.stride(0), queries.stride(1), queries.stride(2), key_cache.stride(0), key_cache.stride(1),
+            head_block_table.stride(0), out.stride(0), scale * LOG2E,
+            POWER=power, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
+            PRECISION=precision, UPCAST=upcast, num_warps=8 if block_m * block_d >= 8192 else 4)
+    return out

@@ -1,0 +1,80 @@
+"""Heads of the paged cache seen as one observation, without gathering their keys.
+
+:class:`PagedHeads` answers what scorers ask of a
+:class:`~vllm_kvcompress.observation.LayerObservation` -- the window's attention mass, lengths,
+padding, shapes -- straight from the head-blocks, so decode-time recompression of reducers that
+only select rows (``Reducer.selects_rows``) scores and compacts every head due in one pass, with
+memory for the scores alone (4 bytes a row instead of the rows' K and V). The heads are laid out
+right-aligned in ``width`` columns, as ``LayerObservation.lengths`` describes.
+
+CUDA: the Triton kernel (``triton_kernels/paged_window_scores.py``); CPU: the PyTorch reference.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import reference
+
+
+@dataclass
+class PagedHeads:
+    """n KV heads from any requests and layers.
+
+    queries: [n, group, count, D] each head's query heads' ``count`` most recent queries (the
+        newest at the head's last row); key_cache: [num_blocks, block_size, D];
+    head_block_table: int32 [n, max_blocks]; lengths: int64 [n] on the cache's device (rows each
+        head holds, all >= count); width: max(lengths), known on the host."""
+
+    queries: torch.Tensor
+    key_cache: torch.Tensor
+    head_block_table: torch.Tensor
+    lengths: torch.Tensor
+    width: int
+
+    @property
+    def window_queries(self) -> torch.Tensor:
+        """[n * group, count, D], as LayerObservation holds them."""
+        return self.queries.flatten(0, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.key_cache.device
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.width
+
+    @property
+    def window(self) -> int:
+        return self.queries.shape[2]
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.queries.shape[-1])
+
+    @property
+    def padding(self) -> torch.Tensor:
+        """bool [n, width], True at the columns before each head's own rows."""
+        start = self.width - self.lengths
+        return torch.arange(self.width, device=self.device)[None, :] < start[:, None]
+
+    def window_mass(self, power: int = 1) -> torch.Tensor:
+        """float32 [n, width]: LayerObservation.window_mass, from the pages."""
+        if self.key_cache.is_cuda:
+            from ..triton_kernels.paged_window_scores import paged_window_scores
+
+            return paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths, self.width,
+                                       self.scale, power)
+        return reference.paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths,
+                                             self.width, self.scale, power)
+
+    @property
+    def global_attention(self) -> None:
+        return None  # decode-time recompression has no view of the prompt's queries
