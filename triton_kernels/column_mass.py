@@ -98,13 +98,15 @@ def _column_mass_kernel(
 
 
 def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: torch.Tensor | None = None, *,
-                block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+                lse: torch.Tensor | None = None, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
     """Attention mass each key receives from causal queries, summed over each GQA group.
 
     query: [num_q_heads, q_len, head_dim] at positions ``start .. start+q_len-1`` (last dim contiguous)
     key:   [num_kv_heads, seq_len, head_dim] at positions ``0 .. seq_len-1``, seq_len >= start + q_len
            (last dim contiguous)
     out:   optional float32 [num_kv_heads, seq_len] to write into (every element is written)
+    lse:   optional float32 [num_q_heads, q_len], each row's log-sum-exp (natural log) over the keys
+           it sees, as FlashAttention returns it: then the first pass is skipped
     returns out; softmax scale 1/sqrt(head_dim). block_m / block_n: tile sizes (tests and tuning).
     """
     num_q_heads, q_len, head_dim = query.shape
@@ -118,7 +120,11 @@ def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: tor
         raise ValueError(f"{seq_len} keys cannot hold queries at positions {start} .. {start + q_len - 1}")
     if query.stride(-1) != 1 or key.stride(-1) != 1:
         raise ValueError("query and key need a contiguous last dim")
-    lse = torch.empty(num_q_heads, q_len, dtype=torch.float32, device=query.device)
+    given = lse
+    if given is not None and given.shape != (num_q_heads, q_len):
+        raise ValueError(f"lse must be [{num_q_heads}, {q_len}], got {tuple(given.shape)}")
+    lse = torch.empty(num_q_heads, q_len, dtype=torch.float32, device=query.device) if given is None \
+        else given.float() * _LOG2E  # base 2, as the kernel keeps it
     mass = torch.empty(num_kv_heads, seq_len, dtype=torch.float32, device=query.device) if out is None else out
     if mass.shape != (num_kv_heads, seq_len) or mass.dtype != torch.float32:
         raise ValueError(f"out must be float32 {(num_kv_heads, seq_len)}, got {mass.dtype} {tuple(mass.shape)}")
@@ -132,9 +138,10 @@ def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: tor
         num_warps=4, num_stages=2,
     )
     scale_log2 = _LOG2E / math.sqrt(head_dim)
-    _row_lse_kernel[(num_q_heads, triton.cdiv(q_len, block_m))](
-        query, key, lse, q_len, seq_len, start, group, scale_log2,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), **common)
+    if given is None:
+        _row_lse_kernel[(num_q_heads, triton.cdiv(q_len, block_m))](
+            query, key, lse, q_len, seq_len, start, group, scale_log2,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), **common)
     _column_mass_kernel[(num_kv_heads, triton.cdiv(seq_len, block_n))](
         query, key, lse, mass, q_len, seq_len, start, group, scale_log2,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), mass.stride(0), **common)

@@ -68,3 +68,28 @@ def test_column_mass_refuses_bad_shapes(device):
         column_mass(q, k, out=torch.empty(2, 9, device=device))
     with pytest.raises(ValueError, match="power of two"):
         column_mass(torch.randn(4, 10, 24, device=device), torch.randn(2, 10, 24, device=device))
+
+
+def row_lse(query: torch.Tensor, key: torch.Tensor, start: int) -> torch.Tensor:
+    """Each query row's causal log-sum-exp (natural log) [Hq, q_len], as FlashAttention returns it."""
+    group = query.shape[0] // key.shape[0]
+    logits = torch.einsum("hqd,hld->hql", query.float(), key.float().repeat_interleave(group, 0))
+    logits = logits / query.shape[-1] ** 0.5
+    rows = start + torch.arange(query.shape[1])
+    return logits.masked_fill(torch.arange(key.shape[1])[None, :] > rows[:, None], float("-inf")).logsumexp(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("q_len,seq_len,start", [(37, 37, 0), (45, 200, 155)])
+def test_column_mass_with_the_rows_lse_given_skips_nothing_else(dtype, q_len, seq_len, start, device):
+    """The log-sum-exp FlashAttention hands over replaces the first pass: the same mass."""
+    gen = torch.Generator().manual_seed(q_len)
+    query = torch.randn(6, q_len, 32, generator=gen).to(dtype)
+    key = (torch.randn(2, seq_len, 32, generator=gen) * 2).to(dtype)
+    lse = row_lse(query, key, start)
+    given = column_mass(query.to(device), key.to(device), start, lse=lse.to(device))
+    ref = causal_column_mass(query.float(), key.float(), start=start)
+    err = ((given.cpu().double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOL[dtype], f"rel err {err:.2e}"
+    with pytest.raises(ValueError, match="lse must be"):
+        column_mass(query.to(device), key.to(device), start, lse=lse[:, 1:].to(device))

@@ -48,3 +48,61 @@ def test_column_mass_on_the_cpu_is_the_reference():
 
     torch.testing.assert_close(kernels.column_mass(query, key, start=21), causal_column_mass(query, key, start=21),
                                rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("q_lens,seq_lens,group", [([5, 17], [40, 17], 4), ([33], [130], 1), ([8, 8, 3], [8, 64, 99], 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, dtype):
+    """Continued prefill chunks over the pages (FlashAttention with per-(request, head) block
+    tables on a GPU) against each request's heads gathered and attended densely; the step's other
+    tokens (a decode row between the chunks here) are left alone."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the CPU path is the reference itself; bf16 is checked where FlashAttention runs")
+    gen = torch.Generator().manual_seed(sum(seq_lens))
+    num_kv_heads, head_dim, bs = 2, 64, 16
+    widths = [-(-n // bs) for n in seq_lens]
+    num_blocks = num_kv_heads * sum(widths) + 5
+    key_cache = torch.randn(num_blocks, bs, head_dim, generator=gen).to(dtype)
+    value_cache = torch.randn(num_blocks, bs, head_dim, generator=gen).to(dtype)
+    order = torch.randperm(num_blocks, generator=gen).int()
+    table = torch.zeros(len(seq_lens), num_kv_heads, max(widths) + 1, dtype=torch.int32)
+    used = 0
+    for s, w in enumerate(widths):
+        for h in range(num_kv_heads):
+            table[s, h, :w] = order[used:used + w]
+            used += w
+    lens = torch.tensor(seq_lens, dtype=torch.int32)[:, None].expand(-1, num_kv_heads).contiguous()
+    starts, t = [], 0
+    for n in q_lens:  # each chunk, then one decode token of another request
+        starts.append(t)
+        t += n + 1
+    query = torch.randn(t, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    host = kernels.ChunkLayout.host_index(starts, q_lens, num_kv_heads)
+    to = lambda x: x.to(device)  # noqa: E731
+    chunk = kernels.ChunkLayout(to(torch.arange(len(q_lens))), starts, q_lens, to(host["chunk_q_index"]),
+                                to(host["chunk_cu_q_lens"]), max(seq_lens))
+    out = torch.full_like(query, float("nan")).to(device)
+    kernels.paged_chunk_attention(to(query), out, to(key_cache), to(value_cache), to(table), to(lens), chunk, 0.125)
+    out = out.cpu()
+    for start, q_len, n, s in zip(starts, q_lens, seq_lens, range(len(q_lens))):
+        keys, values = (reference.gather_heads(c, table[s], n).transpose(0, 1).float() for c in (key_cache, value_cache))
+        want = kernels.chunk_attention(query[start:start + q_len].float(), keys, values, 0.125)
+        tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-2
+        torch.testing.assert_close(out[start:start + q_len].float(), want, rtol=tol, atol=tol)
+        assert out[start + q_len].isnan().all()  # the decode token after the chunk: not written
+
+
+def test_chunk_layout_orders_queries_by_request_head_token():
+    """q_index picks, for every (chunk request, KV head, token) in that order, the token's query
+    heads of that KV head's group; cu_q_lens are those sequences' offsets."""
+    num_kv_heads, group, head_dim = 3, 2, 4
+    query = torch.randn(9, num_kv_heads * group, head_dim)
+    starts, q_lens = [1, 6], [4, 2]
+    host = kernels.ChunkLayout.host_index(starts, q_lens, num_kv_heads)
+    rows = query.reshape(-1, group, head_dim)[host["chunk_q_index"]]
+    want = torch.cat([query[a:a + n, h * group:(h + 1) * group] for a, n in zip(starts, q_lens)
+                      for h in range(num_kv_heads)])
+    assert torch.equal(rows, want)
+    assert host["chunk_cu_q_lens"].tolist() == [0, 4, 8, 12, 14, 16, 18]
+    assert host["chunk_cu_q_lens"].dtype == torch.int32

@@ -51,8 +51,10 @@ class HeadBlockMetadata:
     token indices (None: all tokens); decode: rows with
     one new token over cached rows (batched), decode_tokens / decode_rows: their token indices and
     rows (device);
-    chunks: the other rows (continued prefill chunks); observe: rows whose queries the compressor
-    needs; record: (token indices or None for every token, flat ring index row * window + slot) of
+    fresh_cu: int32 [len(fresh) + 1] their sequences' offsets on the device; lse_rows: fresh rows
+    whose EMS observation takes FlashAttention's log-sum-exp (row -> first fresh token);
+    chunks: the other rows (continued prefill chunks), chunk: their layout (kernels.ChunkLayout);
+    observe: rows whose queries the compressor needs; record: (token indices or None for every token, flat ring index row * window + slot) of
     the queries kept for decode-time recompression; dummy: profiling / warm-up run.
     graph: a pure-decode step in the persistent buffers of :mod:`.graphs` (slots / tables / lens are
     their views, every row one token, padded rows included; step_queries [L, T, Hq, D] receives the
@@ -70,7 +72,10 @@ class HeadBlockMetadata:
     decode_tokens: torch.Tensor | None = None
     decode_rows: torch.Tensor | None = None
     fresh_tokens: torch.Tensor | None = None
+    fresh_cu: torch.Tensor | None = None
+    lse_rows: dict = field(default_factory=dict)
     chunks: list[int] = field(default_factory=list)
+    chunk: kernels.ChunkLayout | None = None
     observe: list[int] = field(default_factory=list)
     record: tuple | None = None
     dummy: bool = False
@@ -159,8 +164,22 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         if len(req_ids) < n:
             raise RuntimeError(f"kv compression: {n - len(req_ids)} padded rows outside a pure-decode step")
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
+        on_gpu = ws.device.type == "cuda"
         if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (absent: every token is)
             extra["fresh_tokens"] = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh])
+        if md.fresh:  # FlashAttention's offsets, uploaded here: made in the forward, each layer's would wait
+            fresh_lens = torch.tensor([seq_lens[r] for r in md.fresh], dtype=torch.int32)
+            extra["fresh_cu"] = torch.cat([torch.zeros(1, dtype=torch.int32), fresh_lens.cumsum(0, dtype=torch.int32)])
+            if on_gpu:
+                observed = set(md.observe)
+                first = extra["fresh_cu"][:-1].tolist()
+                md.lse_rows = {r: first[i] for i, r in enumerate(md.fresh)
+                               if r in observed and ws.reqs[req_ids[r]].policy.needs_global_attention}
+        chunk_starts, chunk_lens = [qsl[r] for r in md.chunks], [q_lens[r] for r in md.chunks]
+        if md.chunks:
+            extra["chunk_rows"] = torch.tensor(md.chunks, dtype=torch.int64)
+            if on_gpu:
+                extra.update(kernels.ChunkLayout.host_index(chunk_starts, chunk_lens, ws.H))
         if md.decode and len(md.decode) < n:  # (absent: a pure decode step, rows are tokens)
             extra["decode_tokens"] = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64)
             extra["decode_rows"] = torch.tensor(md.decode, dtype=torch.int64)
@@ -170,7 +189,11 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                 extra["record_tokens"] = torch.tensor(record_tokens, dtype=torch.int64)
         layout = ws.prepare_step(req_ids, q_lens, extra)
         md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
-        md.fresh_tokens = layout.extra.get("fresh_tokens")
+        md.fresh_tokens, md.fresh_cu = layout.extra.get("fresh_tokens"), layout.extra.get("fresh_cu")
+        if md.chunks:
+            md.chunk = kernels.ChunkLayout(layout.extra["chunk_rows"], chunk_starts, chunk_lens,
+                                           layout.extra.get("chunk_q_index"), layout.extra.get("chunk_cu_q_lens"),
+                                           max(seq_lens[r] for r in md.chunks))
         md.decode_tokens, md.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
         if record_index:
             md.record = (layout.extra.get("record_tokens"), layout.extra["record_index"])
@@ -248,10 +271,16 @@ class HeadBlockImpl(AttentionImpl):
             md.step_queries[l].copy_(q)
             return output
         tables, lens = md.tables[l], md.lens[l]  # [R, H, W], [R, H], contiguous
+        lse = None
         if md.fresh:  # whole prompts in this step: attend over the fresh K/V
             rows = md.fresh_tokens
             q_f, k_f, v_f = (x if rows is None else x[rows] for x in (q, k, v))
-            attended = kernels.prefill_attention(q_f, k_f, v_f, [md.seq_lens[r] for r in md.fresh], self.scale)
+            fresh_lens = [md.seq_lens[r] for r in md.fresh]
+            if md.lse_rows:  # EMS observes some of them: FlashAttention's log-sum-exp saves a pass
+                attended, lse = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, md.fresh_cu,
+                                                          return_lse=True)
+            else:
+                attended = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, md.fresh_cu)
             if rows is None:
                 out.copy_(attended)
             else:
@@ -263,29 +292,30 @@ class HeadBlockImpl(AttentionImpl):
             else:
                 out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
                                                      lens[batch], scale=self.scale)[:, 0]
-        for r in md.chunks:  # continued prefill chunk: causal over the request's whole cache so far
-            a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
-            # an uncompressed request (every head holds seq_len rows, in the same block order per head)
-            keys, values = (reference.gather_heads(cache, tables[r], md.seq_lens[r]).transpose(0, 1)
-                            for cache in (key_cache, value_cache))
-            out[a:b] = kernels.chunk_attention(q[a:b], keys, values, self.scale)
+        if md.chunks:  # continued prefill chunks: causal over each request's pages so far
+            chunk_rows = md.chunk.rows
+            kernels.paged_chunk_attention(q, out, key_cache, value_cache, tables[chunk_rows], lens[chunk_rows],
+                                          md.chunk, self.scale)
         for r in md.observe:
-            self._observe(ws, md, r, q, k, key_cache)
+            first = md.lse_rows.get(r)
+            row_lse = None if first is None else lse[:, first:first + md.seq_lens[r]]
+            self._observe(ws, md, r, q, k, key_cache, row_lse)
         if md.record is not None:  # newest queries into their requests' rings, one kernel
             tokens, ring_index = md.record
             ring = ws.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
             ring.index_copy_(0, ring_index, (q if tokens is None else q[tokens]).to(ring.dtype))
         return output
 
-    def _observe(self, ws, md, r, q, k, key_cache) -> None:
-        """Stash the request's latest window queries and (EMS) accumulate the causal column mass."""
+    def _observe(self, ws, md, r, q, k, key_cache, lse=None) -> None:
+        """Stash the request's latest window queries and (EMS) accumulate the causal column mass
+        (``lse``: its rows' log-sum-exp from the prefill's FlashAttention, when it has them)."""
         st = ws.reqs[md.req_ids[r]]
         a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
         mass, chunk = None, md.seq_lens[r] != b - a
         if st.policy.needs_global_attention:
             if not chunk:  # same call as the HF reference path
-                mass = kernels.column_mass(qh, k[a:b].transpose(0, 1))
+                mass = kernels.column_mass(qh, k[a:b].transpose(0, 1), lse=lse)
             else:
                 keys = reference.gather_heads(key_cache, md.tables[self.layer, r], md.seq_lens[r])  # all heads full
                 mass = kernels.column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
