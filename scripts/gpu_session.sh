@@ -34,7 +34,7 @@ case "$step" in
     ;;
   kernels)
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/triton_kernels tests/vllm/test_kernels.py 2>&1 | tail -15
-    timeout 120 python3 benchmarks/bench_cache_ops.py column_mass 2>&1 | tail -20
+    timeout 120 python3 benchmarks/bench_cache_ops.py column_mass recompression 2>&1 | tail -20
     ;;
   graphs)
     timeout 400 python3 scripts/graph_check.py 2>&1 | tee /tmp/graph_check.log | grep -v "^\(INFO\|WARNING\|DEBUG\)" | tail -20
