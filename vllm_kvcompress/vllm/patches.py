@@ -11,7 +11,8 @@ Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
   process starts).
 * ``EngineArgs.create_engine_config`` -- when a policy other than ``none`` is requested: complete
   the engine arguments (worker, connector, prefix caching off, block size), build the config, then
-  refuse what cannot run. Same path for ``vllm serve``, ``LLM(...)`` and ``AsyncLLM``.
+  refuse what cannot run. Same path for ``vllm serve``, ``LLM(...)`` and ``AsyncLLM`` (its
+  ``usage_context`` tells the offline ``LLM`` apart: its default request rules differ).
 
 Without compression requested the wrappers call the originals unchanged (only the flags appear).
 
@@ -99,12 +100,16 @@ def _from_cli_args(cls, args):
 def _create_engine_config(self, *args, **kwargs):
     config = settings.read(self.additional_config)  # ValueError for bad options
     if config is None:
+        settings.check_rules_need_compression(self.additional_config)
         return ORIGINALS["create_engine_config"](self, *args, **kwargs)
     _refuse_if_inactive()
     from vllm.platforms import current_platform
+    from vllm.usage.usage_lib import UsageContext
 
+    usage_context = kwargs.get("usage_context", args[0] if args else None)
     settings.check_policy_builds(config)
-    settings.complete_engine_args(self, config, current_platform.device_type)
+    settings.complete_engine_args(self, config, current_platform.device_type,
+                                  offline=usage_context == UsageContext.LLM_CLASS)
     vllm_config = ORIGINALS["create_engine_config"](self, *args, **kwargs)
     settings.check_vllm_config(vllm_config)
     return vllm_config
