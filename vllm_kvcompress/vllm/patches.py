@@ -3,12 +3,13 @@
 Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
 
 * ``EngineArgs.add_cli_args`` (staticmethod) -- adds the ``KV compression`` argument group
-  (``--kv-compression``, ``--kv-budget``, ``--kv-compression-config``). General plugins receive no
-  parser, so wrapping this is the only way in; ``AsyncEngineArgs.add_cli_args`` looks it up on
+  (``--kv-compression``, ``--kv-budget``, ``--kv-compression-config``, and the request rules
+  ``--kv-request-overrides``, ``--kv-request-policies``, ``--kv-request-budget``). General plugins
+  receive no parser, so wrapping this is the only way in; ``AsyncEngineArgs.add_cli_args`` looks it up on
   ``EngineArgs`` at call time, after it has loaded the plugins.
-* ``EngineArgs.from_cli_args`` (classmethod) -- keeps only dataclass fields, so our three values are
-  merged into ``additional_config["kv_compression"]`` here, validated (ValueError before any engine
-  process starts).
+* ``EngineArgs.from_cli_args`` (classmethod) -- keeps only dataclass fields, so our values are
+  merged into ``additional_config["kv_compression"]`` (and ``["kv_request_rules"]``) here, validated
+  (ValueError before any engine process starts).
 * ``EngineArgs.create_engine_config`` -- when a policy other than ``none`` is requested: complete
   the engine arguments (worker, connector, prefix caching off, block size), build the config, then
   refuse what cannot run. Same path for ``vllm serve``, ``LLM(...)`` and ``AsyncLLM`` (its
@@ -56,7 +57,19 @@ def add_kv_compression_args(parser):
                        help="retained tokens per KV head (256) or fraction of the prompt (0.1)")
     group.add_argument("--kv-compression-config", metavar="JSON", default=None,
                        help="further compression options as a JSON object (see vllm_kvcompress.config)")
+    group.add_argument("--kv-request-overrides", metavar="off|budget|policy|all", default=None,
+                       help="what a request's vllm_xargs may change: nothing; its budget (the default); its budget "
+                            "and policy (one of --kv-request-policies); any option but the server options "
+                            "(cuda_graphs*). Offline LLM(...) default: all")
+    group.add_argument("--kv-request-policies", metavar="POLICY,...", default=None,
+                       help="the policies a request may switch to (with --kv-request-overrides policy)")
+    group.add_argument("--kv-request-budget", metavar="LOW:HIGH[,LOW:HIGH]", default=None,
+                       help="the budgets a request may ask for, token counts (16:256) and/or fractions (:0.1), or any; "
+                            "default: the server budget's kind, no more than it (with overrides all: any)")
     return parser
+
+
+RULE_FLAGS = {"overrides": "kv_request_overrides", "policies": "kv_request_policies", "budget": "kv_request_budget"}
 
 
 def options_from_cli(args: argparse.Namespace) -> dict | None:
@@ -73,6 +86,18 @@ def options_from_cli(args: argparse.Namespace) -> dict | None:
     return CompressionConfig.from_dict(options).to_dict()
 
 
+def rules_from_cli(args: argparse.Namespace) -> dict | None:
+    """The request rules the three ``--kv-request-*`` flags give (validated, not yet against the
+    server's config), or None when none was given."""
+    given = {rule: getattr(args, name) for rule, name in RULE_FLAGS.items() if getattr(args, name, None) is not None}
+    if not given:
+        return None
+    from .request_rules import RequestRules  # only when a flag is given: nothing new for plain vLLM
+
+    RequestRules.from_dict(given)
+    return given
+
+
 def _add_cli_args(parser):
     parser = ORIGINALS["add_cli_args"](parser)
     return add_kv_compression_args(parser)
@@ -87,13 +112,14 @@ def _refuse_if_inactive() -> None:
 
 def _from_cli_args(cls, args):
     engine_args = ORIGINALS["from_cli_args"](cls, args)
-    options = options_from_cli(args)
-    if options is not None:
+    ours = {key: value for key, value in ((settings.KEY, options_from_cli(args)),
+                                          (settings.RULES_KEY, rules_from_cli(args))) if value is not None}
+    if ours:
         _refuse_if_inactive()
         extra = engine_args.additional_config
         if isinstance(extra, str):
             extra = json.loads(extra)
-        engine_args.additional_config = {**(extra or {}), settings.KEY: options}
+        engine_args.additional_config = {**(extra or {}), **ours}
     return engine_args
 
 
