@@ -3,6 +3,7 @@
 Without a server: budget ranges, the rules' own validation, every rule against requests through
 ``params.check_request`` (what the front end's ``validate_params`` runs) and the refusal counter.
 """
+import os
 import re
 
 import pytest
@@ -203,3 +204,37 @@ def test_rules_without_compression_are_refused(tiny_model_dir):
         args = EngineArgs(model=tiny_model_dir, additional_config={**compression, "kv_request_rules": {"overrides": "all"}})
         with pytest.raises(ValueError, match="they need compression on"):
             args.create_engine_config()
+
+
+@pytest.mark.parametrize("api_processes", [2, 1])
+def test_api_server_process_gets_the_flags_back(published, monkeypatch, tiny_model_dir, api_processes):
+    """What an API-server process of ``--api-server-count 2`` does: vLLM's unwrapped from_cli_args
+    (plugins not loaded yet) drops our flags; create_engine_config puts back what the parent's
+    from_cli_args left in the environment. A single front end (or a plain LLM) is left as it is."""
+    from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_kvcompress.vllm import patches
+
+    monkeypatch.delenv(patches.CLI_ENV, raising=False)
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    parent = parser.parse_args(["--model", tiny_model_dir, "--kv-compression", "snapkv", "--kv-budget", "32",
+                                "--kv-request-overrides", "off"])
+    AsyncEngineArgs.from_cli_args(parent)  # the parent: leaves the flags in the environment
+    child = patches.ORIGINALS["from_cli_args"](AsyncEngineArgs, parent)  # what the spawned process gets
+    assert "kv_compression" not in (child.additional_config or {})
+    child.dtype, child.enforce_eager, child._api_process_count = "float32", True, api_processes
+    config = child.create_engine_config()
+    if api_processes == 1:
+        assert config.kv_transfer_config is None
+        return
+    assert config.additional_config["kv_compression"]["budget"] == 32
+    assert params.PROCESSOR in config.model_config.logits_processors  # its requests are validated
+    assert config.kv_transfer_config is not None  # and its /metrics has the compression metrics
+    assert published()["overrides"] == "off"
+    # a plain server's from_cli_args clears what an earlier one left
+    AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", tiny_model_dir]))
+    assert patches.CLI_ENV not in os.environ
+    plain = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True)
+    plain._api_process_count = 2
+    assert plain.create_engine_config().kv_transfer_config is None

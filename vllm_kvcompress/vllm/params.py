@@ -18,7 +18,8 @@ opened: a refused override answers HTTP 400 naming the server's rule. Every refu
 The server's configuration and rules: ``validate_params`` sees only the sampling params, so
 ``complete_engine_args`` publishes both in the environment (:data:`CONFIG_ENV`, :data:`RULES_ENV`)
 of the front-end process, which also reaches API-server processes spawned from it
-(``--api-server-count``).
+(``--api-server-count``; each of them rebuilds both from the same flags, which
+:func:`.patches._restore_cli_options` gives back to them).
 
 Not covered: a server started without compression does not load this processor (that would make the
 plugin active for every vLLM user: custom logits processors turn off vLLM's V2 model runner), so there

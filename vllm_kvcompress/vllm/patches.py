@@ -5,8 +5,8 @@ Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
 * ``EngineArgs.add_cli_args`` (staticmethod) -- adds the ``KV compression`` argument group
   (``--kv-compression``, ``--kv-budget``, ``--kv-compression-config``, and the request rules
   ``--kv-request-overrides``, ``--kv-request-policies``, ``--kv-request-budget``). General plugins
-  receive no parser, so wrapping this is the only way in; ``AsyncEngineArgs.add_cli_args`` looks it up on
-  ``EngineArgs`` at call time, after it has loaded the plugins.
+  receive no parser, so wrapping this is the only way in; ``AsyncEngineArgs.add_cli_args`` looks it
+  up on ``EngineArgs`` at call time, after it has loaded the plugins.
 * ``EngineArgs.from_cli_args`` (classmethod) -- keeps only dataclass fields, so our values are
   merged into ``additional_config["kv_compression"]`` (and ``["kv_request_rules"]``) here, validated
   (ValueError before any engine process starts).
@@ -16,6 +16,15 @@ Patched (vLLM 0.26.0, ``vllm/engine/arg_utils.py``):
   ``usage_context`` tells the offline ``LLM`` apart: its default request rules differ).
 
 Without compression requested the wrappers call the originals unchanged (only the flags appear).
+
+``vllm serve --api-server-count N`` (N > 1) spawns API-server processes that rebuild their engine
+args with ``from_cli_args`` *before* they load plugins (``v1/utils.py:run_api_server_worker_proc``
+-> ``api_server.py:build_async_engine_client``), so our wrapper does not run there and the flags'
+values would be lost: such a process would serve as plain vLLM's front end (no validation of
+per-request options -- a ``kv_compression_config`` text then reached the worker and killed the
+engine --, no rules, no compression metrics). The parent's ``from_cli_args`` leaves them in
+:data:`CLI_ENV`, and ``create_engine_config`` puts them back in an API-server process
+(``_api_process_count`` > 1) whose engine args lack them.
 
 On a vLLM other than ``VLLM_VERSION`` (or one whose wrapped methods changed, ``EXPECTED``) the
 plugin is inert: a warning, the flags still listed, and a request for compression refused at
@@ -28,6 +37,7 @@ import argparse
 import inspect
 import json
 import logging
+import os
 
 from ..budget import Budget
 from ..config import CompressionConfig
@@ -42,6 +52,7 @@ EXPECTED = {
                             "vllm.config.vllm.VllmConfig",
 }
 ORIGINALS: dict[str, object] = {}  # name -> the unwrapped function
+CLI_ENV = "VLLM_KVC_CLI_OPTIONS"  # JSON: what from_cli_args merged into additional_config (see above)
 # why the plugin is inert in this process (an unsupported vLLM), or None when it is active
 INACTIVE: str | None = None
 
@@ -116,14 +127,33 @@ def _from_cli_args(cls, args):
                                           (settings.RULES_KEY, rules_from_cli(args))) if value is not None}
     if ours:
         _refuse_if_inactive()
-        extra = engine_args.additional_config
-        if isinstance(extra, str):
-            extra = json.loads(extra)
-        engine_args.additional_config = {**(extra or {}), **ours}
+        _merge_into_additional_config(engine_args, ours)
+        os.environ[CLI_ENV] = json.dumps(ours)
+    else:  # nothing stale for the API-server processes of a plain server
+        os.environ.pop(CLI_ENV, None)
     return engine_args
 
 
+def _merge_into_additional_config(engine_args, ours: dict) -> None:
+    extra = engine_args.additional_config
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    engine_args.additional_config = {**(extra or {}), **ours}
+
+
+def _restore_cli_options(engine_args) -> None:
+    """In an API-server process of ``--api-server-count`` > 1: put back the flags' values its
+    unwrapped ``from_cli_args`` dropped (module docstring). Nowhere else: a plain ``LLM(...)`` in a
+    process that once parsed our flags stays plain."""
+    text = os.environ.get(CLI_ENV)
+    extra = engine_args.additional_config
+    ours_missing = not (isinstance(extra, dict) and (settings.KEY in extra or settings.RULES_KEY in extra))
+    if text and getattr(engine_args, "_api_process_count", 1) > 1 and ours_missing:
+        _merge_into_additional_config(engine_args, json.loads(text))
+
+
 def _create_engine_config(self, *args, **kwargs):
+    _restore_cli_options(self)
     config = settings.read(self.additional_config)  # ValueError for bad options
     if config is None:
         settings.check_rules_need_compression(self.additional_config)
