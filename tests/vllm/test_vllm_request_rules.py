@@ -1,11 +1,19 @@
 """The operator's rules for per-request compression options (issue #17, ``request_rules.py``).
 
 Without a server: budget ranges, the rules' own validation, every rule against requests through
-``params.check_request`` (what the front end's ``validate_params`` runs) and the refusal counter.
+``params.check_request`` (what the front end's ``validate_params`` runs), the refusal counter, and
+where the rules come from at start-up. With one server (``slow``, ~2-4 min on 2 cores): the
+defaults through the OpenAI API of ``vllm serve --api-server-count 2`` (refusals, what is still
+served, both processes, /metrics).
 """
 import os
 import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from unittest import mock
 
+import kvc_server
+import kvc_tiny_model as tiny_model
 import pytest
 from prometheus_client import REGISTRY
 
@@ -238,3 +246,103 @@ def test_api_server_process_gets_the_flags_back(published, monkeypatch, tiny_mod
     plain = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True)
     plain._api_process_count = 2
     assert plain.create_engine_config().kv_transfer_config is None
+
+
+# ---- through the OpenAI server: the defaults, two API-server processes ----------------------------------
+SERVE = [sys.executable, os.path.join(os.path.dirname(__file__), "kvc_vllm_serve.py"), "serve"]
+API_SERVERS = 2
+SENDS = 3  # each refused request 3 times, each on a connection of its own
+PROMPT = " ".join(tiny_model.SENTENCES * 3)  # ~160 tokens, longer than the budget
+REFUSED_OVER_HTTP = [  # on the defaults of a snapkv server at budget 32
+    ({"kv_compression": "ems"}, "policy", "vllm_xargs.kv_compression",
+     "does not let a request choose its policy (--kv-request-overrides budget); it compresses with snapkv"),
+    ({"kv_compression": "none"}, "policy", "vllm_xargs.kv_compression", "choose its policy"),
+    ({"kv_budget": 64}, "budget", "vllm_xargs.kv_budget",
+     "a budget of 64 tokens per head is outside what this server allows a request: 1 to 32 tokens per head "
+     "(--kv-request-budget :32, the default: no more than the server's budget)"),
+    ({"kv_budget": 0.5}, "budget", "vllm_xargs.kv_budget", "a budget of 0.5 of the prompt is outside"),
+    ({"kv_compression_config": '{"window": 8}'}, "option", "vllm_xargs.kv_compression_config",
+     "does not let a request set window"),
+    ({"kv_budget": 0}, "invalid", "vllm_xargs.kv_budget", "budget must be a positive number"),
+]
+ALLOWED_OVER_HTTP = [{"kv_budget": 16}, {"kv_compression": "snapkv", "kv_budget": 32}]
+MAX_TOKENS = 4
+
+
+RULES_LINE = "kv compression: a request may change budget (1 to 32 tokens per head) (--kv-request-overrides budget)"
+
+
+def refused_totals(text: str) -> dict:
+    """{reason: vllm:kv_compression_refused_requests_total of that reason} from /metrics text."""
+    totals = {}
+    for reason in metrics.REFUSAL_REASONS:
+        series = f'{metrics.REFUSED}_total{{reason="{reason}"}} '
+        totals[reason] = sum(float(line[len(series):]) for line in text.splitlines() if line.startswith(series))
+    return totals
+
+
+@pytest.fixture(scope="module")
+def rules_run(tiny_model_dir, tmp_path_factory):
+    """A server on the default rules (snapkv, budget 32) with two API-server processes: every refused
+    request SENDS times, the allowed ones, one refused chat; /metrics before and after; its log."""
+    log = str(tmp_path_factory.mktemp("logs") / "rules.log")
+    template = kvc_server.write_chat_template(tmp_path_factory.mktemp("template"))
+    # kvc_server.Server runs its SERVER command: here the CLI's serve, for --api-server-count
+    with mock.patch.object(kvc_server, "SERVER", SERVE):
+        server = kvc_server.Server(tiny_model_dir, [*kvc_server.PLUGIN_FLAGS, "--api-server-count", str(API_SERVERS)],
+                                   log, template)
+    try:
+        before = server.metrics()
+        body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}
+        cases = [case for case in REFUSED_OVER_HTTP for _ in range(SENDS)]
+        with ThreadPoolExecutor(len(REFUSED_OVER_HTTP)) as pool:  # at once: both processes may take some
+            refused = list(zip(cases, pool.map(lambda case: server.post("completions", {**body, "vllm_xargs": case[0]}),
+                                               cases)))
+        allowed = [server.post("completions", {**body, "vllm_xargs": xargs}) for xargs in ALLOWED_OVER_HTTP]
+        chat = server.post("chat/completions", {"messages": [{"role": "user", "content": PROMPT}],
+                                                "max_tokens": MAX_TOKENS, "vllm_xargs": {"kv_compression": "ems"}})
+        after = server.metrics()
+        alive = server.alive() and server.post("completions", body).status_code == 200
+    finally:
+        server.stop()
+    return {"before": before, "refused": refused, "allowed": allowed, "chat": chat, "after": after,
+            "alive": alive, "log": open(log, errors="replace").read()}
+
+
+@pytest.mark.slow
+def test_refused_overrides_answer_400_naming_the_rule(rules_run):
+    for (xargs, _, param, message), response in rules_run["refused"]:
+        assert response.status_code == 400, (xargs, response.text)
+        error = response.json()["error"]
+        assert message in error["message"] and error["param"] == param, (xargs, error)
+    chat = rules_run["chat"]
+    assert chat.status_code == 400 and "choose its policy" in chat.json()["error"]["message"], chat.text
+
+
+@pytest.mark.slow
+def test_allowed_overrides_are_served(rules_run):
+    for xargs, response in zip(ALLOWED_OVER_HTTP, rules_run["allowed"]):
+        assert response.status_code == 200, (xargs, response.text)
+        assert response.json()["usage"]["completion_tokens"] == MAX_TOKENS
+    assert rules_run["alive"]  # and the server kept serving after the refusals
+
+
+@pytest.mark.slow
+def test_every_api_server_process_has_the_rules(rules_run):
+    """Each API-server process logged the rules it validates with (which process accepts a
+    connection is the kernel's choice, so the requests alone cannot show that both have them)."""
+    having = {line.split(" ", 1)[0].lstrip("(") for line in rules_run["log"].splitlines()
+              if RULES_LINE in line}
+    assert having >= {f"ApiServer_{i}" for i in range(API_SERVERS)}, having
+
+
+@pytest.mark.slow
+def test_metrics_count_refusals_by_reason(rules_run):
+    """/metrics (summed over both API-server processes) lists every reason from the start and counts
+    each refused request once, under its reason."""
+    assert refused_totals(rules_run["before"]) == dict.fromkeys(metrics.REFUSAL_REASONS, 0.0)
+    expected = dict.fromkeys(metrics.REFUSAL_REASONS, 0.0)
+    for _, reason, _, _ in REFUSED_OVER_HTTP:
+        expected[reason] += SENDS
+    expected["policy"] += 1  # the chat request
+    assert refused_totals(rules_run["after"]) == expected

@@ -15,7 +15,9 @@ import os
 
 from ..config import CompressionConfig
 
-logger = logging.getLogger(__name__)
+# under vLLM's "vllm" logger, whose handlers print it in every process (with the process's prefix);
+# a logger of our own package name printed nothing in a server's log
+logger = logging.getLogger("vllm.kv_compression")
 
 KEY = "kv_compression"
 RULES_KEY = "kv_request_rules"
