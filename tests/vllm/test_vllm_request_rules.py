@@ -274,11 +274,8 @@ RULES_LINE = "kv compression: a request may change budget (1 to 32 tokens per he
 
 def refused_totals(text: str) -> dict:
     """{reason: vllm:kv_compression_refused_requests_total of that reason} from /metrics text."""
-    totals = {}
-    for reason in metrics.REFUSAL_REASONS:
-        series = f'{metrics.REFUSED}_total{{reason="{reason}"}} '
-        totals[reason] = sum(float(line[len(series):]) for line in text.splitlines() if line.startswith(series))
-    return totals
+    return {reason: kvc_server.metric(text, f'{metrics.REFUSED}_total{{reason="{reason}"}}') or 0.0
+            for reason in metrics.REFUSAL_REASONS}
 
 
 @pytest.fixture(scope="module")
