@@ -1,5 +1,6 @@
 """Step 1: entry point, CLI flags, config completion and start-up refusals (no model is loaded)."""
 import inspect
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -84,7 +85,8 @@ def test_entry_point_is_installed():
 def test_cli_lists_the_flags():
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     text = parser.format_help()
-    for flag in ("--kv-compression", "--kv-budget", "--kv-compression-config"):
+    for flag in ("--kv-compression", "--kv-budget", "--kv-compression-config", "--kv-request-overrides",
+                 "--kv-request-policies", "--kv-request-budget"):
         assert flag in text
 
 
@@ -97,9 +99,17 @@ def test_flags_land_in_additional_config():
     assert (options["policy"], options["budget"], options["window"]) == ("ems", 0.25, 16)
 
 
+def test_rule_flags_land_in_additional_config():
+    args = parse("--kv-compression", "snapkv", "--kv-request-overrides", "policy", "--kv-request-policies",
+                 "streamingllm,snapkv", "--kv-request-budget", "16:64")
+    rules = AsyncEngineArgs.from_cli_args(args).additional_config["kv_request_rules"]
+    assert rules == {"overrides": "policy", "policies": "streamingllm,snapkv", "budget": "16:64"}
+
+
 def test_no_flags_no_config():
     engine_args = AsyncEngineArgs.from_cli_args(parse())
     assert "kv_compression" not in (engine_args.additional_config or {})
+    assert "kv_request_rules" not in (engine_args.additional_config or {})
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -109,9 +119,14 @@ def test_no_flags_no_config():
     (("--kv-compression-config", "{window: 3"), "not valid JSON"),
     (("--kv-compression-config", '{"windw": 3}'), "unknown kv-compression option"),
     (("--kv-compression", "headkv"), "needs head scores"),
+    (("--kv-request-overrides", "some"), "unknown --kv-request-overrides 'some'; valid: off, budget, policy, all"),
+    (("--kv-request-overrides", "policy", "--kv-request-policies", "snapkv,bogus"),
+     "--kv-request-policies: unknown kv-compression policy 'bogus'; valid policies: none, streamingllm"),
+    (("--kv-request-policies", "snapkv"), "applies with --kv-request-overrides policy only"),
+    (("--kv-request-budget", "16:0.1"), "a range is token counts (16:256) or fractions"),
 ])
 def test_bad_flags_fail_before_any_engine(argv, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         AsyncEngineArgs.from_cli_args(parse(*argv))
 
 
@@ -275,9 +290,12 @@ def test_vllm_serve_parser_lists_the_flags():
     from vllm.entrypoints.openai.cli_args import make_arg_parser
 
     parser = make_arg_parser(FlexibleArgumentParser())
-    assert "KV compression" in [g.title for g in parser._action_groups]
-    args = parser.parse_args(["--kv-compression", "snapkv", "--kv-budget", "128"])
-    assert AsyncEngineArgs.from_cli_args(args).additional_config["kv_compression"]["budget"] == 128
+    group = next(g for g in parser._action_groups if g.title == "KV compression")
+    assert {"--kv-request-overrides", "--kv-request-policies", "--kv-request-budget"} <= {
+        a.option_strings[0] for a in group._group_actions}  # next to --kv-compression, in its group
+    args = parser.parse_args(["--kv-compression", "snapkv", "--kv-budget", "128", "--kv-request-overrides", "off"])
+    extra = AsyncEngineArgs.from_cli_args(args).additional_config
+    assert extra["kv_compression"]["budget"] == 128 and extra["kv_request_rules"] == {"overrides": "off"}
 
 
 def test_runner_block_table_is_inert():
@@ -301,3 +319,32 @@ def test_runner_block_table_is_inert():
     before = table.slot_mapping.cpu.clone()
     table.compute_slot_mapping(1, torch.tensor([0, 3], dtype=torch.int32), torch.tensor([5000, 5001, 5002]))
     assert torch.equal(table.slot_mapping.cpu, before)
+
+
+PLAIN_VLLM_SCRIPT = """
+import sys
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.entrypoints.openai.cli_args import make_arg_parser
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+args = make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", sys.argv[1], "--dtype", "float32"])
+config = AsyncEngineArgs.from_cli_args(args).create_engine_config()
+assert config.kv_transfer_config is None and not config.model_config.logits_processors, "plugin active"
+print(sorted(m for m in sys.modules if m.startswith("vllm_kvcompress")))
+"""
+
+
+def test_plain_vllm_loads_no_compression_module(tiny_model_dir):
+    """A server started without --kv-compression (flags parsed, config built, as `vllm serve` does)
+    imports only the plugin's entry point, patches and the options they validate: not the rules,
+    the request validator or the worker side."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PLAIN_VLLM_SCRIPT, tiny_model_dir], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = done.stdout.strip().splitlines()[-1]
+    assert "vllm_kvcompress.vllm.patches" in loaded  # the plugin did load (the check is not vacuous)
+    for module in ("request_rules", "params", "metrics", "state", "worker", "connector"):
+        assert f"vllm_kvcompress.vllm.{module}'" not in loaded, loaded

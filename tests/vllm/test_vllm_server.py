@@ -2,7 +2,10 @@
 
 Two server starts for the module, one after the other: a plain server (no ``--kv-compression``),
 whose greedy tokens are kept before it shuts down, and the plugin's server (``--kv-compression
-snapkv --kv-budget 32``, every prompt longer than the budget) that every other test talks to.
+snapkv --kv-budget 32``, every prompt longer than the budget) that every other test talks to. That
+server trusts its clients (``--kv-request-overrides all``: any policy, option and budget per
+request), so every preset is reached per request; the default rules have their own server in
+test_vllm_request_rules.py.
 The bad-flag tests start no engine: the front end refuses before spawning one.
 The server process and its flags come from kvc_server.py (shared with the load and fault tests).
 """
@@ -28,7 +31,8 @@ MAX_TOKENS = 8
 PROMPT_LENS = (90, 170)  # tokens; both longer than the budget (32 rows per head)
 CHAT_TEXT = " ".join(tiny_model.SENTENCES * 2)  # ~110 tokens, every word in the tiny vocabulary
 METRICS = ("vllm:kv_compression_ratio", "vllm:kv_compression_compressions_total",
-           "vllm:kv_compression_blocks_freed_total")
+           "vllm:kv_compression_blocks_freed_total", "vllm:kv_compression_refused_requests_total")
+TRUSTED_FLAGS = [*PLUGIN_FLAGS, "--kv-request-overrides", "all"]
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -95,7 +99,7 @@ def plain_run(tiny_model_dir, chat_template, prompts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(plain_run, tiny_model_dir, chat_template, tmp_path_factory):
-    s = Server(tiny_model_dir, PLUGIN_FLAGS, str(tmp_path_factory.mktemp("logs") / "plugin.log"), chat_template)
+    s = Server(tiny_model_dir, TRUSTED_FLAGS, str(tmp_path_factory.mktemp("logs") / "plugin.log"), chat_template)
     yield s
     s.stop()
 
@@ -181,6 +185,20 @@ def test_bad_chat_options_answer_400(server):
     response = chat(server, {"kv_budget": 0})
     assert response.status_code == 400, response.text
     assert "budget must be a positive number" in response.json()["error"]["message"]
+
+
+def test_one_api_server_counts_refusals(server, prompts):
+    """One API-server process (no PROMETHEUS_MULTIPROC_DIR): the counter lives in the default
+    registry, which vLLM's stat logger clears of vllm: metrics when it starts, so it must have been
+    put back; each refusal counts once under its reason."""
+    def invalid(text):
+        return metric(text, 'vllm:kv_compression_refused_requests_total{reason="invalid"}') or 0.0
+
+    before = server.metrics()
+    assert 'vllm:kv_compression_refused_requests_total{reason="policy"}' in before
+    assert completion(server, prompts[0], {"kv_budget": 0}).status_code == 400
+    assert completion(server, prompts[0], {"kv_budget": 8}).status_code == 200  # allowed: not counted
+    assert invalid(server.metrics()) == invalid(before) + 1
 
 
 def test_server_keeps_serving_after_bad_requests(server, prompts):

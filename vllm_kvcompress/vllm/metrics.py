@@ -17,6 +17,14 @@ Exposed, labelled ``model_name`` and ``engine`` like vLLM's own metrics:
   rate(before)`` is the ratio over any window.
 * ``vllm:kv_compression_ratio`` (gauge): retained / before over every compression since the server
   started (NaN until the first one): the share of the prompts' KV the server keeps.
+
+Not through the connector: ``vllm:kv_compression_refused_requests_total{reason}`` (counter),
+requests answered HTTP 400 for their compression options, counted where they are validated: the
+front-end (API-server) process, in prometheus_client's default registry, which vLLM's ``/metrics``
+serves (with ``--api-server-count`` > 1 vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` before spawning the
+API servers, so each one's counts land in that directory and ``/metrics`` sums them). Reasons:
+``policy``, ``budget``, ``option`` (the operator's rules, :mod:`.request_rules`) and ``invalid`` (a
+bad value, an unknown key, a server option). Not labelled by engine: a refused request reaches none.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import prometheus_client
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 from vllm.v1.metrics.utils import create_metric_per_engine
 
@@ -38,6 +47,31 @@ COUNTERS = {
     "vllm:kv_compression_tokens_retained": ("tokens_retained", "KV rows (summed over layers and KV heads) kept by compression."),
 }
 RATIO = "vllm:kv_compression_ratio"
+REFUSED = "vllm:kv_compression_refused_requests"
+REFUSAL_REASONS = ("policy", "budget", "option", "invalid")
+_refused: prometheus_client.Counter | None = None  # made by the first refused_requests() of the process
+
+
+def refused_requests() -> prometheus_client.Counter:
+    """The refusal counter, registered in prometheus_client's default registry. vLLM's stat logger
+    unregisters every ``vllm:`` collector from it when it starts (``unregister_vllm_metrics``), so
+    :class:`KVCompressPromMetrics`, which that logger builds afterwards, calls this again to put the
+    counter back; its reasons start at 0, so /metrics lists them before the first refusal."""
+    global _refused
+    if _refused is None:
+        _refused = prometheus_client.Counter(REFUSED, "Requests refused (HTTP 400) for their kv compression options.",
+                                             labelnames=["reason"], registry=None)
+        for reason in REFUSAL_REASONS:
+            _refused.labels(reason=reason)
+    try:
+        prometheus_client.REGISTRY.register(_refused)
+    except ValueError:  # registered already
+        pass
+    return _refused
+
+
+def count_refusal(reason: str) -> None:
+    (_refused or refused_requests()).labels(reason=reason).inc()
 
 
 @dataclass
@@ -86,6 +120,7 @@ class KVCompressPromMetrics(KVConnectorPromMetrics):
         for child in self.ratio.values():
             child.set(math.nan)
         self.totals = {idx: KVCompressStats() for idx in per_engine_labelvalues}  # since start, per engine
+        refused_requests()  # (re-)register after the stat logger cleared the registry (see there)
 
     def observe(self, transfer_stats_data: dict, engine_idx: int = 0) -> None:
         stats = KVCompressStats(data=dict(transfer_stats_data))

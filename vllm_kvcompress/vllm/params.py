@@ -10,9 +10,16 @@ mapped by ``entrypoints/serve/utils/error_response.py:create_error_response``) a
 serving. Streamed requests are validated when the stream starts: vLLM sends the same error (code 400)
 as an SSE ``data:`` event of a 200 response, as for its own parameter errors.
 
-The server's configuration: ``validate_params`` sees only the sampling params, so
-``complete_engine_args`` publishes the configuration in the environment (:data:`CONFIG_ENV`) of the
-front-end process, which also reaches API-server processes spawned from it (``--api-server-count``).
+The operator's rules (:mod:`.request_rules`: what a request may change, the budgets it may ask for)
+are checked here too, after the options are found valid and before a ``headkv_scores`` file is
+opened: a refused override answers HTTP 400 naming the server's rule. Every refusal counts in
+``vllm:kv_compression_refused_requests_total{reason}`` (:func:`.metrics.count_refusal`).
+
+The server's configuration and rules: ``validate_params`` sees only the sampling params, so
+``complete_engine_args`` publishes both in the environment (:data:`CONFIG_ENV`, :data:`RULES_ENV`)
+of the front-end process, which also reaches API-server processes spawned from it
+(``--api-server-count``; each of them rebuilds both from the same flags, which
+:func:`.patches._restore_cli_options` gives back to them).
 
 Not covered: a server started without compression does not load this processor (that would make the
 plugin active for every vLLM user: custom logits processors turn off vLLM's V2 model runner), so there
@@ -29,19 +36,23 @@ from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample.logits_processor import LogitsProcessor
 
 from ..config import CompressionConfig
+from . import metrics
+from .request_rules import RequestRules
 from .state import OVERRIDE_KEYS, request_config
 
 CONFIG_ENV = "VLLM_KVC_SERVER_CONFIG"  # JSON of the server's CompressionConfig (set by complete_engine_args)
+RULES_ENV = "VLLM_KVC_REQUEST_RULES"  # JSON of the server's RequestRules (idem)
 PROCESSOR = "vllm_kvcompress.vllm.params:KVCompressParams"  # the FQCN vLLM loads it by
 CONFIG_KEY = "kv_compression_config"
 VALID_KEYS = (*OVERRIDE_KEYS, CONFIG_KEY)
 PREFIX = "kv_"
 
 
-def publish_server_config(config: CompressionConfig) -> None:
-    """Make ``config`` the base that per-request options are validated against in this process
-    (and in the processes it starts)."""
+def publish_server_config(config: CompressionConfig, rules: RequestRules) -> None:
+    """Make ``config`` the base that per-request options are validated against, and ``rules`` what
+    they may change, in this process (and in the processes it starts)."""
     os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
+    os.environ[RULES_ENV] = json.dumps(rules.to_dict())
 
 
 def server_config() -> CompressionConfig | None:
@@ -50,13 +61,25 @@ def server_config() -> CompressionConfig | None:
     return _parse_config(text) if text else None
 
 
+def server_rules() -> RequestRules:
+    """The rules published by :func:`publish_server_config` (none published: the defaults)."""
+    return _parse_rules(os.environ.get(RULES_ENV) or "{}")
+
+
 @functools.lru_cache(maxsize=4)
 def _parse_config(text: str) -> CompressionConfig:  # once per published config, not per request
     return CompressionConfig.from_json(text)
 
 
-def _reject(message: str, parameter: str):
-    """VLLMValidationError: vLLM answers it with HTTP 400, ``param`` = ``parameter``."""
+@functools.lru_cache(maxsize=4)
+def _parse_rules(text: str) -> RequestRules:
+    return RequestRules.from_dict(json.loads(text))
+
+
+def _reject(message: str, parameter: str, reason: str = "invalid"):
+    """VLLMValidationError: vLLM answers it with HTTP 400, ``param`` = ``parameter``; counted under
+    ``reason`` (:data:`.metrics.REFUSAL_REASONS`)."""
+    metrics.count_refusal(reason)
     raise VLLMValidationError(f"kv compression: {message}", parameter=parameter)
 
 
@@ -86,9 +109,11 @@ def _check_builds(config_json: str) -> None:
     build_policy(CompressionConfig.from_dict(json.loads(config_json)))
 
 
-def check_request(extra_args: dict | None, base: CompressionConfig | None) -> CompressionConfig | None:
-    """The request's effective config (None: the request sets no ``kv_*`` key). Raises
-    VLLMValidationError naming the problem; ``extra_args`` gets its ``kv_compression_config`` parsed."""
+def check_request(extra_args: dict | None, base: CompressionConfig | None,
+                  rules: RequestRules = RequestRules()) -> CompressionConfig | None:
+    """The request's effective config (None: the request sets no ``kv_*`` key), if it is valid and
+    ``rules`` allow it (the defaults unless given). Raises VLLMValidationError naming the problem or
+    the rule; ``extra_args`` gets its ``kv_compression_config`` parsed."""
     extra = extra_args or {}
     keys = sorted(k for k in extra if isinstance(k, str) and k.startswith(PREFIX))
     if not keys:
@@ -102,10 +127,22 @@ def check_request(extra_args: dict | None, base: CompressionConfig | None) -> Co
     _normalise_options(extra)
     try:
         config = request_config(base, extra)
+    except (ValueError, TypeError) as error:
+        _reject(str(error), _culprit(base, extra))
+    refused = rules.refusal(base, config)
+    if refused is not None:
+        _reject(refused.message, _param(refused.field, extra), refused.reason)
+    try:  # after the rules: a request may not make the server open a file it is not allowed to name
         _check_builds(json.dumps(config.to_dict(), sort_keys=True))
     except (ValueError, TypeError, OSError) as error:
         _reject(str(error), _culprit(base, extra))
     return config
+
+
+def _param(field: str, extra: dict) -> str:
+    """The key that carried ``field`` in the request (its own key, else kv_compression_config)."""
+    key = next((k for k, f in OVERRIDE_KEYS.items() if f == field), None)
+    return f"vllm_xargs.{key if key in extra else CONFIG_KEY}"
 
 
 def _culprit(base: CompressionConfig, extra: dict) -> str:
@@ -124,7 +161,7 @@ class KVCompressParams(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        check_request(sampling_params.extra_args, server_config())
+        check_request(sampling_params.extra_args, server_config(), server_rules())
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool) -> None:
         pass

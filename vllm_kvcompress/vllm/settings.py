@@ -2,10 +2,11 @@
 
 Settings travel as ``VllmConfig.additional_config["kv_compression"]`` (a dict of
 :class:`~vllm_kvcompress.config.CompressionConfig` options; part of the config hash and pickled to
-the EngineCore and workers). A policy other than ``none`` turns the plugin on:
-:func:`complete_engine_args` fills in the engine arguments it needs (before vLLM builds its
-config) and :func:`check_vllm_config` refuses configurations it cannot serve, with a message that
-says why (after). Nothing here falls back silently to an uncompressed cache.
+the EngineCore and workers); what a request may change of them as
+``additional_config["kv_request_rules"]`` (:mod:`.request_rules`, read in the front end only). A
+policy other than ``none`` turns the plugin on: :func:`complete_engine_args` fills in the engine
+arguments it needs (before vLLM builds its config) and :func:`check_vllm_config` refuses
+configurations it cannot serve, with a message that says why (after). Nothing here falls back silently to an uncompressed cache.
 """
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ import os
 
 from ..config import CompressionConfig
 
-logger = logging.getLogger(__name__)
+# under vLLM's "vllm" logger, whose handlers print it in every process (with the process's prefix);
+# a logger of our own package name printed nothing in a server's log
+logger = logging.getLogger("vllm.kv_compression")
 
 KEY = "kv_compression"
+RULES_KEY = "kv_request_rules"
 BLOCK_SIZE = 16
 CONNECTOR = "KVCompressConnector"
 CONNECTOR_MODULE = "vllm_kvcompress.vllm.connector"
@@ -37,6 +41,15 @@ def read(additional_config) -> CompressionConfig | None:
     return None if config.policy == "none" else config
 
 
+def check_rules_need_compression(additional_config) -> None:
+    """Request rules without compression would be ignored: refuse them (the plain-vLLM path, so
+    nothing is imported for it)."""
+    if isinstance(additional_config, dict) and RULES_KEY in additional_config:
+        raise ValueError(f"the kv request rules (--kv-request-overrides, --kv-request-policies, --kv-request-budget; "
+                         f"additional_config[{RULES_KEY!r}]) govern per-request compression options: they need "
+                         "compression on (--kv-compression POLICY, not none)")
+
+
 def check_policy_builds(config: CompressionConfig) -> None:
     """Build the policy once in the front end: a headkv score file that does not load fails here,
     at start-up, not in the worker mid-request. Warns when a token budget leaves the policy no
@@ -52,8 +65,10 @@ def check_policy_builds(config: CompressionConfig) -> None:
                        config.budget.tokens, kept_anyway, policy.window, policy.sink, config.policy)
 
 
-def complete_engine_args(args, config: CompressionConfig, device_type: str) -> None:
-    """Fill in what compression needs on ``args`` (an EngineArgs) before vLLM builds its config."""
+def complete_engine_args(args, config: CompressionConfig, device_type: str, offline: bool = False) -> None:
+    """Fill in what compression needs on ``args`` (an EngineArgs) before vLLM builds its config.
+    ``offline``: the engine's caller writes every request (``LLM(...)``), which changes the default
+    request rules (:func:`.request_rules.read`)."""
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
         raise ValueError("kv compression needs vLLM's V1 model runner (its batch rows map to request ids); "
                          "unset VLLM_USE_V2_MODEL_RUNNER")
@@ -91,9 +106,11 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str) -> N
                     config.cuda_graphs, "captures" if config.cuda_graphs else "captures no")
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     # per-request options (vllm_xargs) are checked in the front end, HTTP 400 instead of a worker error
-    from . import params
+    from . import params, request_rules
 
-    params.publish_server_config(config)
+    rules = request_rules.read(args.additional_config, config, offline)
+    logger.info("kv compression: %s", rules.describe(config))
+    params.publish_server_config(config, rules)
     if params.PROCESSOR not in (args.logits_processors or []):
         args.logits_processors = [*(args.logits_processors or []), params.PROCESSOR]
 
