@@ -4,6 +4,7 @@ metrics. Used by ``throughput.py`` (offline engines and its served workload) and
 (the served matrix)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -258,6 +259,11 @@ class ApiServer:
             except httpx.HTTPError:
                 pass
             time.sleep(1)
+
+    def terminate(self) -> None:
+        """SIGTERM, without waiting for it to exit (:meth:`stop` waits)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
 
     def stop(self) -> None:
         stop_group(self.proc.pid)
