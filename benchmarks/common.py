@@ -288,3 +288,12 @@ def read_metrics(base_url: str) -> dict:
                 if f'{label}="' in line:
                     values[label] = int(line.split(f'{label}="', 1)[1].split('"', 1)[0])
     return values
+
+
+def replot(json_path: Path, print_table, plot) -> dict:
+    """``--plot JSON`` of a benchmark: its table printed and its PNG (next to the JSON) redrawn."""
+    data = json.loads(json_path.read_text())
+    print_table(data["records"])
+    plot(data, json_path.with_suffix(".png"))
+    print(f"wrote {json_path.with_suffix('.png')}")
+    return data

@@ -86,7 +86,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (API_SERVER, SHAPES, ApiServer, build_model_dir, decode_weight_bytes,  # noqa: E402
                     detect_device, device_slug, dtype_bytes, kv_bytes_per_token, plugin_entry_point,
-                    plugin_started, read_metrics, shape_dims, versions)
+                    plugin_started, read_metrics, replot, shape_dims, versions)
 from recording import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -1116,11 +1116,7 @@ def main(argv=None) -> dict | None:
         return None
     args = parse_args(argv)
     if args.plot:
-        data = json.loads(args.plot.read_text())
-        print_table(data["records"])
-        plot(data, args.plot.with_suffix(".png"))
-        print(f"wrote {args.plot.with_suffix('.png')}")
-        return data
+        return replot(args.plot, print_table, plot)
     return run(args)
 
 

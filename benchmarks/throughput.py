@@ -85,7 +85,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (FIRST_ID, SHAPES, ApiServer, build_model_dir, detect_device, device_slug,  # noqa: E402,F401
-                    dtype_bytes, plugin_entry_point, plugin_started, read_metrics, shape_dims, stop_group, versions)
+                    dtype_bytes, plugin_entry_point, plugin_started, read_metrics, replot, shape_dims, stop_group,
+                    versions)
 from recording import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -976,11 +977,7 @@ def main(argv=None) -> dict | None:
         child_main(args.child)
         return None
     if args.plot:
-        data = json.loads(args.plot.read_text())
-        print_table(data["records"])
-        plot(data, args.plot.with_suffix(".png"))
-        print(f"wrote {args.plot.with_suffix('.png')}")
-        return data
+        return replot(args.plot, print_table, plot)
     return run(args)
 
 
