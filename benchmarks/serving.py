@@ -99,7 +99,7 @@ DEFAULT_CONFIGS = "plain,plain-fp8,same-batch-plain,ems@0.1,snapkv@0.1,streaming
 # device's memory is free at start-up (side-by-side starts each pass it)
 FIXED_POOL_UTILIZATION = 0.1
 SERVER_OVERHEAD_BYTES = 8 << 30  # per GPU server beyond weights + pool: activations, graphs, context
-RUN_OVERHEAD_S = 25.0  # per run beyond its window: the client's dataset, the drain
+RUN_OVERHEAD_S = 20.0  # per run beyond its window (for --time-limit): the client's dataset, the drain
 PROBE_S = 30.0
 FINISH_MARGIN_S = 30.0  # at the end of --time-limit: stop the servers, write the results
 PROGRESS = "[serving]"

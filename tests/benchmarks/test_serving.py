@@ -229,7 +229,7 @@ def test_fit_wave_skips_what_does_not_fit(tmp_path):
                                "--out", str(tmp_path / "s.json")])
     inv = serving.Invocation(args, "NVIDIA H200", tmp_path / "s.json")
     wave = serving.plan_servers(args.model, args.workloads, args.configs, [math.inf], 256)
-    # start 100 s, plain: probe 30 + run 85; plugin: 85 per run -> 300 s hold the start, plain and one plugin run
+    # start 100 s, plain: probe 30 + run 80; plugin: 80 a run -> 310 s hold the start, plain and one plugin run
     kept = serving.fit_wave(wave, inv, deadline=time.monotonic() + 310, start_estimate=100)
     assert [(p.kind, [r.config.label for r in p.runs]) for p in kept] == [("plain", ["plain"]),
                                                                           ("plugin", ["snapkv@0.1"])]
