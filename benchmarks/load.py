@@ -111,7 +111,8 @@ def start_server(workdir: str, model: str | None = None, chat_template: str | No
         chat_template = kvc_server.write_chat_template(workdir)
     events_path = os.path.join(workdir, "events.jsonl") if events else None
     env = {"VLLM_KVC_EVENTS": events_path} if events_path else None
-    flags = ["--kv-compression", policy, "--kv-budget", str(budget), *extra_flags]
+    # the load's clients ask for any preset and budget per request: a server that allows them
+    flags = ["--kv-compression", policy, "--kv-budget", str(budget), "--kv-request-overrides", "all", *extra_flags]
     server = kvc_server.Server(model, flags, os.path.join(workdir, "server.log"), chat_template,
                                engine_flags=ENGINE_FLAGS if engine_flags is None else engine_flags, env=env)
     return server, describe(server.url, events_path)

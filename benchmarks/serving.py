@@ -316,7 +316,9 @@ def server_argv(plan: ServerPlan, model_dir: Path, args: argparse.Namespace) -> 
     if plan.first.fp8:
         argv += ["--kv-cache-dtype", "fp8"]
     if plan.first.plugin:
-        argv += ["--kv-compression", plan.first.policy, "--kv-budget", str(plan.first.budget)]
+        # one server runs every plugin configuration of a workload, each request naming its own
+        argv += ["--kv-compression", plan.first.policy, "--kv-budget", str(plan.first.budget),
+                 "--kv-request-overrides", "all"]
         if args.kv_options:
             argv += ["--kv-compression-config", json.dumps(args.kv_options)]
     if args.enforce_eager:

@@ -63,7 +63,8 @@ def main() -> None:
     env = dict(os.environ, VLLM_KVC_EVENTS=events, VLLM_LOGGING_LEVEL=os.environ.get("VLLM_LOGGING_LEVEL", "DEBUG"))
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model, "--load-format", "dummy",
            "--host", "127.0.0.1", "--port", str(args.port), "--kv-compression", args.policy,
-           "--kv-budget", args.budget, *[a for a in serve_extra if a != "--"]]
+           "--kv-budget", args.budget, "--kv-request-overrides", "all",  # its requests switch policy
+           *[a for a in serve_extra if a != "--"]]
     print("$", " ".join(cmd), flush=True)
     base = f"http://127.0.0.1:{args.port}"
     with open(log_path, "w") as log:
