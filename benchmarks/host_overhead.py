@@ -90,16 +90,14 @@ def apply_report_ms() -> tuple[float, int, int]:
     return statistics.median(times), len(blocks), len(released)
 
 
-def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False):
-    """A WorkerState holding ``num_requests`` compressed requests ("r0", ...) with random caches and
-    query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
-    decode-time recompression. ``layer_lengths``: 32 more rows, and layer l's heads l fewer, so
-    each layer holds its own length (as PyramidKV's budgets make them)."""
+def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0):
+    """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
+    random rows were prefilled and observed (window queries, EMS's column mass), due for their
+    prefill compression at ``budget``; and the generator that made them."""
     from vllm_kvcompress.config import CompressionConfig
-    from vllm_kvcompress.vllm import compressor
     from vllm_kvcompress.vllm.state import WorkerState
 
-    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=prompt, window=32, decode_slack=64))
+    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
     per_request = L * H * ((prompt + 80) // BS + 2)
     gen = torch.Generator().manual_seed(seed)
     ws.pool = torch.randn(2, per_request * num_requests, BS, D, generator=gen).to(torch.bfloat16)
@@ -111,6 +109,20 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
         for layer in range(L):
             st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
             st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
+    return ws, gen
+
+
+def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False):
+    """A WorkerState holding ``num_requests`` compressed requests ("r0", ...) with random caches and
+    query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
+    decode-time recompression. ``layer_lengths``: 32 more rows, and layer l's heads l fewer, so
+    each layer holds its own length (as PyramidKV's budgets make them)."""
+    from vllm_kvcompress.vllm import compressor
+
+    ws, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed)
+    for r in range(num_requests):
+        rid = f"r{r}"
+        st = ws.reqs[rid]
         compressor.Compressor(ws).compress_prefill(rid)  # budget = prompt: every head keeps all rows
         ws.append(rid, 65)  # every head now over budget + slack
         if layer_lengths:

@@ -97,6 +97,22 @@ class Policy:
         kept_keys, kept_values = self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))
         return kept_keys[0], kept_values[0]
 
+    def select_prefill(self, heads, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`compress` for reducers that only select rows, from an observation of every head of
+        a request at once without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`:
+        ``num_layers * num_kv_heads`` heads, layer-major, each holding the whole prompt). Returns
+        (the rows each head keeps, int64 [L * H, max budget], increasing, -1 padded; the budgets,
+        int64 [L, H])."""
+        seq_len = heads.seq_len
+        scores = self.scorer.score(heads)  # [L * H, seq_len]
+        protected = protected_positions(seq_len, self.window, self.sink, device=heads.device)
+        floor = self.floor(seq_len)
+        per_layer = list(scores.view(num_layers, -1, seq_len))
+        budgets = self.allocator.allocate(AllocationInput(per_layer, self.budget.per_head(seq_len, floor), floor,
+                                                          protected))
+        keep = self.reducer.select_heads(heads, scores, budgets.flatten().cpu(), protected)
+        return keep, budgets
+
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""
         if len({o.seq_len for o in observations}) != 1:

@@ -111,3 +111,21 @@ def test_paged_selection_keeps_the_rows_the_dense_path_keeps(policy, monkeypatch
         got, want = heads_content(states["paged"], rid), heads_content(states["dense"], rid)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm"])
+def test_paged_prefill_compression_keeps_the_rows_the_dense_path_keeps(policy, monkeypatch):
+    """After the prefill, reducers that only select rows score every head of the request from its
+    pages in one observation and compact in place; the per-layer dense path keeps the same rows."""
+    states = {}
+    for name, paged in (("paged", True), ("dense", False)):
+        ws, _ = host.prefilled_requests(policy, 120, 40)
+        monkeypatch.setattr(type(ws.reqs["r0"].policy.reducer), "selects_rows", paged)
+        compressor.Compressor(ws).compress_prefill("r0")
+        states[name] = ws
+        monkeypatch.undo()
+    paged, dense = states["paged"].reqs["r0"], states["dense"].reqs["r0"]
+    assert torch.equal(paged.lens, dense.lens) and int(paged.lens.float().mean().round()) == 40
+    got, want = heads_content(states["paged"], "r0"), heads_content(states["dense"], "r0")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

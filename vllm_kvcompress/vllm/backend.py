@@ -156,8 +156,9 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         # the same test as the runner's (it ran the step without a graph when the state refused one)
         graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe \
             and not ws.step_refuses_graphs
-        runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
-                      graph=graph)
+        with runtime.TIMER.host("event_ms"):
+            runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
+                          graph=graph)
         runtime.TIMER.note(graph=graph, prefill=bool(md.fresh or md.chunks))
         if graph:
             return self._build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index)
@@ -218,7 +219,8 @@ def _in_graph_buffers(ws, md: HeadBlockMetadata, padded_rows: int, layout=None) 
     """``md`` as a graph step: its slots / tables / lens / step queries are views of the persistent
     buffers, holding ``layout``'s rows (None: padding only) and padded up to ``padded_rows``."""
     rows = (None, None, None) if layout is None else (layout.slots, layout.tables, layout.lens)
-    md.slots, md.tables, md.lens = ws.decode_buffers.fill(*rows, padded_rows)
+    with runtime.TIMER.host("fill_ms"):
+        md.slots, md.tables, md.lens = ws.decode_buffers.fill(*rows, padded_rows)
     md.step_queries = ws.decode_buffers.queries[:, :padded_rows]
     md.graph = True
     return md

@@ -149,18 +149,40 @@ class Compressor:
         st = ws.reqs[rid]
         if bool((st.lens != st.num_tokens).any()):
             raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
+        keep = self._select_prefill(st) if st.policy.reducer.selects_rows else self._reduce_prefill(st)
+        if st.decode_slack is not None:
+            self._seed_ring(st)
+        st.compressed_to(st.policy.decode_budgets(keep, st.num_tokens))
+        self._finish(rid, keep, "prefill")
+
+    def _select_prefill(self, st: Request) -> torch.Tensor:
+        """Reducers that only select rows: every head of the request scored from its pages in one
+        observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
+        rows kept per head, int64 [L, H] (host)."""
+        ws = self.state
+        n, heads = st.num_tokens, ws.L * ws.H
+        table = ws.tables[st.row].reshape(heads, -1)[:, : -(-n // ws.bs)]
+        queries = torch.stack([st.queries[l] for l in range(ws.L)])  # [L, Hq, window, D]
+        queries = queries.view(heads, queries.shape[1] // ws.H, *queries.shape[2:])  # [L * H, group, window, D]
+        lengths = torch.full((heads,), n, dtype=torch.int64, device=ws.pool.device)
+        keep_idx, budgets = st.policy.select_prefill(PagedHeads(queries, ws.pool[0], table, lengths, n), ws.L)
+        compaction.compact_rows(ws.pool[0], ws.pool[1], table, keep_idx.contiguous(),
+                                budgets.flatten().to(ws.pool.device))
+        return budgets.cpu()
+
+    def _reduce_prefill(self, st: Request) -> torch.Tensor:
+        """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
+        Returns the rows kept per head, int64 [L, H] (host)."""
+        ws = self.state
         observations = []
         for l in range(ws.L):  # every head holds num_tokens rows
             keys, values = (reference.gather_heads(cache, ws.tables[st.row, l], st.num_tokens) for cache in ws.pool)
             observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
         retained = st.policy.compress(observations)
+        keep = torch.stack([kept.lengths for kept in retained]).cpu()
         for l, kept in enumerate(retained):
-            write_rows(ws, ws.tables[st.row, l], kept.keys, kept.values, kept.lengths.cpu())
-        keep = torch.stack([kept.lengths.cpu() for kept in retained])
-        if st.decode_slack is not None:
-            self._seed_ring(st)
-        st.compressed_to(st.policy.decode_budgets(keep, st.num_tokens))
-        self._finish(rid, keep, "prefill")
+            write_rows(ws, ws.tables[st.row, l], kept.keys, kept.values, keep[l])
+        return keep
 
     def _seed_ring(self, st: Request) -> None:
         """Seed the request's ring of recent queries with the prefill's last window of queries."""

@@ -105,7 +105,7 @@ class StepTimer:
             self.current.fields["interval_ms"] = round((now - self.started) * 1e3, 3)
             self.waiting.append(self.current)
         self.current, self.started = _StepRecord({"layout_ms": 0.0, "compress_ms": 0.0, "recompress_ms": 0.0,
-                                                  "report_ms": 0.0, **fields}), now
+                                                  "report_ms": 0.0, "recompressed_requests": 0, **fields}), now
         self._write_completed()
 
     def note(self, **fields) -> None:
@@ -121,7 +121,7 @@ class StepTimer:
         try:
             yield
         finally:
-            self.current.fields[name] += (time.perf_counter() - start) * 1e3
+            self.current.fields[name] = self.current.fields.get(name, 0.0) + (time.perf_counter() - start) * 1e3
 
     @contextlib.contextmanager
     def device(self, name: str, on_cuda: bool):
@@ -143,7 +143,7 @@ class StepTimer:
         while self.waiting and all(end.query() for _, _, end in self.waiting[0].device):
             record = self.waiting.pop(0)
             for name, start, end in record.device:
-                record.fields[name] += start.elapsed_time(end)
+                record.fields[name] = record.fields.get(name, 0.0) + start.elapsed_time(end)
             event("step_time", **{k: round(v, 3) if isinstance(v, float) else v for k, v in record.fields.items()})
 
 

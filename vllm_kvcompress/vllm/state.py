@@ -49,6 +49,38 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
     return base.replace(**changes) if changes else base
 
 
+class PinnedStaging:
+    """Pinned host buffers that carry the steps' uploads to the device, reused round robin: a
+    buffer is written again only once the copy that last read it has completed (its event; with
+    ``slots`` buffers that copy is that many uploads old, so the wait is a formality). A fresh
+    pinned allocation per step goes through the caching host allocator, which cannot reuse a
+    block whose copy is still queued behind the running step and then allocates anew -- a call
+    that can stall the host for milliseconds."""
+
+    def __init__(self, device: torch.device, slots: int = 4):
+        self.device, self.next = device, 0
+        self.buffers: list[torch.Tensor | None] = [None] * slots
+        self.copied: list = [None] * slots  # the event after each buffer's last copy (CUDA)
+
+    def upload(self, flat: torch.Tensor) -> torch.Tensor:
+        """int64 [n] host -> a new int64 [n] tensor on the device (non-blocking)."""
+        slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+        cuda = self.device.type == "cuda"
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        buffer = self.buffers[slot]
+        if buffer is None or buffer.numel() < flat.numel():
+            buffer = self.buffers[slot] = torch.empty(max(2 * flat.numel(), 1 << 16), dtype=torch.int64,
+                                                      pin_memory=cuda)
+        staged = buffer[:flat.numel()]
+        staged.copy_(flat)
+        on_device = staged.to(self.device, non_blocking=True) if cuda else staged.clone()
+        if cuda:
+            self.copied[slot] = torch.cuda.Event()
+            self.copied[slot].record()
+        return on_device
+
+
 @dataclass
 class StepLayout:
     """What one step's rows need in every layer (device tensors).
@@ -74,6 +106,7 @@ class WorkerState:
         self.device = torch.device(device)
         self.workspace_bytes = workspace_bytes  # transient memory of one compression (profiling shows it to vLLM)
         self.pack_uploads = False  # tests: take upload()'s packed path on the CPU too
+        self.staging = PinnedStaging(self.device)
         self.reqs: dict[str, Request] = {}
         self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
@@ -186,14 +219,11 @@ class WorkerState:
     def upload(self, host: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The host tensors on the attention device, in ONE non-blocking copy from pinned memory: a
         copy from pageable memory waits for the GPU to drain, which would serialise every step's
-        host preparation with the previous step's kernels. (PyTorch's pinned-memory cache does not
-        reuse a staging block before its copy completed.)"""
+        host preparation with the previous step's kernels (:class:`PinnedStaging`)."""
         if self.device.type == "cpu" and not self.pack_uploads:
             return host
-        flat = torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()])
-        staging = torch.empty(flat.shape, dtype=torch.int64, pin_memory=self.device.type == "cuda")
-        staging.copy_(flat)
-        on_device = staging.to(self.device, non_blocking=True)
+        with runtime.TIMER.host("upload_ms"):
+            on_device = self.staging.upload(torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()]))
         out, start = {}, 0
         for name, t in host.items():
             out[name] = on_device[start:start + t.numel()].view(t.shape).to(t.dtype)
@@ -236,7 +266,8 @@ class WorkerState:
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        before_host, blocks, writes = self._assign(reqs, req_ids, q_lens)
+        with runtime.TIMER.host("assign_ms"):
+            before_host, blocks, writes = self._assign(reqs, req_ids, q_lens)
         width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
         longest = after_host.amax((1, 2)).tolist()  # rows of each request's longest head
