@@ -57,7 +57,18 @@ def test_defaults():
     assert config.policy == "snapkv"
     assert config.budget == Budget(tokens=256)
     assert (config.scorer_name, config.allocator_name, config.reducer_name) == ("snapkv", "uniform", "topk")
-    assert config.window == 32 and config.pool_kernel == 7 and config.effective_sink == 0
+    assert config.window is None and config.effective_window == 32
+    assert config.pool_kernel == 7 and config.effective_sink == 0 and config.window_in_budget
+
+
+@pytest.mark.parametrize(
+    "window, policy, expected",
+    [(None, "snapkv", 32), (None, "windowkv", 32), (None, "headkv", 8), (None, "headkv-r2", 8), (16, "headkv", 16),
+     (None, "none", 32)],
+)
+def test_effective_window(window, policy, expected):
+    config = CompressionConfig(policy=policy, window=window, headkv_scores="scores.json")
+    assert config.effective_window == expected
 
 
 @pytest.mark.parametrize("policy", sorted(PRESETS))
@@ -129,6 +140,13 @@ def test_budget_is_parsed(budget, expected):
         ("windowkv_retrieval_window", 0, "windowkv_retrieval_window"),
         ("windowkv_aggregation_window", -8, "windowkv_aggregation_window"),
         ("windowkv_group_size", 0, "windowkv_group_size"),
+        ("windowkv_aggregation_suffix", 0, "windowkv_aggregation_suffix"),
+        ("windowkv_beta", 0.0, "windowkv_beta"),
+        ("windowkv_retrieval_share", 1.5, "windowkv_retrieval_share"),
+        ("windowkv_whole_windows", "yes", "windowkv_whole_windows must be true or false"),
+        ("window_in_budget", 1, "window_in_budget must be true or false"),
+        ("ems_relevant_mass", 0.0, "ems_relevant_mass"),
+        ("zigzag_measure", "lmbx", "valid zigzag measures: lmba, lmbo, scores"),
     ],
 )
 def test_bad_option_is_a_clear_error(option, value, words):

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"question: {sample.question}")
     print(
         f"policy: {config.policy} (scorer {config.scorer_name}, allocator {config.allocator_name}, reducer "
-        f"{config.reducer_name}), budget {describe_budget(config)}, window {config.window}"
+        f"{config.reducer_name}), budget {describe_budget(config)}, window {config.effective_window}"
     )
     print()
 
