@@ -262,3 +262,20 @@ def test_shipped_head_scores_were_calibrated_on_other_prompts_than_the_benchmark
     results = json.loads((quality.REPO / "benchmarks" / "results" / "quality-smollm2.json").read_text())
     benchmarked = set(range(results["config"]["samples_per_task"]))
     assert not calibrated & benchmarked
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("ems", ("ems", {})),
+        ("ems,ems_local_weight=0.75,reducer=topk", ("ems", {"ems_local_weight": 0.75, "reducer": "topk"})),
+        ("windowkv,windowkv_whole_windows=false,window=16", ("windowkv", {"windowkv_whole_windows": False, "window": 16})),
+    ],
+)
+def test_policy_spec(spec, expected):
+    assert quality.policy_spec(spec) == expected
+
+
+def test_policy_spec_needs_option_value_pairs():
+    with pytest.raises(SystemExit, match="not option=value"):
+        quality.policy_spec("ems,local")
