@@ -14,6 +14,7 @@ import torch
 from .budget import distribute
 from .observation import LayerObservation
 from .paged.reference import window_scores
+from .scoring import window_probabilities
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,7 @@ def attention_output_error(obs: LayerObservation, kept: torch.Tensor) -> torch.T
     kept: bool [num_kv_heads, seq_len]. Each query head's output softmax(q K^T) V (causal inside the
     window) is compared with the one over the full cache: ||o_kept - o|| / ||o||, averaged over the
     window's queries and the group's query heads. Returns float32 [num_kv_heads]."""
-    num_q_heads, window, head_dim = obs.window_queries.shape
-    group = num_q_heads // obs.num_kv_heads
-    q = obs.window_queries.float().reshape(obs.num_kv_heads, group * window, head_dim)
-    logits = torch.einsum("hqd,hld->hql", q, obs.keys.float()) * obs.scale
-    query_pos = (obs.seq_len - window + torch.arange(window, device=q.device)).repeat(group)
-    hidden = torch.arange(obs.seq_len, device=q.device)[None, :] > query_pos[:, None]
-    probs = logits.masked_fill(hidden[None], float("-inf")).softmax(-1)  # [H, group * window, n]
+    probs = window_probabilities(obs)  # [num_kv_heads, group * window, seq_len]
     values = obs.values.float()
     full = probs @ values
     masked = probs * kept[:, None, :].to(probs.dtype)

@@ -124,6 +124,14 @@ class TopKReducer(Reducer):
         return RetainedLayer.gather(obs, top_k_indices(scores, budgets, protected))
 
 
+def rank_of(values: torch.Tensor) -> torch.Tensor:
+    """int64 [..., n]: the position of each value in a descending stable sort of its row (0 = best)."""
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
+    return rank
+
+
 def top_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
     """bool [num_heads, seq_len]: per head the best-scored tokens that together hold ``mass`` of
     its score (the fewest such, ties by position; 1.0 = every token with a positive score)."""
@@ -264,14 +272,6 @@ def fit_whole_windows(sizes: torch.Tensor, order: torch.Tensor, room: torch.Tens
     kept = torch.zeros_like(taken)
     kept[:, order] = taken
     return kept
-
-
-def rank_of(values: torch.Tensor) -> torch.Tensor:
-    """int64 [..., n]: the position of each value in a descending stable sort of its row (0 = best)."""
-    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
-    return rank
 
 
 @dataclass(frozen=True)

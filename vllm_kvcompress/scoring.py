@@ -133,14 +133,26 @@ class EMSScorer(Scorer):
         return _pooled(mixed, obs, self.pool_kernel, self.exclude_window)
 
 
+def window_probabilities(obs: LayerObservation) -> torch.Tensor:
+    """Softmax attention of the window queries over the keys, causal among themselves (window query
+    i sits at position seq_len - window + i): float32 [num_kv_heads, group * window, seq_len], the
+    group's query heads one after the other (query head g * group + i reads KV head g)."""
+    num_q_heads, window, head_dim = obs.window_queries.shape
+    group = num_q_heads // obs.num_kv_heads
+    q = obs.window_queries.float().reshape(obs.num_kv_heads, group * window, head_dim)
+    logits = torch.einsum("hqd,hld->hql", q, obs.keys.float()) * obs.scale
+    query_pos = (obs.seq_len - window + torch.arange(window, device=q.device)).repeat(group)
+    hidden = (torch.arange(obs.seq_len, device=q.device)[None, :] > query_pos[:, None])[None]
+    if obs.padding is not None:
+        hidden = hidden | obs.padding[:, None, :]
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1)
+
+
 def query_head_window_attention(obs: LayerObservation) -> torch.Tensor:
-    """Softmax attention of the window queries (causal among themselves) summed over the window,
-    one row per QUERY head: float32 [num_q_heads, seq_len] (:func:`window_scores` sums each
-    group onto its KV head; here every query head keeps its own row)."""
-    group = obs.window_queries.shape[0] // obs.num_kv_heads
-    keys = obs.keys.repeat_interleave(group, 0)  # query head g * group + i reads KV head g
-    padding = None if obs.padding is None else obs.padding.repeat_interleave(group, 0)
-    return window_scores(obs.window_queries, keys, obs.scale, power=1, padding=padding)
+    """The window queries' attention summed over the window, one row per QUERY head: float32
+    [num_q_heads, seq_len] (:func:`window_scores` sums each group onto its KV head)."""
+    num_q_heads, window, _ = obs.window_queries.shape
+    return window_probabilities(obs).reshape(num_q_heads, window, obs.seq_len).sum(1)
 
 
 @dataclass(frozen=True)
