@@ -100,6 +100,18 @@ def test_effective_sink(sink, policy, expected):
     assert CompressionConfig(policy=policy, sink=sink).effective_sink == expected
 
 
+@pytest.mark.parametrize(
+    "policy, options, name, expected",
+    [("ems", {}, "ems_local_weight", 0.5), ("ems-tuned", {}, "ems_local_weight", 1.0),
+     ("ems-tuned", {"ems_local_weight": 0.5}, "ems_local_weight", 0.5), ("none", {}, "zigzag_measure", "lmba"),
+     ("zigzag-lmbo", {}, "zigzag_measure", "lmbo"), ("snapkv", {}, "zigzag_measure", "lmba")],
+)
+def test_preset_option(policy, options, name, expected):
+    config = CompressionConfig(policy=policy, **options)
+    assert config.preset_option(name) == expected
+    assert CompressionConfig.from_dict(config.to_dict()).preset_option(name) == expected  # None survives the trip
+
+
 @pytest.mark.parametrize("budget, expected", [(128, Budget(tokens=128)), ("0.2", Budget(fraction=0.2)),
                                               (0.5, Budget(fraction=0.5)), (Budget(tokens=9), Budget(tokens=9))])
 def test_budget_is_parsed(budget, expected):

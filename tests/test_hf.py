@@ -21,18 +21,19 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 from vllm_kvcompress import hf
-from vllm_kvcompress.config import PRESET_NAMES
+from vllm_kvcompress.config import PRESET_NAMES, PRESETS
 from vllm_kvcompress.head_scores import HeadScores
 from vllm_kvcompress.models import load_smollm2, tiny_llama
 from vllm_kvcompress.presets import build_policy
 
 COMPRESSING = tuple(p for p in PRESET_NAMES if p != "none")
 HEAD_ADAPTIVE = ("adakv", "ems", "headkv", "headkv-r2")  # budgets may differ between heads of a layer
-LAYER_ADAPTIVE = ("pyramidkv", "zigzag", "windowkv")  # heads of a layer share the layer's budget
-UNIFORM = ("streamingllm", "snapkv")  # one budget for every head
+LAYER_ADAPTIVE = ("pyramidkv", "zigzag", "zigzag-lmbo", "windowkv")  # heads of a layer share the layer's budget
+UNIFORM = ("streamingllm", "snapkv", "ems-tuned")  # one budget for every head
 WHOLE_WINDOWS = ("windowkv",)  # a head keeps whole windows: up to window - 1 tokens below its budget
 WINDOWKV_WINDOW = 8
-EVICTING = tuple(p for p in COMPRESSING if p != "ems")  # retained rows are original rows (EMS merges)
+MERGING = tuple(p for p in COMPRESSING if PRESETS[p].reducer == "ems-merge")  # EMS's evict-then-merge
+EVICTING = tuple(p for p in COMPRESSING if p not in MERGING)  # retained rows are original rows
 assert set(HEAD_ADAPTIVE + LAYER_ADAPTIVE + UNIFORM) == set(COMPRESSING)
 
 # (num query heads, num KV heads): GQA 4:1, MHA 1:1, SmolLM2's 3:1 and MQA 8:1
@@ -323,7 +324,7 @@ def test_budget_covering_the_prompt_matches_none(preset, over, tiny_scores):
         # the very same rows: EMS merges nothing when nothing is evicted (each token its own class,
         # and a class of one is its row exactly)
         assert torch.equal(kept.keys, obs.keys) and torch.equal(kept.values, obs.values)
-        if preset == "ems":
+        if preset in MERGING:
             classes = policy.reducer.inner.classes(obs, kept.keep_idx, protected)
             assert torch.equal(classes, everything + 1)
     assert result.tokens == expected.tokens

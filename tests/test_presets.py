@@ -62,6 +62,29 @@ def test_preset_windows(preset, window, scores_file):
     assert build_policy(preset, headkv_scores=scores_file, window=16).window == 16  # an explicit window wins
 
 
+@pytest.mark.parametrize(
+    "preset, options, local_weight, needs_global",
+    [("ems", {}, 0.5, True), ("ems-tuned", {}, 1.0, False), ("ems-tuned", {"ems_local_weight": 0.5}, 0.5, True),
+     ("ems", {"ems_local_weight": 1.0}, 1.0, False)],
+)
+def test_ems_presets_local_weight(preset, options, local_weight, needs_global):
+    # a preset's option default; an explicit option wins, even when it equals another preset's default
+    policy = build_policy(preset, **options)
+    assert policy.scorer.local_weight == local_weight and policy.needs_global_attention == needs_global
+
+
+def test_ems_tuned_splits_budgets_uniformly_and_merges():
+    policy = build_policy("ems-tuned")
+    assert isinstance(policy.allocator, UniformAllocator) and isinstance(policy.reducer, EvictThenMergeReducer)
+
+
+@pytest.mark.parametrize("preset, options, measure",
+                         [("zigzag", {}, "lmba"), ("zigzag-lmbo", {}, "lmbo"), ("zigzag-lmbo", {"zigzag_measure": "lmba"}, "lmba"),
+                          ("snapkv", {"allocator": "zigzag"}, "lmba")])
+def test_zigzag_presets_measure(preset, options, measure):
+    assert build_policy(preset, **options).allocator.measure == measure
+
+
 def test_window_in_budget_reaches_the_policy():
     assert not build_policy("windowkv", window_in_budget=False).window_in_budget
 

@@ -162,6 +162,7 @@ def test_windowkv_query_head_rows_sum_to_snapkv_unpooled(make_layers, group, seq
 
 def test_ems_asks_for_global_attention_and_others_do_not():
     assert EMSScorer().needs_global_attention
+    assert not EMSScorer(local_weight=1.0).needs_global_attention  # the local term alone
     for scorer in (RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), WindowKVScorer()):
         assert not scorer.needs_global_attention
         if not isinstance(scorer, WindowKVScorer):

@@ -22,8 +22,10 @@ PRESET_NAMES = (
     "pyramidkv",
     "adakv",
     "ems",
+    "ems-tuned",
     "windowkv",
     "zigzag",
+    "zigzag-lmbo",
     "headkv",
     "headkv-r2",
 )
@@ -33,10 +35,15 @@ REDUCER_NAMES = ("topk", "ems-merge", "windows")
 TASK_TYPES = ("auto", "retrieval", "aggregation")
 
 
+# What a config leaving these options None gets, unless its preset sets them (PresetParts.options).
+OPTION_DEFAULTS = {"ems_local_weight": 0.5, "zigzag_measure": "lmba"}
+
+
 @dataclass(frozen=True)
 class PresetParts:
-    """The parts a preset picks, the paper section it follows, and its defaults of ``window`` and
-    ``sink`` (what a config that leaves them None gets)."""
+    """The parts a preset picks, the paper section it follows, its defaults of ``window`` and
+    ``sink``, and of the options in :data:`OPTION_DEFAULTS` (what a config that leaves them None
+    gets)."""
 
     scorer: str
     allocator: str
@@ -44,6 +51,7 @@ class PresetParts:
     source: str
     window: int = 32
     sink: int = 0
+    options: dict = field(default_factory=dict)
 
 
 PRESETS: dict[str, PresetParts] = {
@@ -53,9 +61,18 @@ PRESETS: dict[str, PresetParts] = {
     "adakv": PresetParts("snapkv", "adakv", "topk", "Feng et al. 2024 (arXiv 2407.11550), Alg. 1"),
     # EMS budgets heads adaptively from its own scores (Ada-KV's competition inside a layer).
     "ems": PresetParts("ems", "adakv", "ems-merge", "arXiv 2412.08521, Sec. 3.2-3.3"),
+    # Ours, beside the faithful one: on SmolLM2 the global (column-sum) term spends the budget on
+    # early tokens the answers do not need at any weight (benchmarks/results/quality-notes.md), and
+    # Ada-KV's competition on per-head normalised scores loses to a uniform split. What is left of
+    # EMS is its evict-then-merge; no column mass is collected (a prefill as cheap as SnapKV's).
+    "ems-tuned": PresetParts("ems", "uniform", "ems-merge", "ours: EMS's evict-then-merge on its local term alone",
+                             options={"ems_local_weight": 1.0}),
     # window 32 = its suffix for question answering; 16 for other tasks (windowkv_aggregation_suffix)
     "windowkv": PresetParts("windowkv", "windowkv", "windows", "arXiv 2503.17922, Sec. 3; official code"),
     "zigzag": PresetParts("snapkv", "zigzag", "topk", "arXiv 2412.09036, Sec. 4"),
+    # the paper's second view of a layer's minimum budget (our reading of it: see ZigZagAllocator)
+    "zigzag-lmbo": PresetParts("snapkv", "zigzag", "topk", "arXiv 2412.09036, Sec. 4 (LMBO)",
+                               options={"zigzag_measure": "lmbo"}),
     # window 8: the official code's observation window
     "headkv": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval heads)", window=8),
     "headkv-r2": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval-reasoning heads)",
@@ -115,8 +132,10 @@ class CompressionConfig:
         (``headkv`` uses its retrieval scores, ``headkv-r2`` its retrieval-reasoning scores).
     headkv_beta: HeadKV's pool divisor (official default 1.5; see HeadKVAllocator).
     zigzag_measure: a layer's minimum budget by "lmba" (raw window attention, the paper's), "lmbo"
-        (window attention output) or "scores" (the scorer's scores); see ZigZagAllocator.
-    ems_local_weight: weight of the local term against the global one (0.5, ours).
+        (window attention output) or "scores" (the scorer's scores); see ZigZagAllocator. None = the
+        preset's (lmbo for zigzag-lmbo, else lmba).
+    ems_local_weight: weight of the local term against the global one (0.5, ours; None = the
+        preset's: 1.0 for ems-tuned).
     ems_merge_threshold: redundancy cos(K) * cos(V) a token needs to merge into a centre (0.5, ours).
     ems_relevant_mass: share of a head's score mass whose tokens may merge; the others are evicted
         first (0.9, ours). See :class:`~vllm_kvcompress.scoring.EMSScorer` and
@@ -152,10 +171,10 @@ class CompressionConfig:
     adakv_alpha: float = 0.2
     zigzag_min_fraction: float = 0.2
     zigzag_mass: float = 0.9
-    zigzag_measure: str = "lmba"
+    zigzag_measure: str | None = None
     headkv_scores: str | None = None
     headkv_beta: float = 1.5
-    ems_local_weight: float = 0.5
+    ems_local_weight: float | None = None
     ems_merge_threshold: float = 0.5
     ems_relevant_mass: float = 0.9
     windowkv_task: str = "auto"
@@ -194,7 +213,8 @@ class CompressionConfig:
         _check_number("zigzag_min_fraction", self.zigzag_min_fraction, 0.0, 1.0)
         _check_number("zigzag_mass", self.zigzag_mass, 0.0, 1.0, open_low=True)
         _check_number("headkv_beta", self.headkv_beta, 1.0, 1e6, open_low=True)
-        _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
+        if self.ems_local_weight is not None:
+            _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
         _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
         _check_number("ems_relevant_mass", self.ems_relevant_mass, 0.0, 1.0, open_low=True)
         _check_number("windowkv_beta", self.windowkv_beta, 0.0, 1e6, open_low=True)
@@ -236,6 +256,15 @@ class CompressionConfig:
         if self.sink is not None:
             return self.sink
         return PRESETS[self.policy].sink if self.policy in PRESETS else 0
+
+    def preset_option(self, name: str):
+        """The value of option ``name`` in effect: the config's, else its preset's, else the default
+        (:data:`OPTION_DEFAULTS`)."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        preset = PRESETS.get(self.policy)
+        return preset.options.get(name, OPTION_DEFAULTS[name]) if preset else OPTION_DEFAULTS[name]
 
     @property
     def effective_window(self) -> int:

@@ -33,7 +33,7 @@ def make_scorer(name: str, config: CompressionConfig) -> Scorer:
     if name == "squared":
         return SquaredAttentionScorer()
     if name == "ems":
-        return EMSScorer(local_weight=config.ems_local_weight, pool_kernel=config.pool_kernel)
+        return EMSScorer(local_weight=config.preset_option("ems_local_weight"), pool_kernel=config.pool_kernel)
     if name == "windowkv":
         return WindowKVScorer()
     raise ValueError(f"unknown scorer {name!r}")  # config validation makes this unreachable
@@ -48,7 +48,7 @@ def make_allocator(name: str, config: CompressionConfig) -> Allocator:
         return AdaKVAllocator(alpha=config.adakv_alpha)
     if name == "zigzag":
         return ZigZagAllocator(mass=config.zigzag_mass, min_fraction=config.zigzag_min_fraction,
-                               measure=config.zigzag_measure)
+                               measure=config.preset_option("zigzag_measure"))
     if name == "windowkv":
         return WindowKVAllocator(group_size=config.windowkv_group_size, beta=config.windowkv_beta)
     if name == "headkv":

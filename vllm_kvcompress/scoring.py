@@ -111,6 +111,8 @@ class EMSScorer(Scorer):
     score. ``local_weight`` = 0.5 is ours (the sources combine the two views without a public
     weight); so is the pooling, shared with SnapKV-style scorers.
 
+    ``local_weight`` = 1 is the local term alone: no column mass is collected then.
+
     scores: float32 [num_kv_heads, seq_len]; the window scores 0 (it is always kept). During
     decode-time recompression there is no new global view; the global term is the one the engine
     carries along for retained tokens, or the local view alone when none is given.
@@ -119,7 +121,10 @@ class EMSScorer(Scorer):
     local_weight: float = 0.5
     pool_kernel: int = 7
     exclude_window: bool = True
-    needs_global_attention = True
+
+    @property
+    def needs_global_attention(self) -> bool:
+        return self.local_weight < 1.0  # the local term alone needs no column mass
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         local = window_scores(obs.window_queries, obs.keys, obs.scale, power=1, padding=obs.padding)
