@@ -9,9 +9,9 @@ the HF reference path, :func:`vllm_kvcompress.hf.generate`), and prints the prom
 tokens each KV head retained and what compression freed, both answers, whether each contains the
 number, and the timings.
 
-The default (snapkv at 128 tokens per KV head, 8.5 % of the prompt) finds the number. Of the seed
-methods at that budget, none copies all seven digits on this prompt (the needle sits at depth
-0.92; see benchmarks/results/quality-notes.md): ``--policy ems`` shows one that does not.
+The default (snapkv at 128 tokens per KV head, 8.5 % of the prompt) finds the number, and so does
+``--policy ems-tuned``; the seed methods' faithful presets at that budget (ems, windowkv, zigzag,
+headkv, headkv-r2) miss a digit or more of it (benchmarks/results/quality-notes.md).
 """
 from __future__ import annotations
 
