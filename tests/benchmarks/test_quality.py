@@ -68,9 +68,14 @@ def test_quick_records_are_consistent(quick_run):
             assert record["relative_likelihood"] == 1.0
         else:
             # what was kept: the budget, or the observation window (8 here) + sinks where that is more
-            sink = CompressionConfig(policy=record["policy"], headkv_scores="x").effective_sink
-            floor = (8 + sink) / record["prompt_tokens"]
-            assert record["retained_fraction"] == pytest.approx(max(record["budget_fraction"], floor), abs=0.01)
+            config = CompressionConfig(policy=record["policy"], headkv_scores="x")
+            floor = (8 + config.effective_sink) / record["prompt_tokens"]
+            target = max(record["budget_fraction"], floor)
+            if not (config.reducer_name == "windows" and config.windowkv_whole_windows):
+                assert record["retained_fraction"] == pytest.approx(target, abs=0.01)
+            else:  # whole windows of 8: up to 7 tokens a head below the budget
+                slack = 7 / record["prompt_tokens"]
+                assert target - slack - 0.01 <= record["retained_fraction"] <= target + 0.01
 
 
 def test_quick_run_records_how_it_ran_and_plots(quick_run):
