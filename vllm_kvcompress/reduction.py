@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .observation import LayerObservation
-from .scoring import normalize_rows
+from .scoring import WindowKVScorer
 
 
 @dataclass
@@ -329,12 +329,8 @@ class WindowReducer(Reducer):
         return "retrieval" if float(share) >= self.retrieval_share else "aggregation"
 
     def for_request(self, observations, window):
-        if self.task == "auto":
-            from .scoring import WindowKVScorer
-
-            task = self.task_type([WindowKVScorer().score(o) for o in observations])
-        else:
-            task = self.task
+        # the stand-in classifies on the raw suffix attention, whatever the policy's scorer
+        task = self.task_type([WindowKVScorer().score(o) for o in observations]) if self.task == "auto" else self.task
         suffix = window if task == "retrieval" else min(window, self.aggregation_suffix)
         return suffix, dataclasses.replace(self, task=task)
 
