@@ -397,6 +397,23 @@ def load_setup(args, out: Path):
     return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", scores, None
 
 
+def policy_spec(spec: str) -> tuple[str, dict]:
+    """``"ems,ems_local_weight=0.75,reducer=topk"`` -> ("ems", {"ems_local_weight": 0.75, "reducer": "topk"}):
+    a preset and config options (values read as JSON where they parse, else as strings); the whole
+    spec is the policy's label in the results. Unknown options fail when the policy is built."""
+    preset, *pairs = spec.split(",")
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"policy {spec!r}: {pair!r} is not option=value")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return preset, options
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random Llama + byte tokenizer: < 1 min check")
@@ -406,7 +423,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", help=f"synthetic tasks (default all: {', '.join(synthetic.TASKS)})")
     parser.add_argument("--ppl-chunks", type=int, help="perplexity chunks (default 2; --quick: 1; 0 = no perplexity)")
     parser.add_argument("--ppl-tokens", type=int, help="continuation tokens scored per chunk (default 128; --quick: 32)")
-    parser.add_argument("--policies", nargs="+", default=list(PRESET_NAMES), help="presets (default: all)")
+    parser.add_argument("--policies", nargs="+", default=list(PRESET_NAMES),
+                        help="presets (default: all), each optionally with config options: ems,ems_local_weight=0.75")
     parser.add_argument("--budgets", type=float, nargs="+", default=DEFAULT_BUDGETS, help="fractions of the context")
     parser.add_argument("--window", type=int, help="observation window of every policy (default 32; --quick: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated answer tokens")
@@ -466,7 +484,7 @@ def run(args: argparse.Namespace) -> dict:
     skipped = []
     presets = []
     for name in args.policies:
-        if name in HEADKV_PRESETS and head_scores is None:
+        if policy_spec(name)[0] in HEADKV_PRESETS and head_scores is None:
             skipped.append({"policy": name, "reason": missing_reason})
             print(f"skipping {name}: {missing_reason}")
         else:
@@ -477,9 +495,11 @@ def run(args: argparse.Namespace) -> dict:
     for name in presets:
         if name == FULL:
             continue
-        extra = {"headkv_scores": str(head_scores)} if name in HEADKV_PRESETS else {}
+        preset, spec_options = policy_spec(name)
+        extra = {"headkv_scores": str(head_scores)} if preset in HEADKV_PRESETS else {}
         for budget in args.budgets:
-            policies[(name, float(budget))] = build_policy(name, budget=float(budget), **options, **extra)
+            policies[(name, float(budget))] = build_policy(
+                preset, budget=float(budget), **{**options, **extra, **spec_options})
 
     # What makes per-sample results comparable; --resume refuses a file made differently.
     config = {

@@ -1,4 +1,6 @@
 """Allocators on hand-computable splits, and their shared contract under hypothesis."""
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -10,10 +12,14 @@ from vllm_kvcompress.allocation import (
     HeadKVAllocator,
     PyramidAllocator,
     UniformAllocator,
+    WindowKVAllocator,
     ZigZagAllocator,
+    attention_output_error,
     tokens_for_mass,
+    tokens_for_output,
 )
 from vllm_kvcompress.budget import Budget
+from vllm_kvcompress.observation import LayerObservation
 from vllm_kvcompress.reduction import protected_positions
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
@@ -146,7 +152,7 @@ def test_tokens_for_mass_batched():
 def test_zigzag(min_fraction, expected):
     scores = [[[1.0] + [0.0] * 7], [[1.0] * 8]]
     inp = allocation_input(scores, per_head=4)
-    assert ZigZagAllocator(mass=0.5, min_fraction=min_fraction).allocate(inp).tolist() == expected
+    assert ZigZagAllocator(mass=0.5, min_fraction=min_fraction, measure="scores").allocate(inp).tolist() == expected
 
 
 def test_zigzag_heads_of_a_layer_share_the_mean_need():
@@ -156,7 +162,66 @@ def test_zigzag_heads_of_a_layer_share_the_mean_need():
         [[1.0, 1.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0]],
     ]
     inp = allocation_input(scores, per_head=2)
-    assert ZigZagAllocator(mass=1.0, min_fraction=0.0).allocate(inp).tolist() == [[2, 2], [2, 2]]
+    assert ZigZagAllocator(mass=1.0, min_fraction=0.0, measure="scores").allocate(inp).tolist() == [[2, 2], [2, 2]]
+
+
+def along_axis(*xs: float) -> torch.Tensor:
+    """[len(xs), 4] rows (x, 0, 0, 0): a query (a, 0, 0, 0) and a key (b, 0, 0, 0) have logit a * b / 2."""
+    rows = torch.zeros(len(xs), 4)
+    rows[:, 0] = torch.tensor(xs)
+    return rows
+
+
+def test_zigzag_lmba_reads_raw_unpooled_window_attention():
+    # One window query (2, 0, 0, 0) over keys (0, 1, 2, 0, 0, 0): logits 0, 1, 2, 0, 0, 0 -- the
+    # key at 2 holds e^2 / (e^2 + e + 4) = 0.52 of the mass, the one at 1 another 0.19. The last key
+    # is the (protected) window. Layer 0 needs 2 prefix tokens for 0.7 of the prefix mass (0.71 / 0.8
+    # = 0.89 >= 0.7), layer 1 (a zero query: uniform) needs 4 of 5 (0.8 >= 0.7 > 0.6). The
+    # scorer's pooled scores, all equal here, would make the layers equal.
+    sharp = LayerObservation(along_axis(2.0)[None], along_axis(0.0, 1.0, 2.0, 0.0, 0.0, 0.0)[None], torch.ones(1, 6, 4))
+    flat = LayerObservation(torch.zeros(1, 1, 4), sharp.keys, sharp.values)
+    protected = protected_positions(6, window=1, sink=0)
+    pooled = [torch.ones(1, 6), torch.ones(1, 6)]
+    inp = AllocationInput(pooled, per_head=4, floor=1, protected=protected, observations=[sharp, flat])
+    allocator = ZigZagAllocator(mass=0.7, min_fraction=0.0)
+    torch.testing.assert_close(allocator.layer_needs(inp), torch.tensor([2.0, 4.0], dtype=torch.float64))
+    # 8 tokens over 2 layers, at least 1 each: the 6 above the floor split 2:4
+    assert allocator.allocate(inp).tolist() == [[3], [5]]
+    assert ZigZagAllocator(mass=0.7, min_fraction=0.0, measure="scores").allocate(inp).tolist() == [[4], [4]]
+
+
+def test_zigzag_needs_observations_for_the_layer_views():
+    inp = allocation_input(flat_scores(1, 1, 4), per_head=2)
+    with pytest.raises(ValueError, match="observations"):
+        ZigZagAllocator(measure="lmbo").allocate(inp)
+
+
+def test_zigzag_rejects_an_unknown_measure():
+    with pytest.raises(ValueError, match="valid measures: lmba, lmbo, scores"):
+        ZigZagAllocator(measure="hidden")
+
+
+def test_attention_output_error_by_hand():
+    # One query (2, 0, 0, 0) over keys at 0, 2 (logits 0, 2) with values 1 and 3 (1-D): the full
+    # output is (1 + 3 e^2) / (1 + e^2). Keeping only the key at 2 gives 3: relative error
+    # (3 - full) / full; keeping both, 0.
+    obs = LayerObservation(along_axis(2.0)[None], along_axis(0.0, 2.0)[None], torch.tensor([[[1.0], [3.0]]]))
+    full = (1 + 3 * math.e**2) / (1 + math.e**2)
+    error = attention_output_error(obs, torch.tensor([[False, True]]))
+    torch.testing.assert_close(error, torch.tensor([(3 - full) / full]))
+    torch.testing.assert_close(attention_output_error(obs, torch.tensor([[True, True]])), torch.zeros(1))
+
+
+@pytest.mark.parametrize("tolerance, expected", [(2.0, 0), (1.0, 1), (0.3, 2), (0.2, 3), (0.0, 3)])
+def test_tokens_for_output(tolerance, expected):
+    # One zero query attends uniformly to 4 keys (1-D values 1, 2, 3, 10; key 3 is the protected
+    # window): full output 4. Best scores first, keys 2, 1, 0 join key 3: outputs 10, 6.5, 5, 4,
+    # relative errors 1.5, 0.625, 0.25, 0.
+    values = torch.tensor([[[1.0], [2.0], [3.0], [10.0]]])
+    obs = LayerObservation(torch.zeros(1, 1, 1), torch.zeros(1, 4, 1), values)
+    scores = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
+    protected = protected_positions(4, window=1, sink=0)
+    assert tokens_for_output(obs, scores, protected, tolerance).tolist() == [expected]
 
 
 @pytest.mark.parametrize(
@@ -175,11 +240,56 @@ def test_headkv(floor, expected):
     assert allocator.allocate(inp).tolist() == expected
 
 
-def test_headkv_paper_beta_pools_nearly_everything():
-    # beta 1.005: floor(10 / 1.005) = 9 of 10 pooled, 1 kept; the pool of 18 split 1:3 = 4.5 / 13.5
+def test_headkv_official_default_beta():
+    # beta 1.5: floor(10 / 1.5) = 6 of 10 pooled, 4 kept; the pool of 12 split 1:3 = 3 / 9
     inp = allocation_input(flat_scores(1, 2, 20), per_head=10)
     allocator = HeadKVAllocator(head_scores=torch.tensor([[1.0, 3.0]]))
-    assert allocator.allocate(inp).tolist() == [[6, 14]]
+    assert allocator.allocate(inp).tolist() == [[7, 13]]
+
+
+def test_headkv_budget_pool_formula_of_the_official_code():
+    # window 8 in a KV size of 64 per head: B = 56, pool = (56 // 1.5) * L * H = 37 * 4, each head
+    # keeps 56 - 37 = 19 plus round(score * pool); scores normalised to sum 1 over all 4 heads
+    scores = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    inp = allocation_input(flat_scores(2, 2, 200), per_head=64, floor=8)
+    pool = 37 * 4
+    official = [[8 + 19 + round(float(s) / 10 * pool) for s in row] for row in scores]
+    assert official == [[42, 57], [71, 86]] and sum(map(sum, official)) == 64 * 4
+    assert HeadKVAllocator(head_scores=scores).allocate(inp).tolist() == official
+
+
+@pytest.mark.parametrize(
+    "prefix_budget, groups, expected",
+    [
+        (14, 4, [20, 16, 12, 8]),  # last 14 * 8 // 14 = 8, first 28 - 8, steps of 12 // 3
+        (100, 4, [143, 115, 87, 57]),  # last 57, first 143, steps of 86 // 3 = 28
+        (100, 1, [100]),
+        (14, 3, [20, 14, 8]),
+    ],
+)
+def test_windowkv_group_budgets(prefix_budget, groups, expected):
+    assert WindowKVAllocator().group_budgets(prefix_budget, groups) == expected
+
+
+def test_windowkv_allocator_shares_a_budget_per_group_of_layers():
+    # 8 layers in groups of 2, beta 3.5: last 14 * 2 / 3.5 = 8, first 20; floor 2 on top
+    inp = allocation_input(flat_scores(8, 2, 40), per_head=16, floor=2)
+    budgets = WindowKVAllocator(group_size=2, beta=3.5).allocate(inp)
+    assert budgets.tolist() == [[22, 22]] * 2 + [[18, 18]] * 2 + [[14, 14]] * 2 + [[10, 10]] * 2
+
+
+def test_windowkv_allocator_last_group_shorter():
+    # 5 layers in groups of 2, 2, 1: group budgets 20, 14, 8 -> weights 20 20 14 14 8 (sum 76)
+    # scaled to the exact total 70: 18.42 18.42 12.89 12.89 7.37 -> 19 18 13 13 7
+    inp = allocation_input(flat_scores(5, 1, 40), per_head=14)
+    assert WindowKVAllocator(group_size=2, beta=3.5).allocate(inp).tolist() == [[19], [18], [13], [13], [7]]
+
+
+def test_windowkv_allocator_a_group_that_covers_the_prefix_gives_the_rest_away():
+    # 4 layers in groups of 2, C = 10, beta 4: 15 15 5 5 -- but a head holds 12 tokens: the first
+    # group keeps them all and its 3 + 3 spare go to the second
+    inp = allocation_input(flat_scores(4, 1, 12), per_head=10)
+    assert WindowKVAllocator(group_size=2, beta=4.0).allocate(inp).tolist() == [[12], [12], [8], [8]]
 
 
 def test_headkv_zero_scores_split_evenly():
@@ -195,6 +305,8 @@ def test_headkv_rejects_scores_of_another_model():
 
 
 def make_allocator(name: str, draw, shape: tuple[int, int]):
+    if name == "windowkv":
+        return WindowKVAllocator(group_size=draw(st.integers(1, 4)), beta=draw(st.floats(0.5, 30.0)))
     if name == "uniform":
         return UniformAllocator()
     if name == "pyramid":
@@ -202,7 +314,8 @@ def make_allocator(name: str, draw, shape: tuple[int, int]):
     if name == "adakv":
         return AdaKVAllocator(alpha=draw(st.floats(0.0, 1.0)))
     if name == "zigzag":
-        return ZigZagAllocator(mass=draw(st.floats(0.05, 1.0)), min_fraction=draw(st.floats(0.0, 1.0)))
+        return ZigZagAllocator(mass=draw(st.floats(0.05, 1.0)), min_fraction=draw(st.floats(0.0, 1.0)),
+                               measure=draw(st.sampled_from(["lmba", "lmbo", "scores"])))
     head_scores = torch.tensor(draw(st.lists(st.floats(0.0, 10.0), min_size=shape[0] * shape[1],
                                              max_size=shape[0] * shape[1]))).reshape(shape)
     return HeadKVAllocator(head_scores=head_scores, beta=draw(st.floats(1.001, 4.0)))
@@ -210,7 +323,7 @@ def make_allocator(name: str, draw, shape: tuple[int, int]):
 
 @settings(max_examples=250, deadline=None)
 @given(
-    name=st.sampled_from(["uniform", "pyramid", "adakv", "zigzag", "headkv"]),
+    name=st.sampled_from(["uniform", "pyramid", "adakv", "zigzag", "headkv", "windowkv"]),
     num_layers=st.integers(1, 4),
     num_heads=st.integers(1, 4),
     seq_len=st.integers(1, 40),
@@ -221,7 +334,8 @@ def make_allocator(name: str, draw, shape: tuple[int, int]):
     seed=st.integers(0, 2**16),
     data=st.data(),
 )
-def test_allocator_contract(name, num_layers, num_heads, seq_len, window, sink, budget, score_kind, seed, data):
+def test_allocator_contract(make_layers, name, num_layers, num_heads, seq_len, window, sink, budget, score_kind,
+                            seed, data):
     """Budgets are int64 [layers, heads], sum exactly to the total, each within [floor, seq_len],
     and the same inputs give the same budgets."""
     gen = torch.Generator().manual_seed(seed)
@@ -234,16 +348,18 @@ def test_allocator_contract(name, num_layers, num_heads, seq_len, window, sink, 
     floor = min(seq_len, window + sink)
     per_head = Budget.parse(budget).per_head(seq_len, floor)
     protected = protected_positions(seq_len, window, sink)
-    inp = AllocationInput(list(scores), per_head, floor, protected)
+    observations = make_layers(num_layers, num_heads, 2, seq_len, max(window, 1), seed=seed)
+    inp = AllocationInput(list(scores), per_head, floor, protected, observations)
     allocator = make_allocator(name, data.draw, (num_layers, num_heads))
 
     budgets = allocator.allocate(inp)
     assert budgets.dtype == torch.int64 and budgets.shape == (num_layers, num_heads)
     assert int(budgets.sum()) == per_head * num_layers * num_heads
     assert int(budgets.min()) >= floor and int(budgets.max()) <= seq_len
-    again = allocator.allocate(AllocationInput([s.clone() for s in scores], per_head, floor, protected.clone()))
+    again = allocator.allocate(AllocationInput([s.clone() for s in scores], per_head, floor, protected.clone(),
+                                               observations))
     assert torch.equal(budgets, again)
-    if name in ("uniform", "pyramid", "zigzag"):  # per-layer allocators: heads of a layer within one unit
+    if name in ("uniform", "pyramid", "zigzag", "windowkv"):  # per-layer allocators: heads of a layer within one unit
         assert int((budgets.max(1).values - budgets.min(1).values).max()) <= 1
     if name == "uniform":
         assert bool((budgets == per_head).all())

@@ -57,7 +57,18 @@ def test_defaults():
     assert config.policy == "snapkv"
     assert config.budget == Budget(tokens=256)
     assert (config.scorer_name, config.allocator_name, config.reducer_name) == ("snapkv", "uniform", "topk")
-    assert config.window == 32 and config.pool_kernel == 7 and config.effective_sink == 0
+    assert config.window is None and config.effective_window == 32
+    assert config.pool_kernel == 7 and config.effective_sink == 0 and config.window_in_budget
+
+
+@pytest.mark.parametrize(
+    "window, policy, expected",
+    [(None, "snapkv", 32), (None, "windowkv", 32), (None, "headkv", 8), (None, "headkv-r2", 8), (16, "headkv", 16),
+     (None, "none", 32)],
+)
+def test_effective_window(window, policy, expected):
+    config = CompressionConfig(policy=policy, window=window, headkv_scores="scores.json")
+    assert config.effective_window == expected
 
 
 @pytest.mark.parametrize("policy", sorted(PRESETS))
@@ -87,6 +98,18 @@ def test_overrides_replace_the_preset_parts():
 )
 def test_effective_sink(sink, policy, expected):
     assert CompressionConfig(policy=policy, sink=sink).effective_sink == expected
+
+
+@pytest.mark.parametrize(
+    "policy, options, name, expected",
+    [("ems", {}, "ems_local_weight", 0.5), ("ems-tuned", {}, "ems_local_weight", 1.0),
+     ("ems-tuned", {"ems_local_weight": 0.5}, "ems_local_weight", 0.5), ("none", {}, "zigzag_measure", "lmba"),
+     ("zigzag-lmbo", {}, "zigzag_measure", "lmbo"), ("snapkv", {}, "zigzag_measure", "lmba")],
+)
+def test_preset_option(policy, options, name, expected):
+    config = CompressionConfig(policy=policy, **options)
+    assert config.preset_option(name) == expected
+    assert CompressionConfig.from_dict(config.to_dict()).preset_option(name) == expected  # None survives the trip
 
 
 @pytest.mark.parametrize("budget, expected", [(128, Budget(tokens=128)), ("0.2", Budget(fraction=0.2)),
@@ -129,6 +152,13 @@ def test_budget_is_parsed(budget, expected):
         ("windowkv_retrieval_window", 0, "windowkv_retrieval_window"),
         ("windowkv_aggregation_window", -8, "windowkv_aggregation_window"),
         ("windowkv_group_size", 0, "windowkv_group_size"),
+        ("windowkv_aggregation_suffix", 0, "windowkv_aggregation_suffix"),
+        ("windowkv_beta", 0.0, "windowkv_beta"),
+        ("windowkv_retrieval_share", 1.5, "windowkv_retrieval_share"),
+        ("windowkv_whole_windows", "yes", "windowkv_whole_windows must be true or false"),
+        ("window_in_budget", 1, "window_in_budget must be true or false"),
+        ("ems_relevant_mass", 0.0, "ems_relevant_mass"),
+        ("zigzag_measure", "lmbx", "valid zigzag measures: lmba, lmbo, scores"),
     ],
 )
 def test_bad_option_is_a_clear_error(option, value, words):

@@ -77,6 +77,14 @@ def test_an_unreadable_scores_file_is_refused_before_loading(tmp_path, no_model)
         demo.main(["--policy", "headkv", "--head-scores", str(broken)])
 
 
+def test_freed_summary_counts_tokens_bytes_and_head_blocks():
+    # prompt of 40 tokens: 3 head-blocks of 16 per head, 4 heads -> 12. Kept 3, 16, 17, 40 tokens:
+    # 1 + 1 + 2 + 3 = 7 blocks, 160 - 76 = 84 tokens freed, each 2 x 8 values x 2 bytes = 32 bytes
+    retained = torch.tensor([[3, 16], [17, 40]])
+    assert demo.freed_summary(retained, 40, head_dim=8, bytes_per_value=2) == (
+        f"freed: 84 tokens = {84 * 32 / 2**20:.1f} MiB of K/V at 2 bytes a value; 5 of 12 head-blocks of 16 tokens")
+
+
 def test_retained_table_lists_each_layer_and_the_totals():
     retained = torch.tensor([[3, 5], [4, 4], [10, 2]])
     lines = demo.retained_table(retained, prompt_len=12).splitlines()
@@ -107,7 +115,7 @@ def test_demo_runs_end_to_end(capsys):
     prompt_len = sample.prompt_ids(tokenizer).shape[1]
     assert f"prompt: {prompt_len} tokens" in out
     assert sample.needles[0] in out and f"expected answer: {sample.answers[0]}" in out
-    assert "policy: ems (scorer ems, allocator adakv, reducer ems-merge)" in out
+    assert "policy: snapkv (scorer snapkv, allocator uniform, reducer topk)" in out
 
     # the table: one row per layer, the per-head lengths summing to the row total
     rows = []
@@ -118,14 +126,14 @@ def test_demo_runs_end_to_end(capsys):
             assert sum(heads) == total
             rows.append((int(match.group(1)), heads))
     assert [layer for layer, _ in rows] == list(range(30))
-    assert all(len(heads) == 3 for _, heads in rows)
-    assert any(len(set(heads)) > 1 for _, heads in rows)  # EMS budgets heads adaptively
+    assert all(heads == [budget] * 3 for _, heads in rows)  # SnapKV: every head the same budget
     kept = sum(sum(heads) for _, heads in rows)
     assert kept == budget * 30 * 3
     assert f"{kept} of {prompt_len * 90} tokens kept ({kept / (prompt_len * 90):.1%})" in out
+    assert f"freed: {prompt_len * 90 - kept} tokens = " in out
 
     # both runs: the text, and a verdict that agrees with it
-    for label in ("full cache", f"ems ({budget} tokens per KV head)"):
+    for label in ("full cache", f"snapkv ({budget} tokens per KV head)"):
         block = out.split(f"\n{label}:\n", 1)[1]
         output = re.search(r"output: '(.*)'", block).group(1)
         verdict = re.search(r"answer found: (yes|no)  \((\d+) tokens in [\d.]+ s", block)
@@ -138,3 +146,14 @@ def test_demo_refuses_scores_of_another_model(tmp_path):
     wrong = write_scores(tmp_path / "tiny.json", 4, 2)
     with pytest.raises(SystemExit, match="calibrate"):
         demo.main(["--policy", "headkv", "--head-scores", wrong, "--context-tokens", "100"])
+
+
+@pytest.mark.slow
+def test_the_default_demo_finds_the_number(capsys):
+    """README's first command: the default policy and budget answer the default prompt as the full
+    cache does."""
+    assert demo.main(["--max-new-tokens", "24"]) == 0
+    out = capsys.readouterr().out
+    verdicts = re.findall(r"answer found: (yes|no)", out)
+    assert verdicts == ["yes", "yes"], out
+    assert "7427633" in out.split("snapkv (128 tokens per KV head):", 1)[1]

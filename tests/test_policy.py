@@ -62,17 +62,23 @@ def configs(draw) -> CompressionConfig:
         headkv_scores="<drawn per shape>",
         ems_local_weight=draw(st.sampled_from([0.0, 0.5, 1.0])),
         ems_merge_threshold=draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0])),
+        ems_relevant_mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
+        zigzag_measure=draw(st.sampled_from(["lmba", "lmbo", "scores"])),
+        window_in_budget=draw(st.booleans()),
         windowkv_task=draw(st.sampled_from(["auto", "retrieval", "aggregation"])),
         windowkv_retrieval_window=draw(st.integers(1, 4)),
         windowkv_aggregation_window=draw(st.integers(2, 12)),
+        windowkv_aggregation_suffix=draw(st.integers(1, 8)),
         windowkv_group_size=draw(st.integers(1, 3)),
+        windowkv_beta=draw(st.sampled_from([1.0, 14.0])),
+        windowkv_whole_windows=draw(st.booleans()),
     )
 
 
 def check_merge_preserves_mass(reducer, obs, scores, retained, protected, tolerance):
     """For every retained slot c of every head: weight_sum * merged_row == sum of weight * member
     rows, and the merged row lies within its members' range (a convex combination)."""
-    classes = reducer.classes(obs, retained.keep_idx, protected)
+    classes = reducer.classes(obs, retained.keep_idx, protected, scores)
     weight = scores.double().clamp(min=0)
     for h in range(obs.num_kv_heads):
         for slot in range(int(retained.lengths[h])):
@@ -112,8 +118,9 @@ def test_policy_invariants(
         num_layers, num_kv_heads, group, seq_len, config.window, head_dim, dtype, seed,
         with_global=policy.needs_global_attention,
     )
-    floor = policy.floor(seq_len)
-    per_head = policy.budget.per_head(seq_len, floor)
+    resolved, _ = policy.for_request(layers)  # WindowKV: the request's suffix by its task type
+    floor = resolved.floor(seq_len)
+    per_head = resolved.per_head(seq_len)
     budgets, scores, protected = policy.budgets(layers)
     retained = policy.compress(layers)
 
@@ -121,13 +128,20 @@ def test_policy_invariants(
     assert budgets.shape == (num_layers, num_kv_heads)
     assert int(budgets.sum()) == per_head * num_layers * num_kv_heads
     assert int(budgets.min()) >= floor and int(budgets.max()) <= seq_len
-    # retained lengths: the allocated budget per head, the total budget overall, never above what
-    # the user asked for unless the window and sinks alone need more
+    # retained lengths: the allocated budget per head (whole windows: at most, by less than one
+    # window), never above what the user asked for unless the window and sinks alone need more
+    # (or, with window_in_budget off, never above it plus the window and sinks)
     asked = policy.budget.tokens if policy.budget.tokens is not None else round(policy.budget.fraction * seq_len)
-    assert torch.equal(torch.stack([r.lengths for r in retained]), budgets)
+    lengths = torch.stack([r.lengths for r in retained])
     total = sum(int(r.lengths.sum()) for r in retained)
-    assert total == per_head * num_layers * num_kv_heads
-    assert total <= max(asked, floor) * num_layers * num_kv_heads
+    if resolved.reducer.fills_budgets:
+        assert torch.equal(lengths, budgets)
+        assert total == per_head * num_layers * num_kv_heads
+    else:
+        size, _ = resolved.reducer.window_shape(resolved.reducer.task)
+        assert bool((lengths <= budgets).all() and (lengths > budgets - size).all())
+    allowed = max(asked, floor) if policy.window_in_budget else min(seq_len, asked + floor)
+    assert total <= allowed * num_layers * num_kv_heads
 
     protected_idx = protected.nonzero().flatten()
     assert protected_idx.numel() == floor  # window and sinks, never more than the context
@@ -241,3 +255,40 @@ def test_recompressing_heads_together_equals_one_at_a_time(scorer, reducer):
         torch.testing.assert_close(together_keys[h, :b], alone_keys)
         torch.testing.assert_close(together_values[h, :b], alone_values)
         assert not together_keys[h, b:].any() and not together_values[h, b:].any()  # padding rows are zero
+
+
+def test_windowkv_aggregation_prompt_keeps_a_16_token_suffix(make_layers):
+    # the policy observes 32 queries (the QA suffix), an aggregation prompt keeps only the last 16
+    # whole; budgets then count that suffix (window_in_budget) or come on top of it
+    layers = make_layers(2, num_kv_heads=2, group=3, seq_len=100, window=32)
+    for in_budget, per_head in ((True, 40), (False, 56)):
+        policy = build_policy("windowkv", budget=40, windowkv_task="aggregation", window_in_budget=in_budget)
+        resolved, seen = policy.for_request(layers)
+        assert resolved.window == 16 and resolved.floor(100) == 16 and resolved.per_head(100) == per_head
+        assert all(o.window_queries.shape[1] == 16 for o in seen)
+        budgets, _, protected = policy.budgets(layers)
+        assert protected.nonzero().flatten().tolist() == list(range(84, 100))
+        assert int(budgets.sum()) == per_head * 2 * 2
+        for retained in policy.compress(layers):
+            assert bool(torch.isin(torch.arange(84, 100), retained.keep_idx).all())
+            assert bool((retained.lengths <= per_head).all() and (retained.lengths > per_head - 8).all())
+
+
+def test_windowkv_ranks_windows_by_query_head_rows(make_layers):
+    """The preset's reducer sees one row per query head (not the group sums the allocator sees)."""
+    layers = make_layers(2, num_kv_heads=2, group=3, seq_len=90, window=32, seed=4)
+    policy = build_policy("windowkv", budget=48, windowkv_task="retrieval", windowkv_group_size=1)
+    budgets, kv_scores, protected = policy.budgets(layers)
+    rows = [policy.scorer.query_head_scores(o) for o in layers]
+    assert rows[0].shape == (6, 90) and kv_scores[0].shape == (2, 90)
+    expected = policy.reducer.reduce(layers, rows, budgets, protected)
+    for got, want in zip(policy.compress(layers), expected):
+        assert torch.equal(got.keep_idx, want.keep_idx)
+
+
+def test_windowkv_keeps_everything_when_the_prefix_fits_its_budget(make_layers):
+    # 64 tokens, suffix 32 on top of a budget of 32: the prefix fits, nothing is compressed
+    layers = make_layers(3, num_kv_heads=1, group=2, seq_len=64, window=32)
+    policy = build_policy("windowkv", budget=32, windowkv_task="retrieval", window_in_budget=False)
+    for retained in policy.compress(layers):
+        assert retained.keep_idx.tolist() == [list(range(64))]

@@ -6,6 +6,7 @@ from vllm_kvcompress.allocation import (
     HeadKVAllocator,
     PyramidAllocator,
     UniformAllocator,
+    WindowKVAllocator,
     ZigZagAllocator,
 )
 from vllm_kvcompress.budget import Budget
@@ -14,15 +15,17 @@ from vllm_kvcompress.head_scores import HeadScores
 from vllm_kvcompress.policy import Policy
 from vllm_kvcompress.presets import build_policy
 from vllm_kvcompress.reduction import EvictThenMergeReducer, TopKReducer, WindowReducer
-from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer
+from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
 
-SCORERS = {"recency": RecencyScorer, "snapkv": SnapKVScorer, "squared": SquaredAttentionScorer, "ems": EMSScorer}
+SCORERS = {"recency": RecencyScorer, "snapkv": SnapKVScorer, "squared": SquaredAttentionScorer, "ems": EMSScorer,
+           "windowkv": WindowKVScorer}
 ALLOCATORS = {
     "uniform": UniformAllocator,
     "pyramid": PyramidAllocator,
     "adakv": AdaKVAllocator,
     "zigzag": ZigZagAllocator,
     "headkv": HeadKVAllocator,
+    "windowkv": WindowKVAllocator,
 }
 REDUCERS = {"topk": TopKReducer, "ems-merge": EvictThenMergeReducer, "windows": WindowReducer}
 RETRIEVAL = [[1.0, 2.0], [3.0, 4.0]]
@@ -46,13 +49,51 @@ def test_every_preset_builds_its_parts(preset, scores_file):
     assert type(policy.reducer) is REDUCERS[parts.reducer]
     assert policy.budget == Budget(tokens=64) and policy.window == 8
     assert policy.sink == (4 if preset == "streamingllm" else 0)
+    assert policy.window_in_budget  # every preset's budget counts every retained token
 
+
+@pytest.mark.parametrize(
+    "preset, window",
+    [("snapkv", 32), ("ems", 32), ("windowkv", 32), ("zigzag", 32), ("headkv", 8), ("headkv-r2", 8)],
+)
+def test_preset_windows(preset, window, scores_file):
+    # HeadKV's official code observes 8 queries, WindowKV keeps a 32-token suffix for QA prompts
+    assert build_policy(preset, headkv_scores=scores_file).window == window
+    assert build_policy(preset, headkv_scores=scores_file, window=16).window == 16  # an explicit window wins
+
+
+@pytest.mark.parametrize(
+    "preset, options, local_weight, needs_global",
+    [("ems", {}, 0.5, True), ("ems-tuned", {}, 1.0, False), ("ems-tuned", {"ems_local_weight": 0.5}, 0.5, True),
+     ("ems", {"ems_local_weight": 1.0}, 1.0, False)],
+)
+def test_ems_presets_local_weight(preset, options, local_weight, needs_global):
+    # a preset's option default; an explicit option wins, even when it equals another preset's default
+    policy = build_policy(preset, **options)
+    assert policy.scorer.local_weight == local_weight and policy.needs_global_attention == needs_global
+
+
+def test_ems_tuned_splits_budgets_uniformly_and_merges():
+    policy = build_policy("ems-tuned")
+    assert isinstance(policy.allocator, UniformAllocator) and isinstance(policy.reducer, EvictThenMergeReducer)
+
+
+@pytest.mark.parametrize("preset, options, measure",
+                         [("zigzag", {}, "lmba"), ("zigzag-lmbo", {}, "lmbo"), ("zigzag-lmbo", {"zigzag_measure": "lmba"}, "lmba"),
+                          ("snapkv", {"allocator": "zigzag"}, "lmba")])
+def test_zigzag_presets_measure(preset, options, measure):
+    assert build_policy(preset, **options).allocator.measure == measure
+
+
+def test_window_in_budget_reaches_the_policy():
+    assert not build_policy("windowkv", window_in_budget=False).window_in_budget
 
 @pytest.mark.parametrize("preset, kind", [("headkv", RETRIEVAL), ("headkv-r2", REASONING)])
 def test_headkv_picks_its_score_kind(preset, kind, scores_file):
-    policy = build_policy(preset, headkv_scores=scores_file, headkv_beta=1.5)
+    policy = build_policy(preset, headkv_scores=scores_file, headkv_beta=2.0)
     assert policy.allocator.head_scores.tolist() == kind
-    assert policy.allocator.beta == 1.5
+    assert policy.allocator.beta == 2.0
+    assert build_policy(preset, headkv_scores=scores_file).allocator.beta == 1.5  # the official default
 
 
 def test_headkv_allocator_under_another_preset_uses_retrieval(scores_file):
@@ -124,10 +165,18 @@ def test_options_reach_the_parts():
         ("snapkv", {"pool_kernel": 5}, ("scorer", SnapKVScorer(pool_kernel=5))),
         ("pyramidkv", {"pyramid_beta": 4.0}, ("allocator", PyramidAllocator(beta=4.0))),
         ("zigzag", {"zigzag_mass": 0.5, "zigzag_min_fraction": 0.1},
-         ("allocator", ZigZagAllocator(mass=0.5, min_fraction=0.1))),
+         ("allocator", ZigZagAllocator(mass=0.5, min_fraction=0.1, measure="lmba"))),
+        ("zigzag", {"zigzag_measure": "lmbo"}, ("allocator", ZigZagAllocator(measure="lmbo"))),
         ("windowkv", {"windowkv_task": "retrieval", "windowkv_retrieval_window": 4, "windowkv_aggregation_window": 16,
-                      "windowkv_group_size": 2, "sink": 3},
-         ("reducer", WindowReducer(task="retrieval", retrieval_window=4, aggregation_window=16, group_size=2, sink=3))),
+                      "windowkv_group_size": 2, "windowkv_aggregation_suffix": 12, "windowkv_whole_windows": False,
+                      "windowkv_retrieval_share": 0.3},
+         ("reducer", WindowReducer(task="retrieval", retrieval_window=4, aggregation_window=16, aggregation_suffix=12,
+                                   group_size=2, whole_windows=False, retrieval_share=0.3))),
+        ("windowkv", {"windowkv_group_size": 4, "windowkv_beta": 7.0},
+         ("allocator", WindowKVAllocator(group_size=4, beta=7.0))),
+        ("windowkv", {}, ("scorer", WindowKVScorer())),
+        ("ems", {"ems_merge_threshold": 0.2, "ems_relevant_mass": 0.5},
+         ("reducer", EvictThenMergeReducer(merge_threshold=0.2, relevant_mass=0.5))),
     ],
 )
 def test_preset_options(preset, options, expected):

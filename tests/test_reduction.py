@@ -9,9 +9,13 @@ from vllm_kvcompress.reduction import (
     RetainedLayer,
     TopKReducer,
     WindowReducer,
+    fit_whole_windows,
     protected_positions,
+    redundancy,
     top_k_indices,
-    window_priority,
+    top_mass,
+    unprotected_windows,
+    window_statistic,
 )
 
 
@@ -121,6 +125,56 @@ def test_evict_then_merge_one_head(threshold, classes, key0, value0):
     torch.testing.assert_close(retained.values[0], torch.tensor([value0, [7.0, 8.0]]))
 
 
+def test_redundancy_multiplies_key_and_value_cosines():
+    # token x = key (0.8, 0.6), value (3, 4); centres: key (1, 0) value (1, 2) -> 0.8 * 11 / (5 sqrt 5);
+    # key (1, 0) value (-4, 3) -> 0.8 * 0 (orthogonal values); key (-1, 0) value (3, 4) -> the key
+    # cosine -0.8 is clamped to 0, whatever the values
+    keys = torch.tensor([[[0.8, 0.6]]])
+    values = torch.tensor([[[3.0, 4.0]]])
+    kept_keys = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [-1.0, 0.0]]])
+    kept_values = torch.tensor([[[1.0, 2.0], [-4.0, 3.0], [3.0, 4.0]]])
+    expected = [0.8 * 11 / (5 * 5**0.5), 0.0, 0.0]
+    torch.testing.assert_close(redundancy(keys, values, kept_keys, kept_values), torch.tensor([[expected]]))
+
+
+def test_a_token_with_a_similar_key_but_a_different_value_is_not_merged():
+    # token 1's key is close to token 0's (cosine 0.8) but its value is orthogonal: redundancy 0
+    values = [[[1.0, 2.0], [-2.0, 1.0], [5.0, 6.0], [7.0, 8.0]]]
+    obs = layer(MERGE_KEYS, values)
+    protected = protected_positions(4, window=1, sink=0)
+    classes = EvictThenMergeReducer(merge_threshold=0.5).classes(obs, torch.tensor([[0, 3]]), protected)
+    assert classes.tolist() == [[1, 0, 0, 2]]
+
+
+@pytest.mark.parametrize(
+    "mass, relevant",
+    [
+        # scores 3, 1, 2, 0.5 (total 6.5): the best first until the mass before a token reaches the share
+        (0.9, [1, 1, 1, 0]),  # 0, 3, 5 before tokens 0, 2, 1 are below 5.85; 6 before token 3 is not
+        (0.5, [1, 0, 1, 0]),  # below 3.25: tokens 0 (0 before) and 2 (3 before)
+        (0.4, [1, 0, 0, 0]),
+        (1.0, [1, 1, 1, 1]),
+    ],
+)
+def test_top_mass(mass, relevant):
+    assert top_mass(MERGE_SCORES, mass).int().tolist() == [relevant]
+
+
+def test_top_mass_leaves_zero_scores_out():
+    assert top_mass(torch.tensor([[2.0, 0.0, 1.0, 0.0]]), 1.0).int().tolist() == [[1, 0, 1, 0]]
+
+
+def test_evict_then_merge_evicts_irrelevant_tokens_before_merging():
+    # token 1 is redundant with the centre (as in the 0.5 case above), but with relevant_mass 0.5
+    # only tokens 0 and 2 hold the head's first half of the score: token 1 is evicted, not merged
+    obs = layer(MERGE_KEYS, MERGE_VALUES)
+    protected = protected_positions(4, window=1, sink=0)
+    reducer = EvictThenMergeReducer(merge_threshold=0.5, relevant_mass=0.5)
+    assert reducer.classes(obs, torch.tensor([[0, 3]]), protected, MERGE_SCORES).tolist() == [[1, 0, 0, 2]]
+    (retained,) = reducer.reduce([obs], [MERGE_SCORES], torch.tensor([[2]]), protected)
+    torch.testing.assert_close(retained.values[0], torch.tensor([[1.0, 2.0], [7.0, 8.0]]))
+
+
 def test_evict_then_merge_keeps_a_retained_token_in_its_own_slot_next_to_padding():
     # Head 1 keeps 2 tokens, head 0 three, so head 1 has a padding slot. Head 1's sink token 0 has
     # a zero key (similar to nothing); it must still be its own slot, not lost to the padding.
@@ -167,36 +221,80 @@ def test_merge_by_class_heads_are_independent():
     assert merged[..., 0].tolist() == [[0.5, 2.0], [7.0, 0.0]]
 
 
-def test_window_priority_orders_windows_then_tokens():
-    # windows of 2: {0,1} sums 4, {2,3} 6, {4,5} 1, {6,7} 0 -> window ranks 1, 0, 2, 3;
-    # inside a window the better token first, equal tokens by position.
-    scores = torch.tensor([[4.0, 0.0, 3.0, 3.0, 0.0, 1.0, 0.0, 0.0]])
-    priority = window_priority(scores, window_size=2, start=0)
-    assert priority.unique().numel() == 8  # a strict order: no ties left for top-k to break
-    assert priority.argsort(descending=True).tolist() == [[2, 3, 0, 1, 5, 4, 6, 7]]
+@pytest.mark.parametrize(
+    "size, expected, count",
+    [
+        # sink 1 and window 2 protected: windows tile positions 1..6 from the first of them
+        (2, [-1, 0, 0, 1, 1, 2, 2, -1, -1], 3),
+        (4, [-1, 0, 0, 0, 0, 1, 1, -1, -1], 2),  # the last window is shorter
+        (8, [-1, 0, 0, 0, 0, 0, 0, -1, -1], 1),
+    ],
+)
+def test_unprotected_windows(size, expected, count):
+    protected = protected_positions(9, window=2, sink=1)
+    window, num_windows = unprotected_windows(protected, size)
+    assert window.tolist() == expected and num_windows == count
 
 
-def test_window_priority_sink_is_its_own_window():
-    # start 1: {0} | {1,2} | {3,4}; totals 9, 2, 3 -> ranks 0, 2, 1
-    scores = torch.tensor([[9.0, 1.0, 1.0, 0.0, 3.0]])
-    order = window_priority(scores, window_size=2, start=1).argsort(descending=True)
-    assert order.tolist() == [[0, 4, 3, 1, 2]]
+def test_unprotected_windows_start_at_position_zero_without_sinks():
+    window, num_windows = unprotected_windows(protected_positions(7, window=2, sink=0), 2)
+    assert window.tolist() == [0, 0, 1, 1, 2, -1, -1] and num_windows == 3
 
 
+def test_window_statistic_per_row_then_the_callers_mean():
+    # windows {0..3} and {4..7}; with top 2: row 0 -> 4 and 3, row 1 -> 0 and (4 + 0) / 2;
+    # without top: the plain means
+    rows = torch.tensor([[4.0, 4.0, 0.0, 0.0, 3.0, 3.0, 3.0, 3.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 4.0]])
+    window = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    assert window_statistic(rows, window, 2, top=2).tolist() == [[4.0, 3.0], [0.0, 2.0]]
+    assert window_statistic(rows, window, 2, top=None).tolist() == [[2.0, 3.0], [0.0, 1.0]]
+
+
+def test_window_statistic_of_a_short_window_counts_what_it_has():
+    # window 1 holds 2 tokens: its top 4 is both of them
+    rows = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 0.0, 2.0, 4.0]])
+    window = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    assert window_statistic(rows, window, 2, top=4).tolist() == [[(8 + 6 + 5 + 4) / 4, 3.0]]
+
+
+@pytest.mark.parametrize(
+    "room, kept",
+    [
+        (4, [0, 1, 0]),  # the best window
+        (5, [0, 1, 0]),  # the second does not fit, nor the short one in the 1 token left
+        (6, [0, 1, 1]),  # the second does not fit, the short one does
+        (10, [1, 1, 1]),
+        (0, [0, 0, 0]),
+    ],
+)
+def test_fit_whole_windows(room, kept):
+    # windows of 4, 4 and 2 tokens, ranked 1, 0, 2
+    sizes, order = torch.tensor([4, 4, 2]), torch.tensor([1, 0, 2])
+    assert fit_whole_windows(sizes, order, torch.tensor([room])).int().tolist() == [kept]
+
+
+def test_fit_whole_windows_takes_a_short_window_in_its_turn():
+    # the short window ranks first: then the full ones follow while they fit
+    sizes, order = torch.tensor([4, 4, 2]), torch.tensor([2, 0, 1])
+    assert fit_whole_windows(sizes, order, torch.tensor([6, 9])).int().tolist() == [[1, 0, 1], [1, 0, 1]]
+
+
+# windows of 4 over 10 prefix tokens and a protected suffix of 2: {0..3} {4..7} {8, 9}
 WINDOW_SCORES = torch.tensor([[5.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0, 0.0, 0.0, 1.0, 1.0]])
 
 
 @pytest.mark.parametrize(
     "task, budget, expected",
     [
-        # aggregation: windows count by their mean (1.25, 2, 0.5): the best window whole, not the
+        # aggregation: windows count by their mean (1.25, 2, 0): the best window whole, not the
         # single best token 0
         ("aggregation", 6, [4, 5, 6, 7, 10, 11]),
-        ("aggregation", 7, [0, 4, 5, 6, 7, 10, 11]),  # the next window starts with its best token
-        ("aggregation", 8, [0, 1, 4, 5, 6, 7, 10, 11]),
-        # retrieval: by the mean of their better half (2.5, 2, 1): the window of the peak wins
+        ("aggregation", 7, [4, 5, 6, 7, 10, 11]),  # no window fits in the 1 token left: 6 kept
+        ("aggregation", 8, [4, 5, 6, 7, 8, 9, 10, 11]),  # {0..3} does not fit in 2, {8, 9} does
+        ("aggregation", 12, list(range(12))),
+        # retrieval: by the mean of a window's best half (2.5, 2, 0): the window of the peak wins
         ("retrieval", 6, [0, 1, 2, 3, 10, 11]),
-        ("retrieval", 7, [0, 1, 2, 3, 4, 10, 11]),
+        ("retrieval", 9, [0, 1, 2, 3, 8, 9, 10, 11]),
     ],
 )
 def test_window_reducer_keeps_whole_windows(task, budget, expected):
@@ -206,26 +304,50 @@ def test_window_reducer_keeps_whole_windows(task, budget, expected):
     (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[budget]]), protected)
     assert retained.keep_idx.tolist() == [expected]
     assert retained.keys[0, :, 0].tolist() == [float(i) for i in expected]
+    assert not reducer.fills_budgets
 
 
-def test_window_reducer_heads_share_the_windows():
-    # head 0 prefers window {0..3}, head 1 window {4..7}; after per-head normalisation the mean
-    # ranks {4..7} first (0.5 vs 0.3 + 0.1 / 4), so both heads keep it.
-    scores = torch.tensor([[0.3, 0.3, 0.3, 0.3, 0.1, 0.1, 0.1, 0.1], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0]])
+@pytest.mark.parametrize(
+    "task, budget, expected",
+    [
+        ("aggregation", 7, [0, 4, 5, 6, 7, 10, 11]),  # the next window starts with its best token
+        ("aggregation", 8, [0, 1, 4, 5, 6, 7, 10, 11]),
+        ("retrieval", 7, [0, 1, 2, 3, 4, 10, 11]),
+    ],
+)
+def test_window_reducer_can_fill_the_budget(task, budget, expected):
+    obs = ramp_layer(num_heads=1, seq_len=12)
+    reducer = WindowReducer(task=task, retrieval_window=4, aggregation_window=4, whole_windows=False)
+    protected = protected_positions(12, window=2, sink=0)
+    (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[budget]]), protected)
+    assert retained.keep_idx.tolist() == [expected] and reducer.fills_budgets
+
+
+def test_window_reducer_heads_share_raw_unnormalised_windows():
+    # row 0 puts 40 on window {0..3} and 1 on {4..7}, row 1 puts 5 on {4..7}. Raw means: 40/8 vs
+    # 6/8, so {0..3}; normalised per row first, {4..7} would win (1/41 + 1 > 40/41).
+    scores = torch.tensor([[10.0, 10.0, 10.0, 10.0, 0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0]])
     obs = ramp_layer(num_heads=2, seq_len=8)
     reducer = WindowReducer(task="aggregation", aggregation_window=4)
     protected = protected_positions(8, window=0, sink=0)
     (retained,) = reducer.reduce([obs], [scores], torch.tensor([[4, 4]]), protected)
-    assert retained.keep_idx.tolist() == [[4, 5, 6, 7], [4, 5, 6, 7]]
+    assert retained.keep_idx.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
 
 
-def test_window_reducer_task_picks_the_window_size():
-    # as an aggregation prompt (windows of 12) there is one window: plain top-k by token score
-    obs = ramp_layer(num_heads=1, seq_len=12)
-    reducer = WindowReducer(task="aggregation", retrieval_window=4, aggregation_window=12)
-    protected = protected_positions(12, window=2, sink=0)
-    (retained,) = reducer.reduce([obs], [WINDOW_SCORES], torch.tensor([[6]]), protected)
-    assert retained.keep_idx.tolist() == [[0, 4, 5, 6, 10, 11]]
+def test_window_reducer_ranks_by_query_head_rows():
+    # 4 rows (query heads, 2 per KV head), windows {0..3} {4..7}. Retrieval: per row the mean of its
+    # best 2 of 4, then the mean over rows: {0..3} (4 + 0 + 0 + 0) / 4 = 1, {4..7} (0 + 2 + 2 +
+    # 0.5) / 4 = 1.125, so every head keeps {4..7}. Summed per KV head first (rows 0+1, 2+3) the
+    # windows would tie at 2 and the earlier one would win.
+    rows = torch.zeros(4, 10)
+    rows[0, :2] = 4.0
+    rows[1, 4:6] = 2.0
+    rows[2, 4:6] = 2.0
+    rows[3, 6] = 1.0
+    obs = ramp_layer(num_heads=2, seq_len=10)
+    reducer = WindowReducer(task="retrieval", retrieval_window=4)
+    (retained,) = reducer.reduce([obs], [rows], torch.tensor([[6, 6]]), protected_positions(10, window=2, sink=0))
+    assert retained.keep_idx.tolist() == [[4, 5, 6, 7, 8, 9]] * 2
 
 
 @pytest.mark.parametrize(
@@ -240,6 +362,24 @@ def test_window_reducer_auto_task(scores, expected):
     assert WindowReducer(task="retrieval").task_type([torch.ones(2, 40)]) == "retrieval"
 
 
+@pytest.mark.parametrize(
+    "task, window, suffix",
+    [("retrieval", 32, 32), ("aggregation", 32, 16), ("aggregation", 8, 8), ("retrieval", 8, 8)],
+)
+def test_window_reducer_suffix_follows_the_task(make_layers, task, window, suffix):
+    layers = make_layers(2, num_kv_heads=1, group=2, seq_len=64, window=window)
+    chosen, reducer = WindowReducer(task=task).for_request(layers, window)
+    assert chosen == suffix and reducer.task == task
+
+
+def test_window_reducer_auto_decides_once_per_request(make_layers):
+    layers = make_layers(2, num_kv_heads=1, group=2, seq_len=64, window=32)
+    _, reducer = WindowReducer(task="auto", retrieval_share=0.0).for_request(layers, 32)
+    assert reducer.task == "retrieval"
+    _, reducer = WindowReducer(task="auto", retrieval_share=1.0).for_request(layers, 32)
+    assert reducer.task == "aggregation"
+
+
 @pytest.mark.parametrize("group_size, layer1_keep", [(2, [4, 5, 6, 7, 10, 11]), (1, [0, 1, 2, 3, 10, 11])])
 def test_window_reducer_layer_groups_share_the_ranking(group_size, layer1_keep):
     # layer 1 prefers window {0..3} by its own scores; in a group of 2 it follows layer 0's ranking
@@ -250,3 +390,15 @@ def test_window_reducer_layer_groups_share_the_ranking(group_size, layer1_keep):
     retained = reducer.reduce([obs, obs], [WINDOW_SCORES, layer1_scores], torch.tensor([[6], [6]]), protected)
     assert retained[0].keep_idx.tolist() == [[4, 5, 6, 7, 10, 11]]
     assert retained[1].keep_idx.tolist() == [layer1_keep]
+
+
+def test_window_reducer_decode_time_ranks_each_head_and_fills_its_budget():
+    # two heads with opposite preferences, recompressed together: each keeps its own best window
+    # and fills its budget exactly (the engine holds every head at its budget)
+    scores = torch.cat([WINDOW_SCORES, WINDOW_SCORES.flip(-1)])
+    scores[1, 10:] = 0.0
+    obs = ramp_layer(num_heads=2, seq_len=12)
+    reducer = WindowReducer(task="aggregation", aggregation_window=4)
+    retained = reducer.reduce_heads(obs, scores, torch.tensor([7, 6]), protected_positions(12, window=2, sink=0))
+    assert retained.lengths.tolist() == [7, 6]
+    assert retained.keep_idx[0].tolist() == [0, 4, 5, 6, 7, 10, 11]

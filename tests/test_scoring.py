@@ -11,7 +11,7 @@ import torch
 
 from vllm_kvcompress.observation import LayerObservation, causal_column_mass
 from vllm_kvcompress.paged.reference import max_pool_scores
-from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer
+from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
 
 HEAD_DIM = 4
 
@@ -95,11 +95,12 @@ def test_max_pooling_rejects_even_kernel():
 
 
 @pytest.mark.parametrize("local_weight", [0.5, 0.25, 0.0, 1.0])
-def test_ems_mixes_normalised_global_and_local(local_weight):
-    # Global mass [3, 1, 1]; key j is visible to 3 - j queries: per-query mass [1, 0.5, 1],
-    # as a distribution [0.4, 0.2, 0.4]. The local view is the one query's softmax P.
+def test_ems_mixes_mean_aligned_global_and_local(local_weight):
+    # Global column mass [3, 1, 1] is taken as it is -- not divided by the 3, 2, 1 queries that see
+    # each key -- and scaled to the local view's mean: [0.6, 0.2, 0.2]. The local view is the one
+    # query's softmax P (mean 1/3 already).
     obs = observation([[2.0]], [[0.0, 1.0, 2.0]], global_attention=torch.tensor([[3.0, 1.0, 1.0]]))
-    glob = [0.4, 0.2, 0.4]
+    glob = [0.6, 0.2, 0.2]
     expected = [(1 - local_weight) * g + local_weight * p for g, p in zip(glob, P)]
     scores = EMSScorer(local_weight=local_weight, pool_kernel=1, exclude_window=False).score(obs)
     torch.testing.assert_close(scores, torch.tensor([expected]))
@@ -107,9 +108,21 @@ def test_ems_mixes_normalised_global_and_local(local_weight):
     torch.testing.assert_close(pooled, torch.tensor([[max(expected[:2]), max(expected), max(expected[1:])]]))
 
 
+def test_ems_global_keeps_the_early_token_bias_the_local_view_offsets():
+    # Three zero queries over three keys: query i attends uniformly to keys 0..i, so the column mass
+    # is [1 + 1/2 + 1/3, 1/2 + 1/3, 1/3] = [11/6, 5/6, 2/6]: the earliest key gets most. Divided by
+    # the 3, 2, 1 queries that see each key it would be [11/18, 5/12, 1/3] / sum -- still early-
+    # first here, but flattened toward the late keys; undivided it stays [11, 5, 2] / 18.
+    keys = torch.zeros(1, 3, HEAD_DIM)
+    mass = causal_column_mass(torch.zeros(1, 3, HEAD_DIM), keys)
+    obs = LayerObservation(torch.zeros(1, 1, HEAD_DIM), keys, keys.clone(), global_attention=mass)
+    scores = EMSScorer(local_weight=0.0, pool_kernel=1, exclude_window=False).score(obs)
+    torch.testing.assert_close(scores, torch.tensor([[11 / 18, 5 / 18, 2 / 18]]))
+
+
 def test_ems_global_is_per_head_and_gqa_aware():
-    # Two query heads per KV head: the division by the group size cancels in the normalisation.
-    # Two KV heads get independent global views.
+    # Two query heads per KV head: their global mass is already summed onto the KV head; the
+    # normalisation makes the group size irrelevant. Two KV heads get independent global views.
     obs = observation(
         [[2.0], [2.0], [0.0], [0.0]],
         [[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]],
@@ -118,16 +131,42 @@ def test_ems_global_is_per_head_and_gqa_aware():
     local0 = P  # both query heads see P; summed then normalised back to P
     local1 = [1 / 3] * 3
     expected = [
-        [0.5 * g + 0.5 * p for g, p in zip([0.4, 0.2, 0.4], local0)],
+        [0.5 * g + 0.5 * p for g, p in zip([0.6, 0.2, 0.2], local0)],
         [0.5 * g + 0.5 * p for g, p in zip([0.0, 0.0, 1.0], local1)],
     ]
     torch.testing.assert_close(EMSScorer(pool_kernel=1, exclude_window=False).score(obs), torch.tensor(expected))
 
 
+def test_windowkv_scores_are_raw_per_query_head_sums_of_the_prefix():
+    # 2 query heads on 1 KV head, a suffix of 2 queries over 4 keys. Query 0 (position 2) sees keys
+    # 0-2, query 1 sees all 4. Head 0's queries (2, 0, 0, 0) and (4, 0, 0, 0) over keys (0, 1, 2, 0):
+    # logits [0, 1, 2] and [0, 2, 4, 0]; head 1's zero queries attend uniformly. The suffix keys 2-3
+    # score 0; nothing is pooled or normalised.
+    obs = observation([[2.0, 4.0], [0.0, 0.0]], [[0.0, 1.0, 2.0, 0.0]])
+    head0 = [a + b for a, b in zip(softmax(0.0, 1.0, 2.0) + [0.0], softmax(0.0, 2.0, 4.0, 0.0))]
+    head1 = [1 / 3 + 1 / 4, 1 / 3 + 1 / 4]
+    rows = WindowKVScorer().query_head_scores(obs)
+    torch.testing.assert_close(rows, torch.tensor([head0[:2] + [0.0, 0.0], head1 + [0.0, 0.0]]))
+    torch.testing.assert_close(WindowKVScorer().score(obs), rows.sum(0, keepdim=True))
+
+
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("seq_len, window", [(40, 8), (9, 9), (17, 1)])
+def test_windowkv_query_head_rows_sum_to_snapkv_unpooled(make_layers, group, seq_len, window):
+    (obs,) = make_layers(1, num_kv_heads=2, group=group, seq_len=seq_len, window=window)
+    rows = WindowKVScorer().query_head_scores(obs)
+    assert rows.shape == (2 * group, seq_len)
+    assert not rows[:, seq_len - window :].any()
+    torch.testing.assert_close(rows.reshape(2, group, seq_len).sum(1), SnapKVScorer(pool_kernel=1).score(obs))
+
+
 def test_ems_asks_for_global_attention_and_others_do_not():
     assert EMSScorer().needs_global_attention
-    for scorer in (RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer()):
+    assert not EMSScorer(local_weight=1.0).needs_global_attention  # the local term alone
+    for scorer in (RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), WindowKVScorer()):
         assert not scorer.needs_global_attention
+        if not isinstance(scorer, WindowKVScorer):
+            assert scorer.query_head_scores(ONE_QUERY) is None  # KV-head scores only
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 1024])
@@ -154,7 +193,7 @@ def test_causal_column_mass_of_prefill_chunks_adds_up_to_the_whole_prompt(chunk)
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "scorer", [RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), EMSScorer()], ids=type
+    "scorer", [RecencyScorer(), SnapKVScorer(), SquaredAttentionScorer(), EMSScorer(), WindowKVScorer()], ids=type
 )
 def test_scores_are_float32_finite_nonnegative(make_layers, scorer, dtype):
     (obs,) = make_layers(1, num_kv_heads=2, group=3, seq_len=40, window=8, dtype=dtype, with_global=True)

@@ -1,6 +1,7 @@
 """A compression policy = scorer + allocator + reducer + budget."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,10 @@ class Policy:
     """Compress every layer of one request.
 
     window: observation-window length (its tokens are always kept); sink: leading tokens always kept.
+    window_in_budget: whether the budget counts the window and sinks (True: a head's budget is every
+    token it retains, so equal budgets are equal memory). False keeps them on top of the budget, as
+    WindowKV's paper counts its budget (its suffix on top): a head then retains up to budget +
+    window + sink tokens.
     """
 
     scorer: Scorer
@@ -25,6 +30,7 @@ class Policy:
     budget: Budget
     window: int = 32
     sink: int = 0
+    window_in_budget: bool = True
 
     @property
     def needs_global_attention(self) -> bool:
@@ -33,13 +39,33 @@ class Policy:
     def floor(self, seq_len: int) -> int:
         return min(seq_len, self.window + self.sink)
 
+    def per_head(self, seq_len: int) -> int:
+        """The average tokens per head a request of ``seq_len`` keeps (window and sinks included)."""
+        floor = self.floor(seq_len)
+        if self.window_in_budget:
+            return self.budget.per_head(seq_len, floor)
+        return min(seq_len, self.budget.per_head(seq_len) + floor)
+
+    def for_request(self, observations: list[LayerObservation]) -> tuple["Policy", list[LayerObservation]]:
+        """This policy as it compresses one request, and the observations it then sees: the reducer
+        may pick the request's observation window (WindowKV: its suffix by task type), shorter
+        than the one the engine collected (``window``)."""
+        window, reducer = self.reducer.for_request(observations, self.window)
+        if window == self.window and reducer is self.reducer:
+            return self, observations
+        trimmed = [dataclasses.replace(o, window_queries=o.window_queries[:, -window:]) for o in observations]
+        return dataclasses.replace(self, window=window, reducer=reducer), trimmed
+
     def budgets(self, observations: list[LayerObservation]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """(budgets int64 [num_layers, num_kv_heads], scores per layer, protected bool [seq_len])."""
+        policy, observations = self.for_request(observations)
+        return policy._allocate(observations)
+
+    def _allocate(self, observations: list[LayerObservation]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         seq_len = observations[0].seq_len
         scores = [self.scorer.score(o) for o in observations]
         protected = protected_positions(seq_len, self.window, self.sink, device=scores[0].device)
-        floor = self.floor(seq_len)
-        inp = AllocationInput(scores, self.budget.per_head(seq_len, floor), floor, protected)
+        inp = AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations)
         return self.allocator.allocate(inp), scores, protected
 
     def decode_budgets(self, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -100,15 +126,15 @@ class Policy:
     def select_prefill(self, heads, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compress` for reducers that only select rows, from an observation of every head of
         a request at once without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`:
-        ``num_layers * num_kv_heads`` heads, layer-major, each holding the whole prompt). Returns
+        ``num_layers * num_kv_heads`` heads, layer-major, each holding the whole prompt), for
+        allocators that read scores only (not ``allocator.reads_layers``). Returns
         (the rows each head keeps, int64 [L * H, max budget], increasing, -1 padded; the budgets,
         int64 [L, H])."""
         seq_len = heads.seq_len
         scores = self.scorer.score(heads)  # [L * H, seq_len]
         protected = protected_positions(seq_len, self.window, self.sink, device=heads.device)
-        floor = self.floor(seq_len)
         per_layer = list(scores.view(num_layers, -1, seq_len))
-        budgets = self.allocator.allocate(AllocationInput(per_layer, self.budget.per_head(seq_len, floor), floor,
+        budgets = self.allocator.allocate(AllocationInput(per_layer, self.per_head(seq_len), self.floor(seq_len),
                                                           protected))
         keep = self.reducer.select_heads(heads, scores, budgets.flatten().cpu(), protected)
         return keep, budgets
@@ -117,5 +143,9 @@ class Policy:
         """observations: one per layer, all of the same request (same seq_len)."""
         if len({o.seq_len for o in observations}) != 1:
             raise ValueError("all layers of a request must hold the same number of tokens")
-        budgets, scores, protected = self.budgets(observations)
-        return self.reducer.reduce(observations, scores, budgets, protected)
+        policy, observations = self.for_request(observations)
+        budgets, scores, protected = policy._allocate(observations)
+        if policy.reducer.ranks_query_heads:
+            rows = [policy.scorer.query_head_scores(o) for o in observations]
+            scores = scores if rows[0] is None else rows
+        return policy.reducer.reduce(observations, scores, budgets, protected)

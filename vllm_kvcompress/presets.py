@@ -15,13 +15,14 @@ from .allocation import (
     HeadKVAllocator,
     PyramidAllocator,
     UniformAllocator,
+    WindowKVAllocator,
     ZigZagAllocator,
 )
 from .config import CompressionConfig
 from .head_scores import HeadScores
 from .policy import Policy
 from .reduction import EvictThenMergeReducer, Reducer, TopKReducer, WindowReducer
-from .scoring import EMSScorer, RecencyScorer, Scorer, SnapKVScorer, SquaredAttentionScorer
+from .scoring import EMSScorer, RecencyScorer, Scorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
 
 
 def make_scorer(name: str, config: CompressionConfig) -> Scorer:
@@ -32,7 +33,9 @@ def make_scorer(name: str, config: CompressionConfig) -> Scorer:
     if name == "squared":
         return SquaredAttentionScorer()
     if name == "ems":
-        return EMSScorer(local_weight=config.ems_local_weight, pool_kernel=config.pool_kernel)
+        return EMSScorer(local_weight=config.preset_option("ems_local_weight"), pool_kernel=config.pool_kernel)
+    if name == "windowkv":
+        return WindowKVScorer()
     raise ValueError(f"unknown scorer {name!r}")  # config validation makes this unreachable
 
 
@@ -44,7 +47,10 @@ def make_allocator(name: str, config: CompressionConfig) -> Allocator:
     if name == "adakv":
         return AdaKVAllocator(alpha=config.adakv_alpha)
     if name == "zigzag":
-        return ZigZagAllocator(mass=config.zigzag_mass, min_fraction=config.zigzag_min_fraction)
+        return ZigZagAllocator(mass=config.zigzag_mass, min_fraction=config.zigzag_min_fraction,
+                               measure=config.preset_option("zigzag_measure"))
+    if name == "windowkv":
+        return WindowKVAllocator(group_size=config.windowkv_group_size, beta=config.windowkv_beta)
     if name == "headkv":
         kind = "retrieval_reasoning" if config.policy == "headkv-r2" else "retrieval"
         scores = HeadScores.load(config.headkv_scores)
@@ -56,14 +62,16 @@ def make_reducer(name: str, config: CompressionConfig) -> Reducer:
     if name == "topk":
         return TopKReducer()
     if name == "ems-merge":
-        return EvictThenMergeReducer(merge_threshold=config.ems_merge_threshold)
+        return EvictThenMergeReducer(merge_threshold=config.ems_merge_threshold, relevant_mass=config.ems_relevant_mass)
     if name == "windows":
         return WindowReducer(
             task=config.windowkv_task,
             retrieval_window=config.windowkv_retrieval_window,
             aggregation_window=config.windowkv_aggregation_window,
+            aggregation_suffix=config.windowkv_aggregation_suffix,
             group_size=config.windowkv_group_size,
-            sink=config.effective_sink,
+            whole_windows=config.windowkv_whole_windows,
+            retrieval_share=config.windowkv_retrieval_share,
         )
     raise ValueError(f"unknown reducer {name!r}")
 
@@ -83,6 +91,7 @@ def build_policy(config: CompressionConfig | str | None = None, **options) -> Po
         allocator=make_allocator(config.allocator_name, config),
         reducer=make_reducer(config.reducer_name, config),
         budget=config.budget,
-        window=config.window,
+        window=config.effective_window,
         sink=config.effective_sink,
+        window_in_budget=config.window_in_budget,
     )

@@ -4,12 +4,13 @@ The result keeps a variable length per KV head -- the structure the paged cache 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from .observation import LayerObservation
-from .scoring import normalize_rows
+from .scoring import WindowKVScorer
 
 
 @dataclass
@@ -87,6 +88,19 @@ class Reducer:
         """For reducers that ``selects_rows``: the rows :meth:`reduce_heads` keeps, int64
         [num_heads, max(budgets)], increasing positions, -1 padded. obs needs no keys."""
         raise NotImplementedError(f"{type(self).__name__} does not only select rows")
+    # Whether reduce() ranks by the scorer's per-query-head rows where it has them
+    # (Scorer.query_head_scores) instead of the per-KV-head scores.
+    ranks_query_heads = False
+
+    @property
+    def fills_budgets(self) -> bool:
+        """Whether every head keeps exactly its budget at prefill (else at most: whole windows)."""
+        return True
+
+    def for_request(self, observations: list[LayerObservation], window: int) -> tuple[int, "Reducer"]:
+        """(the observation window one request's compression uses, the reducer that compresses it).
+        Most reducers: the policy's window and themselves. WindowKV's task type picks both."""
+        return window, self
 
     def reduce(
         self,
@@ -126,47 +140,84 @@ class TopKReducer(Reducer):
         return RetainedLayer.gather(obs, top_k_indices(scores, budgets, protected))
 
 
+def rank_of(values: torch.Tensor) -> torch.Tensor:
+    """int64 [..., n]: the position of each value in a descending stable sort of its row (0 = best)."""
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(values.shape[-1], device=values.device).expand_as(order))
+    return rank
+
+
+def top_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """bool [num_heads, seq_len]: per head the best-scored tokens that together hold ``mass`` of
+    its score (the fewest such, ties by position; 1.0 = every token with a positive score)."""
+    weight = scores.float().clamp(min=0)
+    ordered = weight.sort(dim=-1, descending=True, stable=True).values
+    before = ordered.cumsum(-1) - ordered  # mass of the better tokens
+    needed = (before < mass * ordered.sum(-1, keepdim=True)) & (ordered > 0)
+    return torch.gather(needed, 1, rank_of(weight))
+
+
+def redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor, kept_values: torch.Tensor
+               ) -> torch.Tensor:
+    """EMS's redundancy of tokens with retained ones: cos(K_x, K_c) * cos(V_x, V_c), each cosine
+    clamped at 0 (ours: two anti-aligned pairs are not redundant). keys/values [heads, n, D],
+    kept_* [heads, b, D] -> float32 [heads, n, b]."""
+    def unit(x):
+        return torch.nn.functional.normalize(x.float(), dim=-1)
+
+    key_cos = torch.einsum("hnd,hbd->hnb", unit(keys), unit(kept_keys)).clamp(min=0)
+    value_cos = torch.einsum("hnd,hbd->hnb", unit(values), unit(kept_values)).clamp(min=0)
+    return key_cos * value_cos
+
+
 @dataclass(frozen=True)
 class EvictThenMergeReducer(Reducer):
     """EMS evict-then-merge (arXiv 2412.08521, Sec. 3.3), all heads in one batched op.
 
-    Each head keeps its top-``budget`` tokens. Every evicted token whose key is close to a retained
-    key (cosine similarity >= ``merge_threshold``, default 0.5, our choice) is merged into its most
-    similar retained token; the others are dropped. Protected tokens (observation window, sinks)
-    are never merge targets, so the most recent keys stay exact. A merged row is the score-weighted
-    mean of its members: ``weight_sum * merged_row`` equals the weighted sum of the originals (the
-    score mass of the group is carried by one row; attention logits get no extra bias for it, since
-    the paper's text available to us does not specify one). The behaviour adapts per head: a
-    redundant head (evicted keys resemble kept ones) merges much, a sparse head (evicted tokens
-    carry almost no score) effectively just evicts.
+    Three tiers per head. The head's top-``budget`` tokens are kept and are the class centres.
+    First evict: tokens outside the head's best-scored ones holding ``relevant_mass`` of its score
+    (0.9, ours) are irrelevant and dropped -- a sparse head (scores concentrated on few tokens)
+    drops most of its tail, a dispersed one little. Then merge: a remaining token joins the centre
+    it is most redundant with, if that redundancy cos(K) * cos(V) (:func:`redundancy`) reaches
+    ``merge_threshold`` (0.5, ours); a token redundant with no centre is dropped too. So each head's
+    merged and evicted tiers follow its own sparsity and redundancy. Protected tokens (observation
+    window, sinks) are never merge targets, so the most recent keys stay exact. A merged row is
+    the score-weighted mean of its members (ours: the sources give no merge weights):
+    ``weight_sum * merged_row`` equals the weighted sum of the originals; attention logits get no
+    extra bias for it.
 
-    Zero-class trick: every token gets a class, ``c in 1..max_budget`` = retained slot ``c-1``,
+    Zero-class: every token gets a class, ``c in 1..max_budget`` = retained slot ``c-1``,
     0 = dropped; one ``scatter_add`` over ``[heads, max_budget + 1]`` then serves heads of any
-    budget at once (a head with a smaller budget leaves its extra classes empty).
+    budget and any tier sizes at once (a head with a smaller budget leaves its extra classes empty).
     """
 
     merges_rows = True
 
     merge_threshold: float = 0.5
+    relevant_mass: float = 0.9
     chunk: int = 4096  # tokens per similarity block: memory O(heads * chunk * max_budget)
 
-    def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
+    def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor,
+                scores: torch.Tensor | None = None) -> torch.Tensor:
         """int64 [num_kv_heads, seq_len]: each token's class (see class docstring).
-        keep_idx: [num_kv_heads, max_budget] (-1 padded); protected: bool [seq_len]."""
-        num_heads, seq_len, _ = obs.keys.shape
+        keep_idx: [num_kv_heads, max_budget] (-1 padded); protected: bool [seq_len] (or per head);
+        scores: [num_kv_heads, seq_len], for the eviction of irrelevant tokens (None: none is)."""
+        num_heads, seq_len, head_dim = obs.keys.shape
         valid = keep_idx >= 0
         guarded = protected if protected.dim() == 2 else protected[None, :].expand(num_heads, -1)
         target = valid & ~torch.gather(guarded, 1, keep_idx.clamp(min=0))
-        keys = torch.nn.functional.normalize(obs.keys.float(), dim=-1)
-        kept = torch.gather(keys, 1, keep_idx.clamp(min=0)[..., None].expand(-1, -1, keys.shape[-1]))
-        best_sim = torch.empty(num_heads, seq_len, device=keys.device)
-        best = torch.empty(num_heads, seq_len, dtype=torch.long, device=keys.device)
+        index = keep_idx.clamp(min=0)[..., None].expand(-1, -1, head_dim)
+        kept_keys, kept_values = torch.gather(obs.keys, 1, index), torch.gather(obs.values, 1, index)
+        best_sim = torch.empty(num_heads, seq_len, device=obs.keys.device)
+        best = torch.empty(num_heads, seq_len, dtype=torch.long, device=obs.keys.device)
         for start in range(0, seq_len, self.chunk):
-            block = torch.einsum("hld,hbd->hlb", keys[:, start : start + self.chunk], kept)
-            best_sim[:, start : start + self.chunk], best[:, start : start + self.chunk] = block.masked_fill(
-                ~target[:, None, :], float("-inf")
-            ).max(-1)
+            stop = start + self.chunk
+            block = redundancy(obs.keys[:, start:stop], obs.values[:, start:stop], kept_keys, kept_values)
+            best_sim[:, start:stop], best[:, start:stop] = block.masked_fill(~target[:, None, :], float("-inf")).max(-1)
         merge = best_sim >= self.merge_threshold
+        if scores is not None:  # evict first: irrelevant tokens merge into nothing
+            merge &= top_mass(scores, self.relevant_mass)
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
         # retained tokens are their own class, whatever their similarity to others. Only valid slots
         # are written: padding slots would alias position 0 and overwrite its class.
@@ -180,7 +231,7 @@ class EvictThenMergeReducer(Reducer):
         from .paged.reference import merge_by_class
 
         keep_idx = top_k_indices(scores, budgets, protected)
-        classes = self.classes(obs, keep_idx, protected)
+        classes = self.classes(obs, keep_idx, protected, scores)
         width = keep_idx.shape[1]
         valid = (keep_idx >= 0)[..., None]
         weight = scores.float().clamp(min=0)
@@ -189,106 +240,174 @@ class EvictThenMergeReducer(Reducer):
         return RetainedLayer(keep_idx, keys.to(obs.keys.dtype), values.to(obs.values.dtype), valid[..., 0].sum(-1))
 
 
-def window_priority(scores: torch.Tensor, window_size: int, start: int, top_fraction: float = 1.0) -> torch.Tensor:
-    """A ranking key that orders tokens window by window (best window first), and inside a window by
-    token score. scores [rows, seq_len] -> float64 [rows, seq_len], higher = keep first.
+def top_share(scores: torch.Tensor, share: float = 0.05) -> torch.Tensor:
+    """[rows, seq_len] -> float32 [rows]: the part of each row's mass its top ``share`` of tokens hold."""
+    top = max(1, round(share * scores.shape[1]))
+    s = scores.float().clamp(min=0)
+    return s.topk(top, dim=-1).values.sum(-1) / s.sum(-1).clamp(min=1e-30)
 
-    Windows are ``window_size`` consecutive tokens counted from ``start`` (tokens before it form
-    one window of their own). A window's score is the mean of its best ``ceil(top_fraction * n)``
-    token scores (n = its size): 1.0 = the plain mean, 0.5 = the mean of its better half.
-    """
-    rows, seq_len = scores.shape
-    device = scores.device
-    pos = torch.arange(seq_len, device=device)
-    window_id = torch.where(pos < start, torch.zeros_like(pos), (pos - start) // window_size + (1 if start > 0 else 0))
-    num_windows = int(window_id.max()) + 1
-    first = torch.full((num_windows,), seq_len, device=device).scatter_reduce(0, window_id, pos, "amin")
-    size = torch.bincount(window_id, minlength=num_windows)
-    # tokens laid out as [rows, num_windows, widest window], padded with -inf, best first
-    grid = torch.full((rows, num_windows, int(size.max())), float("-inf"), dtype=torch.float64, device=device)
-    grid[:, window_id, pos - first[window_id]] = scores.double()
-    grid = grid.sort(-1, descending=True).values
-    counted = torch.ceil(top_fraction * size).clamp(min=1)
-    in_top = torch.arange(grid.shape[-1], device=device)[None, :] < counted[:, None]
-    window_score = torch.where(in_top, grid, torch.zeros_like(grid)).sum(-1) / counted
-    window_rank = torch.empty(rows, num_windows, dtype=torch.long, device=device)
-    order = torch.sort(window_score, dim=-1, descending=True, stable=True).indices
-    window_rank.scatter_(1, order, torch.arange(num_windows, device=device).expand(rows, -1))
-    token_rank = torch.empty(rows, seq_len, dtype=torch.long, device=device)
-    token_order = torch.sort(scores.double(), dim=-1, descending=True, stable=True).indices
-    token_rank.scatter_(1, token_order, pos.expand(rows, -1))
-    # primary key: window rank; secondary: token rank (both ascending = better), as one number
-    return -(window_rank.gather(1, window_id.expand(rows, -1)) * seq_len + token_rank).double()
+
+def unprotected_windows(protected: torch.Tensor, size: int) -> tuple[torch.Tensor, int]:
+    """Windows of ``size`` consecutive unprotected positions, counted from the first (the last one
+    may be shorter). protected: bool [seq_len] -> (int64 [seq_len] each position's window, -1 at
+    protected positions; the number of windows). With protected = sinks + suffix the windows
+    tile the prefix between them: from position 0 when there are no sinks."""
+    free = ~protected
+    window = torch.where(free, (free.long().cumsum(0) - 1) // size, torch.full_like(free, -1, dtype=torch.long))
+    return window, int(window.max()) + 1 if bool(free.any()) else 0
+
+
+def window_statistic(rows: torch.Tensor, window: torch.Tensor, num_windows: int, top: int | None) -> torch.Tensor:
+    """Each row's score of each window: the mean of the window's ``top`` best values in that row
+    (``min(top, window size)`` of them), or of all its values (``top`` None).
+    rows: [num_rows, seq_len]; window: int64 [seq_len] from :func:`unprotected_windows`.
+    Returns float64 [num_rows, num_windows]."""
+    num_rows = rows.shape[0]
+    device = rows.device
+    inside = window >= 0
+    pos = torch.arange(window.shape[0], device=device)[inside]
+    ids = window[inside]
+    size = torch.bincount(ids, minlength=num_windows)
+    first = torch.full((num_windows,), window.shape[0], device=device).scatter_reduce(0, ids, pos, "amin")
+    grid = torch.full((num_rows, num_windows, int(size.max())), float("-inf"), dtype=torch.float64, device=device)
+    grid[:, ids, pos - first[ids]] = rows[:, inside].double()
+    counted = size if top is None else size.clamp(max=top)
+    best = grid.sort(-1, descending=True).values
+    in_count = torch.arange(grid.shape[-1], device=device)[None, :] < counted[:, None]
+    return torch.where(in_count, best, torch.zeros_like(best)).sum(-1) / counted
+
+
+def fit_whole_windows(sizes: torch.Tensor, order: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """Which windows each head keeps: the windows in ``order`` (best first), each taken whole if it
+    still fits in the head's ``room`` (tokens). sizes int64 [num_windows]; room int64 [num_heads]
+    -> bool [num_heads, num_windows]. Only the last window can be shorter than the others: after
+    the first window that does not fit, only it may still fit."""
+    ordered = sizes[order]
+    taken = ordered.cumsum(0)[None, :] <= room[:, None]  # cumulative sizes grow: a prefix of the order
+    left = room - (taken * ordered[None, :]).sum(-1)
+    short = ordered < ordered.max()
+    taken |= short[None, :] & (ordered[None, :] <= left[:, None])
+    kept = torch.zeros_like(taken)
+    kept[:, order] = taken
+    return kept
 
 
 @dataclass(frozen=True)
 class WindowReducer(Reducer):
-    """WindowKV (arXiv 2503.17922, Sec. 3): keep whole windows of consecutive tokens.
+    """WindowKV (arXiv 2503.17922, Sec. 3; official code): keep whole windows of consecutive tokens.
 
-    Per layer, the heads' scores are normalised per head and averaged, and windows of
-    ``window_size`` consecutive tokens are ranked once from that: every head of the layer keeps the
-    same windows (semantic coherence across heads), best first, until its budget is reached; we fill
-    the budget exactly, so the last window may be partial (by token score). How a window is scored
-    depends on the task type, as in the paper: a retrieval-like (question-answering) prompt needs a
-    few precise spans, so a window counts by the mean of its better half; an aggregation-like
-    (summary) prompt needs broad coverage, so by its plain mean. Window sizes per task type are
-    ``retrieval_window`` / ``aggregation_window`` (8 and 8: the paper keeps 8 for both).
-    ``task="auto"`` decides per request from the observation window's attention: if the top 5% of
-    tokens hold at least half of the attention mass (averaged over layers and heads) the prompt is
-    retrieval-like -- our stand-in for the paper's task classifier, a fine-tuned BERT we cannot ship.
-    Layers are grouped ``group_size`` at a time (default 8, as in the paper); the first layer of a
-    group ranks the windows and the others reuse its ranking (each taking its own budget from it).
+    The prefix (everything but the protected suffix and any sinks) is cut into windows of
+    ``retrieval_window`` / ``aggregation_window`` tokens (8 and 8, as in the paper) from its first
+    position -- position 0 without sinks; the last window may be shorter. A window's score over its
+    [rows x window] block of raw scores (one row per query head when the scorer has them,
+    :meth:`~.scoring.Scorer.query_head_scores`) depends on the task type: ``retrieval`` (the
+    paper's question answering) takes per row the mean of its best ``window // 2`` values, then the
+    mean over rows; ``aggregation`` (the paper's "other" tasks) the mean of the whole block. Every
+    head of a layer keeps the same windows, the best first, only whole ones, as many as its budget
+    minus the protected tokens holds (so a head may keep up to window - 1 tokens fewer than its
+    budget); ``whole_windows=False`` (ours) fills the budget exactly with the best tokens of the
+    next window. Layers are grouped ``group_size`` at a time (8, as in the paper): the group's first
+    layer ranks the windows and the others reuse its ranking.
+
+    The task type also sets the suffix: the request's observation window is the policy's for
+    retrieval (32) and ``aggregation_suffix`` (16) for aggregation (:meth:`for_request`). The
+    paper decides it with a BERT classifier whose weights are unpublished; ``task="auto"`` is our
+    stand-in: a prompt is retrieval-like when the top 5 % of the prefix tokens hold at least
+    ``retrieval_share`` (0.5) of the suffix's raw attention, averaged over layers and heads.
+
+    Decode-time recompression (:meth:`reduce_heads`, not in the paper) ranks each head's own
+    windows and fills its budget exactly, since the engine holds every head at its budget.
     """
 
     heads_independent = False  # the heads of a layer share one window ranking
     pads_heads = False  # windows are counted from each head's own first row: equal lengths only
+    ranks_query_heads = True
 
     task: str = "auto"
     retrieval_window: int = 8
     aggregation_window: int = 8
+    aggregation_suffix: int = 16
     group_size: int = 8
-    sink: int = 0
+    whole_windows: bool = True
+    retrieval_share: float = 0.5
 
-    @staticmethod
-    def top_share(scores: torch.Tensor) -> torch.Tensor:
-        """[rows, seq_len] -> float32 [rows]: the share of each row's mass its top 5% of tokens hold."""
-        top = max(1, round(0.05 * scores.shape[1]))
-        s = scores.float().clamp(min=0)
-        return s.topk(top, dim=-1).values.sum(-1) / s.sum(-1).clamp(min=1e-30)
+    @property
+    def fills_budgets(self) -> bool:
+        return not self.whole_windows
+
+    def is_retrieval(self, rows: torch.Tensor) -> torch.Tensor:
+        """The stand-in classifier on raw prefix scores [rows, seq_len] -> bool [rows]."""
+        return top_share(rows) >= self.retrieval_share
 
     def task_type(self, scores: list[torch.Tensor]) -> str:
+        """The request's task type: ``task`` if fixed, else the stand-in over every layer's rows."""
         if self.task != "auto":
             return self.task
-        share = torch.stack([self.top_share(s).mean() for s in scores]).mean()
-        return "retrieval" if float(share) >= 0.5 else "aggregation"
+        share = torch.stack([top_share(s).mean() for s in scores]).mean()
+        return "retrieval" if float(share) >= self.retrieval_share else "aggregation"
 
-    def window_shape(self, task: str) -> tuple[int, float]:
-        """(window size, share of a window's tokens its score counts) for a task type."""
+    def for_request(self, observations, window):
+        # the stand-in classifies on the raw suffix attention, whatever the policy's scorer
+        task = self.task_type([WindowKVScorer().score(o) for o in observations]) if self.task == "auto" else self.task
+        suffix = window if task == "retrieval" else min(window, self.aggregation_suffix)
+        return suffix, dataclasses.replace(self, task=task)
+
+    def window_shape(self, task: str) -> tuple[int, int | None]:
+        """(window size, how many of a row's best values a window's score averages: None = all)."""
         if task == "retrieval":
-            return self.retrieval_window, 0.5
-        return self.aggregation_window, 1.0
+            return self.retrieval_window, max(1, self.retrieval_window // 2)
+        return self.aggregation_window, None
+
+    def keep(self, rows: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor, task: str,
+             shared: bool) -> torch.Tensor:
+        """keep_idx of every head: int64 [num_heads, max(budgets)], -1 padded.
+        rows [num_rows, seq_len]: raw scores; shared: one ranking from all rows for every head
+        (prefill), else row h ranks head h's own windows (decode-time)."""
+        size, top = self.window_shape(task)
+        num_heads, seq_len = budgets.shape[0], rows.shape[1]
+        window, num_windows = unprotected_windows(protected, size)
+        if num_windows == 0:
+            return top_k_indices(torch.zeros(num_heads, seq_len, device=rows.device), budgets, protected)
+        score = window_statistic(rows.float().clamp(min=0), window, num_windows, top)
+        if shared:
+            score = score.mean(0, keepdim=True)
+        window_rank = rank_of(score)  # [1 or num_heads, num_windows]
+        if self.whole_windows and shared:
+            sizes = torch.bincount(window[window >= 0], minlength=num_windows)
+            room = budgets.to(rows.device) - int(protected.sum())
+            kept_windows = fit_whole_windows(sizes, window_rank[0].argsort(), room)
+            mask = protected[None, :] | (kept_windows[:, window.clamp(min=0)] & (window >= 0)[None, :])
+            pos = torch.arange(seq_len, device=rows.device)
+            chosen = torch.where(mask, pos, seq_len).sort(-1).values[:, : int(mask.sum(-1).max())]
+            return torch.where(chosen < seq_len, chosen, -1)
+        # window rank first, then the token's own score: one strict order, best first
+        token_score = rows.float().sum(0, keepdim=True) if shared else rows.float()
+        token_rank = rank_of(token_score)
+        priority = -(window_rank.gather(1, window.clamp(min=0).expand(window_rank.shape[0], -1)) * seq_len
+                     + token_rank).double()
+        return top_k_indices(priority.expand(num_heads, -1), budgets, protected)
 
     def reduce_heads(self, obs, scores, budgets, protected):
         # what reduce() does to one head alone (its own task type and window ranking), for all at once
+        budgets = torch.as_tensor(budgets)
         if self.task == "auto":
-            retrieval = self.top_share(scores) >= 0.5
+            retrieval = self.is_retrieval(scores)
         else:
             retrieval = torch.full((scores.shape[0],), self.task == "retrieval", device=scores.device)
-        normalized = normalize_rows(scores.float().clamp(min=0))
-        priority = torch.empty(normalized.shape, dtype=torch.float64, device=scores.device)
+        keep_idx = torch.full((scores.shape[0], int(budgets.max())), -1, dtype=torch.long, device=scores.device)
+        fill = dataclasses.replace(self, whole_windows=False)
         for task, rows in (("retrieval", retrieval), ("aggregation", ~retrieval)):
             if bool(rows.any()):
-                size, top_fraction = self.window_shape(task)
-                priority[rows] = window_priority(normalized[rows], size, self.sink, top_fraction)
-        return RetainedLayer.gather(obs, top_k_indices(priority, torch.as_tensor(budgets), protected))
+                kept = fill.keep(scores[rows], budgets[rows.cpu()], protected, task, shared=False)
+                keep_idx[rows, : kept.shape[1]] = kept
+        return RetainedLayer.gather(obs, keep_idx)
 
     def reduce(self, observations, scores, budgets, protected):
-        size, top_fraction = self.window_shape(self.task_type(scores))
+        task = self.task_type(scores)
         retained = []
-        for layer, (obs, layer_scores, layer_budgets) in enumerate(zip(observations, scores, budgets)):
+        for layer, (obs, rows, layer_budgets) in enumerate(zip(observations, scores, budgets)):
             if layer % self.group_size == 0:
-                shared = normalize_rows(layer_scores.float().clamp(min=0)).mean(0)
-                priority = window_priority(shared[None], size, self.sink, top_fraction)
-            heads_priority = priority.expand(layer_scores.shape[0], -1)
-            retained.append(RetainedLayer.gather(obs, top_k_indices(heads_priority, layer_budgets, protected)))
+                leader = rows  # the group's first layer ranks the windows for the whole group
+            keep_idx = self.keep(leader, layer_budgets, protected, task, shared=True)
+            retained.append(RetainedLayer.gather(obs, keep_idx))
         return retained

@@ -23,6 +23,11 @@ class Scorer:
     def score(self, obs: LayerObservation) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def query_head_scores(self, obs: LayerObservation) -> torch.Tensor | None:
+        """float32 [num_q_heads, seq_len]: the scores before the group sum, for reducers that rank
+        by query head (WindowKV); None where a scorer has KV-head scores only."""
+        return None
+
 
 def prefix_only(scores: torch.Tensor, window: int) -> torch.Tensor:
     """``scores`` [num_heads, seq_len] with the last ``window`` positions set to 0.
@@ -93,32 +98,78 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 class EMSScorer(Scorer):
     """EMS Global-Local importance (arXiv 2412.08521, Sec. 3.2).
 
-    *Global*: the attention each key accumulated from every prompt query (H2O-style column sums),
-    divided by the number of queries that could see it -- without that, early tokens win merely
-    by being visible to more queries. *Local*: the observation-window attention (SnapKV's view of
-    what the upcoming tokens need). Each is normalised per head to a distribution and they are
-    mixed as ``(1 - local_weight) * global + local_weight * local`` (``local_weight`` = 0.5 is our
-    choice; the paper combines both views without fixing a public constant), then max-pooled.
+    *Global*: the attention each key accumulated from every prompt query -- the causal column sums
+    of the prompt's attention (H2O-style), summed over the group's query heads. The causal mask
+    biases it toward early tokens (they are seen by more queries). *Local*: the observation-window
+    attention (SnapKV's view of what the upcoming tokens need), biased toward recent tokens. The
+    two are mean-aligned -- each scaled per head to mean 1 over the prefix, i.e. to the same
+    scale -- and mixed as ``(1 - local_weight) * global + local_weight * local``, so the opposite
+    biases offset each other; then max-pooled. Nothing divides the global term by the number of
+    queries that see a key: that removes the early-token bias a second time and leaves a recency
+    score. ``local_weight`` = 0.5 is ours (the sources combine the two views without a public
+    weight); so is the pooling, shared with SnapKV-style scorers.
 
-    During decode-time recompression there is no new global view; the global term is the one the
-    engine carries along for retained tokens, or the local view alone when none is given.
+    ``local_weight`` = 1 is the local term alone: no column mass is collected then.
+
+    scores: float32 [num_kv_heads, seq_len]; the window scores 0 (it is always kept). During
+    decode-time recompression there is no new global view; the global term is the one the engine
+    carries along for retained tokens, or the local view alone when none is given.
     """
 
     local_weight: float = 0.5
     pool_kernel: int = 7
     exclude_window: bool = True
-    needs_global_attention = True
+
+    @property
+    def needs_global_attention(self) -> bool:
+        return self.local_weight < 1.0  # the local term alone needs no column mass
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         local = obs.window_mass(power=1)
+        # rows summing to 1 over the same positions = rows with the same mean: mean alignment
         local = normalize_rows(_decidable(local, obs, self.exclude_window))
         if obs.global_attention is None:
             mixed = local
         else:
-            seq_len = obs.seq_len
-            group = obs.window_queries.shape[0] // obs.num_kv_heads
-            # key j is seen by the seq_len - j causal queries of each of the group's heads
-            seen_by = group * (seq_len - torch.arange(seq_len, device=obs.device)).float()
-            glob = normalize_rows(_decidable(obs.global_attention.float() / seen_by, obs, self.exclude_window))
+            glob = normalize_rows(_decidable(obs.global_attention.float(), obs, self.exclude_window))
             mixed = (1 - self.local_weight) * glob + self.local_weight * local
         return _pooled(mixed, obs, self.pool_kernel, self.exclude_window)
+
+
+def window_probabilities(obs: LayerObservation) -> torch.Tensor:
+    """Softmax attention of the window queries over the keys, causal among themselves (window query
+    i sits at position seq_len - window + i): float32 [num_kv_heads, group * window, seq_len], the
+    group's query heads one after the other (query head g * group + i reads KV head g)."""
+    num_q_heads, window, head_dim = obs.window_queries.shape
+    group = num_q_heads // obs.num_kv_heads
+    q = obs.window_queries.float().reshape(obs.num_kv_heads, group * window, head_dim)
+    logits = torch.einsum("hqd,hld->hql", q, obs.keys.float()) * obs.scale
+    query_pos = (obs.seq_len - window + torch.arange(window, device=q.device)).repeat(group)
+    hidden = (torch.arange(obs.seq_len, device=q.device)[None, :] > query_pos[:, None])[None]
+    if obs.padding is not None:
+        hidden = hidden | obs.padding[:, None, :]
+    return logits.masked_fill(hidden, float("-inf")).softmax(-1)
+
+
+def query_head_window_attention(obs: LayerObservation) -> torch.Tensor:
+    """The window queries' attention summed over the window, one row per QUERY head: float32
+    [num_q_heads, seq_len] (:func:`window_scores` sums each group onto its KV head)."""
+    num_q_heads, window, _ = obs.window_queries.shape
+    return window_probabilities(obs).reshape(num_q_heads, window, obs.seq_len).sum(1)
+
+
+@dataclass(frozen=True)
+class WindowKVScorer(Scorer):
+    """WindowKV token scores (arXiv 2503.17922, Sec. 3; official code): the softmax attention of
+    the suffix queries (the observation window) against all keys, summed over the suffix, prefix
+    positions only (the suffix is kept whole and scores 0). Raw: no pooling, no normalisation.
+
+    :meth:`query_head_scores` keeps one row per query head, as WindowKV ranks its windows;
+    :meth:`score` sums each group onto its KV head, for allocators and other reducers."""
+
+    def query_head_scores(self, obs: LayerObservation) -> torch.Tensor:
+        return prefix_only(query_head_window_attention(obs), obs.window)
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        rows = self.query_head_scores(obs)
+        return rows.reshape(obs.num_kv_heads, -1, obs.seq_len).sum(1)

@@ -149,7 +149,8 @@ class Compressor:
         st = ws.reqs[rid]
         if bool((st.lens != st.num_tokens).any()):
             raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
-        keep = self._select_prefill(st) if st.policy.reducer.selects_rows else self._reduce_prefill(st)
+        paged = st.policy.reducer.selects_rows and not st.policy.allocator.reads_layers
+        keep = self._select_prefill(st) if paged else self._reduce_prefill(st)
         if st.decode_slack is not None:
             self._seed_ring(st)
         st.compressed_to(st.policy.decode_budgets(keep, st.num_tokens))

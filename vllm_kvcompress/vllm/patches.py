@@ -40,7 +40,7 @@ import logging
 import os
 
 from ..budget import Budget
-from ..config import CompressionConfig
+from ..config import PRESET_NAMES, CompressionConfig
 from . import settings
 
 VLLM_VERSION = "0.26.0"
@@ -62,8 +62,7 @@ logger = logging.getLogger("vllm.kv_compression")
 def add_kv_compression_args(parser):
     group = parser.add_argument_group("KV compression", "Per-head KV-cache compression (vllm-kvcompress)")
     group.add_argument("--kv-compression", metavar="POLICY", default=None,
-                       help="compression policy: none, streamingllm, snapkv, pyramidkv, adakv, ems, windowkv, "
-                            "zigzag, headkv, headkv-r2 (none = full cache, plugin inactive)")
+                       help=f"compression policy: {', '.join(PRESET_NAMES)} (none = full cache, plugin inactive)")
     group.add_argument("--kv-budget", metavar="N|FRACTION", default=None,
                        help="retained tokens per KV head (256) or fraction of the prompt (0.1)")
     group.add_argument("--kv-compression-config", metavar="JSON", default=None,
