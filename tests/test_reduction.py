@@ -402,3 +402,42 @@ def test_window_reducer_decode_time_ranks_each_head_and_fills_its_budget():
     retained = reducer.reduce_heads(obs, scores, torch.tensor([7, 6]), protected_positions(12, window=2, sink=0))
     assert retained.lengths.tolist() == [7, 6]
     assert retained.keep_idx[0].tolist() == [0, 4, 5, 6, 7, 10, 11]
+
+
+@pytest.mark.parametrize("budgets", [[6, 6, 6], [2, 9, 5]])
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("relevant", [1.0, 0.9])
+def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant):
+    """EvictThenMergeReducer.classes compares only the tokens neither kept nor padding nor
+    irrelevant with the centres; the classes equal a comparison of every token with every centre."""
+    from vllm_kvcompress.reduction import EvictThenMergeReducer, protected_positions, redundancy, top_k_indices, top_mass
+
+    gen = torch.Generator().manual_seed(sum(budgets) + padded)
+    heads, seq_len = 3, 14
+    keys, values = torch.randn(heads, seq_len, 8, generator=gen), torch.randn(heads, seq_len, 8, generator=gen)
+    values[:, 1::2] = values[:, ::2] + 0.05 * torch.randn(heads, seq_len // 2, 8, generator=gen)  # redundant pairs
+    keys[:, 1::2] = keys[:, ::2] + 0.05 * torch.randn(heads, seq_len // 2, 8, generator=gen)
+    lengths = torch.tensor([14, 11, 9]) if padded else None
+    obs = LayerObservation(torch.randn(heads, 2, 8, generator=gen), keys, values, lengths=lengths)
+    protected = protected_positions(seq_len, 2, 1, lengths=lengths)
+    scores = torch.rand(heads, seq_len, generator=gen)
+    if padded:
+        scores = scores.masked_fill(obs.padding, float("-inf"))
+    keep_idx = top_k_indices(scores, torch.tensor(budgets), protected)
+    reducer = EvictThenMergeReducer(merge_threshold=0.3, relevant_mass=relevant)
+    got = reducer.classes(obs, keep_idx, protected, scores)
+    # every token against every centre (protected centres excluded), as worked out here
+    valid = keep_idx >= 0
+    centre_ok = valid & ~torch.gather(protected if protected.dim() == 2 else protected.expand(heads, -1), 1,
+                                      keep_idx.clamp(min=0))
+    idx = keep_idx.clamp(min=0)[..., None].expand(-1, -1, 8)
+    sim = redundancy(keys, values, keys.gather(1, idx), values.gather(1, idx)).masked_fill(~centre_ok[:, None], -1e9)
+    best_sim, best = sim.max(-1)
+    want = torch.where((best_sim >= 0.3) & top_mass(scores, relevant), best + 1, torch.zeros_like(best))
+    if padded:
+        want = want.masked_fill(obs.padding, 0)
+    for h in range(heads):
+        for slot in range(budgets[h]):
+            want[h, keep_idx[h, slot]] = slot + 1
+    assert torch.equal(got, want)
+    assert relevant < 1 or (got > 0).sum() > valid.sum()  # some tokens did merge

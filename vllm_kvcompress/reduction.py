@@ -202,27 +202,44 @@ class EvictThenMergeReducer(Reducer):
                 scores: torch.Tensor | None = None) -> torch.Tensor:
         """int64 [num_kv_heads, seq_len]: each token's class (see class docstring).
         keep_idx: [num_kv_heads, max_budget] (-1 padded); protected: bool [seq_len] (or per head);
-        scores: [num_kv_heads, seq_len], for the eviction of irrelevant tokens (None: none is)."""
+        scores: [num_kv_heads, seq_len], for the eviction of irrelevant tokens (None: none is).
+
+        Only the tokens that are neither kept nor padding (nor, with scores, irrelevant) can merge,
+        so only they are compared with the centres: at most ``seq_len - min(budget)`` a head, a
+        small share of the rows when a decode-time recompression brings heads from budget + slack
+        back to their budgets."""
         num_heads, seq_len, head_dim = obs.keys.shape
         valid = keep_idx >= 0
         guarded = protected if protected.dim() == 2 else protected[None, :].expand(num_heads, -1)
         target = valid & ~torch.gather(guarded, 1, keep_idx.clamp(min=0))
         index = keep_idx.clamp(min=0)[..., None].expand(-1, -1, head_dim)
         kept_keys, kept_values = torch.gather(obs.keys, 1, index), torch.gather(obs.values, 1, index)
-        best_sim = torch.empty(num_heads, seq_len, device=obs.keys.device)
-        best = torch.empty(num_heads, seq_len, dtype=torch.long, device=obs.keys.device)
-        for start in range(0, seq_len, self.chunk):
-            stop = start + self.chunk
-            block = redundancy(obs.keys[:, start:stop], obs.values[:, start:stop], kept_keys, kept_values)
-            best_sim[:, start:stop], best[:, start:stop] = block.masked_fill(~target[:, None, :], float("-inf")).max(-1)
-        merge = best_sim >= self.merge_threshold
+        # not kept: the padding slots of keep_idx mark a spare last column, dropped after
+        candidate = torch.ones(num_heads, seq_len + 1, dtype=torch.bool, device=obs.keys.device)
+        candidate.scatter_(1, torch.where(valid, keep_idx, seq_len), False)
+        candidate = candidate[:, :seq_len]
+        if obs.padding is not None:  # padding rows merge into nothing
+            candidate &= ~obs.padding
         if scores is not None:  # evict first: irrelevant tokens merge into nothing
-            merge &= top_mass(scores, self.relevant_mass)
+            candidate &= top_mass(scores, self.relevant_mass)
+        # every head keeps at least its smallest budget, so this many columns hold every candidate
+        most = seq_len - int(valid.sum(-1).min()) if num_heads else 0
+        order = torch.sort(candidate.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :most]
+        rows = order[..., None].expand(-1, -1, head_dim)
+        best_sim = torch.full((num_heads, seq_len), float("-inf"), device=obs.keys.device)
+        best = torch.zeros(num_heads, seq_len, dtype=torch.long, device=obs.keys.device)
+        for start in range(0, most, self.chunk):
+            part = order[:, start:start + self.chunk]
+            block = redundancy(torch.gather(obs.keys, 1, rows[:, start:start + self.chunk]),
+                               torch.gather(obs.values, 1, rows[:, start:start + self.chunk]), kept_keys, kept_values)
+            sim, arg = block.masked_fill(~target[:, None, :], float("-inf")).max(-1)
+            sim = sim.masked_fill(~candidate.gather(1, part), float("-inf"))
+            best_sim.scatter_(1, part, sim)
+            best.scatter_(1, part, arg)
+        merge = best_sim >= self.merge_threshold
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
         # retained tokens are their own class, whatever their similarity to others. Only valid slots
         # are written: padding slots would alias position 0 and overwrite its class.
-        if obs.padding is not None:  # padding rows merge into nothing
-            classes.masked_fill_(obs.padding, 0)
         heads, slots = valid.nonzero(as_tuple=True)
         classes[heads, keep_idx[heads, slots]] = slots + 1
         return classes
