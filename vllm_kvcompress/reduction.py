@@ -197,6 +197,9 @@ class EvictThenMergeReducer(Reducer):
     merge_threshold: float = 0.5
     relevant_mass: float = 0.9
     chunk: int = 4096  # tokens per similarity block: memory O(heads * chunk * max_budget)
+    # compared rows per head above which the candidates are counted first (one device sync) rather
+    # than bounded from the budgets; a decode-time recompression (~slack rows) stays below it
+    count_above: int = 256
 
     def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,8 +225,11 @@ class EvictThenMergeReducer(Reducer):
             candidate &= ~obs.padding
         if scores is not None:  # evict first: irrelevant tokens merge into nothing
             candidate &= top_mass(scores, self.relevant_mass)
-        # every head keeps at least its smallest budget, so this many columns hold every candidate
+        # every head keeps at least its smallest budget, so this many columns hold every candidate;
+        # when that is many (a prefill: most rows are evicted, few of them relevant), count them
         most = seq_len - int(valid.sum(-1).min()) if num_heads else 0
+        if most > self.count_above:
+            most = int(candidate.sum(-1).max())
         order = torch.sort(candidate.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :most]
         rows = order[..., None].expand(-1, -1, head_dim)
         best_sim = torch.full((num_heads, seq_len), float("-inf"), device=obs.keys.device)

@@ -84,7 +84,7 @@ def test_a_workspace_too_small_for_one_call_splits_it_with_the_same_rows():
             ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
         if workspace:
             heads_due = int(sum((ws.reqs[rid].lens > 104).sum() for rid in ("r0", "r1")))
-            assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, ws.reqs["r0"].policy, 32, 135))) > 2
+            assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, ws.reqs["r0"].policy, 32, 135, 40))) > 2
         assert compressor.Compressor(ws).recompress(["r0", "r1"]) == ["r0", "r1"]
         states[name] = ws
     for rid in ("r0", "r1"):

@@ -51,12 +51,13 @@ def write_rows(ws: WorkerState, table: torch.Tensor, keys: torch.Tensor, values:
                          slots.transpose(0, 1), ws.pool[0], ws.pool[1])
 
 
-def _max_rows(ws: WorkerState, policy, count: int, width: int) -> int | None:
+def _max_rows(ws: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
     """Padded rows one recompression call may hold, so that its temporaries stay within the
     compression workspace that vLLM's profiling run reserved. Reducers that only select rows hold
     their float32 scores and a few companions of one row each (:class:`PagedHeads`); the others a
     dense copy of K and V, window-score temporaries (logits, probabilities, powers: float32 per
-    query) and, for a merge, every row's similarity to every kept row (float32, ``width`` of them).
+    query) and, for a merge, the similarity of each row that can merge (at most ``width -
+    fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
     None: no limit (a WorkerState without a workspace, in tests)."""
     if not ws.workspace_bytes:
         return None
@@ -67,7 +68,7 @@ def _max_rows(ws: WorkerState, policy, count: int, width: int) -> int | None:
         head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
         per_row = 2 * head_dim * itemsize + 3 * group * max(count, 1) * 4
         if policy.reducer.merges_rows:
-            per_row += 4 * width + 2 * 4 * head_dim
+            per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
     return max(1, ws.workspace_bytes // per_row)
 
 
@@ -240,7 +241,7 @@ class Compressor:
             budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h, _ in members])
             rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members])[member]
             oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
-            for part in _calls(lengths, _max_rows(ws, policy, count, int(lengths.max()))):
+            for part in _calls(lengths, _max_rows(ws, policy, count, int(lengths.max()), int(budgets.min()))):
                 _recompress_heads(ws, policy, count, *(x if part is None else x[part]
                                                        for x in (rows, layers, heads, lengths, oldest, budgets)))
             for (rid, l, h, _), kept in zip(members, budgets.split(sizes)):
