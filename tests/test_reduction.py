@@ -407,7 +407,8 @@ def test_window_reducer_decode_time_ranks_each_head_and_fills_its_budget():
 @pytest.mark.parametrize("budgets", [[6, 6, 6], [2, 9, 5]])
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("relevant", [1.0, 0.9])
-def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant):
+@pytest.mark.parametrize("count_above", [256, 0])  # bounded by the budgets / candidates counted
+def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant, count_above):
     """EvictThenMergeReducer.classes compares only the tokens neither kept nor padding nor
     irrelevant with the centres; the classes equal a comparison of every token with every centre."""
     from vllm_kvcompress.reduction import EvictThenMergeReducer, protected_positions, redundancy, top_k_indices, top_mass
@@ -424,7 +425,7 @@ def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, rel
     if padded:
         scores = scores.masked_fill(obs.padding, float("-inf"))
     keep_idx = top_k_indices(scores, torch.tensor(budgets), protected)
-    reducer = EvictThenMergeReducer(merge_threshold=0.3, relevant_mass=relevant)
+    reducer = EvictThenMergeReducer(merge_threshold=0.3, relevant_mass=relevant, count_above=count_above)
     got = reducer.classes(obs, keep_idx, protected, scores)
     # every token against every centre (protected centres excluded), as worked out here
     valid = keep_idx >= 0
