@@ -93,10 +93,10 @@ def test_quick_plugin_runs_share_a_server_and_keep_their_own_budgets(quick_run):
             assert r["ratio_plain"] == round(r["output_tok_s"] / plain["output_tok_s"], 4)
             assert r["ratio_fp8"] is None and r["ratio_same_batch"] is None  # neither was measured
             assert r["decode_slack"] == 64
-        if workload == "quick":  # each request's heads pass budget + 64 once in its 96 outputs
+        if workload == "quick":  # the worker recompresses every 64 steps: each request's 96 outputs span 1 or 2 ticks
             for r in (snap, stream):
-                assert r["decode_recompressions"] == 4
-                assert r["recompress_per_s"] == pytest.approx(4 / r["duration_s"], rel=1e-3)
+                assert 4 <= r["decode_recompressions"] <= 8
+                assert r["recompress_per_s"] == pytest.approx(r["decode_recompressions"] / r["duration_s"], rel=1e-3)
     # plain holds one 396-token request at a time in 512 tokens
     assert records[("quick", "plain")]["peak_running"] <= 1
 
