@@ -1024,9 +1024,9 @@ def plot(data: dict, path: Path) -> None:
                      f"KV pool {s['pool_tokens']:,} bf16 tokens, window {s['window_s']:.0f} s", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     meta = data["meta"]
-    fig.suptitle(f"vLLM {meta['versions'].get('vllm')} served, {meta['device']}: plain vs vllm-kvcompress at equal "
-                 f"KV bytes (hatched: cut by the window)", fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"vLLM {meta['versions'].get('vllm')} served, {meta['device']}:\nplain vs vllm-kvcompress at "
+                 f"equal KV bytes\n(hatched: cut by the window)", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.86))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
