@@ -13,11 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
-                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata)
-
 from ..paged import reference
 from . import kernels, runtime, settings
+from .compat import (AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                     CommonAttentionMetadata)
 
 
 class HeadBlockBackend(AttentionBackend):

@@ -8,10 +8,8 @@ The compression counters ride the connector's stats channel to ``/metrics`` (:mo
 """
 from __future__ import annotations
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1, KVConnectorMetadata,
-                                                               KVConnectorRole, KVConnectorWorkerMetadata)
-
 from . import runtime
+from .compat import KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole, KVConnectorWorkerMetadata
 from .metrics import KVCompressPromMetrics, KVCompressStats
 
 

@@ -131,7 +131,7 @@ def paged_chunk_attention(query, out, key_cache, value_cache, head_block_table, 
     head_dim = query.shape[-1]
     group = query.shape[1] // num_kv_heads
     if _on_gpu(query):
-        from vllm.vllm_flash_attn import flash_attn_varlen_func
+        from .compat import flash_attn_varlen_func
 
         rows = query.reshape(-1, group, head_dim)[chunk.q_index]  # [(s, h, t), group, D]
         pool = (key_cache.unsqueeze(2), value_cache.unsqueeze(2))  # [blocks, bs, 1 KV head, D]
@@ -173,7 +173,7 @@ def _fa_version(query) -> int:
 def _flash_varlen(query, key, value, query_lens: list[int], key_lens: list[int], scale: float,
                   cu_q: torch.Tensor | None = None, cu_k: torch.Tensor | None = None, return_lse: bool = False):
     """vLLM's FlashAttention varlen, causal (bottom-right aligned), over packed sequences."""
-    from vllm.vllm_flash_attn import flash_attn_varlen_func
+    from .compat import flash_attn_varlen_func
 
     def offsets(lens):
         return torch.tensor([0, *lens], dtype=torch.int32).cumsum(0, dtype=torch.int32).to(query.device)

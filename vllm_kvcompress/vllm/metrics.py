@@ -33,8 +33,7 @@ import math
 from dataclasses import dataclass
 
 import prometheus_client
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
-from vllm.v1.metrics.utils import create_metric_per_engine
+from .compat import KVConnectorPromMetrics, KVConnectorStats, create_metric_per_engine
 
 from . import runtime
 

@@ -32,8 +32,7 @@ import json
 import os
 
 import torch
-from vllm.exceptions import VLLMValidationError
-from vllm.v1.sample.logits_processor import LogitsProcessor
+from .compat import LogitsProcessor, VLLMValidationError
 
 from ..config import CompressionConfig
 from . import metrics

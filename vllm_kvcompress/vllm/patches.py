@@ -29,7 +29,8 @@ engine --, no rules, no compression metrics). The parent's ``from_cli_args`` lea
 On a vLLM other than ``VLLM_VERSION`` (or one whose wrapped methods changed, ``EXPECTED``) the
 plugin is inert: a warning, the flags still listed, and a request for compression refused at
 start-up with a message naming the supported version; plain vLLM runs untouched.
-``tests/vllm/test_vllm_plugin.py`` pins the signatures and tests both modes.
+``vllm/compat.py`` pins the signatures (``tests/vllm/test_compat.py``); ``tests/vllm/test_vllm_plugin.py``
+tests both modes.
 """
 from __future__ import annotations
 
@@ -41,16 +42,12 @@ import os
 
 from ..budget import Budget
 from ..config import PRESET_NAMES, CompressionConfig
-from . import settings
+from . import compat, settings
 
-VLLM_VERSION = "0.26.0"
-EXPECTED = {
-    "add_cli_args": "(parser: vllm.utils.argparse_utils.FlexibleArgumentParser) -> "
-                    "vllm.utils.argparse_utils.FlexibleArgumentParser",
-    "from_cli_args": "(cls, args: argparse.Namespace)",
-    "create_engine_config": "(self, usage_context: typing.Any | None = None, headless: bool = False) -> "
-                            "vllm.config.vllm.VllmConfig",
-}
+VLLM_VERSION = compat.VLLM_VERSION
+# the wrapped methods' signatures, as compat pins them (checked in every vLLM process)
+EXPECTED = {name: compat.PINNED[f"vllm.engine.arg_utils:EngineArgs.{name}"]
+            for name in ("add_cli_args", "from_cli_args", "create_engine_config")}
 ORIGINALS: dict[str, object] = {}  # name -> the unwrapped function
 CLI_ENV = "VLLM_KVC_CLI_OPTIONS"  # JSON: what from_cli_args merged into additional_config (see above)
 # why the plugin is inert in this process (an unsupported vLLM), or None when it is active
@@ -158,8 +155,7 @@ def _create_engine_config(self, *args, **kwargs):
         settings.check_rules_need_compression(self.additional_config)
         return ORIGINALS["create_engine_config"](self, *args, **kwargs)
     _refuse_if_inactive()
-    from vllm.platforms import current_platform
-    from vllm.usage.usage_lib import UsageContext
+    from .compat import UsageContext, current_platform
 
     usage_context = kwargs.get("usage_context", args[0] if args else None)
     settings.check_policy_builds(config)
@@ -173,7 +169,7 @@ def _create_engine_config(self, *args, **kwargs):
 def incompatibility() -> str | None:
     """Why this vLLM cannot run the plugin (another version, or changed wrapped methods); None: it can."""
     import vllm
-    from vllm.engine.arg_utils import EngineArgs
+    from .compat import EngineArgs
 
     if vllm.__version__ != VLLM_VERSION:
         return f"found vLLM {vllm.__version__}"
@@ -189,7 +185,7 @@ def apply() -> bool:
     """Wrap the three EngineArgs methods once per process. Returns whether the plugin is active: on
     an unsupported vLLM it warns and the wrappers only refuse requests for compression."""
     global INACTIVE
-    from vllm.engine.arg_utils import EngineArgs
+    from .compat import EngineArgs
 
     if ORIGINALS:
         return INACTIVE is None
@@ -213,7 +209,7 @@ def apply() -> bool:
 def remove() -> None:
     """Undo :func:`apply` (tests switch between the active and the inert plugin)."""
     global INACTIVE
-    from vllm.engine.arg_utils import EngineArgs
+    from .compat import EngineArgs
 
     if not ORIGINALS:
         return

@@ -121,7 +121,7 @@ def captures_decode_graphs(args, device_type: str) -> bool:
     one whose decode graphs are full."""
     if device_type != "cuda" or args.enforce_eager:
         return False
-    from vllm.config import CUDAGraphMode
+    from .compat import CUDAGraphMode
 
     mode = getattr(args.compilation_config, "cudagraph_mode", None)
     return mode is None or mode.decode_mode() == CUDAGraphMode.FULL

@@ -10,12 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.utils.math_utils import cdiv
-from vllm.utils.torch_utils import get_dtype_size
-from vllm.v1.core.single_type_kv_cache_manager import SingleTypeKVCacheManager
-from vllm.v1.kv_cache_interface import AttentionSpec
 
 from . import runtime
+from .compat import AttentionSpec, SingleTypeKVCacheManager, cdiv, get_dtype_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,7 +143,7 @@ class HeadBlockManager(SingleTypeKVCacheManager):
 def register_spec() -> None:
     """HeadBlockSpec -> HeadBlockManager in vLLM's registry. The built-ins go first:
     ``KVCacheSpecRegistry._ensure_registered`` skips them once the registry is non-empty."""
-    from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
+    from .compat import KVCacheSpecRegistry
 
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(HeadBlockSpec, HeadBlockManager, uniform_type_base_spec=HeadBlockSpec)

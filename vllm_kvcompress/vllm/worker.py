@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import re
 
-from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-from vllm.v1.kv_cache_interface import FullAttentionSpec
-from vllm.v1.worker.block_table import BlockTable, SlotMappingMode
 
 from ..head_scores import HeadScores
 from . import kernels, runtime, settings
+from .compat import AttentionBackendEnum, BlockTable, FullAttentionSpec, SlotMappingMode, register_backend
 from .compressor import Compressor
 from .graphs import DecodeBuffers
 from .spec import HeadBlockSpec
@@ -154,11 +152,11 @@ def __getattr__(name: str) -> type:
     monkeypatches torch (``vllm/v1/worker/cpu/shm.py`` replaces ``torch.accelerator.get_memory_info``,
     CUDA events and streams), so a GPU process must never import it."""
     if name == "KVCompressCPUWorker":
-        from vllm.v1.worker.cpu_worker import CPUWorker
+        from .compat import CPUWorker
 
         cls = type(name, (_KVCompressWorkerMixin, CPUWorker), {"_backend_slot": AttentionBackendEnum.CPU_ATTN})
     elif name == "KVCompressGPUWorker":
-        from vllm.v1.worker.gpu_worker import Worker
+        from .compat import GPUWorker as Worker
 
         cls = type(name, (_KVCompressWorkerMixin, Worker), {})
     else:
