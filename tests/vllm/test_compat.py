@@ -17,6 +17,16 @@ def test_every_pinned_internal_is_as_pinned(key):
     assert compat.mismatches([key]) == []
 
 
+def test_the_pins_check_vllm_own_methods_where_the_plugin_wraps_them():
+    """Loaded as a plugin, the EngineArgs wrappers stand in vLLM's class: the pins still see vLLM's."""
+    from vllm_kvcompress.vllm import patches
+    from vllm_kvcompress.vllm.compat import EngineArgs
+
+    assert patches.apply()
+    assert EngineArgs.__dict__["add_cli_args"].__func__ is patches._add_cli_args
+    assert compat.mismatches([k for k in compat.PINNED if k.startswith("vllm.engine.arg_utils:")]) == []
+
+
 def test_the_fields_and_flash_attention_keywords_the_plugin_reads_exist():
     found = compat.mismatches()
     assert found == [], "\n".join(found)

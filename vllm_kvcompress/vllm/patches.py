@@ -200,10 +200,17 @@ def apply() -> bool:
     ORIGINALS["add_cli_args"] = EngineArgs.__dict__["add_cli_args"].__func__
     ORIGINALS["from_cli_args"] = EngineArgs.__dict__["from_cli_args"].__func__
     ORIGINALS["create_engine_config"] = EngineArgs.__dict__["create_engine_config"]
+    for name, wrapper in _wrappers().items():
+        wrapper.__wrapped__ = ORIGINALS[name]  # inspect.signature (compat's pins) sees vLLM's own
     EngineArgs.add_cli_args = staticmethod(_add_cli_args)
     EngineArgs.from_cli_args = classmethod(_from_cli_args)
     EngineArgs.create_engine_config = _create_engine_config
     return INACTIVE is None
+
+
+def _wrappers() -> dict:
+    return {"add_cli_args": _add_cli_args, "from_cli_args": _from_cli_args,
+            "create_engine_config": _create_engine_config}
 
 
 def remove() -> None:
@@ -216,4 +223,6 @@ def remove() -> None:
     EngineArgs.add_cli_args = staticmethod(ORIGINALS.pop("add_cli_args"))
     EngineArgs.from_cli_args = classmethod(ORIGINALS.pop("from_cli_args"))
     EngineArgs.create_engine_config = ORIGINALS.pop("create_engine_config")
+    for wrapper in _wrappers().values():
+        del wrapper.__wrapped__
     INACTIVE = None
