@@ -11,6 +11,7 @@ from .budget import Budget
 from .observation import LayerObservation
 from .reduction import Reducer, RetainedLayer, protected_positions
 from .scoring import Scorer
+from .tensor_parallel import HeadShards
 
 
 @dataclass(frozen=True)
@@ -61,12 +62,22 @@ class Policy:
         policy, observations = self.for_request(observations)
         return policy._allocate(observations)
 
-    def _allocate(self, observations: list[LayerObservation]) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def _allocate(self, observations: list[LayerObservation], shards: HeadShards | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """(budgets of every head, int64 [num_layers, all KV heads]; these heads' scores; protected).
+        With ``shards`` the observations are one tensor-parallel rank's heads: every rank's scores
+        are gathered and allocated together, as on one GPU (:mod:`~vllm_kvcompress.tensor_parallel`)."""
         seq_len = observations[0].seq_len
         scores = [self.scorer.score(o) for o in observations]
         protected = protected_positions(seq_len, self.window, self.sink, device=scores[0].device)
+        return self._budgets(scores, seq_len, protected, observations, shards), scores, protected
+
+    def _budgets(self, scores: list[torch.Tensor], seq_len: int, protected: torch.Tensor, observations,
+                 shards: HeadShards | None) -> torch.Tensor:
+        if shards is not None and shards.sharded:
+            scores, observations = list(shards.gather(torch.stack(scores), dim=1)), None
         inp = AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations)
-        return self.allocator.allocate(inp), scores, protected
+        return self.allocator.allocate(inp)
 
     def decode_budgets(self, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """Per-head lengths decode-time recompression brings heads back to, int64 [num_layers, num_kv_heads].
@@ -123,29 +134,37 @@ class Policy:
         kept_keys, kept_values = self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))
         return kept_keys[0], kept_values[0]
 
-    def select_prefill(self, heads, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_prefill(self, heads, num_layers: int, shards: HeadShards | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compress` for reducers that only select rows, from an observation of every head of
         a request at once without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`:
         ``num_layers * num_kv_heads`` heads, layer-major, each holding the whole prompt), for
         allocators that read scores only (not ``allocator.reads_layers``). Returns
         (the rows each head keeps, int64 [L * H, max budget], increasing, -1 padded; the budgets,
-        int64 [L, H])."""
+        int64 [L, H]). With ``shards``: one tensor-parallel rank's heads, the budgets of all of
+        every rank's heads [L, shards.total] (:meth:`_allocate`)."""
         seq_len = heads.seq_len
         scores = self.scorer.score(heads)  # [L * H, seq_len]
         protected = protected_positions(seq_len, self.window, self.sink, device=heads.device)
-        per_layer = list(scores.view(num_layers, -1, seq_len))
-        budgets = self.allocator.allocate(AllocationInput(per_layer, self.per_head(seq_len), self.floor(seq_len),
-                                                          protected))
-        keep = self.reducer.select_heads(heads, scores, budgets.flatten().cpu(), protected)
+        budgets = self._budgets(list(scores.view(num_layers, -1, seq_len)), seq_len, protected, None, shards)
+        mine = budgets if shards is None else shards.mine(budgets)
+        keep = self.reducer.select_heads(heads, scores, mine.flatten().cpu(), protected)
         return keep, budgets
 
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""
+        return self.compress_shard(observations)[0]
+
+    def compress_shard(self, observations: list[LayerObservation], shards: HeadShards | None = None
+                       ) -> tuple[list[RetainedLayer], torch.Tensor]:
+        """:meth:`compress` of one tensor-parallel rank's heads (``shards``; None: all heads). Returns
+        the retained layers of these heads and the budgets of every head, [num_layers, all heads]."""
         if len({o.seq_len for o in observations}) != 1:
             raise ValueError("all layers of a request must hold the same number of tokens")
         policy, observations = self.for_request(observations)
-        budgets, scores, protected = policy._allocate(observations)
+        budgets, scores, protected = policy._allocate(observations, shards)
         if policy.reducer.ranks_query_heads:
             rows = [policy.scorer.query_head_scores(o) for o in observations]
             scores = scores if rows[0] is None else rows
-        return policy.reducer.reduce(observations, scores, budgets, protected)
+        mine = budgets if shards is None else shards.mine(budgets)
+        return policy.reducer.reduce(observations, scores, mine, protected), budgets

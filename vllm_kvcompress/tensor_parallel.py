@@ -1,0 +1,73 @@
+"""Compression with the model's KV heads split over tensor-parallel ranks.
+
+With vLLM's tensor parallelism each rank holds ``local`` of the ``total`` KV heads of every layer
+(rank r: heads ``r * local .. (r + 1) * local - 1``) and compresses its own. What couples heads is
+the budget: Ada-KV, EMS's and HeadKV's allocators split a layer's (or the model's) budget between
+heads by their scores. So every rank's per-layer scores are gathered (one all-gather of float32
+``[layers, local, seq_len]`` per compressed request) and every rank runs the allocator on all
+heads, as one GPU would: the budgets, hence the per-head lengths, are those of a single GPU, and
+every rank knows all of them. The reducers then keep each rank's heads from its own scores, rows
+and budgets.
+
+Refused under tensor parallelism (:func:`refusal`): allocators that read the layers themselves
+(``Allocator.reads_layers``: ZigZag's lmba / lmbo measures) and reducers whose heads share a
+decision (``Reducer.heads_independent`` false: WindowKV's windows, shared by a layer's heads).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class HeadShards:
+    """size ranks, this one ``rank``, each holding ``local`` KV heads of every layer.
+    all_gather(tensor, dim): vLLM's tensor-parallel group's (None when size is 1)."""
+
+    size: int = 1
+    rank: int = 0
+    local: int = 1
+    all_gather: Callable[[torch.Tensor, int], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.size:
+            raise ValueError(f"rank {self.rank} of {self.size} tensor-parallel ranks")
+        if self.size > 1 and self.all_gather is None:
+            raise ValueError("several tensor-parallel ranks need their group's all_gather")
+
+    @property
+    def total(self) -> int:
+        return self.size * self.local
+
+    @property
+    def sharded(self) -> bool:
+        return self.size > 1
+
+    def gather(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """Every rank's ``local`` (this rank's heads along ``dim``), concatenated in rank order."""
+        return local if not self.sharded else self.all_gather(local.contiguous(), dim)
+
+    def mine(self, full: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """This rank's heads of ``full`` (all heads along ``dim``)."""
+        return full.narrow(dim, self.rank * self.local, self.local)
+
+    def slot_rows(self, full: torch.Tensor) -> torch.Tensor:
+        """[..., total] -> [..., local]: per local head slot, the most rows any rank's head in that
+        slot holds. Each rank assigns the scheduler's blocks to its heads in slot order, so with
+        blocks for these rows in every slot the same block ids mean the same slot on every rank."""
+        return full.unflatten(-1, (self.size, self.local)).amax(-2)
+
+
+def refusal(policy) -> str | None:
+    """Why ``policy`` cannot compress heads split over tensor-parallel ranks (None: it can)."""
+    if policy is None:
+        return None
+    if policy.allocator.reads_layers:
+        return (f"{type(policy.allocator).__name__} measures every head's keys and values to allocate, which "
+                "tensor parallelism splits over ranks")
+    if not policy.reducer.heads_independent:
+        return (f"{type(policy.reducer).__name__} makes one choice for all the heads of a layer, which tensor "
+                "parallelism splits over ranks")
+    return None
