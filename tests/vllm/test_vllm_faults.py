@@ -135,16 +135,23 @@ def _preemption_run(tiny_model_dir, tmp_path_factory, graphs: bool) -> dict:
 
 def test_graph_buffers_change_no_token_under_preemption(preemption_runs):
     """The same preempting run with the decode steps in the graph buffers: the same tokens for every
-    request neither run preempted, and the decode steps did take that path. (A preempted request is
-    recomputed and compressed again from wherever it was stopped, which depends on timing: two runs
-    without the buffers differ there too.)"""
+    request compressed at the same lengths in both runs and preempted in neither, and the decode
+    steps did take that path. (The schedule depends on timing: the engine core starts stepping
+    while ``generate`` still sends requests. So a preempted request is recomputed and compressed
+    again from wherever it was stopped, and the shared decode-time cadence lands on a request at
+    other lengths when the steps before it differ: two runs without the buffers differ there too.)"""
     piecewise, graphs = preemption_runs[False], preemption_runs[True]
 
     def preempted(run):  # vLLM's request ids, without the suffix the engine core adds
         freed = _freed_per_request(run["events"], 0, run["phase1_events"])
         return {rid.split("-")[0] for rid, n in freed.items() if n > 1}
 
-    steady = set(piecewise["tokens"]) - preempted(piecewise) - preempted(graphs)
+    def compressions(run, request):  # [(prefill or decode, at how many tokens)]
+        return [(e["what"], e["tokens"]) for e in run["events"][:run["phase1_events"]]
+                if e["kind"] == "compressed" and e["req_id"].split("-")[0] == request]
+
+    steady = {r for r in set(piecewise["tokens"]) - preempted(piecewise) - preempted(graphs)
+              if compressions(piecewise, r) == compressions(graphs, r)}
     assert len(steady) >= 4, steady
     assert {r: graphs["tokens"][r] for r in steady} == {r: piecewise["tokens"][r] for r in steady}
     built = [e["graph"] for e in graphs["events"] if e["kind"] == "build"]
