@@ -451,10 +451,12 @@ def run_load(target: Target, cfg: LoadConfig) -> dict:
 # ---- faults and bad inputs --------------------------------------------------------------------------
 def reference_body(target: Target) -> dict:
     """A greedy request whose tokens must not change across the faults (one request on an idle
-    server: the same batch every time)."""
+    server: the same batch every time). It recompresses at every step (``decode_slack`` 1): on the
+    server's default cadence its tokens would depend on where the server's step clock stands when
+    it arrives (the README's note on ``decode_slack``), which the faults before it move."""
     text = " ".join(kvc_tiny_model.SENTENCES * 3)
     return {"model": target.model, "prompt": text, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
-            "return_token_ids": True}
+            "return_token_ids": True, "vllm_xargs": {"kv_compression_config": json.dumps({"decode_slack": 1})}}
 
 
 def reference_tokens(target: Target) -> list[int] | None:
