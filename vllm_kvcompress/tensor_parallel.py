@@ -49,15 +49,22 @@ class HeadShards:
         """Every rank's ``local`` (this rank's heads along ``dim``), concatenated in rank order."""
         return local if not self.sharded else self.all_gather(local.contiguous(), dim)
 
+    def gather_counts(self, local: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """:meth:`gather` of an integer tensor of counts below 2**24 (rows), through float32: vLLM's
+        CPU communicator gathers floating-point tensors only."""
+        if not self.sharded:
+            return local
+        return self.gather(local.float(), dim).round().to(local.dtype)
+
     def mine(self, full: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """This rank's heads of ``full`` (all heads along ``dim``)."""
-        return full.narrow(dim, self.rank * self.local, self.local)
+        return full if not self.sharded else full.narrow(dim, self.rank * self.local, self.local)
 
     def slot_rows(self, full: torch.Tensor) -> torch.Tensor:
         """[..., total] -> [..., local]: per local head slot, the most rows any rank's head in that
         slot holds. Each rank assigns the scheduler's blocks to its heads in slot order, so with
         blocks for these rows in every slot the same block ids mean the same slot on every rank."""
-        return full.unflatten(-1, (self.size, self.local)).amax(-2)
+        return full if not self.sharded else full.unflatten(-1, (self.size, self.local)).amax(-2)
 
 
 def refusal(policy) -> str | None:

@@ -209,20 +209,23 @@ def test_completion_refuses_conflicts(field, value, message):
 def fake_config(**changes):
     model = SimpleNamespace(use_mla=False, is_encoder_decoder=False, is_hybrid=False, is_attention_free=False,
                             runner_type="generate", hf_text_config=SimpleNamespace(layer_types=None),
-                            get_sliding_window=lambda: changes.pop("sliding_window", None))
+                            get_sliding_window=lambda: changes.pop("sliding_window", None),
+                            get_total_num_kv_heads=lambda: 8)
     parallel = SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, decode_context_parallel_size=1,
                                prefill_context_parallel_size=1)
     cache = SimpleNamespace(cache_dtype="auto", enable_prefix_caching=False)
     config = SimpleNamespace(model_config=model, parallel_config=parallel, cache_config=cache,
-                             speculative_config=None, use_v2_model_runner=False)
+                             speculative_config=None, use_v2_model_runner=False,
+                             additional_config={"kv_compression": {"policy": "snapkv", "budget": 64}})
     for key, value in changes.items():
         target, attr = key.split(".")
         setattr(getattr(config, target) if target != "config" else config, attr, value)
     return config
 
 
-def test_plain_config_passes():
-    settings.check_vllm_config(fake_config())
+@pytest.mark.parametrize("tensor_parallel_size", [1, 2, 4, 8])
+def test_plain_config_passes(tensor_parallel_size):
+    settings.check_vllm_config(fake_config(**{"parallel_config.tensor_parallel_size": tensor_parallel_size}))
 
 
 @pytest.mark.parametrize("change, message", [
@@ -230,8 +233,14 @@ def test_plain_config_passes():
     ({"model_config.is_encoder_decoder": True}, "encoder-decoder"),
     ({"model_config.hf_text_config": SimpleNamespace(layer_types=["sliding_attention", "full_attention"])},
      "sliding-window"),
-    ({"parallel_config.tensor_parallel_size": 2}, "tensor_parallel_size=2"),
-    ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=2"),
+    ({"parallel_config.tensor_parallel_size": 3}, "tensor_parallel_size=3 replicates the model's 8 KV heads"),
+    ({"parallel_config.tensor_parallel_size": 16}, "tensor_parallel_size=16 replicates"),
+    ({"parallel_config.tensor_parallel_size": 2, "config.additional_config": {"kv_compression": {"policy": "windowkv"}}},
+     "windowkv under tensor_parallel_size=2: WindowReducer makes one choice for all the heads of a layer"),
+    ({"parallel_config.tensor_parallel_size": 2, "config.additional_config": {"kv_compression": {"policy": "zigzag"}}},
+     "zigzag under tensor_parallel_size=2: ZigZagAllocator measures every head's keys"),
+    ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=2: not supported"),
+    ({"parallel_config.decode_context_parallel_size": 2}, "decode_context_parallel_size=2"),
     ({"config.speculative_config": object()}, "speculative decoding"),
     ({"cache_config.cache_dtype": "fp8"}, "fp8"),
     ({"cache_config.enable_prefix_caching": True}, "prefix caching"),

@@ -57,6 +57,8 @@ SYMBOLS = {
     "CUDAGraphMode": ("vllm.config", "CUDAGraphMode"),
     "current_platform": ("vllm.platforms", "current_platform"),
     "UsageContext": ("vllm.usage.usage_lib", "UsageContext"),
+    # tensor parallelism: each rank's heads, the scores gathered across ranks (worker.py)
+    "get_tp_group": ("vllm.distributed.parallel_state", "get_tp_group"),
 }
 
 # Imported only where they run: the CPU worker monkeypatches torch on import (a GPU process must
@@ -126,6 +128,12 @@ PINNED: dict[str, str | None] = {
         "(cls, vllm_config: 'VllmConfig', metric_types: dict[type['PromMetric'], type['PromMetricT']], "
         "labelnames: list[str], per_engine_labelvalues: dict[int, list[object]]) -> 'KVConnectorPromMetrics | None'",
     "vllm.v1.outputs:KVConnectorOutput.kv_connector_worker_meta": None,
+    # worker.py: the tensor-parallel group the prefill compression gathers scores through
+    "vllm.distributed.parallel_state:get_tp_group": "() -> vllm.distributed.parallel_state.GroupCoordinator",
+    "vllm.distributed.parallel_state:GroupCoordinator.all_gather":
+        "(self, input_: torch.Tensor, dim: int = -1) -> torch.Tensor",
+    "vllm.distributed.parallel_state:GroupCoordinator.rank_in_group": None,
+    "vllm.distributed.parallel_state:GroupCoordinator.world_size": None,
     "vllm.v1.worker.gpu_input_batch:InputBatch.req_ids": None,
 }
 # dataclass fields the plugin reads: "module:Class" -> field names

@@ -20,6 +20,11 @@ recompress_phase=...)`` does on the same cadence. All requests come due in the s
 heads due go through the policy in one call whatever their layer, request and length (padded at
 the front; equal lengths only for reducers that need them, WindowKV's), and
 ``Policy.recompress_heads`` keeps each head's result its own.
+Under tensor parallelism (``WorkerState.shards``) each rank compresses its own heads: the prefill
+compression gathers every rank's scores once and allocates the budgets of all heads on every rank
+(``Policy.compress_shard`` / ``select_prefill``), and decode-time recompression needs nothing of
+the other ranks (the budgets are known; each head is reduced on its own). Every rank then knows
+every head's rows, so all size their blocks alike (:class:`~.request.Request`).
 The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
 positions from the true sequence length.
 """
@@ -167,24 +172,26 @@ class Compressor:
         queries = torch.stack([st.queries[l] for l in range(ws.L)])  # [L, Hq, window, D]
         queries = queries.view(heads, queries.shape[1] // ws.H, *queries.shape[2:])  # [L * H, group, window, D]
         lengths = torch.full((heads,), n, dtype=torch.int64, device=ws.pool.device)
-        keep_idx, budgets = st.policy.select_prefill(PagedHeads(queries, ws.pool[0], table, lengths, n), ws.L)
+        keep_idx, budgets = st.policy.select_prefill(PagedHeads(queries, ws.pool[0], table, lengths, n), ws.L,
+                                                     ws.shards)
         compaction.compact_rows(ws.pool[0], ws.pool[1], table, keep_idx.contiguous(),
-                                budgets.flatten().to(ws.pool.device))
+                                ws.shards.mine(budgets).flatten().to(ws.pool.device))
         return budgets.cpu()
 
     def _reduce_prefill(self, st: Request) -> torch.Tensor:
         """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
-        Returns the rows kept per head, int64 [L, H] (host)."""
+        Returns the rows kept per head of the model, int64 [L, all KV heads] (host): what every rank
+        kept, gathered (a reducer may keep fewer rows than its budget)."""
         ws = self.state
         observations = []
         for l in range(ws.L):  # every head holds num_tokens rows
             keys, values = (reference.gather_heads(cache, ws.tables[st.row, l], st.num_tokens) for cache in ws.pool)
             observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
-        retained = st.policy.compress(observations)
-        keep = torch.stack([kept.lengths for kept in retained]).cpu()
+        retained, _ = st.policy.compress_shard(observations, ws.shards)
+        keep = torch.stack([kept.lengths for kept in retained])
         for l, kept in enumerate(retained):
-            write_rows(ws, ws.tables[st.row, l], kept.keys, kept.values, keep[l])
-        return keep
+            write_rows(ws, ws.tables[st.row, l], kept.keys, kept.values, keep[l].cpu())
+        return ws.shards.gather_counts(keep.to(ws.pool.device), dim=1).cpu()
 
     def _seed_ring(self, st: Request) -> None:
         """Seed the request's ring of recent queries with the prefill's last window of queries."""
@@ -214,7 +221,9 @@ class Compressor:
         layer or length (padded, :func:`_gather_padded`; of one length per call for reducers without
         ``pads_heads``; split by :func:`_calls` where they would outgrow the compression workspace),
         so the requests due in a step cost one round of launches. ``Policy.recompress_heads`` keeps
-        each head's result its own. Returns the requests that had a head over its budget."""
+        each head's result its own. Under tensor parallelism each rank reduces its own heads over
+        their budgets, and counts every rank's as brought back to theirs. Returns the requests that
+        had a head over its budget."""
         ws = self.state
         groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
         keep = {}
@@ -223,9 +232,12 @@ class Compressor:
             over = st.heads_over_budget()
             if not bool(over.any()):
                 continue
-            keep[rid] = st.lens.clone()
+            keep[rid] = torch.where(over, st.decode_budget, st.lens)
+            over, local_lens = ws.shards.mine(over), st.local_lens
+            if not bool(over.any()):
+                continue  # only other ranks' heads are due
             count = st.recent_queries()
-            pairs, lengths = over.nonzero(), st.lens[over]  # (layer, head) of every head over its budget
+            pairs, lengths = over.nonzero(), local_lens[over]  # (layer, head) of every own head over its budget
             if st.policy.reducer.pads_heads:
                 layers, heads = pairs.unbind(1)
                 groups.setdefault((id(st.policy), None, count), []).append((rid, layers, heads, lengths))
@@ -238,14 +250,12 @@ class Compressor:
             sizes = [len(layers) for _, layers, _, _ in members]
             member = torch.arange(len(members)).repeat_interleave(torch.tensor(sizes))  # each head's member
             layers, heads, lengths = (torch.cat([m[i] for m in members]) for i in (1, 2, 3))
-            budgets = torch.cat([ws.reqs[rid].decode_budget[l, h] for rid, l, h, _ in members])
+            budgets = torch.cat([ws.shards.mine(ws.reqs[rid].decode_budget)[l, h] for rid, l, h, _ in members])
             rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members])[member]
             oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
             for part in _calls(lengths, _max_rows(ws, policy, count, int(lengths.max()), int(budgets.min()))):
                 _recompress_heads(ws, policy, count, *(x if part is None else x[part]
                                                        for x in (rows, layers, heads, lengths, oldest, budgets)))
-            for (rid, l, h, _), kept in zip(members, budgets.split(sizes)):
-                keep[rid][l, h] = kept
         for rid, rows_kept in keep.items():
             self._finish(rid, rows_kept, "decode")
         return list(keep)

@@ -22,8 +22,13 @@ class KVCompressWorkerMetadata(KVConnectorWorkerMetadata):
         self.reports = reports  # req_id -> (released block ids, T, lens [L][H])
 
     def aggregate(self, other: "KVCompressWorkerMetadata") -> "KVCompressWorkerMetadata":
-        # TP > 1 is refused at start-up, so there is exactly one worker's metadata
-        raise NotImplementedError("kv compression runs with one worker (tensor_parallel_size=1)")
+        """Another tensor-parallel rank's reports (vLLM's KVOutputAggregator folds every rank's into
+        the first's): every rank releases the same block ids at the same lengths, since all size
+        their blocks by the same slot rows. Anything else would free blocks a rank still uses."""
+        if other.reports != self.reports:
+            raise RuntimeError("kv compression: tensor-parallel ranks released different head-blocks "
+                               f"({self.reports} != {other.reports}); accounting bug")
+        return self
 
 
 class KVCompressConnector(KVConnectorBase_V1):
@@ -52,7 +57,10 @@ class KVCompressConnector(KVConnectorBase_V1):
     def get_kv_connector_stats(self) -> KVCompressStats | None:
         # vLLM also asks the scheduler-side connector (Scheduler.update_from_output); with the `uni`
         # executor it shares the worker's process, so only the worker side takes the counters
-        return KVCompressStats.taken() if self.role == KVConnectorRole.WORKER else None
+        # under tensor parallelism the first rank's counters stand for all (the same compressions)
+        if self.role != KVConnectorRole.WORKER or runtime.TENSOR_PARALLEL_RANK:
+            return None
+        return KVCompressStats.taken()
 
     # ---- front end (stat loggers) -------------------------------------------------------------
     @classmethod

@@ -18,8 +18,14 @@ Lifecycle (every transition is a method of :class:`Request`; nothing else writes
 Finishing, preemption and resumption are the :class:`~.state.WorkerState`'s: they give the table
 row back and start a new :class:`Request`.
 
-Block bookkeeping: ``lens`` / ``num_blocks`` (int64 [L, H], host) are the rows held and blocks
-assigned per head; ``spare`` the block ids the scheduler gave the request that no head uses yet.
+Block bookkeeping: ``lens`` (int64 [L, all KV heads], host) the rows every head of the model
+holds, ``num_blocks`` (int64 [L, H], host) the blocks assigned to each of this worker's heads;
+``spare`` the block ids the scheduler gave the request that no head uses yet. Under tensor
+parallelism (:class:`~vllm_kvcompress.tensor_parallel.HeadShards`) every rank tracks the lengths
+of every rank's heads, which all ranks know the same (the budgets are allocated over all heads),
+and gives each of its head *slots* the blocks of the longest head in that slot on any rank
+(:attr:`Request.slot_lens`): the scheduler's block ids then mean the same slot on every rank, and
+its one count of a request's blocks is exact for each.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import enum
 import torch
 
 from ..policy import Policy
+from ..tensor_parallel import HeadShards
 
 
 class Phase(enum.Enum):
@@ -40,9 +47,10 @@ class Request:
     """row: the request's row of ``WorkerState.tables``; compress_at: the length at which its
     prefill completes (None: never compressed); decode_slack: the cadence of decode-time
     recompression in engine steps (None: never); decode_budget: int64 [L, H] the rows decode-time
-    recompression brings heads back to (set by the prefill compression)."""
+    recompression brings heads back to (set by the prefill compression). ``shards``: which of the
+    model's KV heads this worker holds (all of them without tensor parallelism)."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, policy: Policy | None, compress_at: int | None,
+    def __init__(self, num_layers: int, shards: HeadShards, policy: Policy | None, compress_at: int | None,
                  decode_slack: int | None, row: int):
         self.policy = policy
         self.compress_at = compress_at if policy is not None else None
@@ -54,8 +62,9 @@ class Request:
         self.num_tokens = 0  # tokens whose K/V went through the cache
         self.max_len = 0  # rows of its longest head
         self.prefill_chunks = 0  # steps the observed prefill took (chunked prefill when > 1)
-        self.lens = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64)
-        self.num_blocks = torch.zeros_like(self.lens)
+        self.shards = shards
+        self.lens = torch.zeros(num_layers, shards.total, dtype=torch.int64)
+        self.num_blocks = torch.zeros(num_layers, shards.local, dtype=torch.int64)
         self.queries: dict[int, torch.Tensor] = {}  # layer -> [Hq, <=window, D] latest prefill queries
         self.global_attention: dict[int, torch.Tensor] = {}  # layer -> float32 [H, n] column mass (EMS)
         self.decode_budget: torch.Tensor | None = None
@@ -124,7 +133,7 @@ class Request:
                 and bool((self.lens > self.decode_budget).any()))
 
     def heads_over_budget(self) -> torch.Tensor:
-        """bool [L, H]: the heads decode-time recompression brings back to their budgets."""
+        """bool [L, all KV heads]: the heads decode-time recompression brings back to their budgets."""
         return self.lens > self.decode_budget
 
     def recent_queries(self) -> int:
@@ -132,6 +141,17 @@ class Request:
         return min(self.recent_count, self.policy.window)
 
     # ---- rows and blocks --------------------------------------------------------------------
+    @property
+    def local_lens(self) -> torch.Tensor:
+        """int64 [L, H]: the rows this worker's heads hold."""
+        return self.shards.mine(self.lens)
+
+    @property
+    def slot_lens(self) -> torch.Tensor:
+        """int64 [L, H]: per head slot, the rows of the longest head in it on any rank (the rows its
+        blocks are sized for; :meth:`~vllm_kvcompress.tensor_parallel.HeadShards.slot_rows`)."""
+        return self.shards.slot_rows(self.lens)
+
     def add_spares(self, block_ids: list[int]) -> None:
         if block_ids:
             self.spare.extend(block_ids)
@@ -145,16 +165,16 @@ class Request:
         del self.spare[:count]
         return taken
 
-    def appended(self, lens: torch.Tensor, num_blocks: torch.Tensor, num_new: int, max_len: int) -> None:
-        """``num_new`` rows went into every head: it now holds ``lens`` rows (``max_len`` the most) in
-        ``num_blocks`` blocks."""
-        self.lens = lens
+    def appended(self, num_new: int, num_blocks: torch.Tensor) -> None:
+        """``num_new`` rows went into every head; its heads now have ``num_blocks`` blocks [L, H]."""
+        self.lens = self.lens + num_new
         self.num_blocks = num_blocks
-        self.max_len = max_len
+        self.max_len += num_new
         self.num_tokens += num_new
 
     def compacted(self, keep: torch.Tensor, kept_blocks: torch.Tensor, freed: list[int]) -> None:
-        """Every head now holds ``keep`` rows in its first ``kept_blocks`` blocks; ``freed`` are spare."""
+        """Every head now holds ``keep`` rows [L, all KV heads]; this worker's, in their first
+        ``kept_blocks`` [L, H] blocks; ``freed`` are spare."""
         self.spare.extend(freed)
         self.num_blocks = kept_blocks
         self.lens = keep.clone()

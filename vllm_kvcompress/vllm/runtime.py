@@ -7,7 +7,9 @@ EngineCore, ``WORKER_STATE``, ``COMPRESSOR`` and ``RUNNER`` in the worker.
 ``VLLM_KVC_EVENTS=/path/file.jsonl`` makes every process append events there (tests and
 benchmarks read block counts and peak concurrency from it); unset, ``event`` is a no-op. With it
 set, the worker also writes one ``step_time`` event per step (:class:`StepTimer`): where the step's
-time went, for the serving benchmark's breakdown.
+time went, for the serving benchmark's breakdown. Under tensor parallelism only the first rank's
+worker writes events and ships counters (:data:`TENSOR_PARALLEL_RANK`): every rank compresses the
+same requests to the same lengths.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ MANAGER = None       # EngineCore process: the HeadBlockManager
 WORKER_STATE = None  # worker process: the WorkerState
 COMPRESSOR = None    # worker process: the Compressor over WORKER_STATE
 RUNNER = None        # worker process: the model runner (rows of input_batch -> request ids)
+TENSOR_PARALLEL_RANK = 0  # worker process: its rank in vLLM's tensor-parallel group
 
 
 @dataclass
@@ -62,7 +65,7 @@ def take_stats() -> CompressionStats:
 
 def event(kind: str, **fields) -> None:
     path = os.environ.get(EVENTS_ENV)
-    if not path:
+    if not path or TENSOR_PARALLEL_RANK:
         return
     fields.update(kind=kind, pid=os.getpid(), t=round(time.time(), 4))
     with open(path, "a") as f:

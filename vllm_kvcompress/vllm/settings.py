@@ -110,7 +110,7 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str, offl
 
     rules = request_rules.read(args.additional_config, config, offline)
     logger.info("kv compression: %s", rules.describe(config))
-    params.publish_server_config(config, rules)
+    params.publish_server_config(config, rules, args.tensor_parallel_size)
     if params.PROCESSOR not in (args.logits_processors or []):
         args.logits_processors = [*(args.logits_processors or []), params.PROCESSOR]
 
@@ -141,11 +141,11 @@ def refusals(vllm_config) -> list[str]:
         why.append("sliding-window attention layers evict by position already; compression needs full attention")
     if getattr(model, "runner_type", "generate") != "generate":
         why.append(f"runner {model.runner_type!r}: only text generation is supported")
-    for name in ("tensor_parallel_size", "pipeline_parallel_size", "decode_context_parallel_size",
-                 "prefill_context_parallel_size"):
+    for name in ("pipeline_parallel_size", "decode_context_parallel_size", "prefill_context_parallel_size"):
         if getattr(parallel, name, 1) > 1:
-            why.append(f"{name}={getattr(parallel, name)}: only one GPU per model is supported "
-                       "(per-head assignment is not synchronised across ranks yet)")
+            why.append(f"{name}={getattr(parallel, name)}: not supported (tensor parallelism is: "
+                       "--tensor-parallel-size N)")
+    why.extend(_tensor_parallel_refusals(vllm_config))
     if vllm_config.speculative_config is not None:
         why.append("speculative decoding is not supported (rejected draft tokens need per-head rollback)")
     if cache.cache_dtype != "auto":
@@ -155,6 +155,27 @@ def refusals(vllm_config) -> list[str]:
     if cache.enable_prefix_caching:
         why.append("prefix caching must be off (compressed head-blocks cannot be shared)")
     why.extend(_head_score_mismatch(vllm_config))
+    return why
+
+
+def _tensor_parallel_refusals(vllm_config) -> list[str]:
+    """Tensor parallelism needs the KV heads split over the ranks, and a policy whose heads can be
+    compressed rank by rank (:func:`~vllm_kvcompress.tensor_parallel.refusal`)."""
+    size = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
+    if size == 1:
+        return []
+    from ..presets import build_policy
+    from ..tensor_parallel import refusal
+
+    why = []
+    total = vllm_config.model_config.get_total_num_kv_heads()
+    if total % size:
+        why.append(f"tensor_parallel_size={size} replicates the model's {total} KV heads over the ranks; "
+                   f"compression needs them split (a tensor-parallel size dividing {total})")
+    config = read(getattr(vllm_config, "additional_config", None))
+    policy_refused = refusal(build_policy(config)) if config is not None else None
+    if policy_refused is not None:
+        why.append(f"{config.policy} under tensor_parallel_size={size}: {policy_refused}")
     return why
 
 

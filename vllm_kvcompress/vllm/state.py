@@ -13,6 +13,9 @@ tables from the host; only newly assigned block ids travel. :attr:`WorkerState.h
 them on the host (the same writes), so the blocks a compaction frees are known without reading the
 device. Per-head lengths and block counts are small host tensors ([L, H] per request), so no step
 needs a device-to-host sync. A request's phases and fields are its own (:mod:`.request`).
+
+Under tensor parallelism each rank's state holds that rank's ``H`` KV heads (``shards``); the
+scheduler's block ids and counts are the same on every rank (:class:`~.request.Request`).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 from ..config import CompressionConfig
 from ..policy import Policy
 from ..presets import build_policy
+from ..tensor_parallel import HeadShards, refusal
 from . import runtime
 from .request import Request
 
@@ -99,8 +103,13 @@ class StepLayout:
 
 class WorkerState:
     def __init__(self, num_layers: int, num_kv_heads: int, block_size: int, layer_index: dict[str, int],
-                 config: CompressionConfig, device: str | torch.device = "cpu", workspace_bytes: int = 0):
+                 config: CompressionConfig, device: str | torch.device = "cpu", workspace_bytes: int = 0,
+                 shards: HeadShards | None = None):
+        """num_kv_heads: the KV heads this worker holds (of ``shards.total`` under tensor parallelism)."""
         self.L, self.H, self.bs = num_layers, num_kv_heads, block_size
+        self.shards = shards if shards is not None else HeadShards(local=num_kv_heads)
+        if self.shards.local != num_kv_heads:
+            raise ValueError(f"{num_kv_heads} KV heads on this worker, {self.shards.local} in its shard")
         self.layer_index = layer_index  # attention layer name -> layer position
         self.config = config
         self.device = torch.device(device)
@@ -132,7 +141,11 @@ class WorkerState:
         config = request_config(self.config, extra_args)
         key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._policies:
-            self._policies[key] = build_policy(config)
+            policy = build_policy(config)
+            why = refusal(policy) if self.shards.sharded else None
+            if why is not None:  # the front end refuses it first (HTTP 400); never compress it wrongly
+                raise ValueError(f"kv compression {config.policy!r} under tensor parallelism: {why}")
+            self._policies[key] = policy
         return self._policies[key], config.decode_slack
 
     def ensure_recent(self, window: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> None:
@@ -148,7 +161,7 @@ class WorkerState:
     def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> Request:
         if not self.free_rows:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
-        st = Request(self.L, self.H, policy, compress_at, decode_slack, row=self.free_rows.pop())
+        st = Request(self.L, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
         self.reqs[rid] = st
         return st
 
@@ -233,13 +246,16 @@ class WorkerState:
     def _assign(self, reqs: list[Request], req_ids: list[str], q_lens: torch.Tensor):
         """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
         each request's spares in order (layer-major, then head, then row). All requests in one go:
-        a decode step touches every running request. Returns the rows held before, int64 [R, L, H],
-        the most blocks any head now holds, and the table writes to make (host tensors: request row,
-        head, column, block id; or None)."""
+        a decode step touches every running request. Returns the rows this worker's heads held
+        before, int64 [R, L, H], the blocks they now have, and the table writes to make (host
+        tensors: request row, head, column, block id; or None). Blocks follow the slots' rows
+        (:attr:`Request.slot_lens`; the heads' own rows without tensor parallelism)."""
         heads = self.L * self.H
-        before = torch.stack([st.lens for st in reqs])  # [R, L, H]
+        before_all = torch.stack([st.lens for st in reqs])  # [R, L, all KV heads]
+        before = self.shards.mine(before_all)
+        slot_before = self.shards.slot_rows(before_all)
         held = torch.stack([st.num_blocks for st in reqs])
-        need = -(-(before + q_lens[:, None, None]) // self.bs)  # blocks per head after the append
+        need = -(-(slot_before + q_lens[:, None, None]) // self.bs)  # blocks per head after the append
         add = (need - held).clamp(min=0).reshape(len(reqs), heads)
         totals = add.sum(1).tolist()
         ids = []
@@ -270,9 +286,8 @@ class WorkerState:
             before_host, blocks, writes = self._assign(reqs, req_ids, q_lens)
         width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
-        longest = after_host.amax((1, 2)).tolist()  # rows of each request's longest head
         for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
-            st.appended(after_host[r], blocks[r], q_len, longest[r])
+            st.appended(q_len, blocks[r])
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
         host = {"rows": torch.tensor([st.row for st in reqs], dtype=torch.int64), "before": before_host,
@@ -313,17 +328,18 @@ class WorkerState:
         return list(self.reqs[rid].spare)
 
     def retained_lens(self, rid: str) -> list[list[int]]:
-        """Rows held per (layer, head): [L][H]."""
+        """Rows held per (layer, KV head of the model): [L][all KV heads]."""
         return self.reqs[rid].lens.tolist()
 
     # ---- after a compression (compressor) and at the end of a step (connector) -------------
     def compacted_heads(self, rid: str, keep: torch.Tensor) -> None:
-        """Every head now holds ``keep`` (int [L, H]) rows at the front of its blocks; tail -> spare."""
+        """Every head now holds ``keep`` (int [L, all KV heads]) rows at the front of its blocks; the
+        blocks past its slot's rows -> spare."""
         st = self.reqs[rid]
         keep = keep.to(torch.int64).cpu()
         if bool((keep > st.lens).any()):
             raise RuntimeError(f"request {rid}: compaction cannot grow a head ({keep.tolist()} > {st.lens.tolist()})")
-        kept_blocks = -(-keep // self.bs)
+        kept_blocks = -(-self.shards.slot_rows(keep) // self.bs)
         width = int(st.num_blocks.max())
         col = torch.arange(width)
         tail = (col >= kept_blocks[..., None]) & (col < st.num_blocks[..., None])  # [L, H, width]
@@ -337,10 +353,10 @@ class WorkerState:
 
     def spares_needed(self, st: Request) -> int:
         """Spare blocks the request's heads can take in the next LAG_TOKENS rows."""
-        return int((-(-(st.lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
+        return int((-(-(st.slot_lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
 
     def take_reports(self) -> dict[str, tuple[list[int], int, list[list[int]]]]:
-        """req_id -> (released block ids, T, lens [L][H]) for compressed requests holding more
+        """req_id -> (released block ids, T, slot rows [L][H]) for compressed requests holding more
         spares than the next LAG_TOKENS tokens can need. Only requests whose spares grew or whose
         heads were compacted since the last check can: appending rows never makes spares exceed that
         need (it assigns a spare to a head only when the head's own need grows by as much), so the
@@ -353,5 +369,5 @@ class WorkerState:
             released = st.take_surplus(self.spares_needed(st))
             if released:
                 runtime.record_release(len(released))
-                out[rid] = (released, st.num_tokens, st.lens.tolist())
+                out[rid] = (released, st.num_tokens, st.slot_lens.tolist())
         return out

@@ -19,8 +19,9 @@ import re
 
 
 from ..head_scores import HeadScores
+from ..tensor_parallel import HeadShards
 from . import kernels, runtime, settings
-from .compat import AttentionBackendEnum, BlockTable, FullAttentionSpec, SlotMappingMode, register_backend
+from .compat import AttentionBackendEnum, BlockTable, FullAttentionSpec, SlotMappingMode, get_tp_group, register_backend
 from .compressor import Compressor
 from .graphs import DecodeBuffers
 from .spec import HeadBlockSpec
@@ -55,11 +56,12 @@ class _HeadBlockRunnerMixin:
             self.shared_kv_cache_layers[name] = names[0]
         if runtime.WORKER_STATE is None:
             config = settings.read(self.vllm_config.additional_config)
+            shards = tensor_parallel_shards(self.vllm_config, first.num_kv_heads)
             if config.headkv_scores:  # wrong shape: fail at start-up, not at the first compression
-                HeadScores.load(config.headkv_scores).check_model(len(names), first.num_kv_heads,
-                                                                  config.headkv_scores)
+                HeadScores.load(config.headkv_scores).check_model(len(names), shards.total, config.headkv_scores)
             ws = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
-                             config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config))
+                             config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config),
+                             shards=shards)
             if config.cuda_graphs:
                 ws.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
                                                                                  config.cuda_graphs_max_len),
@@ -87,6 +89,21 @@ class _HeadBlockRunnerMixin:
             table.__class__ = _UnusedBlockTable
             table.slot_mapping_mode = SlotMappingMode.NONE  # compute_slot_mapping returns at once
         runtime.event("block_tables", columns=[t.max_num_blocks_per_req for t in self.input_batch.block_table.block_tables])
+
+
+def tensor_parallel_shards(vllm_config, num_kv_heads: int) -> HeadShards:
+    """This worker's share of the model's KV heads (``num_kv_heads`` of them) and vLLM's
+    tensor-parallel group to gather the other ranks' scores through."""
+    size = vllm_config.parallel_config.tensor_parallel_size
+    if size == 1:
+        return HeadShards(local=num_kv_heads)
+    total = vllm_config.model_config.get_total_num_kv_heads()
+    if num_kv_heads * size != total:  # settings.refusals says so before any worker starts
+        raise ValueError(f"kv compression needs the model's {total} KV heads split over the {size} tensor-parallel "
+                         f"ranks, not replicated ({num_kv_heads} on this rank)")
+    group = get_tp_group()
+    runtime.TENSOR_PARALLEL_RANK = group.rank_in_group
+    return HeadShards(size, group.rank_in_group, num_kv_heads, group.all_gather)
 
 
 class _UnusedBlockTable(BlockTable):
