@@ -1,6 +1,6 @@
 """GPU timings of the cache-side kernels: window scores, compaction, merge.
 
-``run_all(device)`` returns one dict per measurement (benchmarks/kernels.py writes them to JSON);
+``run_all(device)`` returns one dict per measurement (benchmarks/bench_decode_attention.py writes them to JSON);
 ``python benchmarks/bench_cache_ops.py`` prints them as a table. Times are medians of
 ``triton.testing.do_bench``; every buffer is far larger than L2 where bandwidth is reported.
 

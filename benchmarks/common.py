@@ -134,7 +134,7 @@ def build_model_dir(name: str, root: Path) -> Path:
 
 
 def device_slug(name: str) -> str:
-    """'NVIDIA H100 80GB HBM3' -> 'h100' (as benchmarks/kernels.py); CPUs -> 'cpu'."""
+    """'NVIDIA H100 80GB HBM3' -> 'h100' (as benchmarks/bench_decode_attention.py); CPUs -> 'cpu'."""
     if name.lower().startswith("cpu"):
         return "cpu"
     for word in name.lower().replace("-", " ").split():

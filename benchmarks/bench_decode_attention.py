@@ -10,9 +10,9 @@ the data cannot stay in the 50 MB L2, as in a real decode step, and takes the me
 triton.testing.do_bench (which also flushes L2 between replays); the time per layer is reported.
 Bandwidth is set against a device-to-device copy measured in the same run.
 
-    python benchmarks/kernels.py                 # full grid, JSON (+ PNG if matplotlib) to benchmarks/results/
-    python benchmarks/kernels.py --quick --tune  # small grid, plus the tile-config / split sweeps
-    python benchmarks/kernels.py --plot benchmarks/results/kernels-h100.json   # PNG from a JSON (no GPU)
+    python benchmarks/bench_decode_attention.py                 # full grid, JSON (+ PNG if matplotlib) to benchmarks/results/
+    python benchmarks/bench_decode_attention.py --quick --tune  # small grid, plus the tile-config / split sweeps
+    python benchmarks/bench_decode_attention.py --plot benchmarks/results/kernels-h100.json   # PNG from a JSON (no GPU)
 
 Cases from other kernel benchmarks join the same JSON: if ``benchmarks/bench_cache_ops.py`` exists,
 its ``run_all(device) -> list[dict]`` is called and its records are appended.
