@@ -15,19 +15,23 @@ from .budget import distribute
 from .observation import LayerObservation
 from .paged.reference import window_scores
 from .scoring import window_probabilities
+from .tensor_parallel import SINGLE, HeadShards
 
 
 @dataclass(frozen=True)
 class AllocationInput:
     """scores: per layer float32 [num_kv_heads, seq_len]; per_head: average budget; floor: minimum;
     protected: bool [seq_len], the positions every head keeps (window + sinks); observations: the
-    layers themselves (None where a caller has only scores), for allocators that measure them."""
+    layers themselves (None where a caller has only scores), for allocators that measure them.
+    shards: under tensor parallelism the observations hold one rank's heads
+    (:class:`~vllm_kvcompress.tensor_parallel.HeadShards`), while the scores are every rank's."""
 
     scores: list[torch.Tensor]
     per_head: int
     floor: int
     protected: torch.Tensor
     observations: list[LayerObservation] | None = None
+    shards: HeadShards = SINGLE
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -205,7 +209,8 @@ class ZigZagAllocator(Allocator):
             raise ValueError(f"unknown zigzag measure {self.measure!r}; valid measures: {', '.join(ZIGZAG_MEASURES)}")
 
     def layer_needs(self, inp: AllocationInput) -> torch.Tensor:
-        """float64 [num_layers]: each layer's minimum budget, averaged over its heads."""
+        """float64 [num_layers]: each layer's minimum budget, averaged over its heads. Under tensor
+        parallelism each rank measures its own heads and the heads' minima are gathered."""
         if self.measure == "scores":
             return torch.stack([tokens_for_mass(s, self.mass).double().mean() for s in inp.scores])
         if inp.observations is None:
@@ -216,9 +221,9 @@ class ZigZagAllocator(Allocator):
                 attention = window_scores(obs.window_queries, obs.keys, obs.scale, padding=obs.padding)
                 need = tokens_for_mass(attention.masked_fill(inp.protected[None, :], 0.0), self.mass)
             else:
-                need = tokens_for_output(obs, scores, inp.protected, 1.0 - self.mass)
-            needs.append(need.double().mean())
-        return torch.stack(needs).cpu()
+                need = tokens_for_output(obs, inp.shards.mine(scores, dim=0), inp.protected, 1.0 - self.mass)
+            needs.append(need)
+        return inp.shards.gather_counts(torch.stack(needs)).double().mean(1).cpu()
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
         num_layers, num_heads = inp.shape

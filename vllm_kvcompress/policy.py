@@ -11,7 +11,7 @@ from .budget import Budget
 from .observation import LayerObservation
 from .reduction import Reducer, RetainedLayer, protected_positions
 from .scoring import Scorer
-from .tensor_parallel import HeadShards
+from .tensor_parallel import SINGLE, HeadShards
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,13 @@ class Policy:
             return self.budget.per_head(seq_len, floor)
         return min(seq_len, self.budget.per_head(seq_len) + floor)
 
-    def for_request(self, observations: list[LayerObservation]) -> tuple["Policy", list[LayerObservation]]:
+    def for_request(self, observations: list[LayerObservation], shards: HeadShards = SINGLE
+                    ) -> tuple["Policy", list[LayerObservation]]:
         """This policy as it compresses one request, and the observations it then sees: the reducer
         may pick the request's observation window (WindowKV: its suffix by task type), shorter
-        than the one the engine collected (``window``)."""
-        window, reducer = self.reducer.for_request(observations, self.window)
+        than the one the engine collected (``window``). ``shards``: the observations hold one
+        tensor-parallel rank's heads; the reducer decides from every rank's."""
+        window, reducer = self.reducer.for_request(observations, self.window, shards)
         if window == self.window and reducer is self.reducer:
             return self, observations
         trimmed = [dataclasses.replace(o, window_queries=o.window_queries[:, -window:]) for o in observations]
@@ -62,7 +64,7 @@ class Policy:
         policy, observations = self.for_request(observations)
         return policy._allocate(observations)
 
-    def _allocate(self, observations: list[LayerObservation], shards: HeadShards | None = None
+    def _allocate(self, observations: list[LayerObservation], shards: HeadShards = SINGLE
                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """(budgets of every head, int64 [num_layers, all KV heads]; these heads' scores; protected).
         With ``shards`` the observations are one tensor-parallel rank's heads: every rank's scores
@@ -73,10 +75,10 @@ class Policy:
         return self._budgets(scores, seq_len, protected, observations, shards), scores, protected
 
     def _budgets(self, scores: list[torch.Tensor], seq_len: int, protected: torch.Tensor, observations,
-                 shards: HeadShards | None) -> torch.Tensor:
-        if shards is not None and shards.sharded:
-            scores, observations = list(shards.gather(torch.stack(scores), dim=1)), None
-        inp = AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations)
+                 shards: HeadShards) -> torch.Tensor:
+        if shards.sharded:  # the allocator sees every rank's scores; observations stay this rank's
+            scores = list(shards.gather(torch.stack(scores), dim=1))
+        inp = AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations, shards)
         return self.allocator.allocate(inp)
 
     def decode_budgets(self, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
@@ -134,7 +136,7 @@ class Policy:
         kept_keys, kept_values = self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))
         return kept_keys[0], kept_values[0]
 
-    def select_prefill(self, heads, num_layers: int, shards: HeadShards | None = None
+    def select_prefill(self, heads, num_layers: int, shards: HeadShards = SINGLE
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`compress` for reducers that only select rows, from an observation of every head of
         a request at once without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`:
@@ -147,24 +149,26 @@ class Policy:
         scores = self.scorer.score(heads)  # [L * H, seq_len]
         protected = protected_positions(seq_len, self.window, self.sink, device=heads.device)
         budgets = self._budgets(list(scores.view(num_layers, -1, seq_len)), seq_len, protected, None, shards)
-        mine = budgets if shards is None else shards.mine(budgets)
-        keep = self.reducer.select_heads(heads, scores, mine.flatten().cpu(), protected)
+        keep = self.reducer.select_heads(heads, scores, shards.mine(budgets).flatten().cpu(), protected)
         return keep, budgets
 
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""
         return self.compress_shard(observations)[0]
 
-    def compress_shard(self, observations: list[LayerObservation], shards: HeadShards | None = None
+    def compress_shard(self, observations: list[LayerObservation], shards: HeadShards = SINGLE
                        ) -> tuple[list[RetainedLayer], torch.Tensor]:
-        """:meth:`compress` of one tensor-parallel rank's heads (``shards``; None: all heads). Returns
-        the retained layers of these heads and the budgets of every head, [num_layers, all heads]."""
+        """:meth:`compress` of one tensor-parallel rank's heads (``shards``; by default all heads).
+        Returns the retained layers of these heads and the budgets of every head, [num_layers, all
+        heads]. A reducer whose heads share a decision (not ``heads_independent``: WindowKV's
+        windows) decides from every rank's scores and keeps this rank's heads' rows."""
         if len({o.seq_len for o in observations}) != 1:
             raise ValueError("all layers of a request must hold the same number of tokens")
-        policy, observations = self.for_request(observations)
+        policy, observations = self.for_request(observations, shards)
         budgets, scores, protected = policy._allocate(observations, shards)
         if policy.reducer.ranks_query_heads:
             rows = [policy.scorer.query_head_scores(o) for o in observations]
             scores = scores if rows[0] is None else rows
-        mine = budgets if shards is None else shards.mine(budgets)
-        return policy.reducer.reduce(observations, scores, mine, protected), budgets
+        if shards.sharded and not policy.reducer.heads_independent:
+            scores = [shards.gather(s, dim=0) for s in scores]  # query heads (or KV heads) in rank order
+        return policy.reducer.reduce(observations, scores, shards.mine(budgets), protected), budgets

@@ -11,6 +11,7 @@ import torch
 
 from .observation import LayerObservation
 from .scoring import WindowKVScorer
+from .tensor_parallel import SINGLE, HeadShards
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Reducer:
         """Whether every head keeps exactly its budget at prefill (else at most: whole windows)."""
         return True
 
-    def for_request(self, observations: list[LayerObservation], window: int) -> tuple[int, "Reducer"]:
+    def for_request(self, observations: list[LayerObservation], window: int, shards: HeadShards = SINGLE
+                    ) -> tuple[int, "Reducer"]:
         """(the observation window one request's compression uses, the reducer that compresses it).
-        Most reducers: the policy's window and themselves. WindowKV's task type picks both."""
+        Most reducers: the policy's window and themselves. WindowKV's task type picks both, from
+        every tensor-parallel rank's heads (``shards``: the observations hold one rank's)."""
         return window, self
 
     def reduce(
@@ -362,16 +365,18 @@ class WindowReducer(Reducer):
         """The stand-in classifier on raw prefix scores [rows, seq_len] -> bool [rows]."""
         return top_share(rows) >= self.retrieval_share
 
-    def task_type(self, scores: list[torch.Tensor]) -> str:
-        """The request's task type: ``task`` if fixed, else the stand-in over every layer's rows."""
+    def task_type(self, scores: list[torch.Tensor], shards: HeadShards = SINGLE) -> str:
+        """The request's task type: ``task`` if fixed, else the stand-in over every layer's rows
+        (each rank's rows gathered under tensor parallelism)."""
         if self.task != "auto":
             return self.task
-        share = torch.stack([top_share(s).mean() for s in scores]).mean()
+        shares = shards.gather(torch.stack([top_share(s) for s in scores]), dim=1)  # [layers, rows]
+        share = torch.stack([layer.mean() for layer in shares]).mean()
         return "retrieval" if float(share) >= self.retrieval_share else "aggregation"
 
-    def for_request(self, observations, window):
+    def for_request(self, observations, window, shards=SINGLE):
         # the stand-in classifies on the raw suffix attention, whatever the policy's scorer
-        task = self.task_type([WindowKVScorer().score(o) for o in observations]) if self.task == "auto" else self.task
+        task = self.task_type([WindowKVScorer().score(o) for o in observations], shards)
         suffix = window if task == "retrieval" else min(window, self.aggregation_suffix)
         return suffix, dataclasses.replace(self, task=task)
 

@@ -9,9 +9,17 @@ heads, as one GPU would: the budgets, hence the per-head lengths, are those of a
 every rank knows all of them. The reducers then keep each rank's heads from its own scores, rows
 and budgets.
 
-Refused under tensor parallelism (:func:`refusal`): allocators that read the layers themselves
-(``Allocator.reads_layers``: ZigZag's lmba / lmbo measures) and reducers whose heads share a
-decision (``Reducer.heads_independent`` false: WindowKV's windows, shared by a layer's heads).
+Where more than the scores couples heads, the rank gathers that too, so every policy compresses
+exactly as on one GPU:
+
+* allocators that measure the layers themselves (``Allocator.reads_layers``: ZigZag's lmba /
+  lmbo) measure each rank's heads and gather the per-head minima (``[layers, local]`` counts);
+* reducers whose heads share a decision (``Reducer.heads_independent`` false: WindowKV's windows,
+  shared by a layer's heads, and its task type) decide from every rank's scores (the per-query-head
+  rows gathered, ``[local * group, seq_len]`` a layer) and keep this rank's heads' rows.
+
+Decode-time recompression reduces each head alone, from budgets every rank already knows: it
+gathers nothing.
 """
 from __future__ import annotations
 
@@ -67,14 +75,5 @@ class HeadShards:
         return full if not self.sharded else full.unflatten(-1, (self.size, self.local)).amax(-2)
 
 
-def refusal(policy) -> str | None:
-    """Why ``policy`` cannot compress heads split over tensor-parallel ranks (None: it can)."""
-    if policy is None:
-        return None
-    if policy.allocator.reads_layers:
-        return (f"{type(policy.allocator).__name__} measures every head's keys and values to allocate, which "
-                "tensor parallelism splits over ranks")
-    if not policy.reducer.heads_independent:
-        return (f"{type(policy.reducer).__name__} makes one choice for all the heads of a layer, which tensor "
-                "parallelism splits over ranks")
-    return None
+# One rank holding every head (no tensor parallelism): ``mine`` and ``gather`` give their input back.
+SINGLE = HeadShards()

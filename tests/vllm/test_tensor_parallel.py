@@ -11,10 +11,9 @@ import benchmark_modules
 import pytest
 import torch
 
-from vllm_kvcompress.tensor_parallel import HeadShards, refusal
-from vllm_kvcompress.vllm import compressor, params
-from vllm_kvcompress.vllm.compat import VLLMValidationError
-from vllm_kvcompress.vllm.request_rules import RequestRules
+from vllm_kvcompress.config import PRESET_NAMES
+from vllm_kvcompress.tensor_parallel import SINGLE, HeadShards
+from vllm_kvcompress.vllm import compressor
 from vllm_kvcompress.vllm.state import WorkerState
 
 host = benchmark_modules.load("host_overhead")
@@ -134,8 +133,10 @@ def assert_same_as_one_state(full: WorkerState, ranks: list[WorkerState], rid: s
         assert ws.spare_blocks(rid) == ranks[0].spare_blocks(rid)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm", "ems", "ems-tuned"])
+@pytest.mark.parametrize("policy", [p for p in PRESET_NAMES if p not in ("none", "headkv", "headkv-r2")])
 def test_two_ranks_compress_as_one_worker_with_every_head(policy):
+    """Every preset (HeadKV's allocator splits by scores as Ada-KV's does, from a scores file):
+    WindowKV's shared windows and ZigZag's layer measures gather what couples heads too."""
     full, _ = host.prefilled_requests(policy, PROMPT, BUDGET)
     group = ThreadGroup(RANKS)
     ranks = split_over_ranks(full, "r0", group)
@@ -178,29 +179,49 @@ def test_a_rank_whose_heads_are_within_budget_still_counts_the_others_brought_ba
     assert (lens[:, :local] == BUDGET + GROWTH).all() and (lens[:, local:] == BUDGET).all()
 
 
-@pytest.mark.parametrize("policy, reason", [
-    ("windowkv", "WindowReducer makes one choice for all the heads of a layer"),
-    ("zigzag", "ZigZagAllocator measures every head's keys and values"),
-    ("zigzag-lmbo", "ZigZagAllocator measures every head's keys and values"),
-])
-def test_policies_that_couple_heads_beyond_their_scores_are_refused(policy, reason, monkeypatch):
-    from vllm_kvcompress.config import CompressionConfig
-    from vllm_kvcompress.presets import build_policy
+@pytest.mark.parametrize("measure", ["lmba", "lmbo"])
+def test_zigzag_layer_measures_are_gathered(measure):
+    """ZigZag's layer need is the mean of its heads' minima: each rank measures its own heads and
+    the minima are gathered. Rank 0's heads attend sharply (few tokens cover the mass), rank 1's
+    flatly, so a rank-local mean would differ from the one-GPU mean the ranks must agree on."""
+    from vllm_kvcompress.allocation import AllocationInput, ZigZagAllocator
+    from vllm_kvcompress.observation import LayerObservation
+    from vllm_kvcompress.reduction import protected_positions
+    from vllm_kvcompress.scoring import SnapKVScorer
 
-    config = CompressionConfig(policy=policy, budget=BUDGET)
-    assert reason in refusal(build_policy(config))
-    ws = WorkerState(L, H // RANKS, BS, {}, config, shards=ThreadGroup(RANKS).shards(0))
-    with pytest.raises(ValueError, match="under tensor parallelism"):
-        ws.policy_for(None)
-    # a request asking for it on a server of two ranks: HTTP 400 naming why; snapkv is fine
-    monkeypatch.setenv(params.TENSOR_PARALLEL_ENV, "2")
-    base = CompressionConfig(policy="snapkv", budget=BUDGET)
-    all_overrides = RequestRules.from_dict({"overrides": "all"})
-    with pytest.raises(VLLMValidationError, match=f"{policy} cannot run on this server's 2 tensor-parallel ranks"):
-        params.check_request({"kv_compression": policy}, base, all_overrides)
-    assert params.check_request({"kv_compression": "adakv"}, base, all_overrides).policy == "adakv"
-    monkeypatch.setenv(params.TENSOR_PARALLEL_ENV, "1")
-    assert params.check_request({"kv_compression": policy}, base, all_overrides).policy == policy
+    gen = torch.Generator().manual_seed(3)
+    layers, heads, n, d = 3, 4, 96, 16
+    observations = []
+    for _ in range(layers):
+        keys = torch.randn(heads, n, d, generator=gen)
+        keys[: heads // 2] *= 6.0  # rank 0: sharp attention
+        keys[heads // 2:] *= 0.05  # rank 1: nearly flat
+        observations.append(LayerObservation(torch.randn(heads * 2, 8, d, generator=gen), keys,
+                                             torch.randn(heads, n, d, generator=gen)))
+    scores = [SnapKVScorer().score(o) for o in observations]
+    protected = protected_positions(n, 8, 0)
+    allocator = ZigZagAllocator(measure=measure)
+    one_gpu = AllocationInput(scores, 32, 8, protected, observations)
+
+    group = ThreadGroup(RANKS)
+    local = heads // RANKS
+
+    def rank_input(rank):
+        shards = HeadShards(RANKS, rank, local, functools.partial(group.all_gather, rank))
+        mine = [LayerObservation(o.window_queries[rank * local * 2:(rank + 1) * local * 2],
+                                 o.keys[rank * local:(rank + 1) * local], o.values[rank * local:(rank + 1) * local])
+                for o in observations]
+        return AllocationInput(scores, 32, 8, protected, mine, shards)
+
+    inputs = [rank_input(rank) for rank in range(RANKS)]
+    needs = on_every_rank(inputs, allocator.layer_needs, group)
+    want = allocator.layer_needs(one_gpu)
+    assert all(torch.equal(got, want) for got in needs)
+    rank_local = allocator.layer_needs(AllocationInput([s[:local] for s in scores], 32, 8, protected, [
+        LayerObservation(o.window_queries[:local * 2], o.keys[:local], o.values[:local]) for o in observations]))
+    assert not torch.equal(rank_local, want)  # the gather mattered
+    budgets = on_every_rank(inputs, allocator.allocate, group)
+    assert all(torch.equal(b, allocator.allocate(one_gpu)) for b in budgets)
 
 
 def test_shards_of_a_model():
@@ -208,8 +229,9 @@ def test_shards_of_a_model():
     shards = HeadShards(4, 1, 2, lambda t, dim: t)
     assert shards.total == 8 and shards.mine(gathered).tolist() == [[2, 3], [10, 11]]
     assert shards.slot_rows(gathered).tolist() == [[6, 7], [14, 15]]  # the last rank's heads are longest
-    single = HeadShards(local=8)
-    assert single.mine(gathered) is gathered and single.slot_rows(gathered) is gathered
+    for single in (HeadShards(local=8), SINGLE):
+        assert single.mine(gathered) is gathered and single.slot_rows(gathered) is gathered
+        assert single.gather(gathered) is gathered and single.gather_counts(gathered) is gathered
     with pytest.raises(ValueError, match="need their group's all_gather"):
         HeadShards(2, 0, 4)
     with pytest.raises(ValueError, match="rank 2 of 2"):

@@ -41,20 +41,17 @@ from .state import OVERRIDE_KEYS, request_config
 
 CONFIG_ENV = "VLLM_KVC_SERVER_CONFIG"  # JSON of the server's CompressionConfig (set by complete_engine_args)
 RULES_ENV = "VLLM_KVC_REQUEST_RULES"  # JSON of the server's RequestRules (idem)
-TENSOR_PARALLEL_ENV = "VLLM_KVC_TENSOR_PARALLEL_SIZE"  # the server's --tensor-parallel-size (idem)
 PROCESSOR = "vllm_kvcompress.vllm.params:KVCompressParams"  # the FQCN vLLM loads it by
 CONFIG_KEY = "kv_compression_config"
 VALID_KEYS = (*OVERRIDE_KEYS, CONFIG_KEY)
 PREFIX = "kv_"
 
 
-def publish_server_config(config: CompressionConfig, rules: RequestRules, tensor_parallel_size: int = 1) -> None:
-    """Make ``config`` the base that per-request options are validated against, ``rules`` what
-    they may change, and ``tensor_parallel_size`` the ranks a policy must run on, in this process
-    (and in the processes it starts)."""
+def publish_server_config(config: CompressionConfig, rules: RequestRules) -> None:
+    """Make ``config`` the base that per-request options are validated against, and ``rules`` what
+    they may change, in this process (and in the processes it starts)."""
     os.environ[CONFIG_ENV] = json.dumps(config.to_dict())
     os.environ[RULES_ENV] = json.dumps(rules.to_dict())
-    os.environ[TENSOR_PARALLEL_ENV] = str(tensor_parallel_size)
 
 
 def server_config() -> CompressionConfig | None:
@@ -102,16 +99,13 @@ def _normalise_options(extra: dict) -> None:
 
 
 @functools.lru_cache(maxsize=64)
-def _check_builds(config_json: str, tensor_parallel_size: int) -> str | None:
+def _check_builds(config_json: str) -> None:
     """Build the request's policy once per distinct config: a per-request ``headkv_scores`` file that
     does not load fails here (400), not in the worker mid-step. (Its shape is checked against the
-    model only for the server's own file, at start-up.) Returns why the policy cannot compress
-    heads split over ``tensor_parallel_size`` ranks (None: it can)."""
+    model only for the server's own file, at start-up.)"""
     from ..presets import build_policy
-    from ..tensor_parallel import refusal
 
-    policy = build_policy(CompressionConfig.from_dict(json.loads(config_json)))
-    return refusal(policy) if tensor_parallel_size > 1 else None
+    build_policy(CompressionConfig.from_dict(json.loads(config_json)))
 
 
 def check_request(extra_args: dict | None, base: CompressionConfig | None,
@@ -137,14 +131,10 @@ def check_request(extra_args: dict | None, base: CompressionConfig | None,
     refused = rules.refusal(base, config)
     if refused is not None:
         _reject(refused.message, _param(refused.field, extra), refused.reason)
-    tensor_parallel_size = int(os.environ.get(TENSOR_PARALLEL_ENV) or 1)
     try:  # after the rules: a request may not make the server open a file it is not allowed to name
-        split_refused = _check_builds(json.dumps(config.to_dict(), sort_keys=True), tensor_parallel_size)
+        _check_builds(json.dumps(config.to_dict(), sort_keys=True))
     except (ValueError, TypeError, OSError) as error:
         _reject(str(error), _culprit(base, extra))
-    if split_refused is not None:
-        _reject(f"{config.policy} cannot run on this server's {tensor_parallel_size} tensor-parallel ranks: "
-                f"{split_refused}", _param("policy", extra), "policy")
     return config
 
 

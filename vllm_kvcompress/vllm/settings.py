@@ -110,7 +110,7 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str, offl
 
     rules = request_rules.read(args.additional_config, config, offline)
     logger.info("kv compression: %s", rules.describe(config))
-    params.publish_server_config(config, rules, args.tensor_parallel_size)
+    params.publish_server_config(config, rules)
     if params.PROCESSOR not in (args.logits_processors or []):
         args.logits_processors = [*(args.logits_processors or []), params.PROCESSOR]
 
@@ -159,24 +159,15 @@ def refusals(vllm_config) -> list[str]:
 
 
 def _tensor_parallel_refusals(vllm_config) -> list[str]:
-    """Tensor parallelism needs the KV heads split over the ranks, and a policy whose heads can be
-    compressed rank by rank (:func:`~vllm_kvcompress.tensor_parallel.refusal`)."""
+    """Tensor parallelism needs the model's KV heads split over the ranks (every policy then
+    compresses as on one GPU: :mod:`~vllm_kvcompress.tensor_parallel`); with more ranks than KV
+    heads vLLM replicates them."""
     size = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
-    if size == 1:
-        return []
-    from ..presets import build_policy
-    from ..tensor_parallel import refusal
-
-    why = []
     total = vllm_config.model_config.get_total_num_kv_heads()
-    if total % size:
-        why.append(f"tensor_parallel_size={size} replicates the model's {total} KV heads over the ranks; "
-                   f"compression needs them split (a tensor-parallel size dividing {total})")
-    config = read(getattr(vllm_config, "additional_config", None))
-    policy_refused = refusal(build_policy(config)) if config is not None else None
-    if policy_refused is not None:
-        why.append(f"{config.policy} under tensor_parallel_size={size}: {policy_refused}")
-    return why
+    if size == 1 or total % size == 0:
+        return []
+    return [f"tensor_parallel_size={size} replicates the model's {total} KV heads over the ranks; "
+            f"compression needs them split (a tensor-parallel size dividing {total})"]
 
 
 def _head_score_mismatch(vllm_config) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 from ..config import CompressionConfig
 from ..policy import Policy
 from ..presets import build_policy
-from ..tensor_parallel import HeadShards, refusal
+from ..tensor_parallel import HeadShards
 from . import runtime
 from .request import Request
 
@@ -141,11 +141,7 @@ class WorkerState:
         config = request_config(self.config, extra_args)
         key = json.dumps(config.to_dict(), sort_keys=True)
         if key not in self._policies:
-            policy = build_policy(config)
-            why = refusal(policy) if self.shards.sharded else None
-            if why is not None:  # the front end refuses it first (HTTP 400); never compress it wrongly
-                raise ValueError(f"kv compression {config.policy!r} under tensor parallelism: {why}")
-            self._policies[key] = policy
+            self._policies[key] = build_policy(config)
         return self._policies[key], config.decode_slack
 
     def ensure_recent(self, window: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> None:
