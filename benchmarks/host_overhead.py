@@ -11,6 +11,9 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
   requests due in the same step (400-row heads), one by one against together, and one request
   whose layers hold 32 different lengths (PyramidKV's budgets do that), one policy call per
   length against one padded call;
+* ``plugin_step``: the plugin's whole host work in a pure-decode step of 64 and 256 requests
+  (:func:`plugin_step`): PyTorch calls (views included) and ms on this CPU, where ms also count
+  copying the layout's tensors, which on a GPU are kernels;
 * ``decode_step``: the metadata of one pure-decode step of 256 running requests (400 rows a head):
   ``WorkerState.prepare_step`` and, with ``cuda_graphs``, the copy into the persistent buffers
   (``DecodeBuffers.fill``): PyTorch calls and ms of a step that assigns no new block. Once a replayed graph takes the 32 per-layer
@@ -90,24 +93,26 @@ def apply_report_ms() -> tuple[float, int, int]:
     return statistics.median(times), len(blocks), len(released)
 
 
-def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0):
+def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0,
+                       head_dim: int = D):
     """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
     random rows were prefilled and observed (window queries, EMS's column mass), due for their
-    prefill compression at ``budget``; and the generator that made them."""
+    prefill compression at ``budget``; and the generator that made them. ``head_dim`` sizes the
+    pool and the queries (a smaller one keeps many requests in memory where only counts matter)."""
     from vllm_kvcompress.config import CompressionConfig
     from vllm_kvcompress.vllm.state import WorkerState
 
     ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
     per_request = L * H * ((prompt + 80) // BS + 2)
     gen = torch.Generator().manual_seed(seed)
-    ws.pool = torch.randn(2, per_request * num_requests, BS, D, generator=gen).to(torch.bfloat16)
+    ws.pool = torch.randn(2, per_request * num_requests, BS, head_dim, generator=gen).to(torch.bfloat16)
     for r in range(num_requests):
         rid = f"r{r}"
         ws.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
         st = ws.reqs[rid]
         ws.append(rid, prompt)
         for layer in range(L):
-            st.queries[layer] = torch.randn(H * GROUP, 32, D, generator=gen).to(torch.bfloat16)
+            st.queries[layer] = torch.randn(H * GROUP, 32, head_dim, generator=gen).to(torch.bfloat16)
             st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
     return ws, gen
 
@@ -127,7 +132,7 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
         ws.append(rid, 65)  # every head now over budget + slack
         if layer_lengths:
             ws.append(rid, L)
-            st.lens -= torch.arange(L)[:, None]
+            st.lens.sub_(torch.arange(L)[:, None])
         ws.recent[:, st.row] = torch.randn(ws.recent[:, st.row].shape, generator=gen).to(ws.recent.dtype)
         st.recent_count += 65 + r  # rings at different positions
     return ws
@@ -185,6 +190,85 @@ def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> di
     return out
 
 
+def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: bool = True, head_dim: int = 8) -> dict:
+    """The plugin's whole host work in one pure-decode step of ``num_requests`` compressed requests
+    (Ada-KV at ``rows`` per head of ``2 * rows``-token prompts: heads of many lengths, which cross
+    their blocks' ends on different steps; decode-time recompression on its 64-step cadence), as the
+    worker runs it around the forward: ``WorkerState.ingest`` of the scheduler
+    output, the attention metadata build (``HeadBlockMetadataBuilder.build``; with ``graphs`` the
+    persistent CUDA-graph buffers), the recorded queries into the rings, ``Compressor.after_forward``
+    (nothing due on most steps) and ``take_reports``. PyTorch calls (views and selects included:
+    each is a dispatcher round trip) per step, and host ms per step (median), over ``steps`` steps
+    that cross one recompression tick."""
+    from types import SimpleNamespace
+
+    from vllm_kvcompress.vllm import backend, runtime, scheduled
+    from vllm_kvcompress.vllm.compressor import Compressor
+    from vllm_kvcompress.vllm.graphs import DecodeBuffers
+
+    ws, gen = prefilled_requests("adakv", 2 * rows, rows, num_requests, head_dim=head_dim)
+    rids = list(ws.reqs)
+    compressor = Compressor(ws)
+    for rid in rids:
+        compressor.compress_prefill(rid)
+    ws.pack_uploads = True  # the GPU's one packed copy of a step's index tensors
+    if graphs:
+        ws.decode_buffers = DecodeBuffers.allocate(L, H, H * GROUP, head_dim, num_requests,
+                                                   -(-(2 * rows + 80) // BS), torch.bfloat16, "cpu")
+    runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=rids))
+    builder = backend.HeadBlockMetadataBuilder.__new__(backend.HeadBlockMetadataBuilder)
+    saved = runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR
+    runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR = ws, runner, compressor
+    queries = torch.randn(num_requests, H * GROUP, head_dim, generator=gen).to(torch.bfloat16)
+    free = {rid: [] for rid in rids}  # head-blocks each request reported back
+
+    def step():
+        seq_lens = [ws.reqs[rid].num_tokens + 1 for rid in rids]
+        ws.ingest(scheduled.scheduler_output(cached=scheduled.cached_requests(rids, [None] * len(rids)),
+                                             num_scheduled_tokens={rid: 1 for rid in rids}))
+        cm = SimpleNamespace(num_reqs=num_requests, num_actual_tokens=num_requests, max_query_len=1,
+                             query_start_loc_cpu=torch.arange(num_requests + 1, dtype=torch.int32),
+                             _seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int32))
+        md = builder.build(0, cm)
+        if md.graph:
+            md.step_queries[:, :num_requests].copy_(queries)  # what the forward leaves there
+        elif md.record is not None:
+            tokens, ring_index = md.record
+            ring = ws.recent.view(L, -1, *ws.recent.shape[3:])
+            ring.index_copy_(1, ring_index, queries[None].expand(L, -1, -1, -1).to(ring.dtype))
+        ws.flush_graph_queries()
+        compressor.after_forward()
+        for rid, (released, _, _) in ws.take_reports().items():
+            free[rid].extend(released)
+
+    def scheduler_grants():  # not measured: what the next rows need, from blocks the request gave back
+        for rid in rids:
+            st = ws.reqs[rid]
+            missing = ws.spares_needed(st) - len(st.spare)
+            if missing > 0:
+                st.add_spares(free[rid][:missing])
+                del free[rid][:missing]
+
+    try:
+        for _ in range(2):
+            scheduler_grants()
+            step()
+        times, calls = [], []
+        for _ in range(steps):
+            scheduler_grants()
+            with torch.profiler.profile() as prof:
+                step()
+            calls.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
+            scheduler_grants()
+            start = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR = saved
+    return {"pytorch_calls_median": int(statistics.median(calls)), "pytorch_calls_max": max(calls),
+            "host_ms_median": round(statistics.median(times), 3), "host_ms_max": round(max(times), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default=None, help="name of this run (default: the project commit)")
@@ -209,7 +293,9 @@ def main() -> None:
                p: {"by_length": recompress_calls(p, layer_lengths=True, by_length=True),
                    "padded": recompress_calls(p, layer_lengths=True)}
                for p in args.policies.split(",") if p != "windowkv"},
-           "decode_step_256_requests": decode_step()}
+           "decode_step_256_requests": decode_step(),
+           # the plugin's whole host work in a pure-decode step with the graph buffers
+           "plugin_step": {str(n): plugin_step(n) for n in (64, 256)}}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
     args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
@@ -223,6 +309,9 @@ def main() -> None:
             print(f"{'':<28} 32 head lengths, {p}: {n['by_length']} calls by length, {n['padded']} padded")
         for name, n in r.get("decode_step_256_requests", {}).items():
             print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
+        for requests, n in r.get("plugin_step", {}).items():
+            print(f"{'':<28} the plugin's host work in a decode step of {requests} requests: "
+                  f"{n['pytorch_calls_median']} PyTorch calls, {n['host_ms_median']} ms")
 
 
 if __name__ == "__main__":

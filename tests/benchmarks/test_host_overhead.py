@@ -37,3 +37,11 @@ def test_a_decode_steps_layout_costs_the_same_calls_for_any_number_of_requests()
     assert few["layout"]["pytorch_calls"] == many["layout"]["pytorch_calls"] < 150
     for run in (few, many):
         assert run["layout_and_graph_buffers"]["pytorch_calls"] - run["layout"]["pytorch_calls"] == 3
+
+
+def test_the_plugins_whole_decode_step_costs_the_same_calls_for_any_number_of_requests():
+    """Ingest, layout (graph buffers), rings, recompression check and reports of a pure-decode
+    step: a constant number of PyTorch calls, so the host cost of a step does not grow with the
+    batch (each request's rows and blocks were a tensor of its own, two calls a request a step)."""
+    few, many = host.plugin_step(4, rows=40, steps=4), host.plugin_step(16, rows=40, steps=4)
+    assert few["pytorch_calls_median"] == many["pytorch_calls_median"] < 500, (few, many)

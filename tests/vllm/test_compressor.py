@@ -46,7 +46,7 @@ def test_heads_of_different_lengths_go_through_the_policy_in_one_call(policy, mo
         ws = host.due_requests(policy, 40, num_requests=2)
         for r, rid in enumerate(("r0", "r1")):
             ws.append(rid, 30)  # 135 rows a head, then up to 29 fewer in some: all still over 40 + 64
-            ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
+            ws.reqs[rid].lens.sub_(torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r)))
         reducer = type(ws.reqs["r0"].policy.reducer)
         monkeypatch.setattr(reducer, "pads_heads", pads)
         calls = []  # policy calls: select_heads (reducers that select rows) or recompress_heads
@@ -81,7 +81,7 @@ def test_a_workspace_too_small_for_one_call_splits_it_with_the_same_rows():
         ws.workspace_bytes = workspace
         for r, rid in enumerate(("r0", "r1")):
             ws.append(rid, 30)
-            ws.reqs[rid].lens -= torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r))
+            ws.reqs[rid].lens.sub_(torch.randint(0, 30, ws.reqs[rid].lens.shape, generator=torch.Generator().manual_seed(r)))
         if workspace:
             heads_due = int(sum((ws.reqs[rid].lens > 104).sum() for rid in ("r0", "r1")))
             assert len(compressor._calls(torch.full((heads_due,), 135), compressor._max_rows(ws, ws.reqs["r0"].policy, 32, 135, 40))) > 2

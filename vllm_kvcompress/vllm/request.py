@@ -19,7 +19,9 @@ Finishing, preemption and resumption are the :class:`~.state.WorkerState`'s: the
 row back and start a new :class:`Request`.
 
 Block bookkeeping: ``lens`` (int64 [L, all KV heads], host) the rows every head of the model
-holds, ``num_blocks`` (int64 [L, H], host) the blocks assigned to each of this worker's heads;
+holds, ``num_blocks`` (int64 [L, H], host) the blocks assigned to each of this worker's heads --
+the request's row of the worker's :class:`HeadCounts`, so that a step appends to every scheduled
+request in one tensor operation instead of one per request;
 ``spare`` the block ids the scheduler gave the request that no head uses yet. Under tensor
 parallelism (:class:`~vllm_kvcompress.tensor_parallel.HeadShards`) every rank tracks the lengths
 of every rank's heads, which all ranks know the same (the budgets are allocated over all heads),
@@ -43,15 +45,43 @@ class Phase(enum.Enum):
     COMPRESSED = "compressed"
 
 
-class Request:
-    """row: the request's row of ``WorkerState.tables``; compress_at: the length at which its
-    prefill completes (None: never compressed); decode_slack: the cadence of decode-time
-    recompression in engine steps (None: never); decode_budget: int64 [L, H] the rows decode-time
-    recompression brings heads back to (set by the prefill compression). ``shards``: which of the
-    model's KV heads this worker holds (all of them without tensor parallelism)."""
+class HeadCounts:
+    """The rows and blocks of every request's heads, one row per row of ``WorkerState.tables``
+    (host): ``lens`` int64 [rows, L, all KV heads], the rows each head of the model holds;
+    ``blocks`` int64 [rows, L, H], the blocks assigned to each of this worker's heads. A request
+    reads and writes its own row (:class:`Request`); a step's append writes the rows of all its
+    requests at once (:meth:`append`)."""
 
-    def __init__(self, num_layers: int, shards: HeadShards, policy: Policy | None, compress_at: int | None,
+    def __init__(self, num_layers: int, shards: HeadShards, rows: int = 0):
+        self.lens = torch.zeros(rows, num_layers, shards.total, dtype=torch.int64)
+        self.blocks = torch.zeros(rows, num_layers, shards.local, dtype=torch.int64)
+
+    def grow(self, rows: int) -> None:
+        """Room for ``rows`` requests (the tables grew); the rows held so far keep their values."""
+        for name in ("lens", "blocks"):
+            old = getattr(self, name)
+            new = old.new_zeros(rows, *old.shape[1:])
+            new[: old.shape[0]] = old
+            setattr(self, name, new)
+
+    def append(self, rows: torch.Tensor, num_new: torch.Tensor, blocks: torch.Tensor) -> None:
+        """``num_new`` int64 [R] more rows in every head of table rows ``rows`` int64 [R], whose
+        heads now have ``blocks`` int64 [R, L, H]."""
+        self.lens[rows] += num_new[:, None, None]
+        self.blocks[rows] = blocks
+
+
+class Request:
+    """row: the request's row of ``WorkerState.tables`` (and of ``counts``, where its heads' rows
+    and blocks are); compress_at: the length at which its prefill completes (None: never
+    compressed); decode_slack: the cadence of decode-time recompression in engine steps (None:
+    never); decode_budget: int64 [L, H] the rows decode-time recompression brings heads back to
+    (set by the prefill compression). ``shards``: which of the model's KV heads this worker holds
+    (all of them without tensor parallelism)."""
+
+    def __init__(self, counts: HeadCounts, shards: HeadShards, policy: Policy | None, compress_at: int | None,
                  decode_slack: int | None, row: int):
+        self.counts = counts
         self.policy = policy
         self.compress_at = compress_at if policy is not None else None
         self.decode_slack = decode_slack
@@ -63,8 +93,8 @@ class Request:
         self.max_len = 0  # rows of its longest head
         self.prefill_chunks = 0  # steps the observed prefill took (chunked prefill when > 1)
         self.shards = shards
-        self.lens = torch.zeros(num_layers, shards.total, dtype=torch.int64)
-        self.num_blocks = torch.zeros(num_layers, shards.local, dtype=torch.int64)
+        self.lens.zero_()  # its row of counts: whatever an earlier request left there
+        self.num_blocks.zero_()
         self.queries: dict[int, torch.Tensor] = {}  # layer -> [Hq, <=window, D] latest prefill queries
         self.global_attention: dict[int, torch.Tensor] = {}  # layer -> float32 [H, n] column mass (EMS)
         self.decode_budget: torch.Tensor | None = None
@@ -142,6 +172,16 @@ class Request:
 
     # ---- rows and blocks --------------------------------------------------------------------
     @property
+    def lens(self) -> torch.Tensor:
+        """int64 [L, all KV heads]: the rows every head of the model holds (a view of ``counts``)."""
+        return self.counts.lens[self.row]
+
+    @property
+    def num_blocks(self) -> torch.Tensor:
+        """int64 [L, H]: the blocks assigned to this worker's heads (a view of ``counts``)."""
+        return self.counts.blocks[self.row]
+
+    @property
     def local_lens(self) -> torch.Tensor:
         """int64 [L, H]: the rows this worker's heads hold."""
         return self.shards.mine(self.lens)
@@ -165,10 +205,8 @@ class Request:
         del self.spare[:count]
         return taken
 
-    def appended(self, num_new: int, num_blocks: torch.Tensor) -> None:
-        """``num_new`` rows went into every head; its heads now have ``num_blocks`` blocks [L, H]."""
-        self.lens = self.lens + num_new
-        self.num_blocks = num_blocks
+    def appended(self, num_new: int) -> None:
+        """``num_new`` rows went into every head (their counts: :meth:`HeadCounts.append`)."""
         self.max_len += num_new
         self.num_tokens += num_new
 
@@ -176,8 +214,8 @@ class Request:
         """Every head now holds ``keep`` rows [L, all KV heads]; this worker's, in their first
         ``kept_blocks`` [L, H] blocks; ``freed`` are spare."""
         self.spare.extend(freed)
-        self.num_blocks = kept_blocks
-        self.lens = keep.clone()
+        self.num_blocks.copy_(kept_blocks)
+        self.lens.copy_(keep)
         self.max_len = int(keep.max())
         self.report_due = True  # with or without a tail: spares held before may now be surplus
 

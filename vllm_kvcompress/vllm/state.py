@@ -29,7 +29,7 @@ from ..policy import Policy
 from ..presets import build_policy
 from ..tensor_parallel import HeadShards
 from . import runtime
-from .request import Request
+from .request import HeadCounts, Request
 
 # Tokens the scheduler may schedule before it sees a report (one step in flight, async scheduling).
 LAG_TOKENS = 2
@@ -122,6 +122,7 @@ class WorkerState:
         self.pool: torch.Tensor | None = None  # (2, num_blocks, bs, D), set by the first forward
         self.tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32, device=self.device)
         self.host_tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32)  # the same, on the host
+        self.counts = HeadCounts(self.L, self.shards)  # every request's heads' rows and blocks, by table row
         self.free_rows: list[int] = []
         self.step = 0  # engine steps with scheduled tokens so far: the clock of decode-time recompression
         # ring of decode queries, layer-major [L, rows, window, Hq, D]: one layer's slice is written by
@@ -157,7 +158,7 @@ class WorkerState:
     def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> Request:
         if not self.free_rows:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
-        st = Request(self.L, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
+        st = Request(self.counts, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
         self.reqs[rid] = st
         return st
 
@@ -174,6 +175,8 @@ class WorkerState:
         self.host_tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32)
         self.host_tables[: old.shape[0], :, :, : old.shape[3]] = old_host
         self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
+        if rows > old.shape[0]:
+            self.counts.grow(rows)
         if self.recent is not None:
             recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
             recent[:, : self.recent.shape[1]] = self.recent
@@ -231,26 +234,26 @@ class WorkerState:
         host preparation with the previous step's kernels (:class:`PinnedStaging`)."""
         if self.device.type == "cpu" and not self.pack_uploads:
             return host
+        wide = torch.int64  # the packed copy's type; other types are converted on both sides
         with runtime.TIMER.host("upload_ms"):
-            on_device = self.staging.upload(torch.cat([t.reshape(-1).to(torch.int64) for t in host.values()]))
-        out, start = {}, 0
-        for name, t in host.items():
-            out[name] = on_device[start:start + t.numel()].view(t.shape).to(t.dtype)
-            start += t.numel()
-        return out
+            on_device = self.staging.upload(torch.cat([t.reshape(-1) if t.dtype == wide else t.reshape(-1).to(wide)
+                                                       for t in host.values()]))
+        pieces = on_device.split([t.numel() for t in host.values()])
+        return {name: piece.view(t.shape) if t.dtype == wide else piece.view(t.shape).to(t.dtype)
+                for (name, t), piece in zip(host.items(), pieces)}
 
-    def _assign(self, reqs: list[Request], req_ids: list[str], q_lens: torch.Tensor):
-        """Give every head of the step's requests the blocks their next ``q_lens[r]`` rows need, from
-        each request's spares in order (layer-major, then head, then row). All requests in one go:
-        a decode step touches every running request. Returns the rows this worker's heads held
-        before, int64 [R, L, H], the blocks they now have, and the table writes to make (host
-        tensors: request row, head, column, block id; or None). Blocks follow the slots' rows
-        (:attr:`Request.slot_lens`; the heads' own rows without tensor parallelism)."""
+    def _assign(self, reqs: list[Request], req_ids: list[str], rows: torch.Tensor, q_lens: torch.Tensor):
+        """Give every head of the step's requests (table ``rows``) the blocks their next
+        ``q_lens[r]`` rows need, from each request's spares in order (layer-major, then head, then
+        row). All requests in one go: a decode step touches every running request. Returns the rows
+        this worker's heads held before, int64 [R, L, H], the blocks they now have, and the table
+        writes to make (host tensors: request row, head, column, block id; or None). Blocks follow
+        the slots' rows (:attr:`Request.slot_lens`; the heads' own rows without tensor parallelism)."""
         heads = self.L * self.H
-        before_all = torch.stack([st.lens for st in reqs])  # [R, L, all KV heads]
+        before_all = self.counts.lens[rows]  # [R, L, all KV heads]
         before = self.shards.mine(before_all)
         slot_before = self.shards.slot_rows(before_all)
-        held = torch.stack([st.num_blocks for st in reqs])
+        held = self.counts.blocks[rows]
         need = -(-(slot_before + q_lens[:, None, None]) // self.bs)  # blocks per head after the append
         add = (need - held).clamp(min=0).reshape(len(reqs), heads)
         totals = add.sum(1).tolist()
@@ -266,8 +269,7 @@ class WorkerState:
             owner = torch.repeat_interleave(torch.arange(flat.numel()), flat)  # (request, head) of each id
             first = torch.cumsum(flat, 0) - flat
             col = held.flatten()[owner] + torch.arange(len(ids)) - first[owner]
-            row = torch.tensor([st.row for st in reqs])[owner // heads]
-            writes = (row, owner.remainder(heads), col, torch.tensor(ids, dtype=torch.int32))
+            writes = (rows[owner // heads], owner.remainder(heads), col, torch.tensor(ids, dtype=torch.int32))
             self.host_tables.view(self.host_tables.shape[0], heads, -1)[writes[0], writes[1], writes[2]] = writes[3]
         blocks = torch.maximum(held, need)
         return before, blocks, writes
@@ -278,15 +280,17 @@ class WorkerState:
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
+        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64)
         with runtime.TIMER.host("assign_ms"):
-            before_host, blocks, writes = self._assign(reqs, req_ids, q_lens)
+            before_host, blocks, writes = self._assign(reqs, req_ids, rows, q_lens)
         width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
-        for r, (st, q_len) in enumerate(zip(reqs, query_lens)):
-            st.appended(q_len, blocks[r])
+        self.counts.append(rows, q_lens, blocks)
+        for st, q_len in zip(reqs, query_lens):
+            st.appended(q_len)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
-        host = {"rows": torch.tensor([st.row for st in reqs], dtype=torch.int64), "before": before_host,
+        host = {"rows": rows, "before": before_host,
                 "after": after_host.int().transpose(0, 1).contiguous(), "token_row": token_row,
                 "token_offset": torch.arange(int(q_lens.sum())) - starts[token_row], **(extra or {})}
         if writes is not None:
@@ -349,7 +353,14 @@ class WorkerState:
 
     def spares_needed(self, st: Request) -> int:
         """Spare blocks the request's heads can take in the next LAG_TOKENS rows."""
-        return int((-(-(st.slot_lens + LAG_TOKENS) // self.bs) - st.num_blocks).clamp(min=0).sum())
+        return self._spares_needed([st])[0]
+
+    def _spares_needed(self, reqs: list[Request]) -> list[int]:
+        """:meth:`spares_needed` of several requests, in one go over their rows of ``counts``."""
+        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64)
+        slot_lens = self.shards.slot_rows(self.counts.lens[rows])
+        grow = (-(-(slot_lens + LAG_TOKENS) // self.bs) - self.counts.blocks[rows]).clamp(min=0)
+        return grow.sum((1, 2)).tolist()
 
     def take_reports(self) -> dict[str, tuple[list[int], int, list[list[int]]]]:
         """req_id -> (released block ids, T, slot rows [L][H]) for compressed requests holding more
@@ -357,12 +368,14 @@ class WorkerState:
         heads were compacted since the last check can: appending rows never makes spares exceed that
         need (it assigns a spare to a head only when the head's own need grows by as much), so the
         others are skipped -- at 256 running requests checking every one cost ~6 ms of host time a
-        step (benchmarks/host_overhead.py)."""
+        step (benchmarks/host_overhead.py). The scheduler adds spares to most decoding requests at
+        most steps (some head of theirs crosses a block's end), so those are checked together."""
         out = {}
-        for rid, st in self.reqs.items():
-            if not st.compressed or not st.report_due:
-                continue
-            released = st.take_surplus(self.spares_needed(st))
+        due = [(rid, st) for rid, st in self.reqs.items() if st.compressed and st.report_due]
+        if not due:
+            return out
+        for (rid, st), need in zip(due, self._spares_needed([st for _, st in due])):
+            released = st.take_surplus(need)
             if released:
                 runtime.record_release(len(released))
                 out[rid] = (released, st.num_tokens, st.slot_lens.tolist())
