@@ -1,11 +1,8 @@
 """Build script.
 
-The Triton kernels live in the top-level folder ``triton_kernels/`` but are installed as
-``vllm_kvcompress.triton_kernels``: a top-level ``triton_kernels`` package would shadow OpenAI's
-package of that name, which vLLM imports for MXFP4 MoE layers.
-
 ``KVC_BUILD_CUDA=1`` also builds the optional CUDA compaction kernel in ``csrc/``
-(``vllm_kvcompress._C``); without it the package is pure Python.
+(``vllm_kvcompress._C``, a benchmark alternative to the Triton one); without it the package is
+pure Python.
 """
 import os
 
@@ -31,7 +28,6 @@ setup(
         "vllm_kvcompress.vllm",
         "vllm_kvcompress.triton_kernels",
     ],
-    package_dir={"vllm_kvcompress.triton_kernels": "triton_kernels"},
     # calibrated HeadKV head scores (python -m vllm_kvcompress.calibrate) ship with the package
     package_data={"vllm_kvcompress": ["data/*.json"]},
     ext_modules=ext_modules,

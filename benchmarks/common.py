@@ -226,17 +226,16 @@ def log_tail(path: str, lines: int = 30) -> str:
 class ApiServer:
     """vLLM's OpenAI API server (``argv``: the command, without ``--host``/``--port``, which this
     adds) in a process group of its own, started at once; :meth:`wait_ready` waits for /health, so
-    several can start side by side. ``cwd``: not the repository root, whose triton_kernels/ would
-    shadow the package of that name vLLM imports."""
+    several can start side by side."""
 
-    def __init__(self, argv: list[str], log_path: str, env: dict | None = None, cwd: str | None = None):
+    def __init__(self, argv: list[str], log_path: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.started = time.monotonic()
         self.proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **env} if env else None)
         self.start_s: float | None = None  # seconds until /health answered
 

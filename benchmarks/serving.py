@@ -828,8 +828,8 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
             env = {"VLLM_CACHE_ROOT": str(log_dir / "vllm-cache" / f"slot{slot}")}  # no two side by side share one
             if events_path:
                 env["VLLM_KVC_EVENTS"] = events_path
-            servers.append((plan, ApiServer(server_argv(plan, model_dir, args), str(log_dir / f"{plan.name}.log"), env=env,
-                                            cwd=str(log_dir)), events_path))
+            servers.append((plan, ApiServer(server_argv(plan, model_dir, args), str(log_dir / f"{plan.name}.log"), env=env),
+                            events_path))
         progress(f"starting {', '.join(p.name for p in wave)}")
         for plan, server, events_path in servers:
             try:

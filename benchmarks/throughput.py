@@ -651,10 +651,7 @@ def run_child(spec: dict, timeout: float, log_path: Path) -> list[dict]:
     started = time.monotonic()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
-                                # not the repo root as cwd: its triton_kernels/ would shadow the package
-                                # of that name vLLM tries to import
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
-                                cwd=str(log_path.parent),
                                 start_new_session=True, text=True, errors="replace")
         timer = threading.Timer(timeout, lambda: stop_group(proc.pid, grace=5.0))
         timer.start()

@@ -7,9 +7,9 @@
 * ``triton``: :mod:`vllm_kvcompress.triton_kernels.compaction`;
 * ``torch``:  the plain-PyTorch reference (CPU tensors, or as a last resort).
 
-The environment variable ``KVC_COMPACTION=cuda|triton|torch`` forces one; otherwise CUDA tensors
-use ``GPU_DEFAULT`` (Triton; "cuda" would fall back to Triton when the extension is not built) and
-CPU tensors use torch.
+The environment variable ``KVC_COMPACTION=cuda|triton|torch`` forces one (for benchmarks and
+tests: the CUDA extension is a benchmark alternative); otherwise the package's one rule decides
+(:func:`vllm_kvcompress.triton_kernels.runs_on`): Triton for CUDA tensors, torch elsewhere.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from ..triton_kernels import runs_on
 from . import reference
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def choose(device: torch.device) -> tuple[str, str]:
             raise RuntimeError("KVC_COMPACTION=cuda needs CUDA tensors and the built vllm_kvcompress._C "
                                "(pip install with KVC_BUILD_CUDA=1)")
         return forced, "forced by KVC_COMPACTION"
-    if device.type != "cuda":
+    if not runs_on(device):
         return "torch", f"tensors on {device.type}"
     if GPU_DEFAULT == "cuda":
         if cuda_extension() is not None:
@@ -101,7 +102,7 @@ def compact_rows(
 ) -> None:
     """:func:`compact` without the freed block ids (the caller knows them): nothing waits for the
     device. CUDA: the Triton kernel (in place, no copy of the rows); CPU: the PyTorch reference."""
-    if key_cache.device.type != "cuda":
+    if not runs_on(key_cache):
         reference.compact_rows(key_cache, value_cache, head_block_table, keep_idx, keep_len)
         return
     from vllm_kvcompress.triton_kernels import compaction as triton_compaction

@@ -7,7 +7,7 @@ only select rows (``Reducer.selects_rows``) scores and compacts every head due i
 memory for the scores alone (4 bytes a row instead of the rows' K and V). The heads are laid out
 right-aligned in ``width`` columns, as ``LayerObservation.lengths`` describes.
 
-CUDA: the Triton kernel (``triton_kernels/paged_window_scores.py``); CPU: the PyTorch reference.
+CUDA: the Triton kernel (``vllm_kvcompress/triton_kernels/paged_window_scores.py``); CPU: the PyTorch reference.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..triton_kernels import runs_on
 from . import reference
 
 
@@ -67,7 +68,7 @@ class PagedHeads:
 
     def window_mass(self, power: int = 1) -> torch.Tensor:
         """float32 [n, width]: LayerObservation.window_mass, from the pages."""
-        if self.key_cache.is_cuda:
+        if runs_on(self.key_cache):
             from ..triton_kernels.paged_window_scores import paged_window_scores
 
             return paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths, self.width,

@@ -12,23 +12,20 @@ import torch
 
 from ..observation import causal_column_mass
 from ..paged import reference
-
-
-def _on_gpu(x: torch.Tensor) -> bool:
-    return x.is_cuda
+from ..triton_kernels import runs_on
 
 
 def check_head_size(head_size: int, device: torch.device | str) -> None:
     """The Triton kernels tile the head dimension in one power-of-two block: refuse other sizes at
     start-up on a GPU rather than at the first request (the CPU path takes any size)."""
-    if torch.device(device).type == "cuda" and (head_size & (head_size - 1) or head_size < 16):
+    if runs_on(device) and (head_size & (head_size - 1) or head_size < 16):
         raise ValueError(f"kv compression's GPU kernels need a power-of-two head size >= 16; this model's "
                          f"attention heads have {head_size}")
 
 
 def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
     """key/value [T, H, D] -> pool rows ``slot_mapping`` int64 [T, H] (-1 skips)."""
-    if _on_gpu(key_cache):
+    if runs_on(key_cache):
         from ..triton_kernels.write_tokens import write_tokens as triton_write
 
         triton_write(key, value, slot_mapping, key_cache, value_cache)
@@ -39,7 +36,7 @@ def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
 def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, out=None):
     """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H]);
     written into ``out`` (query's shape, last dim contiguous) when given. Returns the result."""
-    if _on_gpu(query):
+    if runs_on(query):
         from ..triton_kernels.decode_attention import decode_attention as triton_decode
 
         # the kernel takes any strides but the last dim's; tables and lengths are contiguous slices
@@ -78,7 +75,7 @@ def prefill_attention(query, key, value, seq_lens: list[int], scale: float, cu_s
     log; None on the CPU, whose column mass computes its own). cu_seqlens: int32 [len(seq_lens) + 1]
     on the device when the caller has uploaded it (else it is made here: a copy that waits for the
     device). CUDA: vLLM's FlashAttention varlen (FA3 on Hopper); CPU: SDPA per prompt."""
-    if _on_gpu(query):
+    if runs_on(query):
         return _flash_varlen(query, key, value, seq_lens, seq_lens, scale, cu_seqlens, cu_seqlens, return_lse)
     out, start = torch.empty_like(query), 0
     for n in seq_lens:
@@ -130,7 +127,7 @@ def paged_chunk_attention(query, out, key_cache, value_cache, head_block_table, 
     num_seqs, num_kv_heads, width = head_block_table.shape
     head_dim = query.shape[-1]
     group = query.shape[1] // num_kv_heads
-    if _on_gpu(query):
+    if runs_on(query):
         from .compat import flash_attn_varlen_func
 
         rows = query.reshape(-1, group, head_dim)[chunk.q_index]  # [(s, h, t), group, D]
@@ -156,7 +153,7 @@ def chunk_attention(query, key, value, scale: float) -> torch.Tensor:
     query [q_len, Hq, D]; key/value [S, H, D] (S >= q_len) -> [q_len, Hq, D]. CUDA: FlashAttention
     varlen (its causal mask is bottom-right aligned); CPU: SDPA with an explicit mask."""
     q_len, seq_len = query.shape[0], key.shape[0]
-    if _on_gpu(query):
+    if runs_on(query):
         return _flash_varlen(query, key, value, [q_len], [seq_len], scale)
     positions = torch.arange(seq_len - q_len, seq_len, device=query.device)
     mask = torch.arange(seq_len, device=query.device)[None, :] <= positions[:, None]
@@ -193,7 +190,7 @@ def column_mass(query, key, start: int = 0, lse: torch.Tensor | None = None) -> 
     returns it with the prefill's output -- which saves the kernel its first pass.
     CUDA: the Triton kernel (nothing q_len x seq_len in memory); CPU: the PyTorch reference
     :func:`~vllm_kvcompress.observation.causal_column_mass`, which the HF path uses too."""
-    if _on_gpu(query):
+    if runs_on(query):
         from ..triton_kernels.column_mass import column_mass as triton_mass
 
         return triton_mass(query, key, start, lse=lse)
@@ -207,7 +204,7 @@ def warm_up(num_q_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dt
     """Compile the kernels that only some requests reach (EMS's column mass) during vLLM's profiling
     run, once per shape: a kernel that fails to build fails the engine's start, and the first EMS
     request pays no compile."""
-    if torch.device(device).type != "cuda" or (num_q_heads, num_kv_heads, head_size, dtype) in _warmed:
+    if not runs_on(device) or (num_q_heads, num_kv_heads, head_size, dtype) in _warmed:
         return
     query = torch.randn(num_q_heads, 16, head_size, dtype=dtype, device=device)
     key = torch.randn(num_kv_heads, 16, head_size, dtype=dtype, device=device)
