@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from vllm_kvcompress import hf
 from vllm_kvcompress.config import PRESET_NAMES, PRESETS
+from vllm_kvcompress.tensor_parallel import SINGLE
 from vllm_kvcompress.head_scores import HeadScores
 from vllm_kvcompress.models import load_smollm2, tiny_llama
 from vllm_kvcompress.presets import build_policy
@@ -107,8 +108,8 @@ class RecordingReducer:
     def __getattr__(self, name):  # the reducer's flags (heads_independent, ranks_query_heads, ...)
         return getattr(self.inner, name)
 
-    def for_request(self, observations, window):
-        window, inner = self.inner.for_request(observations, window)
+    def for_request(self, observations, window, shards=SINGLE):
+        window, inner = self.inner.for_request(observations, window, shards)
         return window, self if inner is self.inner else RecordingReducer(inner, self.calls)
 
     def reduce(self, observations, scores, budgets, protected):
