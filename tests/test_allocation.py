@@ -197,7 +197,7 @@ def test_zigzag_needs_observations_for_the_layer_views():
 
 
 def test_zigzag_rejects_an_unknown_measure():
-    with pytest.raises(ValueError, match="valid measures: lmba, lmbo, scores"):
+    with pytest.raises(ValueError, match="valid zigzag measures: lmba, lmbo, scores"):
         ZigZagAllocator(measure="hidden")
 
 

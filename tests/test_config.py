@@ -4,25 +4,19 @@ import json
 import pytest
 
 from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import (
-    ALLOCATOR_NAMES,
-    PRESET_ALIASES,
-    PRESET_NAMES,
-    PRESETS,
-    REDUCER_NAMES,
-    SCORER_NAMES,
-    CompressionConfig,
-    canonical_preset,
-)
+from vllm_kvcompress.config import LEGACY_KEYS, PRESET_ALIASES, PRESET_NAMES, PRESETS, CompressionConfig, canonical_preset
+from vllm_kvcompress.registry import ALLOCATORS, KINDS, REDUCERS, SCORERS
 
 
 def test_every_preset_but_none_has_parts():
     assert set(PRESETS) == set(PRESET_NAMES) - {"none"}
     for parts in PRESETS.values():
-        assert parts.scorer in SCORER_NAMES
-        assert parts.allocator in ALLOCATOR_NAMES
-        assert parts.reducer in REDUCER_NAMES
+        assert parts.scorer in SCORERS.names
+        assert parts.allocator in ALLOCATORS.names
+        assert parts.reducer in REDUCERS.names
         assert parts.source
+        for kind, options in parts.options.items():  # a preset's options are options of its parts
+            assert set(options) <= set(KINDS[kind].options(getattr(parts, kind)))
 
 
 @pytest.mark.parametrize(
@@ -58,7 +52,8 @@ def test_defaults():
     assert config.budget == Budget(tokens=256)
     assert (config.scorer_name, config.allocator_name, config.reducer_name) == ("snapkv", "uniform", "topk")
     assert config.window is None and config.effective_window == 32
-    assert config.pool_kernel == 7 and config.effective_sink == 0 and config.window_in_budget
+    assert config.effective_sink == 0 and config.window_in_budget
+    assert all(config.part_options(kind) == {} for kind in KINDS)  # every part at its own defaults
 
 
 @pytest.mark.parametrize(
@@ -101,15 +96,38 @@ def test_effective_sink(sink, policy, expected):
 
 
 @pytest.mark.parametrize(
-    "policy, options, name, expected",
-    [("ems", {}, "ems_local_weight", 0.5), ("ems-tuned", {}, "ems_local_weight", 1.0),
-     ("ems-tuned", {"ems_local_weight": 0.5}, "ems_local_weight", 0.5), ("none", {}, "zigzag_measure", "lmba"),
-     ("zigzag-lmbo", {}, "zigzag_measure", "lmbo"), ("snapkv", {}, "zigzag_measure", "lmba")],
+    "options, kind, expected",
+    [({"policy": "ems"}, "scorer", {}), ({"policy": "ems-tuned"}, "scorer", {"local_weight": 1.0}),
+     ({"policy": "ems-tuned", "scorer_options": {"local_weight": 0.5}}, "scorer", {"local_weight": 0.5}),
+     ({"policy": "ems-tuned", "ems_local_weight": 0.5}, "scorer", {"local_weight": 0.5}),  # a legacy key
+     ({"policy": "ems-tuned", "scorer": "snapkv"}, "scorer", {}),  # the preset's options are its parts'
+     ({"policy": "zigzag-lmbo"}, "allocator", {"measure": "lmbo"}), ({"policy": "zigzag"}, "allocator", {}),
+     ({"policy": "zigzag-lmbo", "zigzag_measure": None}, "allocator", {"measure": "lmbo"}),  # None: the preset's
+     ({"policy": "headkv-r2", "headkv_scores": "s.json"}, "allocator", {"heads": "retrieval_reasoning"}),
+     ({"policy": "pyramidkv", "allocator_options": {"beta": 4.0}}, "allocator", {"beta": 4.0})],
 )
-def test_preset_option(policy, options, name, expected):
-    config = CompressionConfig(policy=policy, **options)
-    assert config.preset_option(name) == expected
-    assert CompressionConfig.from_dict(config.to_dict()).preset_option(name) == expected  # None survives the trip
+def test_part_options(options, kind, expected):
+    config = CompressionConfig.from_dict(options)
+    assert config.part_options(kind) == expected
+    assert CompressionConfig.from_dict(config.to_dict()).part_options(kind) == expected  # survives the trip
+
+
+@pytest.mark.parametrize("key", sorted(LEGACY_KEYS))
+def test_every_legacy_key_reaches_its_part(key):
+    """Each flat key of older configs sets the option of the part it belongs to, where that part
+    is in effect, and nothing where another one is (as the unused flat field did)."""
+    for kind, part, option in LEGACY_KEYS[key]:
+        part = part or "snapkv"  # pool_kernel: any pooling scorer
+        default = KINDS[kind].options(part)[option]
+        value = {"measure": "lmbo", "task": "retrieval"}.get(option)  # another valid value than the default
+        if value is None:
+            value = (not default if isinstance(default, bool) else default + 2 if isinstance(default, int)
+                     else default + 1 if default > 1 else default / 2)
+        config = CompressionConfig.from_dict({"policy": "none", kind: part, key: value, "headkv_scores": "s.json"})
+        assert config.part_options(kind)[option] == value
+        other = next(name for name in KINDS[kind].names if option not in KINDS[kind].options(name))
+        ignored = CompressionConfig.from_dict({"policy": "none", kind: other, key: value, "headkv_scores": "s.json"})
+        assert ignored.part_options(kind) == {}
 
 
 @pytest.mark.parametrize("budget, expected", [(128, Budget(tokens=128)), ("0.2", Budget(fraction=0.2)),
@@ -129,41 +147,60 @@ def test_budget_is_parsed(budget, expected):
         ("budget", True, "budget"),
         ("budget", "most of it", "budget"),
         ("scorer", "h2o", "valid scorers: recency, snapkv, squared, ems"),
-        ("allocator", "fair", "valid allocators: uniform, pyramid, adakv, zigzag, headkv"),
+        ("allocator", "fair", "valid allocators: uniform, pyramid, adakv, zigzag, windowkv, headkv"),
         ("reducer", "drop", "valid reducers: topk, ems-merge, windows"),
-        ("windowkv_task", "summary", "valid windowkv task types"),
         ("window", 0, "window"),
         ("window", 2.0, "window"),
         ("window", True, "window"),
         ("sink", -1, "sink"),
-        ("pool_kernel", 4, "odd"),
-        ("pool_kernel", 0, "pool_kernel"),
         ("decode_slack", -1, "decode_slack"),
-        ("pyramid_beta", 1.0, "pyramid_beta"),
-        ("pyramid_beta", float("inf"), "pyramid_beta"),
-        ("adakv_alpha", 1.5, "adakv_alpha"),
-        ("adakv_alpha", float("nan"), "adakv_alpha"),
-        ("adakv_alpha", "0.2", "adakv_alpha"),
-        ("zigzag_min_fraction", -0.1, "zigzag_min_fraction"),
-        ("zigzag_mass", 0.0, "zigzag_mass"),
-        ("headkv_beta", 1.0, "headkv_beta"),
-        ("ems_local_weight", 2, "ems_local_weight"),
-        ("ems_merge_threshold", 1.01, "ems_merge_threshold"),
-        ("windowkv_retrieval_window", 0, "windowkv_retrieval_window"),
-        ("windowkv_aggregation_window", -8, "windowkv_aggregation_window"),
-        ("windowkv_group_size", 0, "windowkv_group_size"),
-        ("windowkv_aggregation_suffix", 0, "windowkv_aggregation_suffix"),
-        ("windowkv_beta", 0.0, "windowkv_beta"),
-        ("windowkv_retrieval_share", 1.5, "windowkv_retrieval_share"),
-        ("windowkv_whole_windows", "yes", "windowkv_whole_windows must be true or false"),
         ("window_in_budget", 1, "window_in_budget must be true or false"),
-        ("ems_relevant_mass", 0.0, "ems_relevant_mass"),
-        ("zigzag_measure", "lmbx", "valid zigzag measures: lmba, lmbo, scores"),
+        ("scorer_options", [7], "scorer_options must be a JSON object"),
     ],
 )
 def test_bad_option_is_a_clear_error(option, value, words):
     with pytest.raises(ValueError, match=words):
         CompressionConfig(**{option: value})
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [  # each part checks its own options and the error names the part; legacy keys reach the same checks
+        ({"policy": "windowkv", "reducer_options": {"task": "summary"}}, "reducer 'windows': unknown windowkv task type"),
+        ({"policy": "windowkv", "windowkv_task": "summary"}, "valid windowkv task types"),
+        ({"policy": "snapkv", "scorer_options": {"pool_kernel": 4}}, "scorer 'snapkv': pool_kernel must be odd"),
+        ({"policy": "snapkv", "pool_kernel": 0}, "pool_kernel"),
+        ({"policy": "ems", "pool_kernel": 4}, "scorer 'ems': pool_kernel must be odd"),
+        ({"policy": "pyramidkv", "pyramid_beta": 1.0}, "allocator 'pyramid': beta"),
+        ({"policy": "pyramidkv", "allocator_options": {"beta": float("inf")}}, "beta"),
+        ({"policy": "adakv", "adakv_alpha": 1.5}, "allocator 'adakv': alpha"),
+        ({"policy": "adakv", "allocator_options": {"alpha": float("nan")}}, "alpha"),
+        ({"policy": "adakv", "allocator_options": {"alpha": "0.2"}}, "alpha"),
+        ({"policy": "zigzag", "zigzag_min_fraction": -0.1}, "min_fraction"),
+        ({"policy": "zigzag", "allocator_options": {"mass": 0.0}}, "mass"),
+        ({"policy": "zigzag", "allocator_options": {"measure": "lmbx"}}, "valid zigzag measures: lmba, lmbo, scores"),
+        ({"policy": "headkv", "headkv_scores": "s.json", "headkv_beta": 1.0}, "allocator 'headkv': beta"),
+        ({"policy": "headkv", "headkv_scores": "s.json", "allocator_options": {"heads": "r3"}}, "head score kind"),
+        ({"policy": "ems", "ems_local_weight": 2}, "local_weight"),
+        ({"policy": "ems", "ems_merge_threshold": 1.01}, "merge_threshold"),
+        ({"policy": "ems", "reducer_options": {"relevant_mass": 0.0}}, "relevant_mass"),
+        ({"policy": "windowkv", "windowkv_retrieval_window": 0}, "retrieval_window"),
+        ({"policy": "windowkv", "windowkv_aggregation_window": -8}, "aggregation_window"),
+        ({"policy": "windowkv", "allocator_options": {"group_size": 0}}, "allocator 'windowkv': group_size"),
+        ({"policy": "windowkv", "windowkv_group_size": 0}, "group_size"),
+        ({"policy": "windowkv", "windowkv_aggregation_suffix": 0}, "aggregation_suffix"),
+        ({"policy": "windowkv", "windowkv_beta": 0.0}, "beta"),
+        ({"policy": "windowkv", "windowkv_retrieval_share": 1.5}, "retrieval_share"),
+        ({"policy": "windowkv", "windowkv_whole_windows": "yes"}, "whole_windows must be true or false"),
+        ({"policy": "snapkv", "allocator_options": {"beta": 2.0}},
+         "unknown option\\(s\\) \\['beta'\\] of allocator 'uniform'; its options: none"),
+        ({"policy": "pyramidkv", "allocator_options": {"alpha": 0.1}}, "of allocator 'pyramid'; its options: beta"),
+        ({"policy": "none", "scorer_options": {"pool_kernel": 3}}, "policy 'none' has no scorer"),
+    ],
+)
+def test_bad_part_option_is_a_clear_error(options, words):
+    with pytest.raises(ValueError, match=words):
+        CompressionConfig.from_dict(options)
 
 
 @pytest.mark.parametrize("options", [{"policy": "headkv"}, {"policy": "headkv-r2"}, {"allocator": "headkv"},
@@ -206,7 +243,8 @@ def test_from_json_unknown_option():
 
 @pytest.mark.parametrize("budget", [64, 0.5, 1.0, 1])
 def test_dict_and_json_round_trip(budget):
-    config = CompressionConfig(policy="ems", budget=budget, sink=2, decode_slack=None, ems_local_weight=0.3)
+    config = CompressionConfig(policy="ems", budget=budget, sink=2, decode_slack=None,
+                               scorer_options={"local_weight": 0.3}, reducer_options={"merge_threshold": 0.4})
     assert CompressionConfig.from_dict(config.to_dict()) == config
     assert CompressionConfig.from_json(json.dumps(config.to_dict())) == config
 
@@ -221,3 +259,16 @@ def test_replace_validates_and_keeps_the_rest():
         config.replace(budgett=3)
     with pytest.raises(ValueError, match="budget"):
         config.replace(budget=-1)
+
+
+def test_replace_adds_to_the_options_of_the_same_part_and_drops_another_parts():
+    """Per-request overrides: options for the part in effect add to the server's; a request that
+    puts another part in effect (here: another policy) leaves the server's options of it behind."""
+    server = CompressionConfig(policy="ems", scorer_options={"local_weight": 0.3}, reducer_options={"chunk": 512})
+    more = server.replace(scorer_options={"pool_kernel": 3})
+    assert more.part_options("scorer") == {"local_weight": 0.3, "pool_kernel": 3}
+    assert more.part_options("reducer") == {"chunk": 512}
+    legacy = server.replace(ems_local_weight=0.8)
+    assert legacy.part_options("scorer") == {"local_weight": 0.8}
+    other = server.replace(policy="snapkv")
+    assert other.part_options("scorer") == {} and other.part_options("reducer") == {}

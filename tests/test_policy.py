@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import ALLOCATOR_NAMES, REDUCER_NAMES, SCORER_NAMES, CompressionConfig
+from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.registry import ALLOCATORS, REDUCERS, SCORERS
 from vllm_kvcompress.head_scores import HeadScores
 from vllm_kvcompress.presets import build_policy
 from vllm_kvcompress.reduction import EvictThenMergeReducer
@@ -44,34 +45,41 @@ def scores_files(tmp_path_factory) -> dict[tuple[int, int], str]:
 budget_values = st.one_of(st.integers(1, 60), st.floats(0.01, 1.0, allow_nan=False))
 
 
+POOL = st.sampled_from([1, 3, 7])
+# the options drawn for each part (the others stay at the part's defaults)
+PART_OPTIONS = {
+    ("scorer", "snapkv"): {"pool_kernel": POOL},
+    ("scorer", "squared"): {"pool_kernel": POOL},
+    ("scorer", "ems"): {"pool_kernel": POOL, "local_weight": st.sampled_from([0.0, 0.5, 1.0])},
+    ("allocator", "pyramid"): {"beta": st.sampled_from([1.5, 20.0])},
+    ("allocator", "adakv"): {"alpha": st.sampled_from([0.0, 0.2, 1.0])},
+    ("allocator", "zigzag"): {"mass": st.sampled_from([0.5, 0.9, 1.0]), "min_fraction": st.sampled_from([0.0, 0.2, 1.0]),
+                              "measure": st.sampled_from(["lmba", "lmbo", "scores"])},
+    ("allocator", "windowkv"): {"group_size": st.integers(1, 3), "beta": st.sampled_from([1.0, 14.0])},
+    ("reducer", "ems-merge"): {"merge_threshold": st.sampled_from([-1.0, 0.0, 0.5, 1.0]),
+                               "relevant_mass": st.sampled_from([0.5, 0.9, 1.0])},
+    ("reducer", "windows"): {"task": st.sampled_from(["auto", "retrieval", "aggregation"]),
+                             "retrieval_window": st.integers(1, 4), "aggregation_window": st.integers(2, 12),
+                             "aggregation_suffix": st.integers(1, 8), "group_size": st.integers(1, 3),
+                             "whole_windows": st.booleans()},
+}
+
+
 @st.composite
 def configs(draw) -> CompressionConfig:
+    parts = {"scorer": draw(st.sampled_from(SCORERS.names)), "allocator": draw(st.sampled_from(ALLOCATORS.names)),
+             "reducer": draw(st.sampled_from(REDUCERS.names))}
+    options = {f"{kind}_options": {option: draw(values) for option, values in PART_OPTIONS.get((kind, name), {}).items()}
+               for kind, name in parts.items()}
     return CompressionConfig(
         policy="snapkv",
-        scorer=draw(st.sampled_from(SCORER_NAMES)),
-        allocator=draw(st.sampled_from(ALLOCATOR_NAMES)),
-        reducer=draw(st.sampled_from(REDUCER_NAMES)),
+        **parts,
+        **options,
         budget=draw(budget_values),
         window=draw(st.integers(1, 8)),
         sink=draw(st.integers(0, 4)),
-        pool_kernel=draw(st.sampled_from([1, 3, 7])),
-        pyramid_beta=draw(st.sampled_from([1.5, 20.0])),
-        adakv_alpha=draw(st.sampled_from([0.0, 0.2, 1.0])),
-        zigzag_mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
-        zigzag_min_fraction=draw(st.sampled_from([0.0, 0.2, 1.0])),
         headkv_scores="<drawn per shape>",
-        ems_local_weight=draw(st.sampled_from([0.0, 0.5, 1.0])),
-        ems_merge_threshold=draw(st.sampled_from([-1.0, 0.0, 0.5, 1.0])),
-        ems_relevant_mass=draw(st.sampled_from([0.5, 0.9, 1.0])),
-        zigzag_measure=draw(st.sampled_from(["lmba", "lmbo", "scores"])),
         window_in_budget=draw(st.booleans()),
-        windowkv_task=draw(st.sampled_from(["auto", "retrieval", "aggregation"])),
-        windowkv_retrieval_window=draw(st.integers(1, 4)),
-        windowkv_aggregation_window=draw(st.integers(2, 12)),
-        windowkv_aggregation_suffix=draw(st.integers(1, 8)),
-        windowkv_group_size=draw(st.integers(1, 3)),
-        windowkv_beta=draw(st.sampled_from([1.0, 14.0])),
-        windowkv_whole_windows=draw(st.booleans()),
     )
 
 
@@ -196,8 +204,8 @@ def test_budget_is_the_policy_budget():
     assert build_policy("snapkv", budget="0.3").budget == Budget(fraction=0.3)
 
 
-@pytest.mark.parametrize("reducer", [name for name in REDUCER_NAMES if name != "windows"])
-@pytest.mark.parametrize("scorer", SCORER_NAMES)
+@pytest.mark.parametrize("reducer", [name for name in REDUCERS.names if name != "windows"])
+@pytest.mark.parametrize("scorer", SCORERS.names)
 @pytest.mark.parametrize("sink", [0, 2])
 def test_recompressing_heads_of_different_lengths_together_equals_one_at_a_time(scorer, reducer, sink):
     """Heads of different lengths in one call (PyramidKV, Ada-KV, HeadKV and ZigZag budgets make
@@ -233,8 +241,8 @@ def test_window_reducer_recompresses_equal_lengths_only():
         policy.recompress_heads(q, k[0], k[1], torch.tensor([8]), torch.tensor([20]))
 
 
-@pytest.mark.parametrize("reducer", REDUCER_NAMES)
-@pytest.mark.parametrize("scorer", SCORER_NAMES)
+@pytest.mark.parametrize("reducer", REDUCERS.names)
+@pytest.mark.parametrize("scorer", SCORERS.names)
 def test_recompressing_heads_together_equals_one_at_a_time(scorer, reducer):
     """Decode-time recompression batches the heads of a layer that hold the same number of rows;
     each head must come out as if recompressed alone (WindowReducer shares rankings across heads,

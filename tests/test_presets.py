@@ -15,10 +15,12 @@ from vllm_kvcompress.head_scores import HeadScores
 from vllm_kvcompress.policy import Policy
 from vllm_kvcompress.presets import build_policy
 from vllm_kvcompress.reduction import EvictThenMergeReducer, TopKReducer, WindowReducer
-from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
+from vllm_kvcompress.registry import KINDS
+from vllm_kvcompress.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
+                                     WindowKVScorer)
 
 SCORERS = {"recency": RecencyScorer, "snapkv": SnapKVScorer, "squared": SquaredAttentionScorer, "ems": EMSScorer,
-           "windowkv": WindowKVScorer}
+           "windowkv": WindowKVScorer, "keydiff": KeyDiffScorer}
 ALLOCATORS = {
     "uniform": UniformAllocator,
     "pyramid": PyramidAllocator,
@@ -140,17 +142,13 @@ def test_part_overrides(override, attribute, cls):
             assert type(getattr(policy, name)) is default
 
 
-def test_options_reach_the_parts():
-    config = CompressionConfig(
-        policy="ems",
-        pool_kernel=3,
-        adakv_alpha=0.5,
-        ems_local_weight=0.3,
-        ems_merge_threshold=0.7,
-        budget=0.2,
-        window=4,
-        sink=2,
-    )
+@pytest.mark.parametrize("options", [
+    {"scorer_options": {"pool_kernel": 3, "local_weight": 0.3}, "allocator_options": {"alpha": 0.5},
+     "reducer_options": {"merge_threshold": 0.7}},
+    {"pool_kernel": 3, "adakv_alpha": 0.5, "ems_local_weight": 0.3, "ems_merge_threshold": 0.7},  # legacy keys
+])
+def test_options_reach_the_parts(options):
+    config = CompressionConfig.from_dict({"policy": "ems", "budget": 0.2, "window": 4, "sink": 2, **options})
     policy = build_policy(config)
     assert policy.scorer == EMSScorer(local_weight=0.3, pool_kernel=3)
     assert policy.allocator == AdaKVAllocator(alpha=0.5)
@@ -216,3 +214,34 @@ def test_headkv_scores_for_another_model_fail_at_compress(scores_file, make_laye
         policy.compress(layers)
     fitting = make_layers(2, num_kv_heads=2, group=1, seq_len=16, window=2)
     assert sum(int(r.lengths.sum()) for r in policy.compress(fitting)) == 8 * 2 * 2
+
+
+@pytest.mark.parametrize("kind, known", [("scorer", SCORERS), ("allocator", ALLOCATORS), ("reducer", REDUCERS)])
+def test_the_registry_holds_every_part(kind, known):
+    assert {name: KINDS[kind].part(name) for name in KINDS[kind].names} == known
+
+
+def test_a_registered_part_is_usable_by_name_with_its_options():
+    """A part is one class and its registration: the config takes its name and options, and
+    build_policy builds it (KeyDiff, added after the registry)."""
+    policy = build_policy("snapkv", scorer="keydiff", budget=16)
+    assert policy.scorer == KeyDiffScorer() and policy.scorer.reads_keys and not policy.scores_from_pages
+    assert isinstance(policy.allocator, UniformAllocator) and isinstance(policy.reducer, TopKReducer)
+    with pytest.raises(ValueError, match="unknown option\\(s\\) \\['pool_kernel'\\] of scorer 'keydiff'"):
+        build_policy("snapkv", scorer="keydiff", scorer_options={"pool_kernel": 3})
+
+
+def test_the_readme_table_lists_every_part_and_its_options():
+    """The README's table of parts is the registry's: every name and every option, with its default."""
+    from pathlib import Path
+
+    rows = {(line.split("|")[1].strip(), line.split("|")[2].strip().strip("`")): line.split("|")[3]
+            for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+            if line.startswith("| scorer") or line.startswith("| allocator") or line.startswith("| reducer")}
+    for kind, registry in KINDS.items():
+        for name in registry.names:
+            assert (kind, name) in rows, f"README lacks the {kind} {name}"
+            for option, default in registry.options(name).items():
+                shown = str(default).lower() if isinstance(default, bool) else str(default)
+                assert f"`{option}` ({shown}" in rows[kind, name] or f"`{option}` (`{shown}`" in rows[kind, name], (
+                    kind, name, option)

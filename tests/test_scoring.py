@@ -11,7 +11,8 @@ import torch
 
 from vllm_kvcompress.observation import LayerObservation, causal_column_mass
 from vllm_kvcompress.paged.reference import max_pool_scores
-from vllm_kvcompress.scoring import EMSScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
+from vllm_kvcompress.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
+                                     WindowKVScorer)
 
 HEAD_DIM = 4
 
@@ -227,3 +228,26 @@ def test_window_positions_score_zero_and_do_not_spill(scorer):
     inclusive = dataclasses.replace(scorer, exclude_window=False).score(obs)
     if scorer.pool_kernel > 1:
         assert inclusive[0, 3] > scores[0, 3]
+
+
+def test_keydiff_scores_by_the_distance_from_the_average_key_direction():
+    """Three keys of one head, two along x and one along y (lengths differ: only directions count):
+    the anchor is the direction of (2, 1), so cos = 2/sqrt(5) for the x keys and 1/sqrt(5) for the y
+    key, which scores highest. The queries play no part."""
+    keys = torch.tensor([[[3.0, 0.0], [0.5, 0.0], [0.0, 2.0]]])
+    obs = LayerObservation(torch.randn(1, 1, 2), keys, torch.randn_like(keys))
+    far, near = 1 - 1 / math.sqrt(5), 1 - 2 / math.sqrt(5)
+    torch.testing.assert_close(KeyDiffScorer().score(obs), torch.tensor([[near, near, far]]))
+    other_queries = dataclasses.replace(obs, window_queries=torch.randn(1, 1, 2))
+    torch.testing.assert_close(KeyDiffScorer().score(other_queries), KeyDiffScorer().score(obs))
+
+
+def test_keydiff_anchor_leaves_the_padding_out():
+    """Decode-time recompression: head 0 holds its last 2 rows (x, y), the poisoned row before them
+    is padding; its anchor is (1, 1)/sqrt(2) from its own rows, as if scored alone."""
+    keys = torch.tensor([[[0.0, 1e4], [1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])
+    obs = LayerObservation(torch.randn(2, 1, 2), keys, torch.randn_like(keys), lengths=torch.tensor([2, 3]))
+    scores = KeyDiffScorer().score(obs)
+    alone = KeyDiffScorer().score(LayerObservation(torch.randn(1, 1, 2), keys[:1, 1:], keys[:1, 1:]))
+    torch.testing.assert_close(scores[0, 1:], alone[0])
+    torch.testing.assert_close(scores[0, 1:], torch.full((2,), 1 - 1 / math.sqrt(2)))

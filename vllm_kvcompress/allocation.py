@@ -7,13 +7,14 @@ every head keeps anyway: observation window + sinks).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from .budget import distribute
 from .observation import LayerObservation
 from .paged.reference import window_scores
+from .registry import ALLOCATORS, check_choice, check_int, check_number
 from .scoring import window_probabilities
 from .tensor_parallel import SINGLE, HeadShards
 
@@ -62,6 +63,7 @@ class Allocator:
         return distribute(weights, inp.total, inp.floor, inp.seq_len)
 
 
+@ALLOCATORS.register("uniform")
 @dataclass(frozen=True)
 class UniformAllocator(Allocator):
     """Every head of every layer gets the same budget (SnapKV, StreamingLLM)."""
@@ -70,6 +72,7 @@ class UniformAllocator(Allocator):
         return self.spread(inp, torch.ones(inp.shape))
 
 
+@ALLOCATORS.register("pyramid")
 @dataclass(frozen=True)
 class PyramidAllocator(Allocator):
     """PyramidKV (Cai et al. 2024, Sec. 3.2): budgets above the window fall linearly with depth,
@@ -79,8 +82,7 @@ class PyramidAllocator(Allocator):
     beta: float = 20.0
 
     def __post_init__(self) -> None:
-        if self.beta <= 1:
-            raise ValueError(f"pyramid beta must be > 1, got {self.beta}")
+        check_number("beta", self.beta, 1.0, 1e6, open_low=True)
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
         num_layers, num_heads = inp.shape
@@ -92,6 +94,7 @@ class PyramidAllocator(Allocator):
         return self.spread(inp, per_layer[:, None].expand(num_layers, num_heads))
 
 
+@ALLOCATORS.register("adakv")
 @dataclass(frozen=True)
 class AdaKVAllocator(Allocator):
     """Ada-KV (Feng et al. 2024, Alg. 1, with its safeguard): inside each layer the heads compete
@@ -104,8 +107,7 @@ class AdaKVAllocator(Allocator):
     alpha: float = 0.2
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"adakv alpha must be in [0, 1], got {self.alpha}")
+        check_number("alpha", self.alpha, 0.0, 1.0)
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
         above = inp.per_head - inp.floor
@@ -172,8 +174,10 @@ def tokens_for_output(obs: LayerObservation, scores: torch.Tensor, protected: to
 
 
 ZIGZAG_MEASURES = ("lmba", "lmbo", "scores")
+HEAD_SCORE_KINDS = ("retrieval", "retrieval_reasoning")
 
 
+@ALLOCATORS.register("zigzag")
 @dataclass(frozen=True)
 class ZigZagAllocator(Allocator):
     """ZigZagKV layer-uncertainty budgets (arXiv 2412.09036, Sec. 4).
@@ -205,8 +209,9 @@ class ZigZagAllocator(Allocator):
         return self.measure != "scores"
 
     def __post_init__(self) -> None:
-        if self.measure not in ZIGZAG_MEASURES:
-            raise ValueError(f"unknown zigzag measure {self.measure!r}; valid measures: {', '.join(ZIGZAG_MEASURES)}")
+        check_number("mass", self.mass, 0.0, 1.0, open_low=True)
+        check_number("min_fraction", self.min_fraction, 0.0, 1.0)
+        check_choice("zigzag measure", self.measure, ZIGZAG_MEASURES)
 
     def layer_needs(self, inp: AllocationInput) -> torch.Tensor:
         """float64 [num_layers]: each layer's minimum budget, averaged over its heads. Under tensor
@@ -232,6 +237,7 @@ class ZigZagAllocator(Allocator):
         return distribute(need[:, None].expand(num_layers, num_heads), inp.total, low, inp.seq_len)
 
 
+@ALLOCATORS.register("windowkv")
 @dataclass(frozen=True)
 class WindowKVAllocator(Allocator):
     """WindowKV layer-group budgets (arXiv 2503.17922, Sec. 3; official code's "arithmetic" decay).
@@ -250,8 +256,8 @@ class WindowKVAllocator(Allocator):
     beta: float = 14.0
 
     def __post_init__(self) -> None:
-        if self.group_size < 1 or self.beta <= 0:
-            raise ValueError(f"windowkv needs group_size >= 1 and beta > 0, got {self.group_size}, {self.beta}")
+        check_int("group_size", self.group_size)
+        check_number("beta", self.beta, 0.0, 1e6, open_low=True)
 
     def group_budgets(self, prefix_budget: int, num_groups: int) -> list[int]:
         """The prefix budget of each group, first to last (integers, as in the official code)."""
@@ -268,6 +274,9 @@ class WindowKVAllocator(Allocator):
         per_layer = torch.tensor([max(groups[layer // self.group_size], 0) for layer in range(num_layers)],
                                  dtype=torch.float64)
         return self.spread(inp, per_layer[:, None].expand(num_layers, num_heads))
+
+
+@ALLOCATORS.register("headkv")
 @dataclass(frozen=True)
 class HeadKVAllocator(Allocator):
     """HeadKV per-head budgets (arXiv 2410.19258, Sec. 3.2).
@@ -280,14 +289,22 @@ class HeadKVAllocator(Allocator):
     third of the budget above the floor stays with each head, two thirds follow the scores. The
     official head budget round(score * pool + A - A // beta) can exceed the context, where it is
     wasted; ours water-fills it to the other heads, so the total stays exact. head_scores: float
-    [num_layers, num_kv_heads] from the calibration file (per KV head: the query heads of a group
-    summed).
+    [num_layers, num_kv_heads], the ``heads`` scores of the calibration file (per KV head: the
+    query heads of a group summed); :func:`~vllm_kvcompress.presets.build_policy` reads them from
+    the config's ``headkv_scores`` file.
     """
 
-    head_scores: torch.Tensor
+    head_scores: torch.Tensor | None = field(default=None, metadata={"from_config": "headkv_scores"})
+    heads: str = "retrieval"
     beta: float = 1.5
 
+    def __post_init__(self) -> None:
+        check_choice("head score kind", self.heads, HEAD_SCORE_KINDS)
+        check_number("beta", self.beta, 1.0, 1e6, open_low=True)
+
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
+        if self.head_scores is None:
+            raise ValueError("the headkv allocator needs head scores (headkv_scores=PATH)")
         if tuple(self.head_scores.shape) != inp.shape:
             raise ValueError(
                 f"head scores are for {tuple(self.head_scores.shape)} (layers, kv heads) but the model "

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 
-from .allocation import ZIGZAG_MEASURES
+from . import allocation, reduction, scoring  # noqa: F401 - their parts register themselves
 from .budget import Budget
+from .registry import KINDS, check_bool, check_int
 
 PRESET_ALIASES = {"layer-uncertainty": "zigzag", "full": "none"}
 PRESET_NAMES = (
@@ -29,21 +29,13 @@ PRESET_NAMES = (
     "headkv",
     "headkv-r2",
 )
-SCORER_NAMES = ("recency", "snapkv", "squared", "ems", "windowkv")
-ALLOCATOR_NAMES = ("uniform", "pyramid", "adakv", "zigzag", "headkv", "windowkv")
-REDUCER_NAMES = ("topk", "ems-merge", "windows")
-TASK_TYPES = ("auto", "retrieval", "aggregation")
-
-
-# What a config leaving these options None gets, unless its preset sets them (PresetParts.options).
-OPTION_DEFAULTS = {"ems_local_weight": 0.5, "zigzag_measure": "lmba"}
 
 
 @dataclass(frozen=True)
 class PresetParts:
-    """The parts a preset picks, the paper section it follows, its defaults of ``window`` and
-    ``sink``, and of the options in :data:`OPTION_DEFAULTS` (what a config that leaves them None
-    gets)."""
+    """The parts a preset picks (names in :mod:`~vllm_kvcompress.registry`), the paper section it
+    follows, its defaults of ``window`` and ``sink``, and the options it gives its parts where they
+    differ from the parts' own defaults: ``{"scorer": {...}, "allocator": {...}, "reducer": {...}}``."""
 
     scorer: str
     allocator: str
@@ -66,17 +58,45 @@ PRESETS: dict[str, PresetParts] = {
     # Ada-KV's competition on per-head normalised scores loses to a uniform split. What is left of
     # EMS is its evict-then-merge; no column mass is collected (a prefill as cheap as SnapKV's).
     "ems-tuned": PresetParts("ems", "uniform", "ems-merge", "ours: EMS's evict-then-merge on its local term alone",
-                             options={"ems_local_weight": 1.0}),
-    # window 32 = its suffix for question answering; 16 for other tasks (windowkv_aggregation_suffix)
+                             options={"scorer": {"local_weight": 1.0}}),
+    # window 32 = its suffix for question answering; 16 for other tasks (the reducer's aggregation_suffix)
     "windowkv": PresetParts("windowkv", "windowkv", "windows", "arXiv 2503.17922, Sec. 3; official code"),
     "zigzag": PresetParts("snapkv", "zigzag", "topk", "arXiv 2412.09036, Sec. 4"),
     # the paper's second view of a layer's minimum budget (our reading of it: see ZigZagAllocator)
     "zigzag-lmbo": PresetParts("snapkv", "zigzag", "topk", "arXiv 2412.09036, Sec. 4 (LMBO)",
-                               options={"zigzag_measure": "lmbo"}),
+                               options={"allocator": {"measure": "lmbo"}}),
     # window 8: the official code's observation window
     "headkv": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval heads)", window=8),
     "headkv-r2": PresetParts("snapkv", "headkv", "topk", "arXiv 2410.19258, Sec. 3 (retrieval-reasoning heads)",
-                             window=8),
+                             window=8, options={"allocator": {"heads": "retrieval_reasoning"}}),
+}
+
+# The config fields that name files a part reads (Registry.resources), and what a user must pass.
+RESOURCES = {"headkv_scores": "head scores: pass headkv_scores=PATH (make one with "
+                              "`python -m vllm_kvcompress.calibrate MODEL --out scores.json`)"}
+
+# Flat keys of configs written before parts owned their options, read once by from_dict:
+# key -> the (kind, part, option)s it sets. A key whose part is not the one in effect is ignored,
+# as the flat field it was went unused then.
+LEGACY_KEYS: dict[str, tuple[tuple[str, str | None, str], ...]] = {
+    "pool_kernel": (("scorer", None, "pool_kernel"),),  # any scorer that pools
+    "pyramid_beta": (("allocator", "pyramid", "beta"),),
+    "adakv_alpha": (("allocator", "adakv", "alpha"),),
+    "zigzag_min_fraction": (("allocator", "zigzag", "min_fraction"),),
+    "zigzag_mass": (("allocator", "zigzag", "mass"),),
+    "zigzag_measure": (("allocator", "zigzag", "measure"),),
+    "headkv_beta": (("allocator", "headkv", "beta"),),
+    "ems_local_weight": (("scorer", "ems", "local_weight"),),
+    "ems_merge_threshold": (("reducer", "ems-merge", "merge_threshold"),),
+    "ems_relevant_mass": (("reducer", "ems-merge", "relevant_mass"),),
+    "windowkv_task": (("reducer", "windows", "task"),),
+    "windowkv_retrieval_window": (("reducer", "windows", "retrieval_window"),),
+    "windowkv_aggregation_window": (("reducer", "windows", "aggregation_window"),),
+    "windowkv_aggregation_suffix": (("reducer", "windows", "aggregation_suffix"),),
+    "windowkv_group_size": (("allocator", "windowkv", "group_size"), ("reducer", "windows", "group_size")),
+    "windowkv_beta": (("allocator", "windowkv", "beta"),),
+    "windowkv_whole_windows": (("reducer", "windows", "whole_windows"),),
+    "windowkv_retrieval_share": (("reducer", "windows", "retrieval_share"),),
 }
 
 
@@ -91,27 +111,13 @@ def canonical_preset(name: str) -> str:
     return key
 
 
-def _check_choice(kind: str, value: str | None, valid: tuple[str, ...]) -> None:
-    if value is not None and value not in valid:
-        raise ValueError(f"unknown {kind} {value!r}; valid {kind}s: {', '.join(valid)}")
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_number(name: str, value, low: float, high: float, open_low: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if value > high or value < low or (open_low and value == low):
-        bracket = "(" if open_low else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
-
-
 @dataclass(frozen=True)
 class CompressionConfig:
-    """All options. ``policy`` picks a preset; ``scorer``/``allocator``/``reducer`` override its parts.
+    """All options. ``policy`` picks a preset; ``scorer``/``allocator``/``reducer`` name other parts
+    of :mod:`~vllm_kvcompress.registry` in place of its own, and ``scorer_options`` /
+    ``allocator_options`` / ``reducer_options`` set options of the parts in effect (the part
+    classes' fields: e.g. ``{"policy": "pyramidkv", "allocator_options": {"beta": 10}}``; the
+    preset's own options, then the parts' defaults, fill the rest: :meth:`part_options`).
 
     budget: average retained tokens per KV head (int) or fraction of the prompt (float in (0, 1]).
     window: observation window (last prompt tokens whose queries score the cache; always kept).
@@ -122,33 +128,14 @@ class CompressionConfig:
         every token a head retains, so equal budgets are equal memory for every preset). WindowKV's
         paper keeps its suffix on top of its budget: its budget C is ours minus the suffix.
         False counts that way: a head retains up to budget + window + sink tokens.
-    pool_kernel: max-pooling width of SnapKV-style scores (odd).
     decode_slack: decode-time recompression's cadence: every ``decode_slack`` engine steps (one
         clock for all requests, so the requests due are recompressed together, in one policy call),
         every head longer than its budget is brought back to it; a head then never holds more
         than budget + decode_slack rows (None = never recompress; the default 64 keeps long
         generations bounded).
-    pyramid_beta: PyramidKV's ratio of largest to smallest layer budget, 2*beta - 1 (paper: 20).
-    adakv_alpha: Ada-KV safeguard: share of each head's budget it keeps for itself (paper: 0.2).
-    zigzag_*: see :class:`~vllm_kvcompress.allocation.ZigZagAllocator`.
-    headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``
-        (``headkv`` uses its retrieval scores, ``headkv-r2`` its retrieval-reasoning scores).
-    headkv_beta: HeadKV's pool divisor (official default 1.5; see HeadKVAllocator).
-    zigzag_measure: a layer's minimum budget by "lmba" (raw window attention, the paper's), "lmbo"
-        (window attention output) or "scores" (the scorer's scores); see ZigZagAllocator. None = the
-        preset's (lmbo for zigzag-lmbo, else lmba).
-    ems_local_weight: weight of the local term against the global one (0.5, ours; None = the
-        preset's: 1.0 for ems-tuned).
-    ems_merge_threshold: redundancy cos(K) * cos(V) a token needs to merge into a centre (0.5, ours).
-    ems_relevant_mass: share of a head's score mass whose tokens may merge; the others are evicted
-        first (0.9, ours). See :class:`~vllm_kvcompress.scoring.EMSScorer` and
-        :class:`~vllm_kvcompress.reduction.EvictThenMergeReducer`.
-    windowkv_task: "retrieval" (the paper's QA), "aggregation" (its other tasks) or "auto" (our
-        stand-in for its unpublished classifier: windowkv_retrieval_share).
-    windowkv_aggregation_suffix: the suffix of aggregation prompts (paper: 16; retrieval: window).
-    windowkv_beta: the group budgets' slope (paper: 14; see WindowKVAllocator).
-    windowkv_whole_windows: keep whole windows only (paper); False fills each budget exactly (ours).
-    windowkv_*: see :class:`~vllm_kvcompress.reduction.WindowReducer`.
+    headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``, which
+        the headkv allocator reads (its ``heads`` option picks the retrieval or the
+        retrieval-reasoning scores: ``headkv`` / ``headkv-r2``).
     cuda_graphs: serve pure-decode steps as full CUDA graphs (persistent metadata buffers,
         :mod:`vllm_kvcompress.vllm.graphs`); a server option, not a per-request one. None (the
         default) = wherever vLLM captures CUDA graphs: on for a CUDA device unless ``enforce_eager``
@@ -158,6 +145,9 @@ class CompressionConfig:
         every graph row: 4 bytes x layers x graph rows x KV heads x cuda_graphs_max_len / 16, 537 MB
         for Llama-3-8B at the default and 512 rows); a step in which a head would hold more runs
         without the graphs. Server options, like ``cuda_graphs``.
+
+    Configs of the flat keys before (``pyramid_beta``, ``ems_local_weight``, ``windowkv_task``...:
+    :data:`LEGACY_KEYS`) are read by :meth:`from_dict`.
     """
 
     policy: str = "snapkv"
@@ -165,75 +155,48 @@ class CompressionConfig:
     scorer: str | None = None
     allocator: str | None = None
     reducer: str | None = None
+    scorer_options: dict = field(default_factory=dict)
+    allocator_options: dict = field(default_factory=dict)
+    reducer_options: dict = field(default_factory=dict)
     window: int | None = None
     sink: int | None = None
     window_in_budget: bool = True
-    pool_kernel: int = 7
     decode_slack: int | None = 64
-    pyramid_beta: float = 20.0
-    adakv_alpha: float = 0.2
-    zigzag_min_fraction: float = 0.2
-    zigzag_mass: float = 0.9
-    zigzag_measure: str | None = None
     headkv_scores: str | None = None
-    headkv_beta: float = 1.5
-    ems_local_weight: float | None = None
-    ems_merge_threshold: float = 0.5
-    ems_relevant_mass: float = 0.9
-    windowkv_task: str = "auto"
-    windowkv_retrieval_window: int = 8
-    windowkv_aggregation_window: int = 8
-    windowkv_aggregation_suffix: int = 16
-    windowkv_group_size: int = 8
-    windowkv_beta: float = 14.0
-    windowkv_whole_windows: bool = True
-    windowkv_retrieval_share: float = 0.5
     cuda_graphs: bool | None = None
     cuda_graphs_max_len: int = 16384
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "policy", canonical_preset(self.policy))
         object.__setattr__(self, "budget", Budget.parse(self.budget))
-        _check_choice("scorer", self.scorer, SCORER_NAMES)
-        _check_choice("allocator", self.allocator, ALLOCATOR_NAMES)
-        _check_choice("reducer", self.reducer, REDUCER_NAMES)
-        _check_choice("windowkv task type", self.windowkv_task, TASK_TYPES)
-        _check_choice("zigzag measure", self.zigzag_measure, ZIGZAG_MEASURES)
+        for kind, registry in KINDS.items():
+            if getattr(self, kind) is not None:
+                registry.part(getattr(self, kind))
+            options = getattr(self, f"{kind}_options")
+            if not isinstance(options, dict):
+                raise ValueError(f"{kind}_options must be a JSON object of the {kind}'s options, got {options!r}")
+            object.__setattr__(self, f"{kind}_options", dict(options))  # a copy: the config is frozen
+            name = self._part(kind)
+            if name is not None:
+                registry.build(name, self.part_options(kind))  # the part checks its options
+            elif options:
+                raise ValueError(f"policy {self.policy!r} has no {kind}: {kind}_options {options} cannot apply")
         if self.window is not None:
-            _check_positive_int("window", self.window)
-        for name in ("window_in_budget", "windowkv_whole_windows"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+            check_int("window", self.window)
+        check_bool("window_in_budget", self.window_in_budget)
         if self.sink is not None:
-            _check_positive_int("sink", self.sink, minimum=0)
-        _check_positive_int("pool_kernel", self.pool_kernel)
-        if self.pool_kernel % 2 == 0:
-            raise ValueError(f"pool_kernel must be odd, got {self.pool_kernel}")
+            check_int("sink", self.sink, minimum=0)
         if self.decode_slack is not None:
-            _check_positive_int("decode_slack", self.decode_slack, minimum=1)
-        _check_number("pyramid_beta", self.pyramid_beta, 1.0, 1e6, open_low=True)
-        _check_number("adakv_alpha", self.adakv_alpha, 0.0, 1.0)
-        _check_number("zigzag_min_fraction", self.zigzag_min_fraction, 0.0, 1.0)
-        _check_number("zigzag_mass", self.zigzag_mass, 0.0, 1.0, open_low=True)
-        _check_number("headkv_beta", self.headkv_beta, 1.0, 1e6, open_low=True)
-        if self.ems_local_weight is not None:
-            _check_number("ems_local_weight", self.ems_local_weight, 0.0, 1.0)
-        _check_number("ems_merge_threshold", self.ems_merge_threshold, -1.0, 1.0)
-        _check_number("ems_relevant_mass", self.ems_relevant_mass, 0.0, 1.0, open_low=True)
-        _check_number("windowkv_beta", self.windowkv_beta, 0.0, 1e6, open_low=True)
-        _check_number("windowkv_retrieval_share", self.windowkv_retrieval_share, 0.0, 1.0)
+            check_int("decode_slack", self.decode_slack, minimum=1)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true, false or null (where vLLM captures graphs), "
                              f"got {self.cuda_graphs!r}")
-        _check_positive_int("cuda_graphs_max_len", self.cuda_graphs_max_len)
-        for name in ("windowkv_retrieval_window", "windowkv_aggregation_window", "windowkv_aggregation_suffix",
-                     "windowkv_group_size"):
-            _check_positive_int(name, getattr(self, name))
-        if self.allocator_name == "headkv" and not self.headkv_scores:
-            raise ValueError(
-                f"policy {self.policy!r} with the headkv allocator needs head scores: pass headkv_scores=PATH "
-                "(make one with `python -m vllm_kvcompress.calibrate MODEL --out scores.json`)"
-            )
+        check_int("cuda_graphs_max_len", self.cuda_graphs_max_len)
+        for kind, registry in KINDS.items():
+            name = self._part(kind)
+            for source in (registry.resources(name) if name is not None else {}).values():
+                if not getattr(self, source):
+                    raise ValueError(f"policy {self.policy!r} with the {name} {kind} needs {RESOURCES[source]}")
 
     def _part(self, kind: str) -> str | None:
         override = getattr(self, kind)
@@ -254,20 +217,18 @@ class CompressionConfig:
     def reducer_name(self) -> str | None:
         return self._part("reducer")
 
+    def part_options(self, kind: str) -> dict:
+        """The options the config gives its ``kind`` part (not those left at the part's defaults):
+        the preset's own for its part, then the config's ``{kind}_options``."""
+        preset = PRESETS.get(self.policy)
+        own = preset is not None and getattr(preset, kind) == self._part(kind)
+        return {**(preset.options.get(kind, {}) if own else {}), **getattr(self, f"{kind}_options")}
+
     @property
     def effective_sink(self) -> int:
         if self.sink is not None:
             return self.sink
         return PRESETS[self.policy].sink if self.policy in PRESETS else 0
-
-    def preset_option(self, name: str):
-        """The value of option ``name`` in effect: the config's, else its preset's, else the default
-        (:data:`OPTION_DEFAULTS`)."""
-        value = getattr(self, name)
-        if value is not None:
-            return value
-        preset = PRESETS.get(self.policy)
-        return preset.options.get(name, OPTION_DEFAULTS[name]) if preset else OPTION_DEFAULTS[name]
 
     @property
     def effective_window(self) -> int:
@@ -281,13 +242,14 @@ class CompressionConfig:
 
     @classmethod
     def from_dict(cls, options: dict) -> "CompressionConfig":
-        """Build from plain options; unknown keys are an error that lists the valid ones."""
+        """Build from plain options (flat keys of older configs translated: :data:`LEGACY_KEYS`);
+        unknown keys are an error that lists the valid ones."""
         if not isinstance(options, dict):
             raise ValueError(f"kv-compression options must be a JSON object, got {type(options).__name__}")
-        unknown = sorted(set(options) - set(cls.field_names()))
+        unknown = sorted(set(options) - set(cls.field_names()) - set(LEGACY_KEYS))
         if unknown:
             raise ValueError(f"unknown kv-compression option(s) {unknown}; valid options: {', '.join(cls.field_names())}")
-        return cls(**options)
+        return cls(**_translate_legacy(options))
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionConfig":
@@ -298,10 +260,39 @@ class CompressionConfig:
         return cls.from_dict(options)
 
     def replace(self, **changes) -> "CompressionConfig":
-        """A copy with ``changes`` applied and validated (per-request overrides)."""
-        return self.from_dict({**self.to_dict(), **changes})
+        """A copy with ``changes`` applied and validated (per-request overrides). A part's options
+        given in ``changes`` add to this config's for the same part; where ``changes`` puts another
+        part in effect (another policy, scorer...), this config's options of that kind are dropped."""
+        changed = CompressionConfig.from_dict({**{k: v for k, v in self.to_dict().items() if not k.endswith("_options")},
+                                               **changes})
+        merged = {}
+        for kind in KINDS:
+            mine = getattr(self, f"{kind}_options") if changed._part(kind) == self._part(kind) else {}
+            merged[f"{kind}_options"] = {**mine, **getattr(changed, f"{kind}_options")}
+        return dataclasses.replace(changed, **merged)
 
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["budget"] = self.budget.tokens if self.budget.tokens is not None else self.budget.fraction
         return out
+
+
+def _translate_legacy(options: dict) -> dict:
+    """``options`` with the flat keys of :data:`LEGACY_KEYS` moved into the options of the parts in
+    effect they belong to (ignored where another part is in effect, or where they are None: the
+    preset's own value then)."""
+    legacy = {key: options[key] for key in LEGACY_KEYS if key in options}
+    if not legacy:
+        return options
+    out = {k: v for k, v in options.items() if k not in LEGACY_KEYS}
+    policy = canonical_preset(out.get("policy", "snapkv"))
+    preset = PRESETS.get(policy)
+    for key, value in legacy.items():
+        for kind, part, option in LEGACY_KEYS[key]:
+            name = out.get(kind) or (getattr(preset, kind) if preset else None)
+            if value is None or name is None or option not in KINDS[kind].options(name):
+                continue
+            if part is not None and name != part:
+                continue
+            out[f"{kind}_options"] = {**out.get(f"{kind}_options", {}), option: value}
+    return out

@@ -37,6 +37,13 @@ class Policy:
     def needs_global_attention(self) -> bool:
         return self.scorer.needs_global_attention
 
+    @property
+    def scores_from_pages(self) -> bool:
+        """Whether heads can be compressed straight from their pages, the kept rows moved in place
+        (:meth:`select_heads`): the reducer only selects rows and the scorer reads no keys. The
+        prefill's compression also needs an allocator that reads scores only (:meth:`select_prefill`)."""
+        return self.reducer.selects_rows and not self.scorer.reads_keys
+
     def floor(self, seq_len: int) -> int:
         return min(seq_len, self.window + self.sink)
 

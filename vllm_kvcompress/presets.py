@@ -4,76 +4,30 @@
     build_policy(CompressionConfig(policy="snapkv", allocator="adakv"))   # parts overridden
 
 ``none`` builds no policy (``None``): the full cache. Every other preset is one choice of the three
-parts; ``scorer=`` / ``allocator=`` / ``reducer=`` in the config replace the preset's choice, so
-users combine parts freely (e.g. EMS scores with HeadKV budgets).
+parts (:data:`~vllm_kvcompress.config.PRESETS`), built from the registry
+(:mod:`~vllm_kvcompress.registry`) with their options; ``scorer=`` / ``allocator=`` / ``reducer=``
+in the config replace the preset's choice, so users combine parts freely (e.g. EMS scores with
+HeadKV budgets).
 """
 from __future__ import annotations
 
-from .allocation import (
-    AdaKVAllocator,
-    Allocator,
-    HeadKVAllocator,
-    PyramidAllocator,
-    UniformAllocator,
-    WindowKVAllocator,
-    ZigZagAllocator,
-)
 from .config import CompressionConfig
 from .head_scores import HeadScores
 from .policy import Policy
-from .reduction import EvictThenMergeReducer, Reducer, TopKReducer, WindowReducer
-from .scoring import EMSScorer, RecencyScorer, Scorer, SnapKVScorer, SquaredAttentionScorer, WindowKVScorer
+from .registry import KINDS
+
+# how a part's resource fields are read from the config's files
+_READERS = {"headkv_scores": lambda path, part: HeadScores.load(path).tensor(part["heads"])}
 
 
-def make_scorer(name: str, config: CompressionConfig) -> Scorer:
-    if name == "recency":
-        return RecencyScorer()
-    if name == "snapkv":
-        return SnapKVScorer(pool_kernel=config.pool_kernel)
-    if name == "squared":
-        return SquaredAttentionScorer()
-    if name == "ems":
-        return EMSScorer(local_weight=config.preset_option("ems_local_weight"), pool_kernel=config.pool_kernel)
-    if name == "windowkv":
-        return WindowKVScorer()
-    raise ValueError(f"unknown scorer {name!r}")  # config validation makes this unreachable
-
-
-def make_allocator(name: str, config: CompressionConfig) -> Allocator:
-    if name == "uniform":
-        return UniformAllocator()
-    if name == "pyramid":
-        return PyramidAllocator(beta=config.pyramid_beta)
-    if name == "adakv":
-        return AdaKVAllocator(alpha=config.adakv_alpha)
-    if name == "zigzag":
-        return ZigZagAllocator(mass=config.zigzag_mass, min_fraction=config.zigzag_min_fraction,
-                               measure=config.preset_option("zigzag_measure"))
-    if name == "windowkv":
-        return WindowKVAllocator(group_size=config.windowkv_group_size, beta=config.windowkv_beta)
-    if name == "headkv":
-        kind = "retrieval_reasoning" if config.policy == "headkv-r2" else "retrieval"
-        scores = HeadScores.load(config.headkv_scores)
-        return HeadKVAllocator(head_scores=scores.tensor(kind), beta=config.headkv_beta)
-    raise ValueError(f"unknown allocator {name!r}")
-
-
-def make_reducer(name: str, config: CompressionConfig) -> Reducer:
-    if name == "topk":
-        return TopKReducer()
-    if name == "ems-merge":
-        return EvictThenMergeReducer(merge_threshold=config.ems_merge_threshold, relevant_mass=config.ems_relevant_mass)
-    if name == "windows":
-        return WindowReducer(
-            task=config.windowkv_task,
-            retrieval_window=config.windowkv_retrieval_window,
-            aggregation_window=config.windowkv_aggregation_window,
-            aggregation_suffix=config.windowkv_aggregation_suffix,
-            group_size=config.windowkv_group_size,
-            whole_windows=config.windowkv_whole_windows,
-            retrieval_share=config.windowkv_retrieval_share,
-        )
-    raise ValueError(f"unknown reducer {name!r}")
+def build_part(kind: str, config: CompressionConfig):
+    """The config's ``kind`` part (``"scorer"``, ``"allocator"`` or ``"reducer"``) with its options,
+    and the fields it reads from the config's files (:meth:`~vllm_kvcompress.registry.Registry.resources`)."""
+    registry, name = KINDS[kind], getattr(config, f"{kind}_name")
+    options = {**registry.options(name), **config.part_options(kind)}
+    resources = {part_field: _READERS[source](getattr(config, source), options)
+                 for part_field, source in registry.resources(name).items()}
+    return registry.build(name, config.part_options(kind), **resources)
 
 
 def build_policy(config: CompressionConfig | str | None = None, **options) -> Policy | None:
@@ -87,9 +41,9 @@ def build_policy(config: CompressionConfig | str | None = None, **options) -> Po
     if config.policy == "none":
         return None
     return Policy(
-        scorer=make_scorer(config.scorer_name, config),
-        allocator=make_allocator(config.allocator_name, config),
-        reducer=make_reducer(config.reducer_name, config),
+        scorer=build_part("scorer", config),
+        allocator=build_part("allocator", config),
+        reducer=build_part("reducer", config),
         budget=config.budget,
         window=config.effective_window,
         sink=config.effective_sink,

@@ -11,6 +11,7 @@ import torch
 
 from .observation import LayerObservation
 from .scoring import WindowKVScorer
+from .registry import REDUCERS, check_bool, check_choice, check_int, check_number
 from .tensor_parallel import SINGLE, HeadShards
 
 
@@ -130,6 +131,7 @@ class Reducer:
         return self.reduce([obs], [scores], torch.as_tensor(budgets).reshape(1, -1), protected)[0]
 
 
+@REDUCERS.register("topk")
 @dataclass(frozen=True)
 class TopKReducer(Reducer):
     """Evict all but each head's top-``budget`` tokens (protected positions always kept)."""
@@ -174,6 +176,7 @@ def redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor
     return key_cos * value_cos
 
 
+@REDUCERS.register("ems-merge")
 @dataclass(frozen=True)
 class EvictThenMergeReducer(Reducer):
     """EMS evict-then-merge (arXiv 2412.08521, Sec. 3.3), all heads in one batched op.
@@ -203,6 +206,12 @@ class EvictThenMergeReducer(Reducer):
     # compared rows per head above which the candidates are counted first (one device sync) rather
     # than bounded from the budgets; a decode-time recompression (~slack rows) stays below it
     count_above: int = 256
+
+    def __post_init__(self) -> None:
+        check_number("merge_threshold", self.merge_threshold, -1.0, 1.0)
+        check_number("relevant_mass", self.relevant_mass, 0.0, 1.0, open_low=True)
+        check_int("chunk", self.chunk)
+        check_int("count_above", self.count_above, minimum=0)
 
     def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor,
                 scores: torch.Tensor | None = None) -> torch.Tensor:
@@ -318,6 +327,10 @@ def fit_whole_windows(sizes: torch.Tensor, order: torch.Tensor, room: torch.Tens
     return kept
 
 
+TASK_TYPES = ("auto", "retrieval", "aggregation")
+
+
+@REDUCERS.register("windows")
 @dataclass(frozen=True)
 class WindowReducer(Reducer):
     """WindowKV (arXiv 2503.17922, Sec. 3; official code): keep whole windows of consecutive tokens.
@@ -356,6 +369,13 @@ class WindowReducer(Reducer):
     group_size: int = 8
     whole_windows: bool = True
     retrieval_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_choice("windowkv task type", self.task, TASK_TYPES)
+        for name in ("retrieval_window", "aggregation_window", "aggregation_suffix", "group_size"):
+            check_int(name, getattr(self, name))
+        check_bool("whole_windows", self.whole_windows)
+        check_number("retrieval_share", self.retrieval_share, 0.0, 1.0)
 
     @property
     def fills_budgets(self) -> bool:

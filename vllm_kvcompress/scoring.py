@@ -11,14 +11,18 @@ import torch
 
 from .observation import LayerObservation
 from .paged.reference import max_pool_scores
+from .registry import SCORERS, check_bool, check_int, check_number
 
 
 @dataclass(frozen=True)
 class Scorer:
     """Base class. ``needs_global_attention`` asks the engine to collect
-    :attr:`LayerObservation.global_attention` during prefill."""
+    :attr:`LayerObservation.global_attention` during prefill; ``reads_keys``: the scores read the
+    layer's keys themselves (not only the window's attention over them), so the engine hands the
+    scorer dense keys instead of scoring straight from the pages."""
 
     needs_global_attention = False
+    reads_keys = False
 
     def score(self, obs: LayerObservation) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -44,6 +48,13 @@ def _decidable(scores: torch.Tensor, obs: LayerObservation, exclude_window: bool
     return prefix_only(scores, obs.window) if exclude_window else scores
 
 
+def _check_pooling(scorer) -> None:
+    check_int("pool_kernel", scorer.pool_kernel)
+    if scorer.pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be odd, got {scorer.pool_kernel}")
+    check_bool("exclude_window", scorer.exclude_window)
+
+
 def _pooled(scores: torch.Tensor, obs: LayerObservation, kernel: int, exclude_window: bool) -> torch.Tensor:
     """Max-pooled scores; with ``exclude_window`` the window is zeroed before (no spill onto the
     prefix) and after (no prefix score spread onto it) the pooling."""
@@ -51,6 +62,7 @@ def _pooled(scores: torch.Tensor, obs: LayerObservation, kernel: int, exclude_wi
     return _decidable(pooled, obs, exclude_window)
 
 
+@SCORERS.register("recency")
 @dataclass(frozen=True)
 class RecencyScorer(Scorer):
     """StreamingLLM: newer tokens are worth more; with a top-k reducer and ``sink`` tokens this keeps
@@ -63,6 +75,7 @@ class RecencyScorer(Scorer):
         return positions.expand(obs.num_kv_heads, -1).clone()
 
 
+@SCORERS.register("snapkv")
 @dataclass(frozen=True)
 class SnapKVScorer(Scorer):
     """SnapKV (Li et al. 2024, Sec. 4): softmax attention of the observation-window queries, summed
@@ -72,10 +85,14 @@ class SnapKVScorer(Scorer):
     pool_kernel: int = 7
     exclude_window: bool = True  # score the prefix only (see prefix_only)
 
+    def __post_init__(self) -> None:
+        _check_pooling(self)
+
     def score(self, obs: LayerObservation) -> torch.Tensor:
         return _pooled(obs.window_mass(power=1), obs, self.pool_kernel, self.exclude_window)
 
 
+@SCORERS.register("squared")
 @dataclass(frozen=True)
 class SquaredAttentionScorer(Scorer):
     """KV-Compress (Rehg 2024, Sec. 3.2): sum over the window and group of the *squared* attention
@@ -84,6 +101,9 @@ class SquaredAttentionScorer(Scorer):
 
     pool_kernel: int = 1
     exclude_window: bool = True
+
+    def __post_init__(self) -> None:
+        _check_pooling(self)
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         return _pooled(obs.window_mass(power=2), obs, self.pool_kernel, self.exclude_window)
@@ -94,6 +114,7 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.sum(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
 
 
+@SCORERS.register("ems")
 @dataclass(frozen=True)
 class EMSScorer(Scorer):
     """EMS Global-Local importance (arXiv 2412.08521, Sec. 3.2).
@@ -119,6 +140,10 @@ class EMSScorer(Scorer):
     local_weight: float = 0.5
     pool_kernel: int = 7
     exclude_window: bool = True
+
+    def __post_init__(self) -> None:
+        check_number("local_weight", self.local_weight, 0.0, 1.0)
+        _check_pooling(self)
 
     @property
     def needs_global_attention(self) -> bool:
@@ -158,6 +183,7 @@ def query_head_window_attention(obs: LayerObservation) -> torch.Tensor:
     return window_probabilities(obs).reshape(num_q_heads, window, obs.seq_len).sum(1)
 
 
+@SCORERS.register("windowkv")
 @dataclass(frozen=True)
 class WindowKVScorer(Scorer):
     """WindowKV token scores (arXiv 2503.17922, Sec. 3; official code): the softmax attention of
@@ -173,3 +199,24 @@ class WindowKVScorer(Scorer):
     def score(self, obs: LayerObservation) -> torch.Tensor:
         rows = self.query_head_scores(obs)
         return rows.reshape(obs.num_kv_heads, -1, obs.seq_len).sum(1)
+
+
+@SCORERS.register("keydiff")
+@dataclass(frozen=True)
+class KeyDiffScorer(Scorer):
+    """KeyDiff (arXiv 2504.15364; kvpress's ``KeyDiffPress``): a key is worth keeping the farther its
+    direction is from its head's average key direction -- ``1 - cos(k, anchor)``, the anchor the
+    normalised mean of the head's unit keys. It reads no queries, so the same keys score the same
+    whatever follows them (the window is still kept, as by every policy). The ``1 -`` (ours; the
+    sources rank by ``-cos``) keeps the scores nonnegative for allocators that split by score mass.
+    During decode-time recompression the anchor is each head's own rows' (padding left out)."""
+
+    reads_keys = True
+
+    def score(self, obs: LayerObservation) -> torch.Tensor:
+        unit = torch.nn.functional.normalize(obs.keys.float(), dim=-1)  # [H, n, D]
+        if obs.lengths is not None:
+            unit = unit.masked_fill(obs.padding[..., None], 0.0)
+        anchor = torch.nn.functional.normalize(unit.sum(1), dim=-1)  # the mean's direction: [H, D]
+        return 1.0 - (unit @ anchor[..., None]).squeeze(-1)
+

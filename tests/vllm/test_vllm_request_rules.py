@@ -116,7 +116,9 @@ CASES = [
      "policy 'ems' is not allowed on this server (--kv-request-policies streamingllm,pyramidkv)")),
     (POLICY, TOKEN_SERVER, {"kv_compression": "pyramidkv", "kv_budget": 64}, ("budget", "kv_budget", "1 to 32 tokens")),
     (POLICY, TOKEN_SERVER, {"kv_compression": "pyramidkv", "kv_compression_config": '{"pyramid_beta": 5}'},
-     ("option", "kv_compression_config", "set pyramid_beta")),
+     ("option", "kv_compression_config", "set allocator_options.beta")),  # a legacy key: the option it sets
+    (POLICY, TOKEN_SERVER, {"kv_compression": "pyramidkv", "kv_compression_config": '{"allocator_options": {"beta": 5}}'},
+     ("option", "kv_compression_config", "set allocator_options.beta")),
     ({**POLICY, "budget": "8:64,0.05:0.2"}, TOKEN_SERVER, {"kv_budget": 64}, OK),
     ({**POLICY, "budget": "8:64,0.05:0.2"}, TOKEN_SERVER, {"kv_budget": 0.25}, ("budget", "kv_budget",
      "8 to 64 tokens per head, or 0.05 to 0.2 of the prompt (--kv-request-budget 8:64,0.05:0.2)")),

@@ -58,8 +58,9 @@ def write_rows(ws: WorkerState, table: torch.Tensor, keys: torch.Tensor, values:
 
 def _max_rows(ws: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
     """Padded rows one recompression call may hold, so that its temporaries stay within the
-    compression workspace that vLLM's profiling run reserved. Reducers that only select rows hold
-    their float32 scores and a few companions of one row each (:class:`PagedHeads`); the others a
+    compression workspace that vLLM's profiling run reserved. Policies that score from the pages
+    (``Policy.scores_from_pages``) hold their float32 scores and a few companions of one row each
+    (:class:`PagedHeads`); the others a
     dense copy of K and V, window-score temporaries (logits, probabilities, powers: float32 per
     query) and, for a merge, the similarity of each row that can merge (at most ``width -
     fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
@@ -67,7 +68,7 @@ def _max_rows(ws: WorkerState, policy, count: int, width: int, fewest_kept: int)
     if not ws.workspace_bytes:
         return None
     group = ws.recent.shape[3] // ws.H  # query heads per KV head (the rings exist once a request is due)
-    if policy.reducer.selects_rows:
+    if policy.scores_from_pages:
         per_row = 8 * 4 + 3 * 4  # scores, pooled, masked, sort keys and indices; protected, padding
     else:
         head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
@@ -100,9 +101,10 @@ def _recompress_heads(ws: WorkerState, policy, count: int, rows: torch.Tensor, l
 
     Everything the call needs is known on the host (the heads, their lengths and budgets), so it
     only launches work: the indices travel in one pinned copy, and nothing waits for the device.
-    Reducers that only select rows score the heads from their pages (:class:`PagedHeads`) and
-    move the kept rows to the front in place; the others (merges, shared windows) go through a
-    dense, right-aligned copy of the heads and write their results back."""
+    Policies that score from the pages (``Policy.scores_from_pages``: row-selecting reducers,
+    scorers that read no keys) score the heads there (:class:`PagedHeads`) and move the kept rows
+    to the front in place; the others (merges, shared windows, key scores) go through a dense,
+    right-aligned copy of the heads and write their results back."""
     width = int(lengths.max())
     group = ws.recent.shape[3] // ws.H
     dev = ws.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
@@ -112,7 +114,7 @@ def _recompress_heads(ws: WorkerState, policy, count: int, rows: torch.Tensor, l
     # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
     queries = ws.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
                         dev["q_heads"][:, :, None]]
-    if policy.reducer.selects_rows:
+    if policy.scores_from_pages:
         paged = PagedHeads(queries, ws.pool[0], table, dev["lengths"], width)
         host_budgets = budgets.pin_memory() if ws.device.type == "cuda" else budgets
         keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
@@ -155,7 +157,7 @@ class Compressor:
         st = ws.reqs[rid]
         if bool((st.lens != st.num_tokens).any()):
             raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
-        paged = st.policy.reducer.selects_rows and not st.policy.allocator.reads_layers
+        paged = st.policy.scores_from_pages and not st.policy.allocator.reads_layers
         keep = self._select_prefill(st) if paged else self._reduce_prefill(st)
         if st.decode_slack is not None:
             self._seed_ring(st)

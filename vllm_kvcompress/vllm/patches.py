@@ -42,6 +42,7 @@ import os
 
 from ..budget import Budget
 from ..config import PRESET_NAMES, CompressionConfig
+from ..registry import KINDS
 from . import compat, settings
 
 VLLM_VERSION = compat.VLLM_VERSION
@@ -56,14 +57,21 @@ INACTIVE: str | None = None
 logger = logging.getLogger("vllm.kv_compression")
 
 
+def config_help() -> str:
+    """``--kv-compression-config``'s help: the config's fields and the registry's parts."""
+    parts = "; ".join(f"{kind} ({', '.join(registry.names)}) with {kind}_options" for kind, registry in KINDS.items())
+    fields = ", ".join(name for name in CompressionConfig.field_names() if not name.endswith("_options"))
+    return (f"further compression options as a JSON object: {fields}; the parts in place of the policy's: {parts} "
+            '(the part\'s own options, e.g. {"allocator_options": {"beta": 10}}; see vllm_kvcompress.config)')
+
+
 def add_kv_compression_args(parser):
     group = parser.add_argument_group("KV compression", "Per-head KV-cache compression (vllm-kvcompress)")
     group.add_argument("--kv-compression", metavar="POLICY", default=None,
                        help=f"compression policy: {', '.join(PRESET_NAMES)} (none = full cache, plugin inactive)")
     group.add_argument("--kv-budget", metavar="N|FRACTION", default=None,
                        help="retained tokens per KV head (256) or fraction of the prompt (0.1)")
-    group.add_argument("--kv-compression-config", metavar="JSON", default=None,
-                       help="further compression options as a JSON object (see vllm_kvcompress.config)")
+    group.add_argument("--kv-compression-config", metavar="JSON", default=None, help=config_help())
     group.add_argument("--kv-request-overrides", metavar="off|budget|policy|all", default=None,
                        help="what a request's vllm_xargs may change: nothing; its budget (the default); its budget "
                             "and policy (one of --kv-request-policies); any option but the server options "

@@ -231,7 +231,8 @@ class RequestRules:
                                                    f"request: {allowed.describe()} ({FLAGS['budget']} {allowed}{default})")
         options = [name for name in changed if name not in RULED_FIELDS]
         if options and self.overrides != "all":
-            return Refusal("option", options[0], f"this server does not let a request set {', '.join(options)} "
+            named = [_option_names(name, base, requested) for name in options]
+            return Refusal("option", options[0], f"this server does not let a request set {', '.join(named)} "
                                                  f"({rule}; only {FLAGS['overrides']} all allows options)")
         return None
 
@@ -242,6 +243,14 @@ class RequestRules:
         what = {"off": "nothing", "budget": budget, "policy": f"{budget} and policy ({', '.join(self.policies)})",
                 "all": f"any option but the server options, {budget}"}[self.overrides]
         return f"a request may change {what} ({FLAGS['overrides']} {self.overrides})"
+
+
+def _option_names(name: str, base: CompressionConfig, requested: CompressionConfig) -> str:
+    """A changed field as the client wrote it: a part's options by option (``allocator_options.beta``)."""
+    if not name.endswith("_options"):
+        return name
+    mine, theirs = getattr(base, name), getattr(requested, name)
+    return ", ".join(f"{name}.{key}" for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key))
 
 
 def read(additional_config, config: CompressionConfig, offline: bool) -> RequestRules:
