@@ -211,6 +211,26 @@ def test_decode_recompression_matches_hf_oracle(preset, decode_runs, prompts, hf
         assert got == want.tokens, f"{preset}, prompt of {len(prompt)} tokens"
 
 
+def test_a_registered_scorer_named_per_request_matches_hf_oracle(llm, prompts, hf_model, compress_config,
+                                                                 events_path):
+    """KeyDiff, a part added with its registration line alone, named per request as snapkv's scorer:
+    the engine scores it from dense keys (it reads them, so not from the pages) at the prefill and
+    at decode-time recompression, token for token and head for head against the HF oracle."""
+    options = {"scorer": "keydiff", "decode_slack": DECODE_SLACK}
+    since = len(runtime.read_events(events_path))
+    outs = generate_outputs(llm, prompts, [greedy(DECODE_TOKENS, {"kv_compression_config": options}) for _ in prompts])
+    found = events(events_path, "compressed", since)
+    phases = recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
+    policy = build_policy(CompressionConfig.from_dict({**compress_config, **options}))
+    prefill = {e["req_id"]: e["lens"] for e in found if e["what"] == "prefill"}
+    for prompt, out, phase in zip(prompts, outs, phases):
+        want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
+                           recompress_slack=DECODE_SLACK, recompress_phase=phase)
+        assert want.recompressions > 0
+        assert list(out.outputs[0].token_ids) == want.tokens, f"prompt of {len(prompt)} tokens"
+    assert len(prefill) == len(prompts) and any(e["what"] == "decode" for e in found)
+
+
 def test_compression_changes_outputs(preset_runs, stock_tokens):
     """The oracle agreement above is not vacuous: compression changes the greedy continuation."""
     runs, compressed = preset_runs
