@@ -82,8 +82,8 @@ class HeadBlockMetadata:
     step_queries: torch.Tensor | None = None
 
 
-def _uniform_decode(cm: CommonAttentionMetadata) -> bool:
-    return cm.max_query_len == 1 and cm.num_actual_tokens == cm.num_reqs
+def _uniform_decode(common: CommonAttentionMetadata) -> bool:
+    return common.max_query_len == 1 and common.num_actual_tokens == common.num_reqs
 
 
 class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
@@ -100,129 +100,129 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         return cls._cudagraph_support
 
     def build_for_cudagraph_capture(self, common_attn_metadata: CommonAttentionMetadata) -> HeadBlockMetadata:
-        ws = runtime.WORKER_STATE
-        if ws is None or ws.decode_buffers is None:
+        state = runtime.WORKER_STATE
+        if state is None or state.decode_buffers is None:
             return super().build_for_cudagraph_capture(common_attn_metadata)
         if not _uniform_decode(common_attn_metadata):
             raise RuntimeError("kv compression captures full CUDA graphs of pure-decode batches only")
-        return self._graph_padding(ws, common_attn_metadata)
+        return self._graph_padding(state, common_attn_metadata)
 
     @staticmethod
-    def _graph_padding(ws, cm: CommonAttentionMetadata) -> HeadBlockMetadata:
+    def _graph_padding(state, common: CommonAttentionMetadata) -> HeadBlockMetadata:
         """A pure-decode step of padded rows only: what capture and its warm-up runs see."""
-        return _in_graph_buffers(ws, HeadBlockMetadata(cm.num_actual_tokens, [], [], []), cm.num_reqs)
+        return _in_graph_buffers(state, HeadBlockMetadata(common.num_actual_tokens, [], [], []), common.num_reqs)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HeadBlockMetadata:
         with runtime.TIMER.host("layout_ms"):
             return self._build(common_attn_metadata)
 
-    def _build(self, cm: CommonAttentionMetadata) -> HeadBlockMetadata:
-        ws, runner = runtime.WORKER_STATE, runtime.RUNNER
-        n = cm.num_reqs
+    def _build(self, common: CommonAttentionMetadata) -> HeadBlockMetadata:
+        state, runner = runtime.WORKER_STATE, runtime.RUNNER
+        n = common.num_reqs
         # CommonAttentionMetadata has no request ids; the V1 runner's input_batch is in row order
         req_ids = list(runner.input_batch.req_ids[:n]) if runner is not None else []
-        qsl = cm.query_start_loc_cpu[: n + 1].tolist()
-        known = getattr(cm, "_seq_lens_cpu", None)  # set by the V1 runner; else one small copy
-        seq_lens = (known[:n] if known is not None else cm.seq_lens[:n].cpu()).tolist()
-        md = HeadBlockMetadata(cm.num_actual_tokens, qsl, seq_lens, req_ids)
-        if ws is None or not req_ids or any(r not in ws.reqs for r in req_ids):
-            if ws is not None and ws.decode_buffers is not None and _uniform_decode(cm) \
-                    and n <= ws.decode_buffers.rows:
-                return self._graph_padding(ws, cm)  # warm-up before a capture: the graph's kernels
-            md.dummy = True  # profiling and warm-up runs: no requests behind the rows
-            return md
+        qsl = common.query_start_loc_cpu[: n + 1].tolist()
+        known = getattr(common, "_seq_lens_cpu", None)  # set by the V1 runner; else one small copy
+        seq_lens = (known[:n] if known is not None else common.seq_lens[:n].cpu()).tolist()
+        metadata = HeadBlockMetadata(common.num_actual_tokens, qsl, seq_lens, req_ids)
+        if state is None or not req_ids or any(r not in state.reqs for r in req_ids):
+            if state is not None and state.decode_buffers is not None and _uniform_decode(common) \
+                    and n <= state.decode_buffers.rows:
+                return self._graph_padding(state, common)  # warm-up before a capture: the graph's kernels
+            metadata.dummy = True  # profiling and warm-up runs: no requests behind the rows
+            return metadata
         q_lens = [qsl[r + 1] - qsl[r] for r in range(len(req_ids))]  # padded rows (full graphs) excluded
         record_tokens, record_index = [], []
         for r, rid in enumerate(req_ids):
-            st = ws.reqs[rid]
-            if st.num_tokens != seq_lens[r] - q_lens[r]:
-                raise RuntimeError(f"request {rid}: worker holds {st.num_tokens} tokens, vLLM computed "
+            request = state.reqs[rid]
+            if request.num_tokens != seq_lens[r] - q_lens[r]:
+                raise RuntimeError(f"request {rid}: worker holds {request.num_tokens} tokens, vLLM computed "
                                    f"{seq_lens[r] - q_lens[r]}")
             if seq_lens[r] == q_lens[r]:
-                md.fresh.append(r)
+                metadata.fresh.append(r)
             elif q_lens[r] == 1:
-                md.decode.append(r)
+                metadata.decode.append(r)
             else:
-                md.chunks.append(r)
-            if st.observes_step():
-                md.observe.append(r)
-                if st.count_prefill_chunk(seq_lens[r]):
-                    ws.pending.append(rid)
-            elif st.records_queries:  # newest queries into the request's ring
+                metadata.chunks.append(r)
+            if request.observes_step():
+                metadata.observe.append(r)
+                if request.count_prefill_chunk(seq_lens[r]):
+                    state.pending.append(rid)
+            elif request.records_queries:  # newest queries into the request's ring
                 record_tokens.extend(range(qsl[r], qsl[r + 1]))
-                record_index.extend(st.ring_slots(q_lens[r], ws.recent.shape[2]))
+                record_index.extend(request.ring_slots(q_lens[r], state.recent.shape[2]))
         # the same test as the runner's (it ran the step without a graph when the state refused one)
-        graph = ws.decode_buffers is not None and _uniform_decode(cm) and not md.observe \
-            and not ws.step_refuses_graphs
+        graph = state.decode_buffers is not None and _uniform_decode(common) and not metadata.observe \
+            and not state.step_refuses_graphs
         with runtime.TIMER.host("event_ms"):
-            runtime.event("build", rows=n, tokens=cm.num_actual_tokens, fresh=len(md.fresh), chunks=len(md.chunks),
+            runtime.event("build", rows=n, tokens=common.num_actual_tokens, fresh=len(metadata.fresh), chunks=len(metadata.chunks),
                           graph=graph)
-        runtime.TIMER.note(graph=graph, prefill=bool(md.fresh or md.chunks))
+        runtime.TIMER.note(graph=graph, prefill=bool(metadata.fresh or metadata.chunks))
         if graph:
-            return self._build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index)
+            return self._build_graph_step(state, metadata, common, req_ids, q_lens, record_tokens, record_index)
         if len(req_ids) < n:
             raise RuntimeError(f"kv compression: {n - len(req_ids)} padded rows outside a pure-decode step")
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
-        on_gpu = ws.device.type == "cuda"
-        if md.fresh and len(md.fresh) < n:  # token indices of the fresh rows (absent: every token is)
-            extra["fresh_tokens"] = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in md.fresh])
-        if md.fresh:  # FlashAttention's offsets, uploaded here: made in the forward, each layer's would wait
-            fresh_lens = torch.tensor([seq_lens[r] for r in md.fresh], dtype=torch.int32)
+        on_gpu = state.device.type == "cuda"
+        if metadata.fresh and len(metadata.fresh) < n:  # token indices of the fresh rows (absent: every token is)
+            extra["fresh_tokens"] = torch.cat([torch.arange(qsl[r], qsl[r + 1]) for r in metadata.fresh])
+        if metadata.fresh:  # FlashAttention's offsets, uploaded here: made in the forward, each layer's would wait
+            fresh_lens = torch.tensor([seq_lens[r] for r in metadata.fresh], dtype=torch.int32)
             extra["fresh_cu"] = torch.cat([torch.zeros(1, dtype=torch.int32), fresh_lens.cumsum(0, dtype=torch.int32)])
             if on_gpu:
-                observed = set(md.observe)
+                observed = set(metadata.observe)
                 first = extra["fresh_cu"][:-1].tolist()
-                md.lse_rows = {r: first[i] for i, r in enumerate(md.fresh)
-                               if r in observed and ws.reqs[req_ids[r]].policy.needs_global_attention}
-        chunk_starts, chunk_lens = [qsl[r] for r in md.chunks], [q_lens[r] for r in md.chunks]
-        if md.chunks:
-            extra["chunk_rows"] = torch.tensor(md.chunks, dtype=torch.int64)
+                metadata.lse_rows = {r: first[i] for i, r in enumerate(metadata.fresh)
+                               if r in observed and state.reqs[req_ids[r]].policy.needs_global_attention}
+        chunk_starts, chunk_lens = [qsl[r] for r in metadata.chunks], [q_lens[r] for r in metadata.chunks]
+        if metadata.chunks:
+            extra["chunk_rows"] = torch.tensor(metadata.chunks, dtype=torch.int64)
             if on_gpu:
-                extra.update(kernels.ChunkLayout.host_index(chunk_starts, chunk_lens, ws.H))
-        if md.decode and len(md.decode) < n:  # (absent: a pure decode step, rows are tokens)
-            extra["decode_tokens"] = torch.tensor([qsl[r] for r in md.decode], dtype=torch.int64)
-            extra["decode_rows"] = torch.tensor(md.decode, dtype=torch.int64)
+                extra.update(kernels.ChunkLayout.host_index(chunk_starts, chunk_lens, state.H))
+        if metadata.decode and len(metadata.decode) < n:  # (absent: a pure decode step, rows are tokens)
+            extra["decode_tokens"] = torch.tensor([qsl[r] for r in metadata.decode], dtype=torch.int64)
+            extra["decode_rows"] = torch.tensor(metadata.decode, dtype=torch.int64)
         if record_index:
             extra["record_index"] = torch.tensor(record_index, dtype=torch.int64)
-            if len(record_tokens) < cm.num_actual_tokens:  # (absent: every token is recorded, in order)
+            if len(record_tokens) < common.num_actual_tokens:  # (absent: every token is recorded, in order)
                 extra["record_tokens"] = torch.tensor(record_tokens, dtype=torch.int64)
-        layout = ws.prepare_step(req_ids, q_lens, extra)
-        md.slots, md.tables, md.lens = layout.slots, layout.tables, layout.lens
-        md.fresh_tokens, md.fresh_cu = layout.extra.get("fresh_tokens"), layout.extra.get("fresh_cu")
-        if md.chunks:
-            md.chunk = kernels.ChunkLayout(layout.extra["chunk_rows"], chunk_starts, chunk_lens,
+        layout = state.prepare_step(req_ids, q_lens, extra)
+        metadata.slots, metadata.tables, metadata.lens = layout.slots, layout.tables, layout.lens
+        metadata.fresh_tokens, metadata.fresh_cu = layout.extra.get("fresh_tokens"), layout.extra.get("fresh_cu")
+        if metadata.chunks:
+            metadata.chunk = kernels.ChunkLayout(layout.extra["chunk_rows"], chunk_starts, chunk_lens,
                                            layout.extra.get("chunk_q_index"), layout.extra.get("chunk_cu_q_lens"),
-                                           max(seq_lens[r] for r in md.chunks))
-        md.decode_tokens, md.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
+                                           max(seq_lens[r] for r in metadata.chunks))
+        metadata.decode_tokens, metadata.decode_rows = layout.extra.get("decode_tokens"), layout.extra.get("decode_rows")
         if record_index:
-            md.record = (layout.extra.get("record_tokens"), layout.extra["record_index"])
-        return md
+            metadata.record = (layout.extra.get("record_tokens"), layout.extra["record_index"])
+        return metadata
 
     @staticmethod
-    def _build_graph_step(ws, md, cm, req_ids, q_lens, record_tokens, record_index) -> HeadBlockMetadata:
+    def _build_graph_step(state, metadata, common, req_ids, q_lens, record_tokens, record_index) -> HeadBlockMetadata:
         """A pure-decode step in the persistent buffers (same forward whether vLLM replays a captured
         graph, captures one or runs eagerly); padded rows beyond the requests' rows."""
         extra = {}
         if record_index:
             extra = {"record_tokens": torch.tensor(record_tokens, dtype=torch.int64),
                      "record_index": torch.tensor(record_index, dtype=torch.int64)}
-        layout = ws.prepare_step(req_ids, q_lens, extra)
-        md.fresh, md.decode = [], list(range(len(req_ids)))
+        layout = state.prepare_step(req_ids, q_lens, extra)
+        metadata.fresh, metadata.decode = [], list(range(len(req_ids)))
         if record_index:
-            ws.graph_record = (layout.extra["record_tokens"], layout.extra["record_index"])
-        return _in_graph_buffers(ws, md, cm.num_reqs, layout)
+            state.graph_record = (layout.extra["record_tokens"], layout.extra["record_index"])
+        return _in_graph_buffers(state, metadata, common.num_reqs, layout)
 
 
-def _in_graph_buffers(ws, md: HeadBlockMetadata, padded_rows: int, layout=None) -> HeadBlockMetadata:
+def _in_graph_buffers(state, metadata: HeadBlockMetadata, padded_rows: int, layout=None) -> HeadBlockMetadata:
     """``md`` as a graph step: its slots / tables / lens / step queries are views of the persistent
     buffers, holding ``layout``'s rows (None: padding only) and padded up to ``padded_rows``."""
     rows = (None, None, None) if layout is None else (layout.slots, layout.tables, layout.lens)
     with runtime.TIMER.host("fill_ms"):
-        md.slots, md.tables, md.lens = ws.decode_buffers.fill(*rows, padded_rows)
-    md.step_queries = ws.decode_buffers.queries[:, :padded_rows]
-    md.graph = True
-    return md
+        metadata.slots, metadata.tables, metadata.lens = state.decode_buffers.fill(*rows, padded_rows)
+    metadata.step_queries = state.decode_buffers.queries[:, :padded_rows]
+    metadata.graph = True
+    return metadata
 
 
 class HeadBlockImpl(AttentionImpl):
@@ -244,81 +244,81 @@ class HeadBlockImpl(AttentionImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         """query [T, Hq*D], key/value [T, H*D] (post-RoPE), output [T, Hq*D] written in place."""
-        md: HeadBlockMetadata = attn_metadata
-        ws = runtime.WORKER_STATE
-        if md is None or md.dummy:
-            if ws is not None and query.is_cuda and ws.layer_index.get(layer.layer_name) == 0 \
+        metadata: HeadBlockMetadata = attn_metadata
+        state = runtime.WORKER_STATE
+        if metadata is None or metadata.dummy:
+            if state is not None and query.is_cuda and state.layer_index.get(layer.layer_name) == 0 \
                     and not torch.cuda.is_current_stream_capturing():
                 # vLLM sizes the KV pool from the profiling run's peak memory: show it the transient
                 # a compression needs (freed at once), so the pool leaves room for it
-                torch.empty(ws.workspace_bytes, dtype=torch.uint8, device=query.device)
+                torch.empty(state.workspace_bytes, dtype=torch.uint8, device=query.device)
                 kernels.warm_up(self.num_heads, self.num_kv_heads, self.head_size, query.dtype, query.device)
             return output
         if self.layer is None:
-            self.layer = ws.layer_index[layer.layer_name]
-        ws.pool = kv_cache
-        l, n = self.layer, md.num_actual_tokens
+            self.layer = state.layer_index[layer.layer_name]
+        state.pool = kv_cache
+        l, n = self.layer, metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         q = query[:n].view(n, self.num_heads, self.head_size)
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        kernels.write_tokens(k, v, md.slots[l], key_cache, value_cache)
+        kernels.write_tokens(k, v, metadata.slots[l], key_cache, value_cache)
         out = output[:n].view(n, self.num_heads, self.head_size)
-        if md.graph:  # persistent buffers, nothing else: the same launches when a CUDA graph replays them
+        if metadata.graph:  # persistent buffers, nothing else: the same launches when a CUDA graph replays them
             if l == 0:  # Python runs here only when not replaying: graph_check counts these against builds
                 runtime.event("graph_forward", capturing=query.is_cuda and torch.cuda.is_current_stream_capturing())
-            kernels.decode_attention(q[:, None], key_cache, value_cache, md.tables[l], md.lens[l], self.scale,
+            kernels.decode_attention(q[:, None], key_cache, value_cache, metadata.tables[l], metadata.lens[l], self.scale,
                                      out[:, None])
-            md.step_queries[l].copy_(q)
+            metadata.step_queries[l].copy_(q)
             return output
-        tables, lens = md.tables[l], md.lens[l]  # [R, H, W], [R, H], contiguous
+        tables, lens = metadata.tables[l], metadata.lens[l]  # [R, H, W], [R, H], contiguous
         lse = None
-        if md.fresh:  # whole prompts in this step: attend over the fresh K/V
-            rows = md.fresh_tokens
+        if metadata.fresh:  # whole prompts in this step: attend over the fresh K/V
+            rows = metadata.fresh_tokens
             q_f, k_f, v_f = (x if rows is None else x[rows] for x in (q, k, v))
-            fresh_lens = [md.seq_lens[r] for r in md.fresh]
-            if md.lse_rows:  # EMS observes some of them: FlashAttention's log-sum-exp saves a pass
-                attended, lse = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, md.fresh_cu,
+            fresh_lens = [metadata.seq_lens[r] for r in metadata.fresh]
+            if metadata.lse_rows:  # EMS observes some of them: FlashAttention's log-sum-exp saves a pass
+                attended, lse = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, metadata.fresh_cu,
                                                           return_lse=True)
             else:
-                attended = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, md.fresh_cu)
+                attended = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, metadata.fresh_cu)
             if rows is None:
                 out.copy_(attended)
             else:
                 out[rows] = attended
-        if md.decode:  # one new token per request, all requests in one call
-            rows, batch = md.decode_tokens, md.decode_rows
+        if metadata.decode:  # one new token per request, all requests in one call
+            rows, batch = metadata.decode_tokens, metadata.decode_rows
             if rows is None:  # a pure decode step: written straight into vLLM's output
                 kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale, out[:, None])
             else:
                 out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
                                                      lens[batch], scale=self.scale)[:, 0]
-        if md.chunks:  # continued prefill chunks: causal over each request's pages so far
-            chunk_rows = md.chunk.rows
+        if metadata.chunks:  # continued prefill chunks: causal over each request's pages so far
+            chunk_rows = metadata.chunk.rows
             kernels.paged_chunk_attention(q, out, key_cache, value_cache, tables[chunk_rows], lens[chunk_rows],
-                                          md.chunk, self.scale)
-        for r in md.observe:
-            first = md.lse_rows.get(r)
-            row_lse = None if first is None else lse[:, first:first + md.seq_lens[r]]
-            self._observe(ws, md, r, q, k, key_cache, row_lse)
-        if md.record is not None:  # newest queries into their requests' rings, one kernel
-            tokens, ring_index = md.record
-            ring = ws.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
+                                          metadata.chunk, self.scale)
+        for r in metadata.observe:
+            first = metadata.lse_rows.get(r)
+            row_lse = None if first is None else lse[:, first:first + metadata.seq_lens[r]]
+            self._observe(state, metadata, r, q, k, key_cache, row_lse)
+        if metadata.record is not None:  # newest queries into their requests' rings, one kernel
+            tokens, ring_index = metadata.record
+            ring = state.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
             ring.index_copy_(0, ring_index, (q if tokens is None else q[tokens]).to(ring.dtype))
         return output
 
-    def _observe(self, ws, md, r, q, k, key_cache, lse=None) -> None:
+    def _observe(self, state, metadata, r, q, k, key_cache, lse=None) -> None:
         """Stash the request's latest window queries and (EMS) accumulate the causal column mass
         (``lse``: its rows' log-sum-exp from the prefill's FlashAttention, when it has them)."""
-        st = ws.reqs[md.req_ids[r]]
-        a, b = md.query_start_loc[r], md.query_start_loc[r + 1]
+        request = state.reqs[metadata.req_ids[r]]
+        a, b = metadata.query_start_loc[r], metadata.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
-        mass, chunk = None, md.seq_lens[r] != b - a
-        if st.policy.needs_global_attention:
+        mass, chunk = None, metadata.seq_lens[r] != b - a
+        if request.policy.needs_global_attention:
             if not chunk:  # same call as the HF reference path
                 mass = kernels.column_mass(qh, k[a:b].transpose(0, 1), lse=lse)
             else:
-                keys = reference.gather_heads(key_cache, md.tables[self.layer, r], md.seq_lens[r])  # all heads full
-                mass = kernels.column_mass(qh, keys, start=md.seq_lens[r] - (b - a))
-        st.observe(self.layer, qh, st.policy.window, mass, accumulate=chunk)
+                keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r])  # all heads full
+                mass = kernels.column_mass(qh, keys, start=metadata.seq_lens[r] - (b - a))
+        request.observe(self.layer, qh, request.policy.window, mass, accumulate=chunk)
 

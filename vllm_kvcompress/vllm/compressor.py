@@ -41,22 +41,22 @@ from .request import Request
 from .state import WorkerState
 
 
-def write_rows(ws: WorkerState, table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                lengths: torch.Tensor, lengths_on_device: torch.Tensor | None = None) -> None:
     """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of the
     heads whose block tables are ``table`` [n, max_blocks] (on the device), in place.
     ``lengths`` (host) sizes the write; ``lengths_on_device`` saves its copy when given."""
     width = int(lengths.max())
-    device = ws.pool.device
+    device = state.pool.device
     lengths_d = lengths.to(device) if lengths_on_device is None else lengths_on_device
     positions = torch.arange(width, device=device).expand(table.shape[0], -1)
     positions = torch.where(positions < lengths_d[:, None], positions, -1)
-    slots = slots_for_positions(table, positions, ws.bs)  # [n, width]
+    slots = slots_for_positions(table, positions, state.bs)  # [n, width]
     kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
-                         slots.transpose(0, 1), ws.pool[0], ws.pool[1])
+                         slots.transpose(0, 1), state.pool[0], state.pool[1])
 
 
-def _max_rows(ws: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
+def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
     """Padded rows one recompression call may hold, so that its temporaries stay within the
     compression workspace that vLLM's profiling run reserved. Policies that score from the pages
     (``Policy.scores_from_pages``) hold their float32 scores and a few companions of one row each
@@ -65,17 +65,17 @@ def _max_rows(ws: WorkerState, policy, count: int, width: int, fewest_kept: int)
     query) and, for a merge, the similarity of each row that can merge (at most ``width -
     fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
     None: no limit (a WorkerState without a workspace, in tests)."""
-    if not ws.workspace_bytes:
+    if not state.workspace_bytes:
         return None
-    group = ws.recent.shape[3] // ws.H  # query heads per KV head (the rings exist once a request is due)
+    group = state.recent.shape[3] // state.H  # query heads per KV head (the rings exist once a request is due)
     if policy.scores_from_pages:
         per_row = 8 * 4 + 3 * 4  # scores, pooled, masked, sort keys and indices; protected, padding
     else:
-        head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
+        head_dim, itemsize = state.pool.shape[-1], state.pool.element_size()
         per_row = 2 * head_dim * itemsize + 3 * group * max(count, 1) * 4
         if policy.reducer.merges_rows:
             per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
-    return max(1, ws.workspace_bytes // per_row)
+    return max(1, state.workspace_bytes // per_row)
 
 
 def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
@@ -94,7 +94,7 @@ def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | N
     return parts
 
 
-def _recompress_heads(ws: WorkerState, policy, count: int, rows: torch.Tensor, layers: torch.Tensor,
+def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor, layers: torch.Tensor,
                       heads: torch.Tensor, lengths: torch.Tensor, oldest: torch.Tensor, budgets: torch.Tensor) -> None:
     """One policy call: heads (table ``rows``, ``layers``, ``heads``, each holding ``lengths`` rows,
     its ring's oldest of ``count`` queries at ``oldest``) brought back to ``budgets``, in place.
@@ -106,26 +106,26 @@ def _recompress_heads(ws: WorkerState, policy, count: int, rows: torch.Tensor, l
     to the front in place; the others (merges, shared windows, key scores) go through a dense,
     right-aligned copy of the heads and write their results back."""
     width = int(lengths.max())
-    group = ws.recent.shape[3] // ws.H
-    dev = ws.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
+    group = state.recent.shape[3] // state.H
+    dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
                      "order": (oldest[:, None] + torch.arange(count)) % policy.window,
                      "q_heads": heads[:, None] * group + torch.arange(group)})
-    table = ws.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // ws.bs)]  # [n_heads, blocks]
+    table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
     # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-    queries = ws.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
+    queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
                         dev["q_heads"][:, :, None]]
     if policy.scores_from_pages:
-        paged = PagedHeads(queries, ws.pool[0], table, dev["lengths"], width)
-        host_budgets = budgets.pin_memory() if ws.device.type == "cuda" else budgets
+        paged = PagedHeads(queries, state.pool[0], table, dev["lengths"], width)
+        host_budgets = budgets.pin_memory() if state.device.type == "cuda" else budgets
         keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
         own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
-        compaction.compact_rows(ws.pool[0], ws.pool[1], table, own_rows.contiguous(), dev["budgets"])
+        compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
         return
     uniform = bool((lengths == lengths[0]).all())
-    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width) for cache in ws.pool)
+    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width) for cache in state.pool)
     kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
                                                      None if uniform else dev["lengths"])
-    write_rows(ws, table, kept_keys, kept_values, budgets, dev["budgets"])
+    write_rows(state, table, kept_keys, kept_values, budgets, dev["budgets"])
 
 
 class Compressor:
@@ -137,14 +137,14 @@ class Compressor:
     def after_forward(self) -> list[str]:
         """Compress the requests whose prefill completed in this step, then recompress the decoding
         ones due on this step of the cadence. Returns the requests recompressed."""
-        ws = self.state
-        pending, ws.pending = ws.pending, []
-        on_cuda = ws.device.type == "cuda"
+        state = self.state
+        pending, state.pending = state.pending, []
+        on_cuda = state.device.type == "cuda"
         with runtime.TIMER.device("compress_ms", on_cuda):
             for rid in pending:
-                if rid in ws.reqs:
+                if rid in state.reqs:
                     self.compress_prefill(rid)
-        due = [rid for rid, st in ws.reqs.items() if st.due(ws.step) and rid not in pending]
+        due = [rid for rid, request in state.reqs.items() if request.due(state.step) and rid not in pending]
         if not due:
             return []
         with runtime.TIMER.device("recompress_ms", on_cuda):
@@ -153,69 +153,69 @@ class Compressor:
         return done
 
     def compress_prefill(self, rid: str) -> None:
-        ws = self.state
-        st = ws.reqs[rid]
-        if bool((st.lens != st.num_tokens).any()):
-            raise RuntimeError(f"request {rid}: heads hold {st.lens.tolist()} rows, expected {st.num_tokens} each")
-        paged = st.policy.scores_from_pages and not st.policy.allocator.reads_layers
-        keep = self._select_prefill(st) if paged else self._reduce_prefill(st)
-        if st.decode_slack is not None:
-            self._seed_ring(st)
-        st.compressed_to(st.policy.decode_budgets(keep, st.num_tokens))
+        state = self.state
+        request = state.reqs[rid]
+        if bool((request.lens != request.num_tokens).any()):
+            raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected {request.num_tokens} each")
+        paged = request.policy.scores_from_pages and not request.policy.allocator.reads_layers
+        keep = self._select_prefill(request) if paged else self._reduce_prefill(request)
+        if request.decode_slack is not None:
+            self._seed_ring(request)
+        request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
         self._finish(rid, keep, "prefill")
 
-    def _select_prefill(self, st: Request) -> torch.Tensor:
+    def _select_prefill(self, request: Request) -> torch.Tensor:
         """Reducers that only select rows: every head of the request scored from its pages in one
         observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
         rows kept per head, int64 [L, H] (host)."""
-        ws = self.state
-        n, heads = st.num_tokens, ws.L * ws.H
-        table = ws.tables[st.row].reshape(heads, -1)[:, : -(-n // ws.bs)]
-        queries = torch.stack([st.queries[l] for l in range(ws.L)])  # [L, Hq, window, D]
-        queries = queries.view(heads, queries.shape[1] // ws.H, *queries.shape[2:])  # [L * H, group, window, D]
-        lengths = torch.full((heads,), n, dtype=torch.int64, device=ws.pool.device)
-        keep_idx, budgets = st.policy.select_prefill(PagedHeads(queries, ws.pool[0], table, lengths, n), ws.L,
-                                                     ws.shards)
-        compaction.compact_rows(ws.pool[0], ws.pool[1], table, keep_idx.contiguous(),
-                                ws.shards.mine(budgets).flatten().to(ws.pool.device))
+        state = self.state
+        n, heads = request.num_tokens, state.L * state.H
+        table = state.tables[request.row].reshape(heads, -1)[:, : -(-n // state.bs)]
+        queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
+        queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
+        lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
+        keep_idx, budgets = request.policy.select_prefill(PagedHeads(queries, state.pool[0], table, lengths, n), state.L,
+                                                     state.shards)
+        compaction.compact_rows(state.pool[0], state.pool[1], table, keep_idx.contiguous(),
+                                state.shards.mine(budgets).flatten().to(state.pool.device))
         return budgets.cpu()
 
-    def _reduce_prefill(self, st: Request) -> torch.Tensor:
+    def _reduce_prefill(self, request: Request) -> torch.Tensor:
         """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
         Returns the rows kept per head of the model, int64 [L, all KV heads] (host): what every rank
         kept, gathered (a reducer may keep fewer rows than its budget)."""
-        ws = self.state
+        state = self.state
         observations = []
-        for l in range(ws.L):  # every head holds num_tokens rows
-            keys, values = (reference.gather_heads(cache, ws.tables[st.row, l], st.num_tokens) for cache in ws.pool)
-            observations.append(LayerObservation(st.queries[l], keys, values, l, st.global_attention.get(l)))
-        retained, _ = st.policy.compress_shard(observations, ws.shards)
+        for l in range(state.L):  # every head holds num_tokens rows
+            keys, values = (reference.gather_heads(cache, state.tables[request.row, l], request.num_tokens) for cache in state.pool)
+            observations.append(LayerObservation(request.queries[l], keys, values, l, request.global_attention.get(l)))
+        retained, _ = request.policy.compress_shard(observations, state.shards)
         keep = torch.stack([kept.lengths for kept in retained])
         for l, kept in enumerate(retained):
-            write_rows(ws, ws.tables[st.row, l], kept.keys, kept.values, keep[l].cpu())
-        return ws.shards.gather_counts(keep.to(ws.pool.device), dim=1).cpu()
+            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l].cpu())
+        return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
 
-    def _seed_ring(self, st: Request) -> None:
+    def _seed_ring(self, request: Request) -> None:
         """Seed the request's ring of recent queries with the prefill's last window of queries."""
-        ws = self.state
-        first = st.queries[0]  # [Hq, <=window, D]
-        ws.ensure_recent(st.policy.window, first.shape[0], first.shape[-1], first.dtype)
-        for l in range(ws.L):
-            ws.recent[l, st.row, : first.shape[1]] = st.queries[l].transpose(0, 1)
+        state = self.state
+        first = request.queries[0]  # [Hq, <=window, D]
+        state.ensure_recent(request.policy.window, first.shape[0], first.shape[-1], first.dtype)
+        for l in range(state.L):
+            state.recent[l, request.row, : first.shape[1]] = request.queries[l].transpose(0, 1)
 
     def _finish(self, rid: str, keep: torch.Tensor, what: str) -> None:
         """Shrink the bookkeeping to ``keep`` [L, H] rows, count and log the compression."""
-        ws = self.state
-        st = ws.reqs[rid]
-        rows_before, blocks_before = int(st.lens.sum()), int(st.num_blocks.sum())
-        ws.compacted_heads(rid, keep)
-        rows_after, blocks_after = int(st.lens.sum()), int(st.num_blocks.sum())
+        state = self.state
+        request = state.reqs[rid]
+        rows_before, blocks_before = int(request.lens.sum()), int(request.num_blocks.sum())
+        state.compacted_heads(rid, keep)
+        rows_after, blocks_after = int(request.lens.sum()), int(request.num_blocks.sum())
         runtime.record_compression(rows_before, rows_after)
         runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
-                             "head-blocks freed", what, rid, st.num_tokens, rows_after, rows_before,
+                             "head-blocks freed", what, rid, request.num_tokens, rows_after, rows_before,
                              100.0 * rows_after / max(rows_before, 1), blocks_before - blocks_after, blocks_before)
-        runtime.event("compressed", what=what, req_id=rid, tokens=st.num_tokens, chunks=st.prefill_chunks,
-                      step=ws.step, blocks_before=blocks_before, blocks_after=blocks_after, lens=st.lens.tolist())
+        runtime.event("compressed", what=what, req_id=rid, tokens=request.num_tokens, chunks=request.prefill_chunks,
+                      step=state.step, blocks_before=blocks_before, blocks_after=blocks_after, lens=request.lens.tolist())
 
     def recompress(self, rids: list[str]) -> list[str]:
         """Bring every head over its budget of these requests back to it. Heads with the same policy
@@ -226,37 +226,37 @@ class Compressor:
         each head's result its own. Under tensor parallelism each rank reduces its own heads over
         their budgets, and counts every rank's as brought back to theirs. Returns the requests that
         had a head over its budget."""
-        ws = self.state
+        state = self.state
         groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
         keep = {}
         for rid in rids:
-            st = ws.reqs[rid]
-            over = st.heads_over_budget()
+            request = state.reqs[rid]
+            over = request.heads_over_budget()
             if not bool(over.any()):
                 continue
-            keep[rid] = torch.where(over, st.decode_budget, st.lens)
-            over, local_lens = ws.shards.mine(over), st.local_lens
+            keep[rid] = torch.where(over, request.decode_budget, request.lens)
+            over, local_lens = state.shards.mine(over), request.local_lens
             if not bool(over.any()):
                 continue  # only other ranks' heads are due
-            count = st.recent_queries()
+            count = request.recent_queries()
             pairs, lengths = over.nonzero(), local_lens[over]  # (layer, head) of every own head over its budget
-            if st.policy.reducer.pads_heads:
+            if request.policy.reducer.pads_heads:
                 layers, heads = pairs.unbind(1)
-                groups.setdefault((id(st.policy), None, count), []).append((rid, layers, heads, lengths))
+                groups.setdefault((id(request.policy), None, count), []).append((rid, layers, heads, lengths))
                 continue
             for n in sorted(set(lengths.tolist())):
                 layers, heads = pairs[lengths == n].unbind(1)
-                groups.setdefault((id(st.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
+                groups.setdefault((id(request.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
         for (_, _, count), members in groups.items():
-            policy = ws.reqs[members[0][0]].policy
+            policy = state.reqs[members[0][0]].policy
             sizes = [len(layers) for _, layers, _, _ in members]
             member = torch.arange(len(members)).repeat_interleave(torch.tensor(sizes))  # each head's member
             layers, heads, lengths = (torch.cat([m[i] for m in members]) for i in (1, 2, 3))
-            budgets = torch.cat([ws.shards.mine(ws.reqs[rid].decode_budget)[l, h] for rid, l, h, _ in members])
-            rows = torch.tensor([ws.reqs[rid].row for rid, _, _, _ in members])[member]
-            oldest = torch.tensor([ws.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
-            for part in _calls(lengths, _max_rows(ws, policy, count, int(lengths.max()), int(budgets.min()))):
-                _recompress_heads(ws, policy, count, *(x if part is None else x[part]
+            budgets = torch.cat([state.shards.mine(state.reqs[rid].decode_budget)[l, h] for rid, l, h, _ in members])
+            rows = torch.tensor([state.reqs[rid].row for rid, _, _, _ in members])[member]
+            oldest = torch.tensor([state.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
+            for part in _calls(lengths, _max_rows(state, policy, count, int(lengths.max()), int(budgets.min()))):
+                _recompress_heads(state, policy, count, *(x if part is None else x[part]
                                                        for x in (rows, layers, heads, lengths, oldest, budgets)))
         for rid, rows_kept in keep.items():
             self._finish(rid, rows_kept, "decode")

@@ -43,15 +43,15 @@ class KVCompressConnector(KVConnectorBase_V1):
         pass
 
     def wait_for_save(self) -> None:
-        ws = runtime.WORKER_STATE
-        if ws is not None:
-            ws.flush_graph_queries()  # recompression below reads the rings
+        state = runtime.WORKER_STATE
+        if state is not None:
+            state.flush_graph_queries()  # recompression below reads the rings
             runtime.COMPRESSOR.after_forward()
 
     def build_connector_worker_meta(self):
-        ws = runtime.WORKER_STATE
+        state = runtime.WORKER_STATE
         with runtime.TIMER.host("report_ms"):
-            reports = ws.take_reports() if ws is not None else {}
+            reports = state.take_reports() if state is not None else {}
         return KVCompressWorkerMetadata(reports) if reports else None
 
     def get_kv_connector_stats(self) -> KVCompressStats | None:

@@ -158,15 +158,15 @@ class WorkerState:
     def _start(self, rid: str, policy: Policy | None, compress_at: int | None, decode_slack: int | None = None) -> Request:
         if not self.free_rows:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
-        st = Request(self.counts, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
-        self.reqs[rid] = st
-        return st
+        request = Request(self.counts, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
+        self.reqs[rid] = request
+        return request
 
     def _end(self, rid: str) -> Request | None:
-        st = self.reqs.pop(rid, None)
-        if st is not None:
-            self.free_rows.append(st.row)
-        return st
+        request = self.reqs.pop(rid, None)
+        if request is not None:
+            self.free_rows.append(request.row)
+        return request
 
     def _grow_tables(self, rows: int, cols: int) -> None:
         old, old_host = self.tables, self.host_tables
@@ -184,22 +184,21 @@ class WorkerState:
 
     # ---- from the scheduler output (worker.execute_model, before the forward) --------------
     def ingest(self, scheduler_output) -> None:
-        so = scheduler_output
-        if so.num_scheduled_tokens:
+        if scheduler_output.num_scheduled_tokens:
             self.step += 1
-        for rid in so.finished_req_ids:
+        for rid in scheduler_output.finished_req_ids:
             self._end(rid)
             self.preempted.pop(rid, None)
-        for rid in so.preempted_req_ids or ():
-            st = self._end(rid)  # the scheduler freed all its blocks; it is recomputed later
-            if st is not None:
-                self.preempted[rid] = (st.policy, st.decode_slack)
-        for new in so.scheduled_new_reqs:
+        for rid in scheduler_output.preempted_req_ids or ():
+            request = self._end(rid)  # the scheduler freed all its blocks; it is recomputed later
+            if request is not None:
+                self.preempted[rid] = (request.policy, request.decode_slack)
+        for new in scheduler_output.scheduled_new_reqs:
             extra = new.sampling_params.extra_args if new.sampling_params is not None else None
             policy, slack = self.policy_for(extra)
-            st = self._start(new.req_id, policy, len(new.prompt_token_ids), slack)
-            st.add_spares(new.block_ids[0])
-        cached = so.scheduled_cached_reqs
+            request = self._start(new.req_id, policy, len(new.prompt_token_ids), slack)
+            request.add_spares(new.block_ids[0])
+        cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             new_ids = cached.new_block_ids[i]
             if rid in cached.resumed_req_ids:
@@ -213,9 +212,9 @@ class WorkerState:
         if self.decode_buffers is not None:
             limit = self.decode_buffers.width * self.bs
             self.step_refuses_graphs = any(
-                st.observes_step() or st.max_len + n > limit
-                for st, n in ((self.reqs.get(rid), n) for rid, n in so.num_scheduled_tokens.items())
-                if st is not None)
+                request.observes_step() or request.max_len + n > limit
+                for request, n in ((self.reqs.get(rid), n) for rid, n in scheduler_output.num_scheduled_tokens.items())
+                if request is not None)
 
     def flush_graph_queries(self) -> None:
         """Move the recorded queries of a pure-decode step (left in ``decode_buffers.queries`` by the
@@ -258,8 +257,8 @@ class WorkerState:
         add = (need - held).clamp(min=0).reshape(len(reqs), heads)
         totals = add.sum(1).tolist()
         ids = []
-        for st, rid, total in zip(reqs, req_ids, totals):
-            ids += st.take_spares(total, rid)
+        for request, rid, total in zip(reqs, req_ids, totals):
+            ids += request.take_spares(total, rid)
         writes = None
         if ids:
             widest = int(need.max())
@@ -280,14 +279,14 @@ class WorkerState:
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
-        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64)
+        rows = torch.tensor([request.row for request in reqs], dtype=torch.int64)
         with runtime.TIMER.host("assign_ms"):
             before_host, blocks, writes = self._assign(reqs, req_ids, rows, q_lens)
         width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
         self.counts.append(rows, q_lens, blocks)
-        for st, q_len in zip(reqs, query_lens):
-            st.appended(q_len)
+        for request, q_len in zip(reqs, query_lens):
+            request.appended(q_len)
         starts = torch.cumsum(q_lens, 0) - q_lens
         token_row = torch.repeat_interleave(torch.arange(len(reqs)), q_lens)
         host = {"rows": rows, "before": before_host,
@@ -316,8 +315,8 @@ class WorkerState:
     # ---- read-only views (tests, invariant checks) --------------------------------------------
     def head_blocks(self, rid: str, layer: int, head: int) -> list[int]:
         """Block ids assigned to (layer, head) of the request, in row order."""
-        st = self.reqs[rid]
-        return self.tables[st.row, layer, head, : int(st.num_blocks[layer, head])].tolist()
+        request = self.reqs[rid]
+        return self.tables[request.row, layer, head, : int(request.num_blocks[layer, head])].tolist()
 
     def assigned_blocks(self, rid: str) -> list[int]:
         """Every block id assigned to a head of the request (layer-major, head, row order)."""
@@ -335,15 +334,15 @@ class WorkerState:
     def compacted_heads(self, rid: str, keep: torch.Tensor) -> None:
         """Every head now holds ``keep`` (int [L, all KV heads]) rows at the front of its blocks; the
         blocks past its slot's rows -> spare."""
-        st = self.reqs[rid]
+        request = self.reqs[rid]
         keep = keep.to(torch.int64).cpu()
-        if bool((keep > st.lens).any()):
-            raise RuntimeError(f"request {rid}: compaction cannot grow a head ({keep.tolist()} > {st.lens.tolist()})")
+        if bool((keep > request.lens).any()):
+            raise RuntimeError(f"request {rid}: compaction cannot grow a head ({keep.tolist()} > {request.lens.tolist()})")
         kept_blocks = -(-self.shards.slot_rows(keep) // self.bs)
-        width = int(st.num_blocks.max())
+        width = int(request.num_blocks.max())
         col = torch.arange(width)
-        tail = (col >= kept_blocks[..., None]) & (col < st.num_blocks[..., None])  # [L, H, width]
-        st.compacted(keep, kept_blocks, self.host_tables[st.row, :, :, :width][tail].tolist())
+        tail = (col >= kept_blocks[..., None]) & (col < request.num_blocks[..., None])  # [L, H, width]
+        request.compacted(keep, kept_blocks, self.host_tables[request.row, :, :, :width][tail].tolist())
 
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:
         """Head (layer, head) now holds ``keep`` rows at the front of its blocks; tail -> spare."""
@@ -351,13 +350,13 @@ class WorkerState:
         lens[layer, head] = keep
         self.compacted_heads(rid, lens)
 
-    def spares_needed(self, st: Request) -> int:
+    def spares_needed(self, request: Request) -> int:
         """Spare blocks the request's heads can take in the next LAG_TOKENS rows."""
-        return self._spares_needed([st])[0]
+        return self._spares_needed([request])[0]
 
     def _spares_needed(self, reqs: list[Request]) -> list[int]:
         """:meth:`spares_needed` of several requests, in one go over their rows of ``counts``."""
-        rows = torch.tensor([st.row for st in reqs], dtype=torch.int64)
+        rows = torch.tensor([request.row for request in reqs], dtype=torch.int64)
         slot_lens = self.shards.slot_rows(self.counts.lens[rows])
         grow = (-(-(slot_lens + LAG_TOKENS) // self.bs) - self.counts.blocks[rows]).clamp(min=0)
         return grow.sum((1, 2)).tolist()
@@ -371,12 +370,12 @@ class WorkerState:
         step (benchmarks/host_overhead.py). The scheduler adds spares to most decoding requests at
         most steps (some head of theirs crosses a block's end), so those are checked together."""
         out = {}
-        due = [(rid, st) for rid, st in self.reqs.items() if st.compressed and st.report_due]
+        due = [(rid, request) for rid, request in self.reqs.items() if request.compressed and request.report_due]
         if not due:
             return out
-        for (rid, st), need in zip(due, self._spares_needed([st for _, st in due])):
-            released = st.take_surplus(need)
+        for (rid, request), need in zip(due, self._spares_needed([request for _, request in due])):
+            released = request.take_surplus(need)
             if released:
                 runtime.record_release(len(released))
-                out[rid] = (released, st.num_tokens, st.slot_lens.tolist())
+                out[rid] = (released, request.num_tokens, request.slot_lens.tolist())
         return out

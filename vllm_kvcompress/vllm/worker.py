@@ -59,15 +59,15 @@ class _HeadBlockRunnerMixin:
             shards = tensor_parallel_shards(self.vllm_config, first.num_kv_heads)
             if config.headkv_scores:  # wrong shape: fail at start-up, not at the first compression
                 HeadScores.load(config.headkv_scores).check_model(len(names), shards.total, config.headkv_scores)
-            ws = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
+            state = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
                              config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config),
                              shards=shards)
             if config.cuda_graphs:
-                ws.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
+                state.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
                                                                                  config.cuda_graphs_max_len),
                                                            dtype=first.dtype, device=self.device)
-            runtime.WORKER_STATE = ws
-            runtime.COMPRESSOR = Compressor(ws)
+            runtime.WORKER_STATE = state
+            runtime.COMPRESSOR = Compressor(state)
         return {names[0]: spec}
 
     def _is_uniform_decode(self, *args, force_uniform_decode=None, **kwargs) -> bool:
@@ -76,8 +76,8 @@ class _HeadBlockRunnerMixin:
         Python, which a replayed graph would skip) or a head would hold more rows than the graph
         tables have (``cuda_graphs_max_len``): ``WorkerState.step_refuses_graphs``."""
         uniform = super()._is_uniform_decode(*args, force_uniform_decode=force_uniform_decode, **kwargs)
-        ws = runtime.WORKER_STATE
-        return uniform and not (force_uniform_decode is None and ws is not None and ws.step_refuses_graphs)
+        state = runtime.WORKER_STATE
+        return uniform and not (force_uniform_decode is None and state is not None and state.step_refuses_graphs)
 
     def may_reinitialize_input_batch(self, kv_cache_config, kernel_block_sizes):
         """The worker keeps every head's blocks in its own device tables (:class:`WorkerState`), so
