@@ -1,8 +1,8 @@
 """Where a decode step's time goes: vLLM's engine in process (VLLM_ENABLE_V1_MULTIPROCESSING=0),
 stepped by hand, with or without the plugin. All requests are prefilled first; then ``--steps``
-decode steps are timed one by one (wall clock: a step returns once its tokens are sampled) and,
-with ``--torch-profile``, recorded by torch.profiler (top ops by host and by device time), or with
-``--cprofile`` by cProfile (top Python functions).
+decode steps are timed one by one (wall clock: a step returns once its tokens are sampled) with no
+profiler attached; then ``--cprofile`` records ``--profile-steps`` more by cProfile (top Python
+functions) and ``--torch-profile`` as many by torch.profiler (top ops by host and by device time).
 
     python benchmarks/profile_engine.py --config snapkv@0.1 --requests 24 --prompt 4096 --steps 64
     python benchmarks/profile_engine.py --config plain --requests 24 --prompt 4096 --torch-profile
@@ -39,6 +39,16 @@ def engine_kwargs(config: str, kv_options: dict) -> dict:
     return {"additional_config": {"kv_compression": options}}
 
 
+def timed_steps(engine, steps: int) -> list[float]:
+    """Wall ms of each of ``steps`` engine steps (a step returns once its tokens are sampled)."""
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="snapkv@0.1")
@@ -52,6 +62,7 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--torch-profile", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
+    parser.add_argument("--profile-steps", type=int, default=16, help="steps under each profiler")
     parser.add_argument("--step-times", action="store_true", help="also list every step's ms, in order")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
@@ -65,7 +76,8 @@ def main() -> None:
     events = os.environ.setdefault(EVENTS_ENV, f"/tmp/kvc-profile-{os.getpid()}.jsonl")
 
     model = args.model or make_dummy(f"/tmp/kvc-dummy-{args.shape}", args.shape)
-    max_len = args.prompt + args.steps + 64
+    steps = 4 + args.steps + 2 * args.profile_steps  # warm-up, timed, profiled
+    max_len = args.prompt + steps + 64
     llm = LLM(model, load_format="dummy", max_model_len=max_len, enable_prefix_caching=False,
               max_num_batched_tokens=max(max_len, 8192), gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, **engine_kwargs(args.config, args.kv_options))
@@ -73,7 +85,7 @@ def main() -> None:
     if plugin != any(e["kind"] == "manager_init" for e in read_events(events)):  # the plugin's start-up event
         raise SystemExit(f"--config {args.config}, but the plugin {'never' if plugin else 'also'} started")
     rng = random.Random(0)
-    params = SamplingParams(max_tokens=args.steps + 16, ignore_eos=True, temperature=0)
+    params = SamplingParams(max_tokens=steps + 16, ignore_eos=True, temperature=0)
     for i in range(args.requests):
         engine.add_request(str(i), {"prompt_token_ids": [rng.randrange(3, 40) for _ in range(args.prompt)]},
                            params)
@@ -85,21 +97,7 @@ def main() -> None:
         steps_to_prefill += 1
     for _ in range(4):  # warm the decode path
         engine.step()
-    profiler = None
-    if args.torch_profile:
-        import torch
-
-        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      torch.profiler.ProfilerActivity.CUDA])
-    elif args.cprofile:
-        profiler = cProfile.Profile()
-    if profiler is not None:
-        profiler.__enter__() if args.torch_profile else profiler.enable()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        engine.step()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = timed_steps(engine, args.steps)  # clean: no profiler attached
     in_order = [round(t, 2) for t in times]
     times.sort()
     result = {"config": args.config, "kv_options": args.kv_options, "requests": args.requests,
@@ -107,20 +105,32 @@ def main() -> None:
               "decode_step_ms": {"p50": round(statistics.median(times), 2),
                                  "p90": round(times[int(0.9 * (len(times) - 1))], 2),
                                  "mean": round(statistics.fmean(times), 2)}}
+    if plugin:  # the worker's own account of the timed steps (StepTimer), medians
+        records = [e for e in read_events(events) if e["kind"] == "step_time"][-args.steps:]
+        result["plugin_step_ms_p50"] = {
+            key: round(statistics.median(r.get(key, 0.0) for r in records), 3)
+            for key in ("interval_ms", "layout_ms", "recompress_ms", "report_ms")} if records else None
     if args.step_times:
         result["step_ms"] = in_order
     with open(args.out, "w") as f:
         f.write(json.dumps(result) + "\n")
+        if args.cprofile:  # each profiler over its own steps, after the timed ones
+            profiler = cProfile.Profile()
+            profiler.enable()
+            timed_steps(engine, args.profile_steps)
+            profiler.disable()
+            stats = pstats.Stats(profiler, stream=f)
+            stats.sort_stats("cumulative").print_stats(60)
+            stats.sort_stats("tottime").print_stats(40)
         if args.torch_profile:
-            profiler.__exit__(None, None, None)
+            import torch
+
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                    torch.profiler.ProfilerActivity.CUDA]) as profiler:
+                timed_steps(engine, args.profile_steps)
             averages = profiler.key_averages()
             f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
             f.write(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
-        elif args.cprofile:
-            profiler.disable()
-            stats = pstats.Stats(profiler, stream=f)
-            stats.sort_stats("cumulative").print_stats(50)
-            stats.sort_stats("tottime").print_stats(30)
     print(json.dumps(result), flush=True)
 
 

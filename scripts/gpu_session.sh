@@ -15,7 +15,7 @@
 #        (e.g. SERVER_FLAGS="--kv-compression-config '{\"cuda_graphs\": true}'": load.py shlex-splits it)
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
 #   bash scripts/gpu_session.sh profile [REQUESTS] [PROMPT]   # one decode step's time, plain and snapkv@0.1 at
-#        the same batch (same-batch plain), engine in process: step times + torch profiles to $OUT
+#        the same batch (same-batch plain), engine in process: step times, then cProfile and torch profiles, to $OUT
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
 # serving-h200.{json,png}, reliability-gpu.json, logs.tar.xz.
@@ -123,7 +123,8 @@ PY
     requests=${1:-64}; prompt=${2:-6000}
     for config in plain snapkv@0.1; do
       timeout 280 python3 benchmarks/profile_engine.py --config "$config" --requests "$requests" --prompt "$prompt" \
-        --steps 48 --torch-profile --step-times --gpu-memory-utilization 0.85 --out "$OUT/profile-$config.txt" 2>&1 \
+        --steps 48 --profile-steps 12 --cprofile --torch-profile --step-times --gpu-memory-utilization 0.85 \
+        --out "$OUT/profile-$config.txt" 2>&1 \
         | grep "^{" || echo "profile of $config failed"
     done
     ;;
