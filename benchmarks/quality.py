@@ -206,7 +206,7 @@ def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: se
     agnostic = AGNOSTIC in {setting for setting, _, _ in todo} and job.context_len is not None
     start = time.perf_counter()
     prefilled = prefill(model, job.prompt_ids, window=window, need_global=need_global,
-                        context_len=job.context_len if agnostic else None)
+                        context_len=job.context_len if agnostic else None, used_logits_only=True)
     prefill_s = time.perf_counter() - start
     question = job.prompt_ids[:, job.context_len:] if agnostic else None
     results, perplexity = [], {}

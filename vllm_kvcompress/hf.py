@@ -266,14 +266,22 @@ def _check_one_prompt(input_ids: torch.Tensor) -> None:
 
 @torch.no_grad()
 def prefill(
-    model, input_ids: torch.Tensor, window: int = 32, need_global: bool = False, context_len: int | None = None
+    model,
+    input_ids: torch.Tensor,
+    window: int = 32,
+    need_global: bool = False,
+    context_len: int | None = None,
+    used_logits_only: bool = False,
 ) -> Prefilled:
     """Run the prompt once with the full cache and keep what every policy needs to compress it.
 
     input_ids: int [1, prompt_len] or [prompt_len]; window: the most observation-window queries
     any later policy uses; need_global: also collect the causal column mass (EMS scorers);
     context_len: also keep the view of the first ``context_len`` tokens as if prefilled alone
-    (``Prefilled.context``; causal attention makes it exact), for question-agnostic compression.
+    (``Prefilled.context``; causal attention makes it exact), for question-agnostic compression;
+    used_logits_only: compute only the logits rows that are kept (``logits_to_keep``; with
+    ``context_len`` always): prompt_len x vocab floats would be 5 GB for 8k tokens of a 152k
+    vocabulary. Off by default: the full logits are the plain forward's, bit for bit.
     """
     _check_one_prompt(input_ids)
     input_ids = input_ids.reshape(1, -1).to(model.device)
@@ -282,20 +290,22 @@ def prefill(
         raise ValueError(f"context_len must be in [window={window}, prompt_len={prompt_len}), got {context_len}")
     session = _Session(None, window, need_global=need_global, context_len=context_len)
     token = _SESSION.set(session)
-    # only the rows whose predictions are used: all of them would be prompt_len x vocab floats
-    keep = torch.tensor([prompt_len - 1] if context_len is None else [context_len - 1, prompt_len - 1])
+    keep = 0  # every row
+    if context_len is not None:
+        keep = torch.tensor([context_len - 1, prompt_len - 1], device=model.device)
+    elif used_logits_only:
+        keep = 1
     try:
         with _attention_switched(model):
             positions = torch.arange(prompt_len, device=model.device)[None]
-            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False,
-                           logits_to_keep=keep.to(model.device)).logits[0]
+            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits[0]
     finally:
         _SESSION.reset(token)
     observations = [session.observations[i] for i in sorted(session.observations)]
     context = None
     if context_len is not None:
         contexts = [session.context_observations[i] for i in sorted(session.context_observations)]
-        context = Prefilled(contexts, logits[None, 0], context_len, window)
+        context = Prefilled(contexts, logits[None, -2], context_len, window)
     return Prefilled(observations, logits[None, -1], prompt_len, window, context)
 
 
