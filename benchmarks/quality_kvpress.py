@@ -74,12 +74,12 @@ KVPRESS_WINDOW, KVPRESS_KERNEL = 64, 5  # SnapKVPress / PyramidKVPress defaults
 
 def make_press(name: str, compression_ratio: float):
     """kvpress's press ``name`` at its defaults (AdaKV wraps SnapKV, as kvpress's leaderboard does)."""
+    if name not in PRESS_NAMES:
+        raise SystemExit(f"unknown press {name!r}; valid: {', '.join(PRESS_NAMES)}")
     import kvpress
 
     if name == "AdaKVPress":
         return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=compression_ratio))
-    if name not in PRESS_NAMES:
-        raise SystemExit(f"unknown press {name!r}; valid: {', '.join(PRESS_NAMES)}")
     return getattr(kvpress, name)(compression_ratio=compression_ratio)
 
 
