@@ -197,14 +197,20 @@ class GenerationResult:
         return float(self.retained_per_layer.float().mean()) / self.prompt_len
 
 
-def _layers_from_prefill(session: _Session, dtype: torch.dtype) -> tuple[list[HeadwiseLayer], torch.Tensor | None]:
-    """The per-head cache after prefill, and the per-head budgets (None without a policy)."""
+def _layers_from_prefill(session: _Session, dtype: torch.dtype, retained=None
+                         ) -> tuple[list[HeadwiseLayer], torch.Tensor | None]:
+    """The per-head cache after prefill, and the per-head budgets (None without a policy).
+    retained: the policy's compression of the observations when already computed."""
     observations = [session.observations[i] for i in sorted(session.observations)]
     if session.policy is None:
         return [HeadwiseLayer.full(o.keys, o.values) for o in observations], None
-    retained = session.policy.compress(observations)
+    if retained is None:
+        retained = session.policy.compress(observations)
+    layers = [HeadwiseLayer.from_retained(r, dtype) for r in retained]
+    for layer in layers:  # decode writes into its layers; `retained` may be reused (Prefilled.compressed)
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
     # each head keeps exactly its allocated budget, so the lengths are the budgets
-    return [HeadwiseLayer.from_retained(r, dtype) for r in retained], torch.stack([r.lengths for r in retained])
+    return layers, torch.stack([r.lengths for r in retained])
 
 
 def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor) -> int:
@@ -241,6 +247,16 @@ class Prefilled:
     prompt_len: int
     window: int
     context: "Prefilled | None" = None
+    _last: tuple | None = field(default=None, repr=False, compare=False)  # (policy, its compression)
+
+    def compressed(self, policy: Policy) -> list:
+        """``policy.compress`` of these observations (as ``policy`` sees them), computed once for
+        the last policy asked: generating with a policy and scoring a continuation with the same
+        policy object compress once (EMS's or ZigZag-LMBO's compression of 8k tokens takes
+        seconds). Only the last one is kept: a compressed cache per policy would add up."""
+        if self._last is None or self._last[0] is not policy:
+            self._last = (policy, policy.compress(self.observations_for(policy)))
+        return self._last[1]
 
     def observations_for(self, policy: Policy | None) -> list[LayerObservation]:
         """The observations as ``policy`` would have seen them from its own prefill (its window)."""
@@ -315,7 +331,8 @@ def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple
     observations = prefilled.observations_for(policy)
     window = policy.window if policy is not None else 1
     session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)))
-    layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype)
+    retained = None if policy is None else prefilled.compressed(policy)
+    layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype, retained)
     if budgets is not None:
         budgets = policy.decode_budgets(budgets, prefilled.prompt_len)
     session.observations.clear()

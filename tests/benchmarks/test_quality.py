@@ -326,6 +326,24 @@ def test_uncompressed_tokens_in_one_block_equal_decoding_them_one_by_one(tiny, n
         assert tokens.prompt_len == 120
 
 
+def test_a_policy_compresses_a_prefill_once_for_generation_and_scoring(tiny, monkeypatch):
+    model, prompt = tiny
+    prefilled = hf.prefill(model, prompt, window=16)
+    policy, other = build_policy("adakv", budget=0.2, window=16), build_policy("adakv", budget=0.2, window=16)
+    calls = []
+    real = type(policy).compress
+    monkeypatch.setattr(type(policy), "compress", lambda self, obs: calls.append(self) or real(self, obs))
+    answer = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    first = hf.generate_from_prefill(model, prefilled, policy, 8)
+    scored = hf.continuation_logprobs(model, prefilled, policy, answer)
+    again = hf.generate_from_prefill(model, prefilled, policy, 8)  # decoding did not write into the kept one
+    assert len(calls) == 1 and first.tokens == again.tokens
+    assert torch.equal(first.retained_per_layer, again.retained_per_layer)
+    hf.generate_from_prefill(model, prefilled, other, 8)  # an equal but other policy object: compressed anew
+    assert len(calls) == 2
+    torch.testing.assert_close(hf.continuation_logprobs(model, prefilled, other, answer).logprobs, scored.logprobs)
+
+
 def test_prefill_refuses_policies_it_cannot_serve(tiny):
     model, prompt = tiny
     narrow = hf.prefill(model, prompt, window=8)
