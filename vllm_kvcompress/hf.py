@@ -26,6 +26,15 @@ Prefill once, compress many times (benchmarks compare policies on the same promp
     for policy in policies:
         generate_from_prefill(model, prefilled, policy, max_new_tokens=16)
         continuation_logprobs(model, prefilled, policy, continuation_ids)   # teacher-forced
+
+Question-agnostic compression (compress a context, then ask; what prefix reuse needs): prefill the
+whole prompt once with ``context_len``, compress ``prefilled.context`` (the first ``context_len``
+tokens, observed by their own last ``window`` queries) and feed the rest of the prompt uncompressed::
+
+    prefilled = prefill(model, prompt_ids, window=32, context_len=n)
+    question = prompt_ids[:, n:]
+    generate_from_prefill(model, prefilled.context, policy, uncompressed_ids=question)
+    continuation_logprobs(model, prefilled.context, policy, answer_ids, uncompressed_ids=question)
 """
 from __future__ import annotations
 
@@ -53,9 +62,12 @@ class _Session:
     # collect LayerObservation.global_attention at prefill (EMS); defaults to what the policy asks
     need_global: bool | None = None
     observations: dict[int, LayerObservation] = field(default_factory=dict)
+    context_len: int | None = None  # prefill: also observe the first context_len tokens alone
+    context_observations: dict[int, LayerObservation] = field(default_factory=dict)
     layers: dict[int, HeadwiseLayer] = field(default_factory=dict)
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [num_q_heads, <=window, d]
     teacher_forced: bool = False  # decode may feed a whole block (continuation_logprobs)
+    keep_block: bool = False  # a block fed at decode is appended to the cache (uncompressed_ids)
 
 
     def __post_init__(self) -> None:
@@ -77,18 +89,36 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if session.prefill:
         output, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
         q, k, v = query[0], key[0], value[0]
-        global_attention = None
+        global_attention = context_global = None
+        n = session.context_len
         if session.need_global:
-            global_attention = causal_column_mass(q, k)
+            if n is None:
+                global_attention = causal_column_mass(q, k)
+            else:  # the context's queries see only the context: its mass, plus the rest's
+                context_global = causal_column_mass(q[:, :n], k[:, :n])
+                global_attention = causal_column_mass(q[:, n:], k, start=n)
+                global_attention[:, :n] += context_global
         session.observations[layer_idx] = LayerObservation(
             q[:, -session.window :], k, v, layer_idx=layer_idx, global_attention=global_attention
         )
+        if n is not None:
+            session.context_observations[layer_idx] = LayerObservation(
+                q[:, n - session.window : n], k[:, :n], v[:, :n], layer_idx=layer_idx, global_attention=context_global
+            )
         session.recent_queries[layer_idx] = q[:, -session.window :]
         return output, None
     if query.shape[2] != 1:
-        if session.teacher_forced:
-            return _block_attention(session.layers[layer_idx], query, key, value, scaling)
-        raise ValueError("decode feeds one token at a time")
+        if not session.teacher_forced:
+            raise ValueError("decode feeds one token at a time")
+        layer = session.layers[layer_idx]
+        output = _block_attention(layer, query, key, value, scaling)
+        if session.keep_block:
+            for t in range(key.shape[2]):
+                layer.append(key[0, :, t], value[0, :, t])
+            session.recent_queries[layer_idx] = torch.cat([session.recent_queries[layer_idx], query[0]], 1)[
+                :, -session.window :
+            ]
+        return output
     layer = session.layers[layer_idx]
     layer.append(key[0, :, 0], value[0, :, 0])
     session.recent_queries[layer_idx] = torch.cat([session.recent_queries[layer_idx], query[0]], 1)[
@@ -167,14 +197,20 @@ class GenerationResult:
         return float(self.retained_per_layer.float().mean()) / self.prompt_len
 
 
-def _layers_from_prefill(session: _Session, dtype: torch.dtype) -> tuple[list[HeadwiseLayer], torch.Tensor | None]:
-    """The per-head cache after prefill, and the per-head budgets (None without a policy)."""
+def _layers_from_prefill(session: _Session, dtype: torch.dtype, retained=None
+                         ) -> tuple[list[HeadwiseLayer], torch.Tensor | None]:
+    """The per-head cache after prefill, and the per-head budgets (None without a policy).
+    retained: the policy's compression of the observations when already computed."""
     observations = [session.observations[i] for i in sorted(session.observations)]
     if session.policy is None:
         return [HeadwiseLayer.full(o.keys, o.values) for o in observations], None
-    retained = session.policy.compress(observations)
+    if retained is None:
+        retained = session.policy.compress(observations)
+    layers = [HeadwiseLayer.from_retained(r, dtype) for r in retained]
+    for layer in layers:  # decode writes into its layers; `retained` may be reused (Prefilled.compressed)
+        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
     # each head keeps exactly its allocated budget, so the lengths are the budgets
-    return [HeadwiseLayer.from_retained(r, dtype) for r in retained], torch.stack([r.lengths for r in retained])
+    return layers, torch.stack([r.lengths for r in retained])
 
 
 def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor) -> int:
@@ -200,13 +236,27 @@ class Prefilled:
         [num_kv_heads, prompt_len, head_dim], the last ``window`` queries, and the causal column
         mass (``global_attention``) when prefilled with ``need_global``;
     logits: float [1, vocab], the prediction after the last prompt token (full-cache prefill, as
-        in serving: compression happens after it); prompt_len: tokens in the prompt.
+        in serving: compression happens after it); prompt_len: tokens in the prompt;
+    context: with ``prefill(..., context_len=n)``, the same for the prompt's first n tokens alone
+        (keys/values are views of the full ones; window queries, column mass and logits its own):
+        what a prefill of the context alone gives, for question-agnostic compression.
     """
 
     observations: list[LayerObservation]
     logits: torch.Tensor
     prompt_len: int
     window: int
+    context: "Prefilled | None" = None
+    _last: tuple | None = field(default=None, repr=False, compare=False)  # (policy, its compression)
+
+    def compressed(self, policy: Policy) -> list:
+        """``policy.compress`` of these observations (as ``policy`` sees them), computed once for
+        the last policy asked: generating with a policy and scoring a continuation with the same
+        policy object compress once (EMS's or ZigZag-LMBO's compression of 8k tokens takes
+        seconds). Only the last one is kept: a compressed cache per policy would add up."""
+        if self._last is None or self._last[0] is not policy:
+            self._last = (policy, policy.compress(self.observations_for(policy)))
+        return self._last[1]
 
     def observations_for(self, policy: Policy | None) -> list[LayerObservation]:
         """The observations as ``policy`` would have seen them from its own prefill (its window)."""
@@ -231,25 +281,48 @@ def _check_one_prompt(input_ids: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def prefill(model, input_ids: torch.Tensor, window: int = 32, need_global: bool = False) -> Prefilled:
+def prefill(
+    model,
+    input_ids: torch.Tensor,
+    window: int = 32,
+    need_global: bool = False,
+    context_len: int | None = None,
+    used_logits_only: bool = False,
+) -> Prefilled:
     """Run the prompt once with the full cache and keep what every policy needs to compress it.
 
     input_ids: int [1, prompt_len] or [prompt_len]; window: the most observation-window queries
-    any later policy uses; need_global: also collect the causal column mass (EMS scorers).
+    any later policy uses; need_global: also collect the causal column mass (EMS scorers);
+    context_len: also keep the view of the first ``context_len`` tokens as if prefilled alone
+    (``Prefilled.context``; causal attention makes it exact), for question-agnostic compression;
+    used_logits_only: compute only the logits rows that are kept (``logits_to_keep``; with
+    ``context_len`` always): prompt_len x vocab floats would be 5 GB for 8k tokens of a 152k
+    vocabulary. Off by default: the full logits are the plain forward's, bit for bit.
     """
     _check_one_prompt(input_ids)
     input_ids = input_ids.reshape(1, -1).to(model.device)
     prompt_len = input_ids.shape[1]
-    session = _Session(None, window, need_global=need_global)
+    if context_len is not None and not window <= context_len < prompt_len:
+        raise ValueError(f"context_len must be in [window={window}, prompt_len={prompt_len}), got {context_len}")
+    session = _Session(None, window, need_global=need_global, context_len=context_len)
     token = _SESSION.set(session)
+    keep = 0  # every row
+    if context_len is not None:
+        keep = torch.tensor([context_len - 1, prompt_len - 1], device=model.device)
+    elif used_logits_only:
+        keep = 1
     try:
         with _attention_switched(model):
             positions = torch.arange(prompt_len, device=model.device)[None]
-            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[:, -1]
+            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits[0]
     finally:
         _SESSION.reset(token)
     observations = [session.observations[i] for i in sorted(session.observations)]
-    return Prefilled(observations, logits, prompt_len, window)
+    context = None
+    if context_len is not None:
+        contexts = [session.context_observations[i] for i in sorted(session.context_observations)]
+        context = Prefilled(contexts, logits[None, -2], context_len, window)
+    return Prefilled(observations, logits[None, -1], prompt_len, window, context)
 
 
 def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple[_Session, torch.Tensor | None]:
@@ -258,7 +331,8 @@ def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple
     observations = prefilled.observations_for(policy)
     window = policy.window if policy is not None else 1
     session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)))
-    layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype)
+    retained = None if policy is None else prefilled.compressed(policy)
+    layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype, retained)
     if budgets is not None:
         budgets = policy.decode_budgets(budgets, prefilled.prompt_len)
     session.observations.clear()
@@ -302,6 +376,29 @@ def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_token
     return GenerationResult(tokens, prompt_len, retained, final, recompressions)
 
 
+def _feed_uncompressed(model, session: _Session, ids: torch.Tensor, start: int) -> torch.Tensor:
+    """Run ``ids`` (int [1, m]) at positions ``start..start+m-1`` over ``session``'s compressed
+    cache in one block, appending their keys/values whole. Returns the last token's logits [1, vocab]."""
+    session.teacher_forced = session.keep_block = True
+    token = _SESSION.set(session)
+    try:
+        with _attention_switched(model):
+            positions = torch.arange(start, start + ids.shape[1], device=model.device)[None]
+            logits = model(input_ids=ids.to(model.device), position_ids=positions, use_cache=False,
+                           logits_to_keep=1).logits[:, -1]
+    finally:
+        _SESSION.reset(token)
+        session.teacher_forced = session.keep_block = False
+    return logits
+
+
+def _as_row(ids: torch.Tensor | None) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    ids = ids.reshape(1, -1)
+    return ids if ids.shape[1] else None
+
+
 @torch.no_grad()
 def generate_from_prefill(
     model,
@@ -311,12 +408,27 @@ def generate_from_prefill(
     eos_token_id: int | list[int] | None = None,
     recompress_slack: int | None = None,
     recompress_phase: int | None = None,
+    uncompressed_ids: torch.Tensor | None = None,
 ) -> GenerationResult:
     """:func:`generate` for a prompt already run by :func:`prefill`: compress its cache with
-    ``policy`` (None = full cache) and decode greedily. ``prefilled`` stays reusable."""
+    ``policy`` (None = full cache) and decode greedily. ``prefilled`` stays reusable.
+
+    uncompressed_ids: int [1, m], tokens that follow the compressed prompt (the question of the
+    question-agnostic setting): fed after compression and kept whole, then decoding starts.
+    ``GenerationResult.prompt_len`` stays the compressed prompt's."""
     session, budgets = _decode_session(model, prefilled, policy)
-    return _greedy(model, session, budgets, prefilled.logits, prefilled.prompt_len, max_new_tokens, eos_token_id,
-                   recompress_slack, recompress_phase)
+    logits, position = prefilled.logits, prefilled.prompt_len
+    uncompressed_ids = _as_row(uncompressed_ids)
+    if uncompressed_ids is None:
+        return _greedy(model, session, budgets, logits, position, max_new_tokens, eos_token_id, recompress_slack,
+                       recompress_phase)
+    retained = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
+    logits = _feed_uncompressed(model, session, uncompressed_ids, position)
+    position += uncompressed_ids.shape[1]
+    result = _greedy(model, session, budgets, logits, position, max_new_tokens, eos_token_id,
+                     recompress_slack, recompress_phase)
+    result.prompt_len, result.retained_per_layer = prefilled.prompt_len, retained  # what compression kept
+    return result
 
 
 @dataclass
@@ -344,19 +456,31 @@ class ScoredContinuation:
 
 @torch.no_grad()
 def continuation_logprobs(
-    model, prefilled: Prefilled, policy: Policy | None, continuation_ids: torch.Tensor
+    model,
+    prefilled: Prefilled,
+    policy: Policy | None,
+    continuation_ids: torch.Tensor,
+    uncompressed_ids: torch.Tensor | None = None,
 ) -> ScoredContinuation:
     """Teacher-forced scoring of ``continuation_ids`` (int [1, m] or [m]) after the prompt of
     ``prefilled``, whose cache ``policy`` compressed (None = full cache).
 
     The first token is scored by the prefill's logits (compression happens after prefill); the
     others by one forward of the whole continuation over the compressed cache -- what token-by-
-    token decoding gives without decode-time recompression.
+    token decoding gives without decode-time recompression. With ``uncompressed_ids`` (int [1, k],
+    see :func:`generate_from_prefill`) those tokens come first, whole, and only the continuation's
+    tokens are scored.
     """
     continuation = continuation_ids.reshape(1, -1).to(model.device)
     num_tokens = continuation.shape[1]
     if num_tokens == 0:
         raise ValueError("continuation_ids is empty")
+    uncompressed_ids = _as_row(uncompressed_ids)
+    if uncompressed_ids is not None:
+        given = uncompressed_ids.shape[1]
+        scored = continuation_logprobs(model, prefilled, policy, torch.cat([uncompressed_ids.to(model.device),
+                                                                            continuation], 1))
+        return ScoredContinuation(scored.logprobs[given:], scored.retained_per_layer, scored.prompt_len)
     session, _ = _decode_session(model, prefilled, policy)
     session.teacher_forced = True
     retained = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
@@ -366,7 +490,8 @@ def continuation_logprobs(
         try:
             with _attention_switched(model):
                 positions = torch.arange(prefilled.prompt_len, prefilled.prompt_len + num_tokens - 1, device=model.device)
-                block = model(input_ids=continuation[:, :-1], position_ids=positions[None], use_cache=False).logits[0]
+                block = model(input_ids=continuation[:, :-1], position_ids=positions[None], use_cache=False,
+                              logits_to_keep=0).logits[0]
         finally:
             _SESSION.reset(token)
         logits = torch.cat([logits, block.float()])

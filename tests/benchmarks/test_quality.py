@@ -24,21 +24,62 @@ quality = benchmark_modules.load("quality")
 def quick_run(tmp_path_factory):
     """(JSON path, data) of one ``--quick`` run, shared by the tests below."""
     out = tmp_path_factory.mktemp("quality") / "quality-quick.json"
-    data = quality.main(["--quick", "--out", str(out)])
+    data = quality.main(["--quick", "--out", str(out), "--export-prompts", str(out.with_name("prompts.json"))])
     return out, data
 
 
-def test_quick_run_has_one_record_per_task_policy_budget(quick_run):
+def test_exported_prompts_are_the_benchmarked_ones(quick_run):
+    out, data = quick_run
+    exported = json.loads(out.with_name("prompts.json").read_text())
+    tokenizer = quality.ByteTokenizer()
+    prompts = {(p["task"], p["sample"]): p for p in exported["prompts"]}
+    assert set(prompts) == {(r["task"], r["sample"]) for r in data["samples"]}
+    sample = make_sample("niah_single", tokenizer, 384, seed=0, depth=quality.DEFAULT_DEPTHS[0])
+    prompt = prompts[("niah_single", 0)]
+    assert prompt["prompt_ids"] == sample.prompt_ids(tokenizer)[0].tolist()
+    assert prompt["context_len"] == sample.context_len(tokenizer) < len(prompt["prompt_ids"])
+    assert tokenizer.decode(prompt["answer_ids"]) == sample.answers[0] == prompt["answers"][0]
+    assert sample.question in tokenizer.decode(prompt["prompt_ids"][prompt["context_len"]:])
+    ppl = prompts[(quality.PERPLEXITY, 0)]
+    assert ppl["context_len"] is None and len(ppl["continuation_ids"]) == 32
+
+
+def test_merge_adds_other_policies_and_replaces_their_earlier_rows(quick_run, tmp_path):
+    out, data = quick_run
+    target = tmp_path / "merged.json"
+    shutil.copy(out, target)
+    reference = [dict(r) for r in data["records"] if r["policy"] == "snapkv"]
+    other = {"meta": {"command": "kvpress run 1"}, "records": [dict(r, policy="kvpress:SnapKVPress") for r in reference]}
+    first = tmp_path / "kvpress-1.json"
+    first.write_text(json.dumps(other))
+    merged = quality.main(["--plot", str(target), "--merge", str(first)])
+    rows = [r for r in merged["records"] if r["policy"] == "kvpress:SnapKVPress"]
+    assert len(rows) == len(reference) and len(merged["records"]) == len(data["records"]) + len(reference)
+    assert {(a["setting"], a["policy"]) for a in merged["averages"]} >= {(s, "kvpress:SnapKVPress") for s in quality.SETTINGS}
+    again = {"meta": {"command": "kvpress run 2"}, "records": [dict(r, score=0.0) for r in rows]}
+    second = tmp_path / "kvpress-2.json"
+    second.write_text(json.dumps(again))
+    merged = quality.main(["--plot", str(target), "--merge", str(second)])  # a rerun replaces, never doubles
+    rows = [r for r in merged["records"] if r["policy"] == "kvpress:SnapKVPress"]
+    assert len(rows) == len(reference) and all(r["score"] == 0.0 for r in rows)
+    assert [m["meta"]["command"] for m in merged["merged"]] == ["kvpress run 2"]
+    assert json.loads(target.read_text())["merged"] == merged["merged"]
+
+
+def test_quick_run_has_one_record_per_task_setting_policy_budget(quick_run):
     out, data = quick_run
     on_disk = json.loads(out.read_text())
     assert on_disk["records"] == data["records"]
     assert on_disk["skipped"] == []  # --quick writes stand-in head scores, so HeadKV runs too
-    keys = [(r["task"], r["policy"], r["budget_fraction"]) for r in data["records"]]
+    keys = [(r["task"], r["setting"], r["policy"], r["budget_fraction"]) for r in data["records"]]
     assert len(keys) == len(set(keys))
-    expected = {(task, quality.FULL, quality.FULL_BUDGET) for task in data["config"]["tasks"]}
+    assert data["config"]["settings"] == list(quality.SETTINGS)
+    expected = {(task, setting, quality.FULL, quality.FULL_BUDGET)
+                for task in data["config"]["tasks"] for setting in quality.SETTINGS}
     expected |= {
-        (task, policy, budget)
+        (task, setting, policy, budget)
         for task in data["config"]["tasks"]
+        for setting in quality.SETTINGS
         for policy in PRESET_NAMES
         if policy != quality.FULL
         for budget in quality.DEFAULT_BUDGETS
@@ -47,9 +88,32 @@ def test_quick_run_has_one_record_per_task_policy_budget(quick_run):
     assert quality.PERPLEXITY in data["config"]["tasks"]
 
 
+def test_quick_settings_compress_what_they_say(quick_run):
+    """question-aware compresses the whole prompt, question-agnostic the context before the question;
+    with the full cache both are the same computation (the question fed whole, in one block, or in
+    the prefill), so their answer likelihoods agree; perplexity has no question: one result, twice."""
+    _, data = quick_run
+    by_key = {(r["task"], r["setting"], r["policy"], r["budget_fraction"]): r for r in data["records"]}
+    for task in data["config"]["tasks"]:
+        aware = by_key[(task, quality.AWARE, quality.FULL, quality.FULL_BUDGET)]
+        agnostic = by_key[(task, quality.AGNOSTIC, quality.FULL, quality.FULL_BUDGET)]
+        if task == quality.PERPLEXITY:
+            for budget in quality.DEFAULT_BUDGETS:
+                a, b = by_key[(task, quality.AWARE, "snapkv", budget)], by_key[(task, quality.AGNOSTIC, "snapkv", budget)]
+                assert a["perplexity"] == b["perplexity"]
+            continue
+        assert agnostic["answer_prob"] == pytest.approx(aware["answer_prob"], rel=1e-3)
+        assert agnostic["compressed_tokens"] < aware["compressed_tokens"] == aware["prompt_tokens"]
+        assert aware["prompt_tokens"] - agnostic["compressed_tokens"] > 20  # the question and the template's tail
+    # 8 KV-head slots of 2 KV heads serve 4 query heads: the per-query-head fraction is half
+    assert data["config"]["query_heads_per_kv_head"] == 2
+    assert all(r["budget_fraction_per_query_head"] == pytest.approx(r["budget_fraction"] / 2) for r in data["records"])
+
+
 def test_quick_records_are_consistent(quick_run):
     _, data = quick_run
-    fields = {"task", "policy", "budget_fraction", "score", "full_score", "relative_score", "num_samples", "context_tokens"}
+    fields = {"task", "setting", "policy", "budget_fraction", "budget_fraction_per_query_head", "score", "full_score",
+              "relative_score", "num_samples", "context_tokens"}
     for record in data["records"]:
         assert fields <= set(record)
         assert record["num_samples"] == 1
@@ -70,12 +134,12 @@ def test_quick_records_are_consistent(quick_run):
         else:
             # what was kept: the budget, or the observation window (8 here) + sinks where that is more
             config = CompressionConfig(policy=record["policy"], headkv_scores="x")
-            floor = (8 + config.effective_sink) / record["prompt_tokens"]
+            floor = (8 + config.effective_sink) / record["compressed_tokens"]
             target = max(record["budget_fraction"], floor)
             if REDUCERS.build(config.reducer_name, config.part_options("reducer")).fills_budgets:
                 assert record["retained_fraction"] == pytest.approx(target, abs=0.01)
             else:  # whole windows of 8: up to 7 tokens a head below the budget
-                slack = 7 / record["prompt_tokens"]
+                slack = 7 / record["compressed_tokens"]
                 assert target - slack - 0.01 <= record["retained_fraction"] <= target + 0.01
 
 
@@ -88,7 +152,8 @@ def test_quick_run_records_how_it_ran_and_plots(quick_run):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # averages: the mean relative score over the tasks where it is defined, the likelihood over all
     for row in data["averages"]:
-        group = [r for r in data["records"] if (r["policy"], r["budget_fraction"]) == (row["policy"], row["budget_fraction"])]
+        key = lambda r: (r["setting"], r["policy"], r["budget_fraction"])  # noqa: E731
+        group = [r for r in data["records"] if key(r) == key(row)]
         defined = [r["relative_score"] for r in group if r["relative_score"] is not None]
         assert row["relative_score"] == pytest.approx(sum(defined) / len(defined))
         assert row["relative_likelihood"] == pytest.approx(sum(r["relative_likelihood"] for r in group) / len(group))
@@ -106,12 +171,11 @@ def test_resume_runs_only_what_is_missing(quick_run, tmp_path):
     partial["samples"] = kept
     out.write_text(json.dumps(partial))
     data = quality.main(["--quick", "--out", str(out), "--resume"])
-    key = lambda r: (r["task"], r["sample"], r["policy"], r["budget_fraction"])  # noqa: E731
-    before = {key(r): r for r in kept}
-    after = {key(r): r for r in data["samples"]}
+    before = {quality.sample_key(r): r for r in kept}
+    after = {quality.sample_key(r): r for r in data["samples"]}
     assert len(after) == len(kept) + dropped
     assert all(after[k] == r for k, r in before.items())  # kept results untouched (timings included)
-    assert {k[2] for k in set(after) - set(before)} == {"snapkv"}
+    assert {k[3] for k in set(after) - set(before)} == {"snapkv"}
     assert len(data["meta"]["runs"]) == len(partial["meta"]["runs"]) + 1
 
 
@@ -209,6 +273,76 @@ def test_generate_from_shared_prefill_matches_generate(tiny, tmp_path_factory, n
     assert shared.recompressions == alone.recompressions
     for o, (k, v, q) in zip(prefilled.observations, snapshot):  # reusable: nothing was written into it
         assert torch.equal(o.keys, k) and torch.equal(o.values, v) and torch.equal(o.window_queries, q)
+
+
+def test_context_view_is_a_prefill_of_the_context_alone(tiny):
+    """prefill(..., context_len=n).context holds what prefilling the first n tokens alone gives:
+    their keys and values, their own last window queries, their own causal column mass, the
+    prediction after token n; and the full view's column mass is still the whole prompt's."""
+    model, prompt = tiny
+    both = hf.prefill(model, prompt, window=16, need_global=True, context_len=120)
+    alone = hf.prefill(model, prompt[:, :120], window=16, need_global=True)
+    whole = hf.prefill(model, prompt, window=16, need_global=True)
+    assert both.context.prompt_len == 120 and both.prompt_len == prompt.shape[1]
+    for view, reference in ((both.context, alone), (both, whole)):
+        for o, r in zip(view.observations, reference.observations):
+            for name in ("keys", "values", "window_queries", "global_attention"):
+                torch.testing.assert_close(getattr(o, name), getattr(r, name), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(view.logits, reference.logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="context_len"):
+        hf.prefill(model, prompt, window=16, context_len=8)
+
+
+@pytest.mark.parametrize("name", ["none", "adakv", "ems"])
+def test_uncompressed_tokens_in_one_block_equal_decoding_them_one_by_one(tiny, name):
+    """Feeding the question whole after compressing the context (question-agnostic) appends its
+    keys/values to every head and predicts what feeding it token by token through decode does."""
+    model, prompt = tiny
+    policy = None if name == "none" else build_policy(name, budget=0.2, window=16)
+    context = hf.prefill(model, prompt, window=16, need_global=True, context_len=120).context
+    question = prompt[:, 120:]
+    block, _ = hf._decode_session(model, context, policy)
+    block_logits = hf._feed_uncompressed(model, block, question, 120)
+    steps, _ = hf._decode_session(model, context, policy)
+    for i in range(question.shape[1]):
+        step_logits = hf._feed_uncompressed(model, steps, question[:, i : i + 1], 120 + i)
+    torch.testing.assert_close(block_logits, step_logits, atol=1e-4, rtol=1e-4)
+    for i, layer in block.layers.items():
+        other = steps.layers[i]
+        assert torch.equal(layer.lengths, other.lengths)
+        mask = layer.valid_mask()[..., None]
+        torch.testing.assert_close(layer.keys * mask, other.keys * mask, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block.recent_queries[i], steps.recent_queries[i], atol=1e-5, rtol=1e-5)
+    if policy is not None:
+        assert any(not layer.uniform for layer in block.layers.values()) or name == "ems"
+    # the public API: with the full cache, compressing nothing then asking = the whole prompt's prefill
+    if policy is None:
+        full = hf.prefill(model, prompt, window=16)
+        answer = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(3))
+        asked = hf.continuation_logprobs(model, context, None, answer, uncompressed_ids=question)
+        torch.testing.assert_close(asked.logprobs, hf.continuation_logprobs(model, full, None, answer).logprobs,
+                                   atol=1e-4, rtol=1e-4)
+        tokens = hf.generate_from_prefill(model, context, None, 12, uncompressed_ids=question)
+        assert tokens.tokens == hf.generate_from_prefill(model, full, None, 12).tokens
+        assert tokens.prompt_len == 120
+
+
+def test_a_policy_compresses_a_prefill_once_for_generation_and_scoring(tiny, monkeypatch):
+    model, prompt = tiny
+    prefilled = hf.prefill(model, prompt, window=16)
+    policy, other = build_policy("adakv", budget=0.2, window=16), build_policy("adakv", budget=0.2, window=16)
+    calls = []
+    real = type(policy).compress
+    monkeypatch.setattr(type(policy), "compress", lambda self, obs: calls.append(self) or real(self, obs))
+    answer = torch.randint(0, 256, (1, 5), generator=torch.Generator().manual_seed(4))
+    first = hf.generate_from_prefill(model, prefilled, policy, 8)
+    scored = hf.continuation_logprobs(model, prefilled, policy, answer)
+    again = hf.generate_from_prefill(model, prefilled, policy, 8)  # decoding did not write into the kept one
+    assert len(calls) == 1 and first.tokens == again.tokens
+    assert torch.equal(first.retained_per_layer, again.retained_per_layer)
+    hf.generate_from_prefill(model, prefilled, other, 8)  # an equal but other policy object: compressed anew
+    assert len(calls) == 2
+    torch.testing.assert_close(hf.continuation_logprobs(model, prefilled, other, answer).logprobs, scored.logprobs)
 
 
 def test_prefill_refuses_policies_it_cannot_serve(tiny):
