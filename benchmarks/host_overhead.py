@@ -54,19 +54,19 @@ def take_reports_ms(num_requests: int = 256) -> float:
     from vllm_kvcompress.config import CompressionConfig
     from vllm_kvcompress.vllm.state import WorkerState
 
-    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=100))
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=100))
     gen = torch.Generator().manual_seed(0)
     for r in range(num_requests):
         n = L * H * 8
-        ws.ingest(scheduler_output(str(r), 100, list(range(r * n, (r + 1) * n))))
-        ws.append(str(r), 100)
-        ws.compacted_heads(str(r), torch.randint(40, 100, (L, H), generator=gen))
-        ws.reqs[str(r)].compressed_to(None)
-    ws.take_reports()  # the first check releases every request's surplus
+        state.ingest(scheduler_output(str(r), 100, list(range(r * n, (r + 1) * n))))
+        state.append(str(r), 100)
+        state.compacted_heads(str(r), torch.randint(40, 100, (L, H), generator=gen))
+        state.reqs[str(r)].compressed_to(None)
+    state.take_reports()  # the first check releases every request's surplus
     times = []
     for _ in range(30):
         start = time.perf_counter()
-        ws.take_reports()
+        state.take_reports()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -102,19 +102,19 @@ def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int 
     from vllm_kvcompress.config import CompressionConfig
     from vllm_kvcompress.vllm.state import WorkerState
 
-    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
     per_request = L * H * ((prompt + 80) // BS + 2)
     gen = torch.Generator().manual_seed(seed)
-    ws.pool = torch.randn(2, per_request * num_requests, BS, head_dim, generator=gen).to(torch.bfloat16)
+    state.pool = torch.randn(2, per_request * num_requests, BS, head_dim, generator=gen).to(torch.bfloat16)
     for r in range(num_requests):
         rid = f"r{r}"
-        ws.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
-        st = ws.reqs[rid]
-        ws.append(rid, prompt)
+        state.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
+        request = state.reqs[rid]
+        state.append(rid, prompt)
         for layer in range(L):
-            st.queries[layer] = torch.randn(H * GROUP, 32, head_dim, generator=gen).to(torch.bfloat16)
-            st.global_attention[layer] = torch.rand(H, prompt, generator=gen)
-    return ws, gen
+            request.queries[layer] = torch.randn(H * GROUP, 32, head_dim, generator=gen).to(torch.bfloat16)
+            request.global_attention[layer] = torch.rand(H, prompt, generator=gen)
+    return state, gen
 
 
 def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False):
@@ -124,18 +124,18 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
     each layer holds its own length (as PyramidKV's budgets make them)."""
     from vllm_kvcompress.vllm import compressor
 
-    ws, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed)
+    state, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed)
     for r in range(num_requests):
         rid = f"r{r}"
-        st = ws.reqs[rid]
-        compressor.Compressor(ws).compress_prefill(rid)  # budget = prompt: every head keeps all rows
-        ws.append(rid, 65)  # every head now over budget + slack
+        request = state.reqs[rid]
+        compressor.Compressor(state).compress_prefill(rid)  # budget = prompt: every head keeps all rows
+        state.append(rid, 65)  # every head now over budget + slack
         if layer_lengths:
-            ws.append(rid, L)
-            st.lens.sub_(torch.arange(L)[:, None])
-        ws.recent[:, st.row] = torch.randn(ws.recent[:, st.row].shape, generator=gen).to(ws.recent.dtype)
-        st.recent_count += 65 + r  # rings at different positions
-    return ws
+            state.append(rid, L)
+            request.lens.sub_(torch.arange(L)[:, None])
+        state.recent[:, request.row] = torch.randn(state.recent[:, request.row].shape, generator=gen).to(state.recent.dtype)
+        request.recent_count += 65 + r  # rings at different positions
+    return state
 
 
 def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, layer_lengths: bool = False,
@@ -145,13 +145,13 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
     reducer's ``pads_heads`` off for the measurement)."""
     from vllm_kvcompress.vllm import compressor
 
-    ws = due_requests(policy, prompt, num_requests, layer_lengths=layer_lengths)
-    reducer = type(ws.reqs["r0"].policy.reducer)
+    state = due_requests(policy, prompt, num_requests, layer_lengths=layer_lengths)
+    reducer = type(state.reqs["r0"].policy.reducer)
     pads = reducer.pads_heads
     reducer.pads_heads = pads and not by_length
     try:
         with torch.profiler.profile() as prof:
-            if len(compressor.Compressor(ws).recompress(list(ws.reqs))) != num_requests:
+            if len(compressor.Compressor(state).recompress(list(state.reqs))) != num_requests:
                 raise RuntimeError("a request had no head over its budget")
     finally:
         reducer.pads_heads = pads
@@ -164,17 +164,17 @@ def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> di
     from vllm_kvcompress.vllm.graphs import DecodeBuffers
     from vllm_kvcompress.vllm.state import WorkerState
 
-    ws = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=rows))
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=rows))
     per_request = L * H * -(-(rows + 2 * steps + 2) // BS)  # room for the measured steps
     rids = [str(r) for r in range(num_requests)]
     for r, rid in enumerate(rids):
-        ws.ingest(scheduler_output(rid, rows, list(range(r * per_request, (r + 1) * per_request))))
-        ws.append(rid, rows)
+        state.ingest(scheduler_output(rid, rows, list(range(r * per_request, (r + 1) * per_request))))
+        state.append(rid, rows)
     buffers = DecodeBuffers.allocate(L, H, H * GROUP, D, num_requests, 1088, torch.bfloat16, "cpu")  # 17k tokens
     out = {}
     for name, graph in (("layout", False), ("layout_and_graph_buffers", True)):
         def step():
-            layout = ws.prepare_step(rids, [1] * num_requests)
+            layout = state.prepare_step(rids, [1] * num_requests)
             if graph:
                 buffers.fill(layout.slots, layout.tables, layout.lens, num_requests)
         step()
@@ -206,47 +206,47 @@ def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: boo
     from vllm_kvcompress.vllm.compressor import Compressor
     from vllm_kvcompress.vllm.graphs import DecodeBuffers
 
-    ws, gen = prefilled_requests("adakv", 2 * rows, rows, num_requests, head_dim=head_dim)
-    rids = list(ws.reqs)
-    compressor = Compressor(ws)
+    state, gen = prefilled_requests("adakv", 2 * rows, rows, num_requests, head_dim=head_dim)
+    rids = list(state.reqs)
+    compressor = Compressor(state)
     for rid in rids:
         compressor.compress_prefill(rid)
-    ws.pack_uploads = True  # the GPU's one packed copy of a step's index tensors
+    state.pack_uploads = True  # the GPU's one packed copy of a step's index tensors
     if graphs:
-        ws.decode_buffers = DecodeBuffers.allocate(L, H, H * GROUP, head_dim, num_requests,
+        state.decode_buffers = DecodeBuffers.allocate(L, H, H * GROUP, head_dim, num_requests,
                                                    -(-(2 * rows + 80) // BS), torch.bfloat16, "cpu")
     runner = SimpleNamespace(input_batch=SimpleNamespace(req_ids=rids))
     builder = backend.HeadBlockMetadataBuilder.__new__(backend.HeadBlockMetadataBuilder)
     saved = runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR
-    runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR = ws, runner, compressor
+    runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR = state, runner, compressor
     queries = torch.randn(num_requests, H * GROUP, head_dim, generator=gen).to(torch.bfloat16)
     free = {rid: [] for rid in rids}  # head-blocks each request reported back
 
     def step():
-        seq_lens = [ws.reqs[rid].num_tokens + 1 for rid in rids]
-        ws.ingest(scheduled.scheduler_output(cached=scheduled.cached_requests(rids, [None] * len(rids)),
+        seq_lens = [state.reqs[rid].num_tokens + 1 for rid in rids]
+        state.ingest(scheduled.scheduler_output(cached=scheduled.cached_requests(rids, [None] * len(rids)),
                                              num_scheduled_tokens={rid: 1 for rid in rids}))
-        cm = SimpleNamespace(num_reqs=num_requests, num_actual_tokens=num_requests, max_query_len=1,
+        common = SimpleNamespace(num_reqs=num_requests, num_actual_tokens=num_requests, max_query_len=1,
                              query_start_loc_cpu=torch.arange(num_requests + 1, dtype=torch.int32),
                              _seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int32))
-        md = builder.build(0, cm)
-        if md.graph:
-            md.step_queries[:, :num_requests].copy_(queries)  # what the forward leaves there
-        elif md.record is not None:
-            tokens, ring_index = md.record
-            ring = ws.recent.view(L, -1, *ws.recent.shape[3:])
+        metadata = builder.build(0, common)
+        if metadata.graph:
+            metadata.step_queries[:, :num_requests].copy_(queries)  # what the forward leaves there
+        elif metadata.record is not None:
+            tokens, ring_index = metadata.record
+            ring = state.recent.view(L, -1, *state.recent.shape[3:])
             ring.index_copy_(1, ring_index, queries[None].expand(L, -1, -1, -1).to(ring.dtype))
-        ws.flush_graph_queries()
+        state.flush_graph_queries()
         compressor.after_forward()
-        for rid, (released, _, _) in ws.take_reports().items():
+        for rid, (released, _, _) in state.take_reports().items():
             free[rid].extend(released)
 
     def scheduler_grants():  # not measured: what the next rows need, from blocks the request gave back
         for rid in rids:
-            st = ws.reqs[rid]
-            missing = ws.spares_needed(st) - len(st.spare)
+            request = state.reqs[rid]
+            missing = state.spares_needed(request) - len(request.spare)
             if missing > 0:
-                st.add_spares(free[rid][:missing])
+                request.add_spares(free[rid][:missing])
                 del free[rid][:missing]
 
     try:
