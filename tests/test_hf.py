@@ -29,9 +29,9 @@ from vllm_kvcompress.presets import build_policy
 
 COMPRESSING = tuple(p for p in PRESET_NAMES if p != "none")
 HEAD_ADAPTIVE = ("adakv", "ems", "headkv", "headkv-r2")  # budgets may differ between heads of a layer
-LAYER_ADAPTIVE = ("pyramidkv", "zigzag", "zigzag-lmbo", "windowkv")  # heads of a layer share the layer's budget
+LAYER_ADAPTIVE = ("pyramidkv", "zigzag", "zigzag-lmbo", "windowkv", "windowkv-tuned")  # heads of a layer share the layer's budget
 UNIFORM = ("streamingllm", "snapkv", "ems-tuned")  # one budget for every head
-WHOLE_WINDOWS = ("windowkv",)  # a head keeps whole windows: up to window - 1 tokens below its budget
+WHOLE_WINDOWS = ("windowkv", "windowkv-tuned")  # a head keeps whole windows: up to window - 1 tokens below its budget
 WINDOWKV_WINDOW = 8
 MERGING = tuple(p for p in COMPRESSING if PRESETS[p].reducer == "ems-merge")  # EMS's evict-then-merge
 EVICTING = tuple(p for p in COMPRESSING if p not in MERGING)  # retained rows are original rows

@@ -87,6 +87,14 @@ def test_zigzag_presets_measure(preset, options, measure):
     assert build_policy(preset, **options).allocator.measure == measure
 
 
+@pytest.mark.parametrize("preset, options, group_size",
+                         [("windowkv", {}, 8), ("windowkv-tuned", {}, 1), ("windowkv-tuned", {"windowkv_group_size": 4}, 4)])
+def test_windowkv_presets_group_size(preset, options, group_size):
+    # the tuned preset lets every layer choose its own windows and budget; an explicit option wins
+    policy = build_policy(preset, **options)
+    assert policy.allocator.group_size == group_size and policy.reducer.group_size == group_size
+
+
 def test_window_in_budget_reaches_the_policy():
     assert not build_policy("windowkv", window_in_budget=False).window_in_budget
 
