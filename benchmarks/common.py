@@ -52,21 +52,10 @@ SHAPES: dict[str, dict] = {
 
 
 def tiny_shape() -> dict:
-    """The test suite's tiny GQA Llama (tests/vllm/kvc_tiny_model.py), with a 512-token vocabulary."""
-    sys.path.insert(0, str(REPO / "tests" / "vllm"))
-    try:
-        from kvc_tiny_model import CONFIG
-    except ImportError:  # a checkout without tests/: the same shape
-        CONFIG = {
-            "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 256,
-            "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
-            "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False,
-            "torch_dtype": "float32",
-        }
-    finally:
-        sys.path.pop(0)
-    return dict(CONFIG, vocab_size=512)
+    """The test suite's tiny GQA Llama (:func:`vllm_kvcompress.models.tiny_llama_folder`), with a 512-token vocabulary."""
+    from vllm_kvcompress.models import TINY_LLAMA_CONFIG
+
+    return dict(TINY_LLAMA_CONFIG, vocab_size=512)
 
 
 SHAPES["tiny"] = tiny_shape()

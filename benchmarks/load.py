@@ -64,15 +64,15 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "vllm"))  # kvc_server, kvc_tiny_model (plain modules)
+sys.path.insert(0, str(REPO / "tests" / "vllm"))  # kvc_server (a plain module)
 import kvc_server  # noqa: E402
-import kvc_tiny_model  # noqa: E402
 from vllm_kvcompress.config import PRESET_NAMES  # noqa: E402
+from vllm_kvcompress.models import TINY_SENTENCES, tiny_llama_folder  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
 USAGE = "vllm:kv_cache_usage_perc"  # vLLM 0.26: 1 - free / pool (head-blocks with the plugin)
 RUNNING, WAITING = "vllm:num_requests_running", "vllm:num_requests_waiting"
-WORDS = sorted({w for s in kvc_tiny_model.SENTENCES for w in s.split()})  # in the tiny model's vocabulary
+WORDS = sorted({w for s in TINY_SENTENCES for w in s.split()})  # in the tiny model's vocabulary
 # per-request presets: every one that needs no head-score file
 SAFE_PRESETS = tuple(p for p in PRESET_NAMES if not p.startswith("headkv"))
 BUDGETS = (8, 16, 48, 128, 0.1, 0.25, 0.5, 1.0)
@@ -107,7 +107,7 @@ def start_server(workdir: str, model: str | None = None, chat_template: str | No
     """A server with the plugin, its log and event log under ``workdir``. ``model`` None: the tiny test
     Llama, built there (with a chat template of ours, as its tokenizer has none)."""
     if model is None:
-        model = kvc_tiny_model.build(os.path.join(workdir, "tiny-llama"))
+        model = tiny_llama_folder(os.path.join(workdir, "tiny-llama"))
         chat_template = kvc_server.write_chat_template(workdir)
     events_path = os.path.join(workdir, "events.jsonl") if events else None
     env = {"VLLM_KVC_EVENTS": events_path} if events_path else None
@@ -454,7 +454,7 @@ def reference_body(target: Target) -> dict:
     server: the same batch every time). It recompresses at every step (``decode_slack`` 1): on the
     server's default cadence its tokens would depend on where the server's step clock stands when
     it arrives (the README's note on ``decode_slack``), which the faults before it move."""
-    text = " ".join(kvc_tiny_model.SENTENCES * 3)
+    text = " ".join(TINY_SENTENCES * 3)
     return {"model": target.model, "prompt": text, "max_tokens": 12, "temperature": 0.0, "ignore_eos": True,
             "return_token_ids": True, "vllm_xargs": {"kv_compression_config": json.dumps({"decode_slack": 1})}}
 
@@ -550,7 +550,7 @@ async def _cancellations(target: Target, n: int, rng: random.Random, concurrency
 def bad_inputs(target: Target) -> list[tuple[str, Job]]:
     """(name, job) pairs of bad and edge inputs with the status each must get."""
     m = target.model
-    short = " ".join(kvc_tiny_model.SENTENCES)  # 53 words: longer than the tiny budget of 32
+    short = " ".join(TINY_SENTENCES)  # 53 words: longer than the tiny budget of 32
     too_long = words(random.Random(5), target.max_model_len + 8)
     filling = words(random.Random(6), target.max_model_len - 1)
 
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    info = dict(versions(), model=args.model or "tiny-llama (tests/vllm/kvc_tiny_model.py)",
+    info = dict(versions(), model=args.model or "tiny-llama (vllm_kvcompress.models.tiny_llama_folder)",
                 kv_compression=args.kv_compression, kv_budget=args.kv_budget,
                 server=args.url or f"started: {args.engine_flags} {args.server_flags}",
                 server_start_s=round(server.start_seconds, 1) if server else None, server_alive_at_end=alive)

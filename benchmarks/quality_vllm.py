@@ -54,8 +54,6 @@ def parse_args(argv=None):
 
 def vllm_runs(args, folder: Path, prompts: list[list[int]], config: dict) -> dict:
     """{preset: [(tokens, recompression phase) per prompt]} from one engine with the plugin."""
-    sys.path.insert(0, str(REPO / "tests" / "vllm"))
-    from test_vllm_engine import recompression_phases  # the cadence reader the plugin's tests use
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -75,7 +73,7 @@ def vllm_runs(args, folder: Path, prompts: list[list[int]], config: dict) -> dic
         llm.llm_engine.engine_core.shutdown()
     finally:
         del os.environ[runtime.EVENTS_ENV]
-    phases = recompression_phases(runtime.read_events(events), [o.request_id for o in outs], config["decode_slack"])
+    phases = runtime.recompression_phases(runtime.read_events(events), [o.request_id for o in outs], config["decode_slack"])
     Path(events).unlink(missing_ok=True)
     runs = [(list(o.outputs[0].token_ids), phase) for o, phase in zip(outs, phases)]
     return {p: runs[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(args.presets)}

@@ -26,10 +26,8 @@ import random
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vllm"))
-import kvc_tiny_model  # noqa: E402
+from vllm_kvcompress import models
 
 PRESETS = ("none", "snapkv", "ems", "windowkv", "adakv")
 # decode_slack 1: decode-time recompression every step. Its cadence is the worker's step clock, whose
@@ -117,7 +115,7 @@ def main() -> int:
                         help="fail when no decode step replayed a graph (off on the CPU, which captures none)")
     args = parser.parse_args()
     dtype, presets = ("float32" if args.float32 else DTYPE), tuple(args.presets.split(","))
-    model_dir = kvc_tiny_model.build(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
+    model_dir = models.tiny_llama_folder(os.path.join(tempfile.mkdtemp(), "tiny-llama"))
     vocab = json.load(open(os.path.join(model_dir, "config.json")))["vocab_size"]
     rng = random.Random(0)
     prompts = [[rng.randrange(3, vocab) for _ in range(n)] for n in PROMPT_LENS]

@@ -9,7 +9,9 @@
   (``scripts/install-models.sh``): :func:`real_model_gguf` joins the parts in order once and checks
   the joined file's size and sha256 (the uploaders are anonymous); :func:`real_model_folder` writes
   it as a plain HF folder, which vLLM and kvpress's environment load as well.
-* :func:`tiny_llama` -- a random-weight GQA Llama of any small shape, for fast tests.
+* :func:`tiny_llama` -- a random-weight GQA Llama of any small shape, for fast tests;
+  :func:`tiny_llama_folder` -- one such model on disk with its own small tokenizer, which vLLM loads
+  (the engine tests and the benchmarks' ``--quick`` runs).
 """
 from __future__ import annotations
 
@@ -236,3 +238,59 @@ def tiny_llama(
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+TINY_SENTENCES = [  # the tiny Llama's tokenizer is trained on these words
+    "the quick brown fox jumps over the lazy dog",
+    "a secret code is hidden in a long haystack of text",
+    "paged attention stores keys and values in fixed size blocks",
+    "compression keeps the most important tokens of every head",
+    "what is the secret code ? the code is 4 2 7 1",
+    "one two three four five six seven eight nine ten",
+]
+TINY_LLAMA_CONFIG = {  # 4 layers, 8 query / 2 KV heads, head_dim 32, fp32
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32,
+    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "torch_dtype": "float32",
+    # large random weights: attention patterns are peaked, so compression changes outputs
+    "initializer_range": 0.2,
+}
+
+
+def tiny_llama_folder(out: str, seed: int = 0) -> str:
+    """A tiny random-weight GQA Llama on disk for vLLM (config.json, a WordLevel tokenizer trained on
+    :data:`TINY_SENTENCES`, safetensors weights): the engine tests' and ``--quick`` benchmarks' model.
+    Nothing is downloaded; returns ``out``."""
+    import json
+
+    from tokenizers import Tokenizer, pre_tokenizers, trainers
+    from tokenizers import models as token_models
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    os.makedirs(out, exist_ok=True)
+    tok = Tokenizer(token_models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(TINY_SENTENCES * 4, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"]))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    fast.save_pretrained(out)
+    config = dict(TINY_LLAMA_CONFIG, vocab_size=len(fast))
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.float32)
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def tiny_head_scores_file(path: str) -> str:
+    """A HeadKV score JSON for :func:`tiny_llama_folder`'s model (made-up scores; shapes are what matters)."""
+    from .head_scores import HeadScores
+
+    gen = torch.Generator().manual_seed(1)
+    L, H = TINY_LLAMA_CONFIG["num_hidden_layers"], TINY_LLAMA_CONFIG["num_key_value_heads"]
+    scores = HeadScores(model="tiny-llama", retrieval=torch.rand(L, H, generator=gen).tolist(),
+                        retrieval_reasoning=torch.rand(L, H, generator=gen).tolist())
+    scores.save(path)
+    return path

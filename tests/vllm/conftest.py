@@ -2,18 +2,18 @@
 engines (each start costs ~1 min on 2 CPU cores); everything else loads no model."""
 import pytest
 
-import kvc_tiny_model as tiny_model
+from vllm_kvcompress import models
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """Path of the tiny random-weight GQA Llama (built once per session, in a tmp dir)."""
-    return tiny_model.build(str(tmp_path_factory.mktemp("tiny-llama")))
+    return models.tiny_llama_folder(str(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="session")
 def head_scores_path(tmp_path_factory):
-    return tiny_model.head_scores_file(str(tmp_path_factory.mktemp("scores") / "tiny-scores.json"))
+    return models.tiny_head_scores_file(str(tmp_path_factory.mktemp("scores") / "tiny-scores.json"))
 
 
 @pytest.fixture(scope="session")

@@ -63,25 +63,6 @@ def generate(llm, prompts, params):
     return [list(o.outputs[0].token_ids) for o in generate_outputs(llm, prompts, params)]
 
 
-def recompression_phases(found: list[dict], request_ids: list[str], slack: int) -> list[int]:
-    """Per request (vLLM's external ids), the phase of its decode-time recompression for the HF
-    oracle (``hf.generate(recompress_phase=...)``): the worker recompresses on steps that are
-    multiples of ``slack``, and a request compressed after its prefill at step s with T tokens
-    holds T + (t - s) tokens at a later step t. Also checks that every decode-time recompression
-    of these requests happened on that cadence (internal ids are ``external-suffix``)."""
-    external = {}
-    for e in found:
-        if e["kind"] == "compressed" and e["req_id"].rsplit("-", 1)[0] in request_ids:
-            external[e["req_id"]] = e["req_id"].rsplit("-", 1)[0]
-    phases = {external[e["req_id"]]: (e["tokens"] - e["step"]) % slack for e in found
-              if e["kind"] == "compressed" and e["what"] == "prefill" and e["req_id"] in external}
-    for e in found:
-        if e["kind"] == "compressed" and e["what"] == "decode" and e["req_id"] in external:
-            assert e["step"] % slack == 0, f"a recompression off the cadence: {e}"
-            assert (e["tokens"] - phases[external[e["req_id"]]]) % slack == 0, e
-    return [phases[r] for r in request_ids]
-
-
 def plugin_llm(model_dir: str, events_path: str, config: dict, **engine):
     """An LLM with the plugin on (``config``: kv_compression options) whose EngineCore and worker
     processes log their events to ``events_path`` (they inherit the variable at start)."""
@@ -191,7 +172,7 @@ def decode_runs(llm, prompts, events_path):
               for p in presets for _ in prompts]
     outs = generate_outputs(llm, [q for _ in presets for q in prompts], params)
     found = events(events_path, "compressed", since)
-    phases = recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
+    phases = runtime.recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
     runs = [(list(o.outputs[0].token_ids), phase) for o, phase in zip(outs, phases)]
     decoded = [e for e in found if e["what"] == "decode"]
     return {p: runs[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(presets)}, decoded
@@ -220,7 +201,7 @@ def test_a_registered_scorer_named_per_request_matches_hf_oracle(llm, prompts, h
     since = len(runtime.read_events(events_path))
     outs = generate_outputs(llm, prompts, [greedy(DECODE_TOKENS, {"kv_compression_config": options}) for _ in prompts])
     found = events(events_path, "compressed", since)
-    phases = recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
+    phases = runtime.recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
     policy = build_policy(CompressionConfig.from_dict({**compress_config, **options}))
     prefill = {e["req_id"]: e["lens"] for e in found if e["what"] == "prefill"}
     for prompt, out, phase in zip(prompts, outs, phases):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from test_vllm_engine import generate_outputs, greedy, plugin_llm, prompt_ids, recompression_phases, shutdown
+from test_vllm_engine import generate_outputs, greedy, plugin_llm, prompt_ids, shutdown
 
 from vllm_kvcompress import hf
 from vllm_kvcompress.config import CompressionConfig
@@ -175,7 +175,7 @@ def graph_runs(tiny_model_dir, tmp_path_factory):
         shutdown(llm)
     found = runtime.read_events(path)
     runs = {preset: list(zip([list(o.outputs[0].token_ids) for o in outs],
-                             recompression_phases(found, [o.request_id for o in outs], CONFIG["decode_slack"])))
+                             runtime.recompression_phases(found, [o.request_id for o in outs], CONFIG["decode_slack"])))
             for preset, outs in outputs.items()}
     return prompts, runs, found
 
@@ -228,7 +228,7 @@ def test_heads_past_the_graph_tables_run_those_steps_without_graphs(tiny_model_d
     decode_steps = [e for e in found if e["kind"] == "build" and e["tokens"] == e["rows"] == 3]
     assert {e["graph"] for e in decode_steps} == {True, False}
     policy = build_policy(CompressionConfig.from_dict(config))
-    phases = recompression_phases(found, [o.request_id for o in outs], config["decode_slack"])
+    phases = runtime.recompression_phases(found, [o.request_id for o in outs], config["decode_slack"])
     for prompt, out, phase in zip(prompts, outs, phases):
         want = hf.generate(hf_model, torch.tensor(prompt), policy, max_new_tokens=DECODE_TOKENS,
                            recompress_slack=config["decode_slack"], recompress_phase=phase)

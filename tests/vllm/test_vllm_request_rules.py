@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from unittest import mock
 
 import kvc_server
-import kvc_tiny_model as tiny_model
 import pytest
 from prometheus_client import REGISTRY
 
 from vllm_kvcompress.budget import Budget
 from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.models import TINY_SENTENCES
 from vllm_kvcompress.vllm import metrics, params
 from vllm_kvcompress.vllm.request_rules import BudgetRange, RequestRules
 
@@ -254,7 +254,7 @@ def test_api_server_process_gets_the_flags_back(published, monkeypatch, tiny_mod
 SERVE = [sys.executable, os.path.join(os.path.dirname(__file__), "kvc_vllm_serve.py"), "serve"]
 API_SERVERS = 2
 SENDS = 3  # each refused request 3 times, each on a connection of its own
-PROMPT = " ".join(tiny_model.SENTENCES * 3)  # ~160 tokens, longer than the budget
+PROMPT = " ".join(TINY_SENTENCES * 3)  # ~160 tokens, longer than the budget
 REFUSED_OVER_HTTP = [  # on the defaults of a snapkv server at budget 32
     ({"kv_compression": "ems"}, "policy", "vllm_xargs.kv_compression",
      "does not let a request choose its policy (--kv-request-overrides budget); it compresses with snapkv"),

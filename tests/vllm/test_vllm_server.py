@@ -20,16 +20,16 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-import kvc_tiny_model as tiny_model
 from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, PLUGIN_FLAGS, SERVER, Server, free_port, metric
 from vllm_kvcompress.config import PRESET_NAMES
 from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
+from vllm_kvcompress.models import TINY_SENTENCES
 
 pytestmark = pytest.mark.slow
 
 MAX_TOKENS = 8
 PROMPT_LENS = (90, 170)  # tokens; both longer than the budget (32 rows per head)
-CHAT_TEXT = " ".join(tiny_model.SENTENCES * 2)  # ~110 tokens, every word in the tiny vocabulary
+CHAT_TEXT = " ".join(TINY_SENTENCES * 2)  # ~110 tokens, every word in the tiny vocabulary
 METRICS = ("vllm:kv_compression_ratio", "vllm:kv_compression_compressions_total",
            "vllm:kv_compression_blocks_freed_total", "vllm:kv_compression_refused_requests_total")
 TRUSTED_FLAGS = [*PLUGIN_FLAGS, "--kv-request-overrides", "all"]

@@ -30,7 +30,6 @@ def prompts():
 @pytest.fixture(scope="module")
 def vllm_tokens(tmp_path_factory, prompts):
     """{preset: (tokens, recompression phase) per prompt}."""
-    from test_vllm_engine import recompression_phases
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -50,7 +49,7 @@ def vllm_tokens(tmp_path_factory, prompts):
         llm.llm_engine.engine_core.shutdown()
     finally:
         del os.environ[runtime.EVENTS_ENV]
-    phases = recompression_phases(runtime.read_events(events), [o.request_id for o in outs], CONFIG["decode_slack"])
+    phases = runtime.recompression_phases(runtime.read_events(events), [o.request_id for o in outs], CONFIG["decode_slack"])
     runs = [(list(o.outputs[0].token_ids), phase) for o, phase in zip(outs, phases)]
     return {p: runs[i * len(prompts):(i + 1) * len(prompts)] for i, p in enumerate(PRESETS)}
 

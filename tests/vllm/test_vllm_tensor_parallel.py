@@ -13,11 +13,12 @@ import pytest
 import torch
 from test_vllm_engine import (  # noqa: F401 - prompts, vocab: fixtures
     BASE, DECODE_SLACK, DECODE_TOKENS, ENGINE, MAX_TOKENS, POOL_BLOCKS, events, generate,
-                              generate_outputs, greedy, plugin_llm, prompts, recompression_phases, shutdown, vocab)
+                              generate_outputs, greedy, plugin_llm, prompts, shutdown, vocab)
 
 from vllm_kvcompress import hf
 from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
 from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.vllm import runtime
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +97,7 @@ def test_decode_recompression_on_two_ranks_matches_the_hf_oracle(tp_llm, prompts
     outs = generate_outputs(tp_llm, [q for _ in presets for q in prompts], params)
     found = events(events_path, "compressed", since)
     assert sum(e["what"] == "decode" for e in found) >= len(outs)
-    phases = recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
+    phases = runtime.recompression_phases(found, [o.request_id for o in outs], DECODE_SLACK)
     for i, (out, phase) in enumerate(zip(outs, phases)):
         preset, prompt = presets[i // len(prompts)], prompts[i % len(prompts)]
         want = hf.generate(hf_model, torch.tensor(prompt), build_policy(_config(compress_config, preset)),

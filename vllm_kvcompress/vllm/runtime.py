@@ -79,6 +79,21 @@ def read_events(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def recompression_phases(events: list[dict], request_ids: list[str], slack: int) -> list[int]:
+    """Per request (vLLM's external ids), the phase of its decode-time recompression, as the HF
+    reference path takes it (``hf.generate(recompress_phase=...)``): the worker recompresses on
+    engine steps that are multiples of ``slack``, and a request compressed after its prefill at step
+    s with T tokens holds T + (t - s) tokens at a later step t. Raises if a decode-time
+    recompression of these requests left that cadence (internal ids are ``external-suffix``)."""
+    compressed = [e for e in events if e["kind"] == "compressed" and e["req_id"].rsplit("-", 1)[0] in request_ids]
+    external = {e["req_id"]: e["req_id"].rsplit("-", 1)[0] for e in compressed}
+    phases = {external[e["req_id"]]: (e["tokens"] - e["step"]) % slack for e in compressed if e["what"] == "prefill"}
+    for e in compressed:
+        if e["what"] == "decode" and (e["step"] % slack or (e["tokens"] - phases[external[e["req_id"]]]) % slack):
+            raise RuntimeError(f"a decode-time recompression off the {slack}-step cadence: {e}")
+    return [phases[r] for r in request_ids]
+
+
 @dataclass
 class _StepRecord:
     fields: dict
