@@ -23,6 +23,8 @@ import sys
 import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+# before the plugin is imported: its StepTimer reads the event log variable once, at import
+os.environ.setdefault("VLLM_KVC_EVENTS", f"/tmp/kvc-profile-{os.getpid()}.jsonl")
 sys.path.insert(0, os.path.dirname(__file__))
 from dummy_model import make_dummy  # noqa: E402
 from throughput import plugin_entry_point  # noqa: E402
@@ -73,13 +75,16 @@ def main() -> None:
 
     from vllm_kvcompress.vllm.runtime import EVENTS_ENV, read_events
 
-    events = os.environ.setdefault(EVENTS_ENV, f"/tmp/kvc-profile-{os.getpid()}.jsonl")
+    events = os.environ[EVENTS_ENV]
 
     model = args.model or make_dummy(f"/tmp/kvc-dummy-{args.shape}", args.shape)
-    steps = 4 + args.steps + 2 * args.profile_steps  # warm-up, timed, profiled
+    # warm-up, timed and profiled steps, plus the steps the first request decodes while the others
+    # prefill (chunks of max_num_batched_tokens): no request finishes inside a measured step
+    batched = max(args.prompt + 64, 8192)
+    steps = 4 + args.steps + 2 * args.profile_steps + -(-args.requests * args.prompt // batched) + 2
     max_len = args.prompt + steps + 64
     llm = LLM(model, load_format="dummy", max_model_len=max_len, enable_prefix_caching=False,
-              max_num_batched_tokens=max(max_len, 8192), gpu_memory_utilization=args.gpu_memory_utilization,
+              max_num_batched_tokens=max(max_len, batched), gpu_memory_utilization=args.gpu_memory_utilization,
               enforce_eager=args.enforce_eager, **engine_kwargs(args.config, args.kv_options))
     engine = llm.llm_engine
     if plugin != any(e["kind"] == "manager_init" for e in read_events(events)):  # the plugin's start-up event

@@ -124,7 +124,7 @@ PY
     for config in plain snapkv@0.1; do
       timeout 280 python3 benchmarks/profile_engine.py --config "$config" --requests "$requests" --prompt "$prompt" \
         --steps 48 --profile-steps 12 --cprofile --torch-profile --step-times --gpu-memory-utilization 0.85 \
-        --out "$OUT/profile-$config.txt" 2>&1 \
+        --out "$OUT/profile-${config//@/-}.txt" 2>&1 \
         | grep "^{" || echo "profile of $config failed"
     done
     ;;
