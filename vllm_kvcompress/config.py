@@ -139,6 +139,14 @@ class CompressionConfig:
         every head longer than its budget is brought back to it; a head then never holds more
         than budget + decode_slack rows (None = never recompress; the default 64 keeps long
         generations bounded).
+    reserve_decode_growth: a server option. True: the scheduler admits a new (or resumed) request
+        only while the pool keeps room, besides its own blocks, for every compressed request running
+        now to grow ``decode_slack`` rows a head -- what it may take before its next decode-time
+        recompression -- so requests admitted all at once do not preempt the running ones later
+        (on the H100 at KV-Compress's setup snapkv@0.1 was preempted 68 times in 45 s, each a 6k
+        prompt recomputed). Fewer requests then run at once; whether it pays is not measured yet
+        (benchmarks/results/serving-notes.md), so it is off by default. No effect without
+        ``decode_slack``.
     headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.calibrate``, which
         the headkv allocator reads (its ``heads`` option picks the retrieval or the
         retrieval-reasoning scores: ``headkv`` / ``headkv-r2``).
@@ -168,6 +176,7 @@ class CompressionConfig:
     sink: int | None = None
     window_in_budget: bool = True
     decode_slack: int | None = 64
+    reserve_decode_growth: bool = False
     headkv_scores: str | None = None
     cuda_graphs: bool | None = None
     cuda_graphs_max_len: int = 16384
@@ -194,6 +203,7 @@ class CompressionConfig:
             check_int("sink", self.sink, minimum=0)
         if self.decode_slack is not None:
             check_int("decode_slack", self.decode_slack, minimum=1)
+        check_bool("reserve_decode_growth", self.reserve_decode_growth)
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be true, false or null (where vLLM captures graphs), "
                              f"got {self.cuda_graphs!r}")

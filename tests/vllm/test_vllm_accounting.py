@@ -64,6 +64,30 @@ def test_report_returns_blocks_and_changes_the_need():
     assert mgr.block_pool.get_num_free_blocks() == free and "a" not in mgr.reports
 
 
+@pytest.mark.parametrize("reserve", [False, True])
+def test_admission_keeps_the_running_requests_growth_free_with_reserve_decode_growth(monkeypatch, reserve):
+    # reserve_decode_growth: a new request is admitted only with room left for every compressed
+    # request running to grow decode_slack rows a head; a running request's own growth asks no more
+    from vllm_kvcompress.vllm import params
+    from vllm_kvcompress.vllm.request_rules import RequestRules
+
+    config = CompressionConfig(policy="snapkv", budget=32, decode_slack=20, reserve_decode_growth=reserve)
+    monkeypatch.setenv(params.CONFIG_ENV, "")
+    monkeypatch.setenv(params.RULES_ENV, "")
+    params.publish_server_config(config, RequestRules())
+    mgr = manager()
+    growth = L * H * 2 if reserve else 0  # cdiv(20, 16) = 2 blocks a head, per compressed request
+    assert allocate(mgr, "a", 40)[0] == L * H * 3  # nothing compressed runs yet: no reserve
+    _, blocks = allocate(mgr, "b", 100)
+    mgr.apply_report("b", [b.block_id for b in blocks[8:]], 100, [[20, 30], [10, 32]])  # b compressed
+    assert mgr.admission_reserve() == growth
+    assert mgr.get_num_blocks_to_allocate("c", 40, [], 0, 0, 40) == L * H * 3 + growth  # admitting c
+    assert mgr.get_num_blocks_to_allocate("b", 120, [], 0, 0, 120) == mgr.need("b", 120) - 8  # b grows
+    assert mgr.get_num_blocks_to_allocate("a", 60, [], 0, 0, 60) == L * H  # a (uncompressed) grows
+    mgr.free("b")
+    assert mgr.admission_reserve() == 0  # b finished: nothing to keep free for it
+
+
 def test_report_after_finish_is_ignored_and_foreign_blocks_are_an_error():
     mgr = manager()
     _, blocks = allocate(mgr, "a", 32)

@@ -207,6 +207,36 @@ def test_every_head_block_back_in_the_free_pool(preemption_run):
     assert any(e["kind"] == "blocks_returned" for e in events)
 
 
+def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_dir, tmp_path_factory):
+    """The preempting run's first phase (12 requests x 160 tokens sent at once into 256 head-blocks)
+    with ``reserve_decode_growth``: the scheduler admits a request only with room for the running
+    compressed requests to grow until their next recompression, so none is preempted; every
+    request still completes, several run at once, and every head-block comes back."""
+    from vllm.inputs import TokensPrompt
+
+    events_path = str(tmp_path_factory.mktemp("reserve-events") / "events.jsonl")
+    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
+    llm = plugin_llm(tiny_model_dir, events_path, {**PREEMPT_CONFIG, "reserve_decode_growth": True},
+                     num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
+    try:
+        prompts = _prompts(vocab, PREEMPT_REQUESTS, seed=1)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], _greedy(PREEMPT_TOKENS),
+                            use_tqdm=False)
+        llm.generate([TokensPrompt(prompt_token_ids=prompts[0][:20])], _greedy(1), use_tqdm=False)  # idle pool logged
+        metric = _preemptions_metric(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+    events = runtime.read_events(events_path)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [PREEMPT_TOKENS] * PREEMPT_REQUESTS
+    assert all(n == 1 for n in _freed_per_request(events).values()), "a request was preempted"
+    assert metric in (None, 0.0), metric
+    assert max(e["peak"] for e in events if e["kind"] == "peak_requests") >= 2
+    initial = [e for e in events if e["kind"] == "manager_init"][0]["free"]
+    assert [e for e in events if e["kind"] == "step" and e["requests"] == 0][-1]["free"] == initial
+
+
 # ==== the server's faults (issue #6) ==================================================================
 @pytest.fixture(scope="module")
 def kvc_plugin_server(request, tiny_model_dir, tmp_path_factory):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import runtime
+from . import params, runtime
 from .compat import AttentionSpec, SingleTypeKVCacheManager, cdiv, get_dtype_size
 
 
@@ -67,7 +67,8 @@ class HeadBlockManager(SingleTypeKVCacheManager):
     Need for ``N`` tokens: uncompressed ``L*H*cdiv(N, bs)``; after the worker's report
     ``(T, lens [L, H])``: ``sum cdiv(lens + N - T, bs)`` (exact for N >= T, and the uncompressed
     formula is an upper bound before the report lands). Allocation never shrinks what is held;
-    surplus comes back only through :meth:`apply_report`.
+    surplus comes back only through :meth:`apply_report`. With the server's
+    ``reserve_decode_growth``, admitting a request also asks for :meth:`admission_reserve` free.
     """
 
     def __init__(self, kv_cache_spec: HeadBlockSpec, **kwargs):
@@ -75,6 +76,10 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         self.heads = kv_cache_spec.num_layers * kv_cache_spec.num_kv_heads
         self.reports: dict[str, HeadLengths] = {}
         self.peak_requests = 0
+        config = params.server_config()  # published by the front end before the EngineCore started
+        slack = config.decode_slack if config is not None and config.reserve_decode_growth else None
+        # a compressed request's heads grow at most decode_slack rows before the next recompression
+        self.growth_blocks = self.heads * cdiv(slack, self.block_size) if slack else 0
         runtime.MANAGER = self
         runtime.event("manager_init", num_blocks=self.block_pool.num_gpu_blocks,
                       free=self.block_pool.get_num_free_blocks(), heads=self.heads)
@@ -89,7 +94,17 @@ class HeadBlockManager(SingleTypeKVCacheManager):
                                    num_local_computed_tokens, num_tokens_main_model,
                                    apply_admission_cap=False) -> int:
         assert len(new_computed_blocks) == 0, "prefix caching must be off with head-block compression"
-        return max(self.need(request_id, num_tokens) - len(self.req_to_blocks.get(request_id, ())), 0)
+        held = self.req_to_blocks.get(request_id)
+        missing = max(self.need(request_id, num_tokens) - len(held or ()), 0)
+        if not held:  # admitting it (new or resumed): the running requests' growth stays free
+            missing += self.admission_reserve()
+        return missing
+
+    def admission_reserve(self) -> int:
+        """Head-blocks an admission leaves free (``reserve_decode_growth``; else 0): what the
+        compressed requests running now (those with a report) may take before their next
+        decode-time recompression."""
+        return self.growth_blocks * len(self.reports)
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         held = self.req_to_blocks[request_id]

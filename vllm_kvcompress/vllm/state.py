@@ -36,7 +36,7 @@ LAG_TOKENS = 2
 
 # Per-request overrides read from SamplingParams.extra_args (design section 6).
 OVERRIDE_KEYS = {"kv_compression": "policy", "kv_budget": "budget"}
-SERVER_OPTIONS = ("cuda_graphs", "cuda_graphs_max_len")  # a request may repeat them, not change them
+SERVER_OPTIONS = ("cuda_graphs", "cuda_graphs_max_len", "reserve_decode_growth")  # a request may repeat them, not change them
 
 
 def request_config(base: CompressionConfig, extra_args: dict | None) -> CompressionConfig:
