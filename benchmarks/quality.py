@@ -41,7 +41,7 @@ at the window -- each record carries the ``retained_fraction`` actually kept.
     python benchmarks/quality.py --context-tokens 4096 --samples 3 --resume
     python benchmarks/quality.py --quick --out /tmp/q.json        # random tiny Llama, < 1 minute
     python benchmarks/quality.py --plot benchmarks/results/quality-smollm2.json   # tables + PNG of a JSON
-    python benchmarks/quality.py --plot OUT.json --merge OTHER.json   # add OTHER's records (kvpress's) to OUT
+    python benchmarks/quality.py --plot OUT.json --merge OTHER.json   # add OTHER's records (kvpress's, more tasks) to OUT
 
 Output: a table on stdout, ``benchmarks/results/quality-<model>.json`` (one record per
 (task, setting, policy, budget), per-sample results, the averages, how and where it ran) and a PNG
@@ -427,7 +427,7 @@ def plot(data: dict, path: Path) -> None:
             ax.grid(alpha=0.3)
         for ax in block_axes[len(panels) :]:
             ax.axis("off")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:  # every policy once, whichever panel drew it
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
@@ -602,22 +602,40 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)  # callers (tests) keep their own setting
 
 
+def _record_key(r: dict) -> tuple:
+    return r["task"], r.get("setting", AWARE), r["policy"], r["budget_fraction"]
+
+
+def _sample_key(s: dict) -> tuple:
+    return s["task"], s["sample"], s.get("setting", AWARE), s["policy"], s["budget_fraction"]
+
+
 def merge_records(data: dict, others: list[dict]) -> dict:
-    """``data`` with the records of ``others`` (each a JSON with ``records`` and ``meta``, e.g.
-    benchmarks/quality_kvpress.py's) added: earlier merged records of the same policies are
-    replaced, the full-cache records of ``data`` stay. Averages are recomputed; ``merged`` says
-    what came from where."""
+    """``data`` with the records (and per-sample results, where given) of ``others`` (each a JSON
+    with ``records`` and ``meta``: benchmarks/quality_kvpress.py's, or another run of this script on
+    more tasks or policies) added: a record of the same (task, setting, policy, budget) is replaced,
+    except the full-cache records ``data`` already has, which stay. Averages are recomputed;
+    ``merged`` says what came from where (an entry goes once a later one covers its policies and
+    tasks)."""
     merged = dict(data)
-    records = list(data["records"])
-    merged["merged"] = [m for m in data.get("merged", [])]
+    records = {_record_key(r): r for r in data["records"]}
+    samples = {_sample_key(s): s for s in data.get("samples", [])}
+    entries = list(data.get("merged", []))
     for other in others:
-        policies = {r["policy"] for r in other["records"]} - {FULL}
-        records = [r for r in records if r["policy"] not in policies] + [
-            r for r in other["records"] if r["policy"] in policies]
-        merged["merged"] = [m for m in merged["merged"] if not set(m["policies"]) & policies]
-        merged["merged"].append({"policies": sorted(policies), "meta": other["meta"]})
-    merged["records"] = records
-    merged["averages"] = averages(records)
+        records.update({_record_key(r): r for r in other["records"]
+                        if r["policy"] != FULL or _record_key(r) not in records})
+        samples.update({_sample_key(s): s for s in other.get("samples", [])
+                        if s["policy"] != FULL or _sample_key(s) not in samples})
+        policies = sorted({r["policy"] for r in other["records"]} - {FULL})
+        tasks = sorted({r["task"] for r in other["records"]})
+        entries = [m for m in entries if not (set(m["policies"]) <= set(policies)
+                                             and set(m.get("tasks", tasks)) <= set(tasks))]
+        entries.append({"policies": policies, "tasks": tasks, "meta": other["meta"]})
+    merged["records"] = list(records.values())
+    if samples:
+        merged["samples"] = list(samples.values())
+    merged["merged"] = entries
+    merged["averages"] = averages(merged["records"])
     return merged
 
 

@@ -66,6 +66,25 @@ def test_merge_adds_other_policies_and_replaces_their_earlier_rows(quick_run, tm
     assert json.loads(target.read_text())["merged"] == merged["merged"]
 
 
+def test_merge_adds_the_tasks_of_another_run_with_their_full_cache_records(quick_run, tmp_path):
+    # a run on more tasks (the same prompts' seeds) extends the grid; the full-cache records the
+    # target has stay even where the other run has its own
+    out, data = quick_run
+    target = tmp_path / "merged.json"
+    shutil.copy(out, target)
+    task = data["records"][0]["task"]
+    extra = [dict(r, task="extra_task") for r in data["records"] if r["task"] == task]
+    full_again = [dict(r, score=-1.0) for r in data["records"] if r["policy"] == quality.FULL]
+    other = tmp_path / "more-tasks.json"
+    other.write_text(json.dumps({"meta": {"command": "more tasks"}, "records": extra + full_again}))
+    merged = quality.main(["--plot", str(target), "--merge", str(other)])
+    assert len(merged["records"]) == len(data["records"]) + len(extra)
+    assert {r["policy"] for r in merged["records"] if r["task"] == "extra_task"} == {r["policy"] for r in extra}
+    assert all(r["score"] != -1.0 for r in merged["records"])
+    assert all("extra_task" in a["likelihood_tasks"] for a in merged["averages"])
+    assert merged["merged"][-1]["tasks"] == sorted({"extra_task"} | {r["task"] for r in full_again})
+
+
 def test_quick_run_has_one_record_per_task_setting_policy_budget(quick_run):
     out, data = quick_run
     on_disk = json.loads(out.read_text())
