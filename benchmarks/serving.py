@@ -770,6 +770,10 @@ class Invocation:
     def __init__(self, args: argparse.Namespace, device: str, out: Path):
         self.args, self.device, self.out = args, device, out
         previous = json.loads(out.read_text()) if out.exists() else None
+        if previous and previous["meta"].get("device") not in (None, device):
+            # records are keyed without the device: another device's runs would replace these
+            raise SystemExit(f"{out} holds runs on {previous['meta']['device']}, this is {device}: "
+                             f"write to serving-{device_slug(device)}.json (--out)")
         self.records = {record_key(r): r for r in (previous or {}).get("records", [])}
         self.run_info = {"command": shlex.join(["python", "benchmarks/serving.py", *args.argv]),
                          "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "device": device, "versions": versions()}

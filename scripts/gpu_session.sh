@@ -18,13 +18,15 @@
 #        the same batch (same-batch plain), engine in process: step times, then cProfile and torch profiles, to $OUT
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
-# serving-h200.{json,png}, reliability-gpu.json, logs.tar.xz.
+# serving-<gpu>.{json,png}, reliability-gpu.json, logs.tar.xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/out}
 THR=/tmp/thr/throughput-h200.json
 SOAK=/tmp/soak
-SRV=/tmp/srv/serving-h200.json
+# the serving JSON of this GPU (serving.py refuses a file of another device): h100 or h200
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i 'h[0-9]\{3\}' | tr 'H' 'h' || true)
+SRV=/tmp/srv/serving-${GPU:-gpu}.json
 step=${1:?step}; shift || true
 
 collect_logs() {
@@ -37,7 +39,7 @@ collect_logs() {
 prepare_serving() {
   # the JSON merges with the results already in the repository (done runs are skipped)
   mkdir -p /tmp/srv/logs
-  [ -f "$SRV" ] || cp benchmarks/results/serving-h200.json "$SRV" 2>/dev/null || true
+  [ -f "$SRV" ] || cp "benchmarks/results/$(basename "$SRV")" "$SRV" 2>/dev/null || true
 }
 SERVING=(python3 benchmarks/serving.py --out "$SRV" --log-dir /tmp/srv/logs --model-dir /tmp/srv/models)
 

@@ -241,6 +241,16 @@ def test_fit_wave_skips_what_does_not_fit(tmp_path):
     assert [r["config"] for r in skipped] == ["ems@0.1"] and "--time-limit" in skipped[0]["skip_reason"]
 
 
+def test_a_results_file_of_another_device_is_refused(tmp_path):
+    # records are keyed without the device: an H100 run into the H200 file would replace its rows
+    out = tmp_path / "serving-h200.json"
+    out.write_text(json.dumps({"meta": {"device": "NVIDIA H200", "runs": []}, "records": []}))
+    args = serving.parse_args(["--configs", "plain", "--workloads", "kvcompress", "--out", str(out)])
+    with pytest.raises(SystemExit, match="serving-h100.json"):
+        serving.Invocation(args, "NVIDIA H100 80GB HBM3", out)
+    assert serving.Invocation(args, "NVIDIA H200", out).records == {}
+
+
 def test_ideal_output_tok_s_by_hand():
     ideal = serving.ideal_output_tok_s(requests=4, prompt_len=100, output_len=10, prefill_tok_s=1000.0,
                                        weight_bytes=1e9, kv_bytes_per_token=1000.0, pool_tokens=500.0,
