@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import params, runtime
+from . import runtime
 from .compat import AttentionSpec, SingleTypeKVCacheManager, cdiv, get_dtype_size
 
 
@@ -76,6 +76,8 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         self.heads = kv_cache_spec.num_layers * kv_cache_spec.num_kv_heads
         self.reports: dict[str, HeadLengths] = {}
         self.peak_requests = 0
+        from . import params  # here, not at the top: plain vLLM (compression off) imports this module
+
         config = params.server_config()  # published by the front end before the EngineCore started
         slack = config.decode_slack if config is not None and config.reserve_decode_growth else None
         # a compressed request's heads grow at most decode_slack rows before the next recompression
