@@ -67,6 +67,16 @@ def _preemptions_metric(llm) -> float | None:
     return None
 
 
+def _preempting_engine(tiny_model_dir, tmp_path_factory, name: str, **options):
+    """An LLM with the plugin (PREEMPT_CONFIG and ``options``) over the tight pool; its event log;
+    the tiny model's vocabulary size."""
+    events_path = str(tmp_path_factory.mktemp(name) / "events.jsonl")
+    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
+    llm = plugin_llm(tiny_model_dir, events_path, {**PREEMPT_CONFIG, **options},
+                     num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
+    return llm, events_path, vocab
+
+
 @pytest.fixture(scope="module")
 def preemption_runs(tiny_model_dir, tmp_path_factory):
     """The run below without and with ``cuda_graphs`` (its persistent decode buffers; the CPU replays
@@ -89,10 +99,7 @@ def _preemption_run(tiny_model_dir, tmp_path_factory, graphs: bool) -> dict:
        preempted if any is, at that moment)."""
     from vllm.inputs import TokensPrompt
 
-    events_path = str(tmp_path_factory.mktemp("preempt-events") / "events.jsonl")
-    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
-    llm = plugin_llm(tiny_model_dir, events_path, {**PREEMPT_CONFIG, "cuda_graphs": graphs},
-                     num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
+    llm, events_path, vocab = _preempting_engine(tiny_model_dir, tmp_path_factory, "preempt-events", cuda_graphs=graphs)
     try:
         prompts = _prompts(vocab, PREEMPT_REQUESTS, seed=1)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], _greedy(PREEMPT_TOKENS),
@@ -214,10 +221,8 @@ def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_
     request still completes, several run at once, and every head-block comes back."""
     from vllm.inputs import TokensPrompt
 
-    events_path = str(tmp_path_factory.mktemp("reserve-events") / "events.jsonl")
-    vocab = json.load(open(os.path.join(tiny_model_dir, "config.json")))["vocab_size"]
-    llm = plugin_llm(tiny_model_dir, events_path, {**PREEMPT_CONFIG, "reserve_decode_growth": True},
-                     num_gpu_blocks_override=PREEMPT_POOL, **PREEMPT_ENGINE)
+    llm, events_path, vocab = _preempting_engine(tiny_model_dir, tmp_path_factory, "reserve-events",
+                                                 reserve_decode_growth=True)
     try:
         prompts = _prompts(vocab, PREEMPT_REQUESTS, seed=1)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], _greedy(PREEMPT_TOKENS),
