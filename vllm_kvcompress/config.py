@@ -192,10 +192,14 @@ class CompressionConfig:
                 raise ValueError(f"{kind}_options must be a JSON object of the {kind}'s options, got {options!r}")
             object.__setattr__(self, f"{kind}_options", dict(options))  # a copy: the config is frozen
             name = self._part(kind)
-            if name is not None:
-                registry.build(name, self.part_options(kind))  # the part checks its options
-            elif options:
-                raise ValueError(f"policy {self.policy!r} has no {kind}: {kind}_options {options} cannot apply")
+            if name is None:
+                if options:
+                    raise ValueError(f"policy {self.policy!r} has no {kind}: {kind}_options {options} cannot apply")
+                continue
+            registry.build(name, self.part_options(kind))  # the part checks its options
+            for source in registry.resources(name).values():  # the files it reads must be named
+                if not getattr(self, source):
+                    raise ValueError(f"policy {self.policy!r} with the {name} {kind} needs {RESOURCES[source]}")
         if self.window is not None:
             check_int("window", self.window)
         check_bool("window_in_budget", self.window_in_budget)
@@ -208,11 +212,6 @@ class CompressionConfig:
             raise ValueError(f"cuda_graphs must be true, false or null (where vLLM captures graphs), "
                              f"got {self.cuda_graphs!r}")
         check_int("cuda_graphs_max_len", self.cuda_graphs_max_len)
-        for kind, registry in KINDS.items():
-            name = self._part(kind)
-            for source in (registry.resources(name) if name is not None else {}).values():
-                if not getattr(self, source):
-                    raise ValueError(f"policy {self.policy!r} with the {name} {kind} needs {RESOURCES[source]}")
 
     def _part(self, kind: str) -> str | None:
         override = getattr(self, kind)

@@ -24,10 +24,11 @@ def build_part(kind: str, config: CompressionConfig):
     """The config's ``kind`` part (``"scorer"``, ``"allocator"`` or ``"reducer"``) with its options,
     and the fields it reads from the config's files (:meth:`~vllm_kvcompress.registry.Registry.resources`)."""
     registry, name = KINDS[kind], getattr(config, f"{kind}_name")
-    options = {**registry.options(name), **config.part_options(kind)}
+    given = config.part_options(kind)
+    options = {**registry.options(name), **given}  # what the readers see: the defaults filled in
     resources = {part_field: _READERS[source](getattr(config, source), options)
                  for part_field, source in registry.resources(name).items()}
-    return registry.build(name, config.part_options(kind), **resources)
+    return registry.build(name, given, **resources)
 
 
 def build_policy(config: CompressionConfig | str | None = None, **options) -> Policy | None:
