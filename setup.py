@@ -24,11 +24,18 @@ if os.environ.get("KVC_BUILD_CUDA") == "1":
 setup(
     packages=[
         "vllm_kvcompress",
+        "vllm_kvcompress.policies",
+        "vllm_kvcompress.reference",
+        "vllm_kvcompress.tools",
         "vllm_kvcompress.paged",
-        "vllm_kvcompress.vllm",
         "vllm_kvcompress.triton_kernels",
+        "vllm_kvcompress.vllm",
+        "vllm_kvcompress.vllm.frontend",
+        "vllm_kvcompress.vllm.scheduler",
+        "vllm_kvcompress.vllm.worker",
+        "vllm_kvcompress.vllm.attention",
     ],
-    # calibrated HeadKV head scores (python -m vllm_kvcompress.calibrate) ship with the package
+    # calibrated HeadKV head scores (python -m vllm_kvcompress.tools.calibrate) ship with the package
     package_data={"vllm_kvcompress": ["data/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

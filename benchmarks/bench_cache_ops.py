@@ -90,7 +90,7 @@ def bench_window_scores(device) -> list[dict]:
 
 
 def bench_column_mass(device) -> list[dict]:
-    from vllm_kvcompress.observation import causal_column_mass
+    from vllm_kvcompress.policies.observation import causal_column_mass
 
     q_heads, kv_heads, head_dim = 32, 8, 128
     rows = []

@@ -52,8 +52,8 @@ SHAPES: dict[str, dict] = {
 
 
 def tiny_shape() -> dict:
-    """The test suite's tiny GQA Llama (:func:`vllm_kvcompress.models.tiny_llama_folder`), with a 512-token vocabulary."""
-    from vllm_kvcompress.models import TINY_LLAMA_CONFIG
+    """The test suite's tiny GQA Llama (:func:`vllm_kvcompress.tools.models.tiny_llama_folder`), with a 512-token vocabulary."""
+    from vllm_kvcompress.tools.models import TINY_LLAMA_CONFIG
 
     return dict(TINY_LLAMA_CONFIG, vocab_size=512)
 

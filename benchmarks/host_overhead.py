@@ -45,14 +45,14 @@ NOT_COUNTED = {"aten::empty", "aten::as_strided", "aten::view", "aten::slice", "
 
 
 def scheduler_output(rid: str, prompt_len: int, block_ids: list[int]):
-    from vllm_kvcompress.vllm import scheduled
+    from vllm_kvcompress.vllm.worker import scheduled
 
     return scheduled.scheduler_output([scheduled.new_request(rid, prompt_len, block_ids)])
 
 
 def take_reports_ms(num_requests: int = 256) -> float:
-    from vllm_kvcompress.config import CompressionConfig
-    from vllm_kvcompress.vllm.state import WorkerState
+    from vllm_kvcompress.policies.config import CompressionConfig
+    from vllm_kvcompress.vllm.worker.state import WorkerState
 
     state = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=100))
     gen = torch.Generator().manual_seed(0)
@@ -74,7 +74,7 @@ def take_reports_ms(num_requests: int = 256) -> float:
 def apply_report_ms() -> tuple[float, int, int]:
     from vllm.v1.core.block_pool import BlockPool
 
-    from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
+    from vllm_kvcompress.vllm.scheduler.spec import HeadBlockManager, HeadBlockSpec
 
     spec = HeadBlockSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=torch.bfloat16, num_layers=L)
     pool = BlockPool(num_gpu_blocks=100_000, enable_caching=False, hash_block_size=BS)
@@ -99,8 +99,8 @@ def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int 
     random rows were prefilled and observed (window queries, EMS's column mass), due for their
     prefill compression at ``budget``; and the generator that made them. ``head_dim`` sizes the
     pool and the queries (a smaller one keeps many requests in memory where only counts matter)."""
-    from vllm_kvcompress.config import CompressionConfig
-    from vllm_kvcompress.vllm.state import WorkerState
+    from vllm_kvcompress.policies.config import CompressionConfig
+    from vllm_kvcompress.vllm.worker.state import WorkerState
 
     state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
     per_request = L * H * ((prompt + 80) // BS + 2)
@@ -122,7 +122,7 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
     query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
     decode-time recompression. ``layer_lengths``: 32 more rows, and layer l's heads l fewer, so
     each layer holds its own length (as PyramidKV's budgets make them)."""
-    from vllm_kvcompress.vllm import compressor
+    from vllm_kvcompress.vllm.worker import compressor
 
     state, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed)
     for r in range(num_requests):
@@ -143,7 +143,7 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
     """PyTorch calls of the recompression of ``num_requests`` requests due in the same step.
     ``by_length``: as before padded recompression, one policy call per distinct head length (the
     reducer's ``pads_heads`` off for the measurement)."""
-    from vllm_kvcompress.vllm import compressor
+    from vllm_kvcompress.vllm.worker import compressor
 
     state = due_requests(policy, prompt, num_requests, layer_lengths=layer_lengths)
     reducer = type(state.reqs["r0"].policy.reducer)
@@ -160,9 +160,9 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
 
 def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> dict:
     """PyTorch calls and CPU ms of one pure-decode step's layout, without and with the graph buffers."""
-    from vllm_kvcompress.config import CompressionConfig
-    from vllm_kvcompress.vllm.graphs import DecodeBuffers
-    from vllm_kvcompress.vllm.state import WorkerState
+    from vllm_kvcompress.policies.config import CompressionConfig
+    from vllm_kvcompress.vllm.worker.graphs import DecodeBuffers
+    from vllm_kvcompress.vllm.worker.state import WorkerState
 
     state = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=rows))
     per_request = L * H * -(-(rows + 2 * steps + 2) // BS)  # room for the measured steps
@@ -202,9 +202,11 @@ def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: boo
     that cross one recompression tick."""
     from types import SimpleNamespace
 
-    from vllm_kvcompress.vllm import backend, runtime, scheduled
-    from vllm_kvcompress.vllm.compressor import Compressor
-    from vllm_kvcompress.vllm.graphs import DecodeBuffers
+    from vllm_kvcompress.vllm.attention import backend
+    from vllm_kvcompress.vllm import runtime
+    from vllm_kvcompress.vllm.worker import scheduled
+    from vllm_kvcompress.vllm.worker.compressor import Compressor
+    from vllm_kvcompress.vllm.worker.graphs import DecodeBuffers
 
     state, gen = prefilled_requests("adakv", 2 * rows, rows, num_requests, head_dim=head_dim)
     rids = list(state.reqs)

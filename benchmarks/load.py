@@ -66,8 +66,8 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "vllm"))  # kvc_server (a plain module)
 import kvc_server  # noqa: E402
-from vllm_kvcompress.config import PRESET_NAMES  # noqa: E402
-from vllm_kvcompress.models import TINY_SENTENCES, tiny_llama_folder  # noqa: E402
+from vllm_kvcompress.policies.config import PRESET_NAMES  # noqa: E402
+from vllm_kvcompress.tools.models import TINY_SENTENCES, tiny_llama_folder  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
 USAGE = "vllm:kv_cache_usage_perc"  # vLLM 0.26: 1 - free / pool (head-blocks with the plugin)
@@ -712,7 +712,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             server.stop()
-    info = dict(versions(), model=args.model or "tiny-llama (vllm_kvcompress.models.tiny_llama_folder)",
+    info = dict(versions(), model=args.model or "tiny-llama (vllm_kvcompress.tools.models.tiny_llama_folder)",
                 kv_compression=args.kv_compression, kv_budget=args.kv_budget,
                 server=args.url or f"started: {args.engine_flags} {args.server_flags}",
                 server_start_s=round(server.start_seconds, 1) if server else None, server_alive_at_end=alive)

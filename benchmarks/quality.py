@@ -1,12 +1,12 @@
 """Quality benchmark: every preset at several KV budgets, relative to the full cache (CPU, HF path).
 
 For a real model (``--model``: SmolLM2-135M-Instruct, 8k context, the default and CI's; or
-Qwen2.5-Coder-0.5B / 1.5B-Instruct, 32k context, :data:`vllm_kvcompress.models.REAL_MODELS`) it runs
+Qwen2.5-Coder-0.5B / 1.5B-Instruct, 32k context, :data:`vllm_kvcompress.tools.models.REAL_MODELS`) it runs
 
-* the RULER-style tasks of :mod:`vllm_kvcompress.synthetic` (single / multi-key / multi-value
+* the RULER-style tasks of :mod:`vllm_kvcompress.tools.synthetic` (single / multi-key / multi-value
   needles at several depths, variable tracking, common words, a two-hop QA over planted facts) on a
   haystack of templated sentences or of the Paul Graham essays (``--filler``), scored by
-  :func:`vllm_kvcompress.synthetic.score` on the greedy answer;
+  :func:`vllm_kvcompress.tools.synthetic.score` on the greedy answer;
 * ``perplexity``: chunks of a long text (the essays with ``--filler essays``, else the prose of
   ``pydoc_data.topics``, the Python docs' help pages). The first ``--context-tokens`` of a chunk are
   prefilled and compressed, the next ``--ppl-tokens`` are scored teacher-forced over the
@@ -17,7 +17,7 @@ Two settings (``--settings``): ``question-aware`` compresses the whole prompt, q
 after its prefill (what serving does); ``question-agnostic`` compresses the context alone, observed
 by its own last tokens, and then feeds the question whole over the compressed cache (what reusing a
 compressed prefix across questions needs; kvpress's default). One prefill serves both
-(:func:`vllm_kvcompress.hf.prefill` with ``context_len``). Perplexity has no question: its one
+(:func:`vllm_kvcompress.reference.hf.prefill` with ``context_len``). Perplexity has no question: its one
 computation is recorded under both settings.
 
 Budgets are fractions of the compressed tokens per KV head (``budget_fraction``). Papers that
@@ -31,7 +31,7 @@ likelihood of the gold answer (``", ".join(answers)``, teacher-forced right afte
 ``answer_prob`` is its geometric-mean token probability; ``relative_likelihood`` = answer_prob /
 full-cache answer_prob (for ``perplexity`` it equals ``relative_score``).
 
-Every sample is prefilled once (:func:`vllm_kvcompress.hf.prefill`); each (policy, budget) then
+Every sample is prefilled once (:func:`vllm_kvcompress.reference.hf.prefill`); each (policy, budget) then
 compresses that same prefill. Budgets are fractions of the prompt (``Budget(fraction=...)``); the
 observation window and sinks count against them, so tiny fractions of short prompts are floored
 at the window -- each record carries the ``retained_fraction`` actually kept.
@@ -66,11 +66,11 @@ from recording import project_commit, write_json  # noqa: E402
 
 import torch
 
-from vllm_kvcompress import synthetic
-from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
-from vllm_kvcompress.hf import continuation_logprobs, generate_from_prefill, prefill
-from vllm_kvcompress.models import REAL_MODELS
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.tools import synthetic
+from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.reference.hf import continuation_logprobs, generate_from_prefill, prefill
+from vllm_kvcompress.tools.models import REAL_MODELS
+from vllm_kvcompress.policies.presets import build_policy
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -93,7 +93,7 @@ MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "h")
 class ByteTokenizer:
     """Offline stand-in tokenizer for ``--quick``: one token per UTF-8 byte, plus BOS and EOS.
 
-    Has what :mod:`vllm_kvcompress.synthetic` and this benchmark use: ``encode``, ``decode``,
+    Has what :mod:`vllm_kvcompress.tools.synthetic` and this benchmark use: ``encode``, ``decode``,
     ``eos_token_id`` (no chat template, so prompts end in ``Answer:``)."""
 
     vocab_size = 258
@@ -449,7 +449,7 @@ def versions() -> dict:
 
 def quick_head_scores(path: Path, num_layers: int, num_kv_heads: int) -> Path:
     """Stand-in HeadKV scores for the random tiny model (seeded random numbers, not calibrated)."""
-    from vllm_kvcompress.head_scores import HeadScores
+    from vllm_kvcompress.policies.head_scores import HeadScores
 
     gen = torch.Generator().manual_seed(0)
     rows = lambda: torch.rand(num_layers, num_kv_heads, generator=gen).tolist()  # noqa: E731
@@ -458,19 +458,19 @@ def quick_head_scores(path: Path, num_layers: int, num_kv_heads: int) -> Path:
 
 
 def head_scores_path(model: str) -> Path:
-    """The shipped HeadKV scores of ``--model`` (``python -m vllm_kvcompress.calibrate`` wrote them)."""
+    """The shipped HeadKV scores of ``--model`` (``python -m vllm_kvcompress.tools.calibrate`` wrote them)."""
     return HEAD_SCORES_DIR / f"{model}-head-scores.json"
 
 
 def load_setup(args, out: Path):
     """(model, tokenizer, model name, head-scores path or None, reason it is missing)."""
     if args.quick:
-        from vllm_kvcompress.models import tiny_llama
+        from vllm_kvcompress.tools.models import tiny_llama
 
         model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
         scores = quick_head_scores(out.with_name(out.stem + "-head-scores.json"), 2, 2)
         return model, ByteTokenizer(), "tiny_llama (random weights, byte tokenizer)", scores, None
-    from vllm_kvcompress.models import load_real_model, load_smollm2
+    from vllm_kvcompress.tools.models import load_real_model, load_smollm2
 
     if args.model == SMOLLM2:
         (model, tokenizer), name = load_smollm2(), "SmolLM2-135M-Instruct (Q4_1 GGUF, fp32)"

@@ -26,11 +26,11 @@ sys.path.insert(0, str(HERE))
 import quality  # noqa: E402
 from recording import project_commit, write_json  # noqa: E402
 
-from vllm_kvcompress import synthetic  # noqa: E402
-from vllm_kvcompress.calibrate import token_span  # noqa: E402
-from vllm_kvcompress.hf import continuation_logprobs, prefill  # noqa: E402
-from vllm_kvcompress.models import REAL_MODELS, load_real_model  # noqa: E402
-from vllm_kvcompress.presets import build_policy  # noqa: E402
+from vllm_kvcompress.tools import synthetic# noqa: E402
+from vllm_kvcompress.tools.calibrate import token_span  # noqa: E402
+from vllm_kvcompress.reference.hf import continuation_logprobs, prefill  # noqa: E402
+from vllm_kvcompress.tools.models import REAL_MODELS, load_real_model  # noqa: E402
+from vllm_kvcompress.policies.presets import build_policy  # noqa: E402
 
 
 def value_span(sample: synthetic.Sample, tokenizer) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 Runs in kvpress's environment (``bash scripts/install-kvpress.sh``: it pins transformers < 5.3), on
 the token ids ``benchmarks/quality.py --export-prompts`` wrote, with the model folder
-:func:`vllm_kvcompress.models.real_model_folder` wrote (the same fp32 weights on both sides)::
+:func:`vllm_kvcompress.tools.models.real_model_folder` wrote (the same fp32 weights on both sides)::
 
     python benchmarks/quality.py --model qwen2.5-coder-0.5b --context-tokens 4096 --samples 1 \\
         --export-prompts /tmp/prompts-4k.json --out benchmarks/results/quality-qwen2.5-coder-0.5b-4k.json
@@ -57,12 +57,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality  # noqa: E402  (its aggregation and record schema)
 from recording import project_commit, write_json  # noqa: E402
 
-from vllm_kvcompress import synthetic  # noqa: E402
-from vllm_kvcompress.budget import Budget  # noqa: E402
-from vllm_kvcompress.models import real_model_folder  # noqa: E402
-from vllm_kvcompress.observation import LayerObservation  # noqa: E402
-from vllm_kvcompress.presets import build_policy  # noqa: E402
-from vllm_kvcompress.scoring import SnapKVScorer, prefix_only  # noqa: E402
+from vllm_kvcompress.tools import synthetic# noqa: E402
+from vllm_kvcompress.policies.budget import Budget  # noqa: E402
+from vllm_kvcompress.tools.models import real_model_folder  # noqa: E402
+from vllm_kvcompress.policies.observation import LayerObservation  # noqa: E402
+from vllm_kvcompress.policies.presets import build_policy  # noqa: E402
+from vllm_kvcompress.policies.scoring import SnapKVScorer, prefix_only  # noqa: E402
 
 PRESS_NAMES = ("SnapKVPress", "StreamingLLMPress", "PyramidKVPress", "AdaKVPress", "ExpectedAttentionPress",
                "KVzipPress")

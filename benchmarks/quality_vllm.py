@@ -2,7 +2,7 @@
 
 Serves Qwen2.5-Coder-0.5B-Instruct (or ``--model``) with vLLM's CPU build and the plugin, sends a
 few of the benchmark's task prompts with each preset (per-request policy, one engine), and decodes
-the same prompts with :func:`vllm_kvcompress.hf.generate` -- the path every number of
+the same prompts with :func:`vllm_kvcompress.reference.hf.generate` -- the path every number of
 ``benchmarks/quality.py`` comes from -- with the engine's decode-time recompression cadence (read
 off the plugin's event log). Writes, per (preset, prompt), both token lists and whether they are
 equal, to ``benchmarks/results/quality-<model>-vllm.json``::
@@ -26,10 +26,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from recording import project_commit, write_json  # noqa: E402
 
-from vllm_kvcompress import hf, synthetic  # noqa: E402
-from vllm_kvcompress.config import CompressionConfig  # noqa: E402
-from vllm_kvcompress.models import REAL_MODELS, load_real_model, real_model_folder  # noqa: E402
-from vllm_kvcompress.presets import build_policy  # noqa: E402
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.tools import synthetic# noqa: E402
+from vllm_kvcompress.policies.config import CompressionConfig  # noqa: E402
+from vllm_kvcompress.tools.models import REAL_MODELS, load_real_model, real_model_folder  # noqa: E402
+from vllm_kvcompress.policies.presets import build_policy  # noqa: E402
 
 REPO = HERE.parent
 DEFAULT_PRESETS = ("snapkv", "streamingllm", "adakv", "ems", "windowkv", "headkv-r2")

@@ -42,10 +42,10 @@ import torch
 import vllm
 from vllm.v1.core.block_pool import BlockPool
 
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.vllm import scheduled
-from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec
-from vllm_kvcompress.vllm.state import WorkerState
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.vllm.worker import scheduled
+from vllm_kvcompress.vllm.scheduler.spec import HeadBlockManager, HeadBlockSpec
+from vllm_kvcompress.vllm.worker.state import WorkerState
 
 L, H, BS = 2, 2, 16  # layers, KV heads, tokens per head-block: small, so the pool runs full
 RESULTS = Path(__file__).resolve().parent / "results" / "reliability.json"

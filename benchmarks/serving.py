@@ -145,7 +145,7 @@ QUICK_WORKLOADS = {  # --quick: the CPU test's; plain runs one request at a time
     # plugin (budget + decode_slack 64 < 96 outputs) recompresses each request once during decode
     "quick": Workload("quick", 300, 96, 4, 512, "--quick: 300 prompt / 96 output, runs to the end"),
     "quick-window": Workload("quick-window", 128, 384, 8, 512,
-                             "--quick: 128 prompt / 384 output, cut by a 2 s window", window_s=2.0),
+                             "--quick: 128 prompt / 384 output, cut by a 1 s window", window_s=1.0),
 }
 
 
@@ -179,8 +179,8 @@ class ServingConfig:
 
 
 def parse_config(text: str) -> ServingConfig:
-    from vllm_kvcompress.budget import Budget
-    from vllm_kvcompress.config import PRESET_NAMES
+    from vllm_kvcompress.policies.budget import Budget
+    from vllm_kvcompress.policies.config import PRESET_NAMES
 
     text = text.strip()
     if text in (PLAIN, PLAIN_FP8, SAME_BATCH):
@@ -701,7 +701,7 @@ def base_record(run: Run, args: argparse.Namespace, device: str) -> dict:
 def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args, events_path: str | None,
             client_log) -> dict:
     """Measure one run on its (idle) server: the record's measured fields."""
-    from vllm_kvcompress.config import CompressionConfig
+    from vllm_kvcompress.policies.config import CompressionConfig
     from vllm_kvcompress.vllm.runtime import read_events
 
     workload, shape = run.workload, SHAPES[plan.model]
@@ -1042,7 +1042,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="CPU check: tiny model, workloads quick (runs to the end) and quick-window (cut by a "
-                             "2 s window), plain, plain-fp8, snapkv@32 and streamingllm@64, a pool of 512 tokens")
+                             "1 s window), plain, plain-fp8, snapkv@32 and streamingllm@64, a pool of 512 tokens")
     parser.add_argument("--model", help=f"model shape: {', '.join(SHAPES)} (default llama3-8b; --quick: tiny)")
     parser.add_argument("--workloads", help="comma-separated (default long-gen,kvcompress); " + "; ".join(
         f"{w.name}: {w.description}" for w in WORKLOADS.values()))
@@ -1050,7 +1050,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--request-rate", default="inf",
                         help="arrivals: inf (all at once, default) or requests/s of Poisson arrivals; a comma list runs each")
     parser.add_argument("--duration", type=float,
-                        help="window of every run in seconds (default: the workload's, 120 s; quick-window 2 s)")
+                        help="window of every run in seconds (default: the workload's, 120 s; quick-window 1 s)")
     parser.add_argument("--requests", type=int, help="requests per run (default: the workload's)")
     parser.add_argument("--kv-pool-tokens", type=int, help="KV pool in bf16 tokens (default: the workload's)")
     parser.add_argument("--max-num-seqs", type=int, help="every server's (default: the most requests of a workload)")
@@ -1100,7 +1100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     try:
         configs = [parse_config(c) for c in args.configs.split(",") if c.strip()]
         args.request_rates = list(dict.fromkeys(parse_rate(r) for r in args.request_rate.split(",") if r.strip()))
-        from vllm_kvcompress.config import CompressionConfig
+        from vllm_kvcompress.policies.config import CompressionConfig
 
         CompressionConfig.from_dict(args.kv_options)  # bad options fail here, not in a server
     except ValueError as error:

@@ -19,7 +19,7 @@ by this script (config.json + an offline tokenizer, nothing downloaded):
   rope_theta 5e5, bf16 (max_position_embeddings 131072 so that 32k prompts are allowed);
 * ``qwen2-7b``: 28 layers, hidden 3584, MLP 18944, 28 q / 4 KV heads, vocab 152064, qkv bias,
   rope_theta 1e6, bf16;
-* ``tiny`` (``--quick``): the test suite's 4-layer GQA Llama (``vllm_kvcompress.models.tiny_llama_folder``), fp32.
+* ``tiny`` (``--quick``): the test suite's 4-layer GQA Llama (``vllm_kvcompress.tools.models.tiny_llama_folder``), fp32.
 
 The tokenizer (``tokenizers`` package, in a ``tokenizer/`` folder of its own) is a WordLevel
 vocabulary with exactly ``vocab_size`` entries (``<unk> <s> <|end_of_text|>`` then ``t3 .. tN``): the LM head
@@ -162,8 +162,8 @@ class RunConfig:
 
 
 def parse_config(text: str) -> RunConfig:
-    from vllm_kvcompress.budget import Budget
-    from vllm_kvcompress.config import PRESET_NAMES
+    from vllm_kvcompress.policies.budget import Budget
+    from vllm_kvcompress.policies.config import PRESET_NAMES
 
     text = text.strip()
     if text in (PLAIN, "plain-v1"):
@@ -190,7 +190,7 @@ def compression_options(config: RunConfig, extra: dict) -> dict | None:
     """The plugin's validated options (CompressionConfig defaults filled in), None for plain."""
     if not config.plugin:
         return None
-    from vllm_kvcompress.config import CompressionConfig
+    from vllm_kvcompress.policies.config import CompressionConfig
 
     if "cuda_graphs" in extra:
         raise ValueError("--kv-options: cuda_graphs is chosen per configuration (POLICY@BUDGET+graphs)")

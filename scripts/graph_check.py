@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 
-from vllm_kvcompress import models
+from vllm_kvcompress.tools import models
 
 PRESETS = ("none", "snapkv", "ems", "windowkv", "adakv")
 # decode_slack 1: decode-time recompression every step. Its cadence is the worker's step clock, whose

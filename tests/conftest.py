@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from vllm_kvcompress.observation import LayerObservation, causal_column_mass  # noqa: E402
+from vllm_kvcompress.policies.observation import LayerObservation, causal_column_mass  # noqa: E402
 
 
 def random_layers(

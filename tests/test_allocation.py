@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcompress.allocation import (
+from vllm_kvcompress.policies.allocation import (
     AdaKVAllocator,
     AllocationInput,
     HeadKVAllocator,
@@ -18,9 +18,9 @@ from vllm_kvcompress.allocation import (
     tokens_for_mass,
     tokens_for_output,
 )
-from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.observation import LayerObservation
-from vllm_kvcompress.reduction import protected_positions
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.observation import LayerObservation
+from vllm_kvcompress.policies.reduction import protected_positions
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

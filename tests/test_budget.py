@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcompress.budget import Budget, distribute
+from vllm_kvcompress.policies.budget import Budget, distribute
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

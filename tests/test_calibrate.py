@@ -7,11 +7,11 @@ import sys
 import pytest
 import torch
 
-from vllm_kvcompress import calibrate as cal
-from vllm_kvcompress.head_scores import HeadScores
-from vllm_kvcompress.hf import generate
-from vllm_kvcompress.models import tiny_llama
-from vllm_kvcompress.synthetic import make_reasoning_sample, make_sample
+from vllm_kvcompress.tools import calibrate as cal
+from vllm_kvcompress.policies.head_scores import HeadScores
+from vllm_kvcompress.reference.hf import generate
+from vllm_kvcompress.tools.models import tiny_llama
+from vllm_kvcompress.tools.synthetic import make_reasoning_sample, make_sample
 
 SHIPPED = importlib.resources.files("vllm_kvcompress") / "data" / "smollm2-head-scores.json"
 
@@ -157,7 +157,7 @@ def test_calibrate_writes_a_file_of_the_model_shape(tiny, tok, tmp_path):
 
 def test_cli_runs_end_to_end(tmp_path):
     out = tmp_path / "tiny.json"
-    cmd = [sys.executable, "-m", "vllm_kvcompress.calibrate", "tiny-random", "--out", str(out)]
+    cmd = [sys.executable, "-m", "vllm_kvcompress.tools.calibrate", "tiny-random", "--out", str(out)]
     cmd += ["--num-prompts", "1", "--context-tokens", "300", "--max-new-tokens", "2", "--seed", "5"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -185,7 +185,7 @@ def test_shipped_smollm2_scores_fit_smollm2():
 
 
 def test_shipped_scores_build_both_headkv_presets():
-    from vllm_kvcompress.presets import build_policy
+    from vllm_kvcompress.policies.presets import build_policy
 
     for preset in ("headkv", "headkv-r2"):
         policy = build_policy(preset, budget=64, headkv_scores=str(SHIPPED))
@@ -194,7 +194,7 @@ def test_shipped_scores_build_both_headkv_presets():
 
 @pytest.mark.slow
 def test_smollm2_calibration_credits_the_needle():
-    from vllm_kvcompress.models import load_smollm2
+    from vllm_kvcompress.tools.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     scores = cal.calibrate(model, tokenizer, "smollm2", num_prompts=1, context_tokens=600, max_new_tokens=24, log=print)

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import LEGACY_KEYS, PRESET_ALIASES, PRESET_NAMES, PRESETS, CompressionConfig, canonical_preset
-from vllm_kvcompress.registry import ALLOCATORS, KINDS, REDUCERS, SCORERS
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.config import LEGACY_KEYS, PRESET_ALIASES, PRESET_NAMES, PRESETS, CompressionConfig, canonical_preset
+from vllm_kvcompress.policies.registry import ALLOCATORS, KINDS, REDUCERS, SCORERS
 
 
 def test_every_preset_but_none_has_parts():

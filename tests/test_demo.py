@@ -1,11 +1,11 @@
-"""The demo (python -m vllm_kvcompress.demo): option checks without a model, one short real run."""
+"""The demo (python -m vllm_kvcompress.tools.demo): option checks without a model, one short real run."""
 import re
 
 import pytest
 import torch
 
-from vllm_kvcompress import demo
-from vllm_kvcompress.head_scores import HeadScores
+from vllm_kvcompress.tools import demo
+from vllm_kvcompress.policies.head_scores import HeadScores
 
 
 @pytest.fixture
@@ -102,8 +102,8 @@ ROW = re.compile(r"^\s*(\d+)((?:\s+\d+)+)$")
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(capsys):
-    from vllm_kvcompress.models import load_smollm2
-    from vllm_kvcompress.synthetic import make_sample
+    from vllm_kvcompress.tools.models import load_smollm2
+    from vllm_kvcompress.tools.synthetic import make_sample
 
     budget, context, seed = 48, 200, 1
     argv = ["--budget", str(budget), "--context-tokens", str(context), "--max-new-tokens", "6", "--seed", str(seed)]

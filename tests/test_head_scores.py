@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from vllm_kvcompress.head_scores import FORMAT, HeadScores
+from vllm_kvcompress.policies.head_scores import FORMAT, HeadScores
 
 RETRIEVAL = [[0.5, 0.0, 1.0], [2.0, 0.25, 0.0]]
 REASONING = [[0.1, 0.2, 0.3], [0.4, 0.5, 0.6]]

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcompress.headwise_cache import HeadwiseLayer
-from vllm_kvcompress.reduction import RetainedLayer
+from vllm_kvcompress.reference.headwise_cache import HeadwiseLayer
+from vllm_kvcompress.policies.reduction import RetainedLayer
 
 HEAD_DIM = 2
 

@@ -1,4 +1,4 @@
-"""The HF reference path (vllm_kvcompress.hf.generate) on random-weight Llamas and on SmolLM2.
+"""The HF reference path (vllm_kvcompress.reference.hf.generate) on random-weight Llamas and on SmolLM2.
 
 References it is held to:
 
@@ -20,12 +20,12 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import PRESET_NAMES, PRESETS
-from vllm_kvcompress.tensor_parallel import SINGLE
-from vllm_kvcompress.head_scores import HeadScores
-from vllm_kvcompress.models import load_smollm2, tiny_llama
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import PRESET_NAMES, PRESETS
+from vllm_kvcompress.policies.tensor_parallel import SINGLE
+from vllm_kvcompress.policies.head_scores import HeadScores
+from vllm_kvcompress.tools.models import load_smollm2, tiny_llama
+from vllm_kvcompress.policies.presets import build_policy
 
 COMPRESSING = tuple(p for p in PRESET_NAMES if p != "none")
 HEAD_ADAPTIVE = ("adakv", "ems", "headkv", "headkv-r2")  # budgets may differ between heads of a layer
@@ -501,7 +501,7 @@ def test_kvcompress_attention_outside_generate_is_refused():
     previous = model.config._attn_implementation
     model.set_attn_implementation(hf.ATTENTION_NAME)
     try:
-        with pytest.raises(RuntimeError, match="only inside vllm_kvcompress.hf.generate"):
+        with pytest.raises(RuntimeError, match="only inside vllm_kvcompress.reference.hf.generate"):
             model(input_ids=random_prompt(8), use_cache=False)
     finally:
         model.set_attn_implementation(previous)
@@ -532,7 +532,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_prompt(smollm2):
     """int64 [1, ~200]: a needle-in-a-haystack prompt in SmolLM2's chat template."""
-    from vllm_kvcompress.synthetic import make_sample
+    from vllm_kvcompress.tools.synthetic import make_sample
 
     _, tokenizer = smollm2
     return make_sample("niah_single", tokenizer, 200, seed=0).prompt_ids(tokenizer)

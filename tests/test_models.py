@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vllm_kvcompress import models
-from vllm_kvcompress.models import load_smollm2, tiny_llama
+from vllm_kvcompress.tools import models
+from vllm_kvcompress.tools.models import load_smollm2, tiny_llama
 
 
 def test_tiny_llama_is_the_same_for_the_same_arguments():

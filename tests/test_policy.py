@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.registry import ALLOCATORS, REDUCERS, SCORERS
-from vllm_kvcompress.head_scores import HeadScores
-from vllm_kvcompress.presets import build_policy
-from vllm_kvcompress.reduction import EvictThenMergeReducer
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.policies.registry import ALLOCATORS, REDUCERS, SCORERS
+from vllm_kvcompress.policies.head_scores import HeadScores
+from vllm_kvcompress.policies.presets import build_policy
+from vllm_kvcompress.policies.reduction import EvictThenMergeReducer
 
 pytestmark = pytest.mark.usefixtures("torch_single_thread")
 

@@ -1,7 +1,7 @@
 """build_policy: every preset, aliases, part overrides and options reaching the parts."""
 import pytest
 
-from vllm_kvcompress.allocation import (
+from vllm_kvcompress.policies.allocation import (
     AdaKVAllocator,
     HeadKVAllocator,
     PyramidAllocator,
@@ -9,14 +9,14 @@ from vllm_kvcompress.allocation import (
     WindowKVAllocator,
     ZigZagAllocator,
 )
-from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import PRESETS, CompressionConfig
-from vllm_kvcompress.head_scores import HeadScores
-from vllm_kvcompress.policy import Policy
-from vllm_kvcompress.presets import build_policy
-from vllm_kvcompress.reduction import EvictThenMergeReducer, TopKReducer, WindowReducer
-from vllm_kvcompress.registry import KINDS
-from vllm_kvcompress.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.config import PRESETS, CompressionConfig
+from vllm_kvcompress.policies.head_scores import HeadScores
+from vllm_kvcompress.policies.policy import Policy
+from vllm_kvcompress.policies.presets import build_policy
+from vllm_kvcompress.policies.reduction import EvictThenMergeReducer, TopKReducer, WindowReducer
+from vllm_kvcompress.policies.registry import KINDS
+from vllm_kvcompress.policies.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
                                      WindowKVScorer)
 
 SCORERS = {"recency": RecencyScorer, "snapkv": SnapKVScorer, "squared": SquaredAttentionScorer, "ems": EMSScorer,

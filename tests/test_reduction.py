@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from vllm_kvcompress.observation import LayerObservation
+from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.paged.reference import merge_by_class
-from vllm_kvcompress.reduction import (
+from vllm_kvcompress.policies.reduction import (
     EvictThenMergeReducer,
     RetainedLayer,
     TopKReducer,
@@ -411,7 +411,7 @@ def test_window_reducer_decode_time_ranks_each_head_and_fills_its_budget():
 def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant, count_above):
     """EvictThenMergeReducer.classes compares only the tokens neither kept nor padding nor
     irrelevant with the centres; the classes equal a comparison of every token with every centre."""
-    from vllm_kvcompress.reduction import EvictThenMergeReducer, protected_positions, redundancy, top_k_indices, top_mass
+    from vllm_kvcompress.policies.reduction import EvictThenMergeReducer, protected_positions, redundancy, top_k_indices, top_mass
 
     gen = torch.Generator().manual_seed(sum(budgets) + padded)
     heads, seq_len = 3, 14

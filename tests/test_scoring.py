@@ -9,9 +9,9 @@ import math
 import pytest
 import torch
 
-from vllm_kvcompress.observation import LayerObservation, causal_column_mass
+from vllm_kvcompress.policies.observation import LayerObservation, causal_column_mass
 from vllm_kvcompress.paged.reference import max_pool_scores
-from vllm_kvcompress.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
+from vllm_kvcompress.policies.scoring import (EMSScorer, KeyDiffScorer, RecencyScorer, SnapKVScorer, SquaredAttentionScorer,
                                      WindowKVScorer)
 
 HEAD_DIM = 4

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvcompress import serve_demo
-from vllm_kvcompress.serve_demo import RequestPages
+from vllm_kvcompress.tools import serve_demo
+from vllm_kvcompress.tools.serve_demo import RequestPages
 
 REPO = Path(__file__).resolve().parents[1]
 

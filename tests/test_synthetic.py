@@ -5,8 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from vllm_kvcompress.calibrate import byte_tokenizer
-from vllm_kvcompress.synthetic import (
+from vllm_kvcompress.tools.calibrate import byte_tokenizer
+from vllm_kvcompress.tools.synthetic import (
     FILLERS,
     NUM_COMMON,
     NUM_MULTIKEY,
@@ -32,7 +32,7 @@ def tok():
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from vllm_kvcompress.models import SMOLLM2_GGUF, smollm2_dir
+    from vllm_kvcompress.tools.models import SMOLLM2_GGUF, smollm2_dir
 
     return AutoTokenizer.from_pretrained(smollm2_dir(), gguf_file=SMOLLM2_GGUF)
 
@@ -275,11 +275,11 @@ def test_smollm2_prompt_lengths(smollm2_tokenizer, context_tokens):
 
 @pytest.mark.slow
 def test_smollm2_finds_a_single_needle():
-    from vllm_kvcompress.models import load_smollm2
+    from vllm_kvcompress.tools.models import load_smollm2
 
     model, tokenizer = load_smollm2()
     sample = make_sample("niah_single", tokenizer, 1000, seed=0, depth=0.5)
     ids = sample.prompt_ids(tokenizer)
-    # plain HF greedy decoding (what vllm_kvcompress.hf.generate reproduces without a policy), for speed
+    # plain HF greedy decoding (what vllm_kvcompress.reference.hf.generate reproduces without a policy), for speed
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
     assert score(sample, tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)) == 1.0

@@ -1,6 +1,6 @@
-"""``python -m vllm_kvcompress``: the main command (:mod:`vllm_kvcompress.serve_demo`)."""
+"""``python -m vllm_kvcompress``: the main command (:mod:`vllm_kvcompress.tools.serve_demo`)."""
 import sys
 
-from .serve_demo import main
+from vllm_kvcompress.tools.serve_demo import main
 
 sys.exit(main())

@@ -1,5 +1,5 @@
 """The quality benchmark (benchmarks/quality.py) end to end in --quick mode, its aggregation, and the
-prefill-once API of vllm_kvcompress.hf it is built on."""
+prefill-once API of vllm_kvcompress.reference.hf it is built on."""
 import json
 import math
 import shutil
@@ -8,12 +8,12 @@ import benchmark_modules
 import pytest
 import torch
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
-from vllm_kvcompress.models import tiny_llama
-from vllm_kvcompress.presets import build_policy
-from vllm_kvcompress.registry import REDUCERS
-from vllm_kvcompress.synthetic import make_sample
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.tools.models import tiny_llama
+from vllm_kvcompress.policies.presets import build_policy
+from vllm_kvcompress.policies.registry import REDUCERS
+from vllm_kvcompress.tools.synthetic import make_sample
 
 
 
@@ -258,7 +258,7 @@ def test_byte_tokenizer_round_trips_and_sizes_synthetic_prompts():
     assert sample.answers[0] in tokenizer.decode(sample.prompt_ids(tokenizer)[0].tolist())
 
 
-# --- the prefill-once API of vllm_kvcompress.hf -------------------------------------------------------
+# --- the prefill-once API of vllm_kvcompress.reference.hf -------------------------------------------------------
 
 
 @pytest.fixture(scope="module")

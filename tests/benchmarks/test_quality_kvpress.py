@@ -5,8 +5,8 @@ import benchmark_modules
 import pytest
 import torch
 
-from vllm_kvcompress.observation import LayerObservation
-from vllm_kvcompress.reduction import RetainedLayer
+from vllm_kvcompress.policies.observation import LayerObservation
+from vllm_kvcompress.policies.reduction import RetainedLayer
 
 side = benchmark_modules.load("quality_kvpress")
 

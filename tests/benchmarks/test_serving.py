@@ -3,7 +3,7 @@
 ``--quick`` serves the tiny model from two servers started side by side (plain vLLM, and the plugin
 started with snapkv@32 whose runs also carry streamingllm@64 per request) with the same KV bytes:
 512 full-cache tokens (32 plain blocks, 256 head-blocks). ``quick`` (4 x 300 -> 96) runs to the end;
-``quick-window`` (8 x 128 -> 384) is cut by its 2 s window. plain-fp8 is skipped: vLLM's CPU build
+``quick-window`` (8 x 128 -> 384) is cut by its 1 s window. plain-fp8 is skipped: vLLM's CPU build
 keeps fp8 KV only at block sizes of 32."""
 import json
 import math
@@ -72,10 +72,10 @@ def test_quick_complete_and_windowed_runs(quick_run):
             assert r["client_output_tok_s"] == pytest.approx(r["output_tok_s"], rel=1e-3)
             for key in ("ttft_ms", "tpot_ms"):
                 assert 0 < r[key]["p50"] <= r[key]["p99"]
-        else:  # 8 x 384 tokens cannot come out of a 512-token pool in 2 s on a CPU
+        else:  # 8 x 384 tokens do not come out of a 512-token pool in 1 s on a CPU (in 2 s they did once)
             assert r["complete"] is False and r["ttft_ms"] is None
             assert r["output_tokens"] < 8 * 384
-            assert 2.0 <= r["duration_s"] < 5.0  # the window, and the last /metrics answer of a busy server
+            assert 1.0 <= r["duration_s"] < 4.0  # the window, and the last /metrics answer of a busy server
 
 
 @pytest.mark.slow

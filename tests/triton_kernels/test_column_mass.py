@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vllm_kvcompress.observation import causal_column_mass
+from vllm_kvcompress.policies.observation import causal_column_mass
 from vllm_kvcompress.triton_kernels.column_mass import column_mass
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}

@@ -2,7 +2,7 @@
 engines (each start costs ~1 min on 2 CPU cores); everything else loads no model."""
 import pytest
 
-from vllm_kvcompress import models
+from vllm_kvcompress.tools import models
 
 
 @pytest.fixture(scope="session")
@@ -18,7 +18,7 @@ def head_scores_path(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hf_model(tiny_model_dir):
-    """The same weights in transformers, for the HF oracle (vllm_kvcompress.hf.generate)."""
+    """The same weights in transformers, for the HF oracle (vllm_kvcompress.reference.hf.generate)."""
     import torch
     from transformers import LlamaForCausalLM
 

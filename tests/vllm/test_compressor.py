@@ -3,7 +3,7 @@ import benchmark_modules
 import pytest
 import torch
 
-from vllm_kvcompress.vllm import compressor
+from vllm_kvcompress.vllm.worker import compressor
 
 host = benchmark_modules.load("host_overhead")
 

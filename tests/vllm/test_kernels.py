@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.paged import reference
-from vllm_kvcompress.vllm import kernels
+from vllm_kvcompress.vllm.attention import kernels
 
 
 @pytest.mark.parametrize("num_seqs,num_queries,num_kv_heads,group,block_size,max_len",
@@ -44,7 +44,7 @@ def test_other_head_sizes_are_refused_on_a_gpu_only(head_size):
 def test_column_mass_on_the_cpu_is_the_reference():
     gen = torch.Generator().manual_seed(0)
     query, key = torch.randn(6, 9, 16, generator=gen), torch.randn(2, 30, 16, generator=gen)
-    from vllm_kvcompress.observation import causal_column_mass
+    from vllm_kvcompress.policies.observation import causal_column_mass
 
     torch.testing.assert_close(kernels.column_mass(query, key, start=21), causal_column_mass(query, key, start=21),
                                rtol=0, atol=0)

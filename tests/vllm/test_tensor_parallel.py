@@ -11,10 +11,10 @@ import benchmark_modules
 import pytest
 import torch
 
-from vllm_kvcompress.config import PRESET_NAMES
-from vllm_kvcompress.tensor_parallel import SINGLE, HeadShards
-from vllm_kvcompress.vllm import compressor
-from vllm_kvcompress.vllm.state import WorkerState
+from vllm_kvcompress.policies.config import PRESET_NAMES
+from vllm_kvcompress.policies.tensor_parallel import SINGLE, HeadShards
+from vllm_kvcompress.vllm.worker import compressor
+from vllm_kvcompress.vllm.worker.state import WorkerState
 
 host = benchmark_modules.load("host_overhead")
 L, H, BS, GROUP = host.L, host.H, host.BS, host.GROUP
@@ -184,10 +184,10 @@ def test_zigzag_layer_measures_are_gathered(measure):
     """ZigZag's layer need is the mean of its heads' minima: each rank measures its own heads and
     the minima are gathered. Rank 0's heads attend sharply (few tokens cover the mass), rank 1's
     flatly, so a rank-local mean would differ from the one-GPU mean the ranks must agree on."""
-    from vllm_kvcompress.allocation import AllocationInput, ZigZagAllocator
-    from vllm_kvcompress.observation import LayerObservation
-    from vllm_kvcompress.reduction import protected_positions
-    from vllm_kvcompress.scoring import SnapKVScorer
+    from vllm_kvcompress.policies.allocation import AllocationInput, ZigZagAllocator
+    from vllm_kvcompress.policies.observation import LayerObservation
+    from vllm_kvcompress.policies.reduction import protected_positions
+    from vllm_kvcompress.policies.scoring import SnapKVScorer
 
     gen = torch.Generator().manual_seed(3)
     layers, heads, n, d = 3, 4, 96, 16

@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from vllm.v1.core.block_pool import BlockPool
 
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.vllm import scheduled
-from vllm_kvcompress.vllm.spec import HeadBlockManager, HeadBlockSpec, HeadLengths
-from vllm_kvcompress.vllm.state import LAG_TOKENS, WorkerState, request_config
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.vllm.worker import scheduled
+from vllm_kvcompress.vllm.scheduler.spec import HeadBlockManager, HeadBlockSpec, HeadLengths
+from vllm_kvcompress.vllm.worker.state import LAG_TOKENS, WorkerState, request_config
 
 L, H, BS, D = 2, 2, 16, 8
 
@@ -68,8 +68,8 @@ def test_report_returns_blocks_and_changes_the_need():
 def test_admission_keeps_the_running_requests_growth_free_with_reserve_decode_growth(monkeypatch, reserve):
     # reserve_decode_growth: a new request is admitted only with room left for every compressed
     # request running to grow decode_slack rows a head; a running request's own growth asks no more
-    from vllm_kvcompress.vllm import params
-    from vllm_kvcompress.vllm.request_rules import RequestRules
+    from vllm_kvcompress.vllm.frontend import params
+    from vllm_kvcompress.vllm.frontend.request_rules import RequestRules
 
     config = CompressionConfig(policy="snapkv", budget=32, decode_slack=20, reserve_decode_growth=reserve)
     monkeypatch.setenv(params.CONFIG_ENV, "")

@@ -6,9 +6,9 @@ import torch
 
 from test_vllm_engine import MAX_TOKENS, events, generate, greedy, plugin_llm, prompt_ids, shutdown
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.policies.presets import build_policy
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import random
 import pytest
 import torch
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.policies.presets import build_policy
 from vllm_kvcompress.vllm import runtime
 
 pytestmark = pytest.mark.slow

@@ -29,9 +29,9 @@ import benchmark_modules
 import pytest
 from test_vllm_engine import plugin_llm
 
-from vllm_kvcompress.config import CompressionConfig
+from vllm_kvcompress.policies.config import CompressionConfig
 from vllm_kvcompress.vllm import runtime
-from vllm_kvcompress.vllm.params import check_request
+from vllm_kvcompress.vllm.frontend.params import check_request
 
 pytestmark = pytest.mark.slow
 

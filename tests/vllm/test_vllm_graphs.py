@@ -1,4 +1,4 @@
-"""``cuda_graphs``: pure-decode steps in persistent buffers (vllm_kvcompress/vllm/graphs.py).
+"""``cuda_graphs``: pure-decode steps in persistent buffers (vllm_kvcompress/vllm/worker/graphs.py).
 
 The CPU build of vLLM captures no CUDA graphs, but every pure-decode step with ``cuda_graphs`` on
 takes the same path a captured graph replays (the same buffers, the same launches), so the engine
@@ -13,13 +13,13 @@ import torch
 
 from test_vllm_engine import generate_outputs, greedy, plugin_llm, prompt_ids, shutdown
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.policies.presets import build_policy
 from vllm_kvcompress.vllm import runtime
-from vllm_kvcompress.vllm.backend import HeadBlockImpl, HeadBlockMetadataBuilder
-from vllm_kvcompress.vllm.graphs import DecodeBuffers
-from vllm_kvcompress.vllm.state import WorkerState, request_config
+from vllm_kvcompress.vllm.attention.backend import HeadBlockImpl, HeadBlockMetadataBuilder
+from vllm_kvcompress.vllm.worker.graphs import DecodeBuffers
+from vllm_kvcompress.vllm.worker.state import WorkerState, request_config
 
 L, H, HQ, D, BS = 2, 2, 4, 16, 16
 
@@ -94,7 +94,7 @@ class _Base:
 
 
 def test_runner_refuses_full_graphs_when_the_state_does():
-    from vllm_kvcompress.vllm.worker import _HeadBlockRunnerMixin
+    from vllm_kvcompress.vllm.worker.worker import _HeadBlockRunnerMixin
 
     runner = type("Runner", (_HeadBlockRunnerMixin, _Base), {})()
     ask = dict(max_num_scheduled_tokens=1, uniform_decode_query_len=1, num_tokens=4, num_reqs=4)
@@ -129,7 +129,7 @@ def test_cuda_graphs_is_a_server_option():
 def test_state_refuses_graphs_for_a_head_past_the_tables(held, observing, refused):
     """Tables of 3 blocks (48 rows): a decode step that would give a head its 49th row, or one in
     which a request still observes its prefill, must not replay a graph."""
-    from vllm_kvcompress.vllm import scheduled
+    from vllm_kvcompress.vllm.worker import scheduled
 
     ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", budget=8, window=4))
     ws.decode_buffers = buffers(width=3)

@@ -181,7 +181,7 @@ def test_completion_fills_in_the_engine_args():
     ("cpu", {}, True, True),  # the CPU runs the buffers eagerly (the test suite's graph path)
 ])
 def test_cuda_graphs_default_follows_vllms_graph_capture(monkeypatch, device, engine, requested, expected):
-    from vllm_kvcompress.vllm import params
+    from vllm_kvcompress.vllm.frontend import params
 
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     monkeypatch.setenv(params.CONFIG_ENV, "")  # restored after the test
@@ -269,7 +269,7 @@ def test_real_engine_config_is_completed(tiny_model_dir):
 def test_head_scores_must_fit_the_model(scores, tiny_model_dir, head_scores_path):
     """create_engine_config (front end, no engine process yet) takes the tiny model's own scores and
     refuses SmolLM2's (30 layers x 3 KV heads) for the tiny model (4 x 2), naming both shapes."""
-    from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
+    from vllm_kvcompress.tools.demo import SHIPPED_HEAD_SCORES
 
     path = head_scores_path if scores == "tiny" else str(SHIPPED_HEAD_SCORES)
     args = EngineArgs(model=tiny_model_dir, dtype="float32", enforce_eager=True, additional_config={
@@ -310,7 +310,7 @@ def test_runner_block_table_is_inert():
     import torch
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    from vllm_kvcompress.vllm import worker
+    from vllm_kvcompress.vllm.worker import worker
 
     assert str(inspect.signature(GPUModelRunner.may_reinitialize_input_batch)) == \
         "(self, kv_cache_config: vllm.v1.kv_cache_interface.KVCacheConfig, kernel_block_sizes: list[int]) -> None"

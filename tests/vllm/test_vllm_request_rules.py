@@ -16,11 +16,12 @@ import kvc_server
 import pytest
 from prometheus_client import REGISTRY
 
-from vllm_kvcompress.budget import Budget
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.models import TINY_SENTENCES
-from vllm_kvcompress.vllm import metrics, params
-from vllm_kvcompress.vllm.request_rules import BudgetRange, RequestRules
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.tools.models import TINY_SENTENCES
+from vllm_kvcompress.vllm.scheduler import metrics
+from vllm_kvcompress.vllm.frontend import params
+from vllm_kvcompress.vllm.frontend.request_rules import BudgetRange, RequestRules
 
 TOKEN_SERVER = CompressionConfig(policy="snapkv", budget=32)
 FRACTION_SERVER = CompressionConfig(policy="snapkv", budget=0.1)

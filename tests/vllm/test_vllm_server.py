@@ -21,9 +21,9 @@ import pytest
 import requests
 
 from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, PLUGIN_FLAGS, SERVER, Server, free_port, metric
-from vllm_kvcompress.config import PRESET_NAMES
-from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
-from vllm_kvcompress.models import TINY_SENTENCES
+from vllm_kvcompress.policies.config import PRESET_NAMES
+from vllm_kvcompress.tools.demo import SHIPPED_HEAD_SCORES
+from vllm_kvcompress.tools.models import TINY_SENTENCES
 
 pytestmark = pytest.mark.slow
 

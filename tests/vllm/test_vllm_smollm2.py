@@ -6,12 +6,12 @@ import os
 import pytest
 import torch
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import CompressionConfig
-from vllm_kvcompress.demo import SHIPPED_HEAD_SCORES
-from vllm_kvcompress.models import load_smollm2, smollm2_hf_folder
-from vllm_kvcompress.presets import build_policy
-from vllm_kvcompress.synthetic import make_sample
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.tools.demo import SHIPPED_HEAD_SCORES
+from vllm_kvcompress.tools.models import load_smollm2, smollm2_hf_folder
+from vllm_kvcompress.policies.presets import build_policy
+from vllm_kvcompress.tools.synthetic import make_sample
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from test_vllm_engine import (  # noqa: F401 - prompts, vocab: fixtures
     BASE, DECODE_SLACK, DECODE_TOKENS, ENGINE, MAX_TOKENS, POOL_BLOCKS, events, generate,
                               generate_outputs, greedy, plugin_llm, prompts, shutdown, vocab)
 
-from vllm_kvcompress import hf
-from vllm_kvcompress.config import PRESET_NAMES, CompressionConfig
-from vllm_kvcompress.presets import build_policy
+from vllm_kvcompress.reference import hf
+from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.policies.presets import build_policy
 from vllm_kvcompress.vllm import runtime
 
 pytestmark = pytest.mark.slow

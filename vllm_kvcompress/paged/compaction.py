@@ -18,8 +18,8 @@ import os
 
 import torch
 
-from ..triton_kernels import runs_on
-from . import reference
+from vllm_kvcompress.triton_kernels import runs_on
+from vllm_kvcompress.paged import reference
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Heads of the paged cache seen as one observation, without gathering their keys.
 
 :class:`PagedHeads` answers what scorers ask of a
-:class:`~vllm_kvcompress.observation.LayerObservation` -- the window's attention mass, lengths,
+:class:`~vllm_kvcompress.policies.observation.LayerObservation` -- the window's attention mass, lengths,
 padding, shapes -- straight from the head-blocks, so decode-time recompression of reducers that
 only select rows (``Reducer.selects_rows``) scores and compacts every head due in one pass, with
 memory for the scores alone (4 bytes a row instead of the rows' K and V). The heads are laid out
@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..triton_kernels import runs_on
-from . import reference
+from vllm_kvcompress.triton_kernels import runs_on
+from vllm_kvcompress.paged import reference
 
 
 @dataclass
@@ -69,7 +69,7 @@ class PagedHeads:
     def window_mass(self, power: int = 1) -> torch.Tensor:
         """float32 [n, width]: LayerObservation.window_mass, from the pages."""
         if runs_on(self.key_cache):
-            from ..triton_kernels.paged_window_scores import paged_window_scores
+            from vllm_kvcompress.triton_kernels.paged_window_scores import paged_window_scores
 
             return paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths, self.width,
                                        self.scale, power)

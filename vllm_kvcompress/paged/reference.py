@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .layout import cdiv
+from vllm_kvcompress.paged.layout import cdiv
 
 
 def write_tokens(
@@ -45,8 +45,8 @@ def gather_heads_padded(cache: torch.Tensor, head_block_table: torch.Tensor, len
                         width: int | None = None) -> torch.Tensor:
     """Rows of heads of different lengths, each right-aligned: [num_heads, width, head_dim] (width
     defaults to max(lengths)), head i's ``lengths[i]`` rows last, zeros before them -- the layout of
-    :attr:`~vllm_kvcompress.observation.LayerObservation.lengths`. lengths: int [num_heads]."""
-    from .layout import slots_for_positions
+    :attr:`~vllm_kvcompress.policies.observation.LayerObservation.lengths`. lengths: int [num_heads]."""
+    from vllm_kvcompress.paged.layout import slots_for_positions
 
     width = int(lengths.max()) if width is None else width
     device = head_block_table.device
@@ -191,7 +191,7 @@ def compact_rows(
 ) -> None:
     """:func:`compact` of all heads at once, without the freed block ids: every kept row is read
     before any is written, so the moves may overlap. keep_idx past keep_len is ignored."""
-    from .layout import slots_for_positions
+    from vllm_kvcompress.paged.layout import slots_for_positions
 
     block_size = key_cache.shape[1]
     width = keep_idx.shape[1]

@@ -1,8 +1,8 @@
 """Triton kernels of the paged head-block cache, each with its PyTorch reference in
-:mod:`vllm_kvcompress.paged.reference` (or :mod:`vllm_kvcompress.observation`) and tested against
+:mod:`vllm_kvcompress.paged.reference` (or :mod:`vllm_kvcompress.policies.observation`) and tested against
 it in ``tests/triton_kernels`` (natively on a GPU, under ``TRITON_INTERPRET=1`` on the CPU).
 
-What the vLLM plugin calls, through :mod:`vllm_kvcompress.vllm.kernels` and :mod:`~vllm_kvcompress.paged`:
+What the vLLM plugin calls, through :mod:`vllm_kvcompress.vllm.attention.kernels` and :mod:`~vllm_kvcompress.paged`:
 
 * ``decode_attention``: decode rows over each head's own pages (split-K with a merge);
 * ``write_tokens``: new K/V rows into per-head slots;

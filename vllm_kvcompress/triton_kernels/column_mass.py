@@ -1,6 +1,6 @@
 """Causal attention mass per key (EMS's global score), in Triton.
 
-Semantics: exactly :func:`vllm_kvcompress.observation.causal_column_mass` -- for every key, the sum
+Semantics: exactly :func:`vllm_kvcompress.policies.observation.causal_column_mass` -- for every key, the sum
 over the queries that see it (causal) and over the query heads of its GQA group of the softmax
 probability that query gives it.
 

@@ -7,7 +7,7 @@ of each of its ``group`` query heads form ``group * count`` query rows, the newe
 sits at its last row (query ``c`` sees rows ``<= lengths[i] - count + c``). Each key's score is
 the sum over the rows of softmax(q.k * scale)^power. Scores are right-aligned in ``width``
 columns (head i's rows are the last ``lengths[i]``, the columns before them 0), as
-:class:`~vllm_kvcompress.observation.LayerObservation` lays out heads of different lengths.
+:class:`~vllm_kvcompress.policies.observation.LayerObservation` lays out heads of different lengths.
 
 One program per head, two passes over its keys per block of query rows (the row log-sum-exp,
 then the scores); keys are read through the block table, 16-token pages at a time. HBM traffic

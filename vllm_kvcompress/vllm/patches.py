@@ -40,10 +40,10 @@ import json
 import logging
 import os
 
-from ..budget import Budget
-from ..config import PRESET_NAMES, CompressionConfig
-from ..registry import KINDS
-from . import compat, settings
+from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.policies.registry import KINDS
+from vllm_kvcompress.vllm import compat, settings
 
 VLLM_VERSION = compat.VLLM_VERSION
 # the wrapped methods' signatures, as compat pins them (checked in every vLLM process)
@@ -62,7 +62,7 @@ def config_help() -> str:
     parts = "; ".join(f"{kind} ({', '.join(registry.names)}) with {kind}_options" for kind, registry in KINDS.items())
     fields = ", ".join(name for name in CompressionConfig.field_names() if not name.endswith("_options"))
     return (f"further compression options as a JSON object: {fields}; the parts in place of the policy's: {parts} "
-            '(the part\'s own options, e.g. {"allocator_options": {"beta": 10}}; see vllm_kvcompress.config)')
+            '(the part\'s own options, e.g. {"allocator_options": {"beta": 10}}; see vllm_kvcompress.policies.config)')
 
 
 def add_kv_compression_args(parser):
@@ -107,7 +107,7 @@ def rules_from_cli(args: argparse.Namespace) -> dict | None:
     given = {rule: getattr(args, name) for rule, name in RULE_FLAGS.items() if getattr(args, name, None) is not None}
     if not given:
         return None
-    from .request_rules import RequestRules  # only when a flag is given: nothing new for plain vLLM
+    from vllm_kvcompress.vllm.frontend.request_rules import RequestRules  # only when a flag is given: nothing new for plain vLLM
 
     RequestRules.from_dict(given)
     return given
@@ -163,7 +163,7 @@ def _create_engine_config(self, *args, **kwargs):
         settings.check_rules_need_compression(self.additional_config)
         return ORIGINALS["create_engine_config"](self, *args, **kwargs)
     _refuse_if_inactive()
-    from .compat import UsageContext, current_platform
+    from vllm_kvcompress.vllm.compat import UsageContext, current_platform
 
     usage_context = kwargs.get("usage_context", args[0] if args else None)
     settings.check_policy_builds(config)
@@ -177,7 +177,7 @@ def _create_engine_config(self, *args, **kwargs):
 def incompatibility() -> str | None:
     """Why this vLLM cannot run the plugin (another version, or changed wrapped methods); None: it can."""
     import vllm
-    from .compat import EngineArgs
+    from vllm_kvcompress.vllm.compat import EngineArgs
 
     if vllm.__version__ != VLLM_VERSION:
         return f"found vLLM {vllm.__version__}"
@@ -193,7 +193,7 @@ def apply() -> bool:
     """Wrap the three EngineArgs methods once per process. Returns whether the plugin is active: on
     an unsupported vLLM it warns and the wrappers only refuse requests for compression."""
     global INACTIVE
-    from .compat import EngineArgs
+    from vllm_kvcompress.vllm.compat import EngineArgs
 
     if ORIGINALS:
         return INACTIVE is None
@@ -224,7 +224,7 @@ def _wrappers() -> dict:
 def remove() -> None:
     """Undo :func:`apply` (tests switch between the active and the inert plugin)."""
     global INACTIVE
-    from .compat import EngineArgs
+    from vllm_kvcompress.vllm.compat import EngineArgs
 
     if not ORIGINALS:
         return

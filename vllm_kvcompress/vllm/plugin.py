@@ -12,10 +12,10 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from . import patches
+    from vllm_kvcompress.vllm import patches
 
     if patches.apply():
-        from .spec import register_spec  # vLLM internals: imported on the supported vLLM only
+        from vllm_kvcompress.vllm.scheduler.spec import register_spec  # vLLM internals: imported on the supported vLLM only
 
         register_spec()
     _registered = True

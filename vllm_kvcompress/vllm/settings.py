@@ -1,7 +1,7 @@
 """Where the compression settings live in vLLM's config, and what they require of it.
 
 Settings travel as ``VllmConfig.additional_config["kv_compression"]`` (a dict of
-:class:`~vllm_kvcompress.config.CompressionConfig` options; part of the config hash and pickled to
+:class:`~vllm_kvcompress.policies.config.CompressionConfig` options; part of the config hash and pickled to
 the EngineCore and workers); what a request may change of them as
 ``additional_config["kv_request_rules"]`` (:mod:`.request_rules`, read in the front end only). A
 policy other than ``none`` turns the plugin on: :func:`complete_engine_args` fills in the engine
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 
-from ..config import CompressionConfig
+from vllm_kvcompress.policies.config import CompressionConfig
 
 # under vLLM's "vllm" logger, whose handlers print it in every process (with the process's prefix);
 # a logger of our own package name printed nothing in a server's log
@@ -23,9 +23,9 @@ KEY = "kv_compression"
 RULES_KEY = "kv_request_rules"
 BLOCK_SIZE = 16
 CONNECTOR = "KVCompressConnector"
-CONNECTOR_MODULE = "vllm_kvcompress.vllm.connector"
-WORKERS = {"cpu": "vllm_kvcompress.vllm.worker.KVCompressCPUWorker",
-           "cuda": "vllm_kvcompress.vllm.worker.KVCompressGPUWorker"}
+CONNECTOR_MODULE = "vllm_kvcompress.vllm.scheduler.connector"
+WORKERS = {"cpu": "vllm_kvcompress.vllm.worker.worker.KVCompressCPUWorker",
+           "cuda": "vllm_kvcompress.vllm.worker.worker.KVCompressGPUWorker"}
 
 
 def read(additional_config) -> CompressionConfig | None:
@@ -54,7 +54,7 @@ def check_policy_builds(config: CompressionConfig) -> None:
     """Build the policy once in the front end: a headkv score file that does not load fails here,
     at start-up, not in the worker mid-request. Warns when a token budget leaves the policy no
     choice (every head keeps its protected window and sinks, whatever the scores)."""
-    from ..presets import build_policy
+    from vllm_kvcompress.policies.presets import build_policy
 
     policy = build_policy(config)
     kept_anyway = policy.window + policy.sink
@@ -106,7 +106,7 @@ def complete_engine_args(args, config: CompressionConfig, device_type: str, offl
                     config.cuda_graphs, "captures" if config.cuda_graphs else "captures no")
     args.additional_config = {**(args.additional_config or {}), KEY: config.to_dict()}
     # per-request options (vllm_xargs) are checked in the front end, HTTP 400 instead of a worker error
-    from . import params, request_rules
+    from vllm_kvcompress.vllm.frontend import params, request_rules
 
     rules = request_rules.read(args.additional_config, config, offline)
     logger.info("kv compression: %s", rules.describe(config))
@@ -121,7 +121,7 @@ def captures_decode_graphs(args, device_type: str) -> bool:
     one whose decode graphs are full."""
     if device_type != "cuda" or args.enforce_eager:
         return False
-    from .compat import CUDAGraphMode
+    from vllm_kvcompress.vllm.compat import CUDAGraphMode
 
     mode = getattr(args.compilation_config, "cudagraph_mode", None)
     return mode is None or mode.decode_mode() == CUDAGraphMode.FULL
@@ -160,7 +160,7 @@ def refusals(vllm_config) -> list[str]:
 
 def _tensor_parallel_refusals(vllm_config) -> list[str]:
     """Tensor parallelism needs the model's KV heads split over the ranks (every policy then
-    compresses as on one GPU: :mod:`~vllm_kvcompress.tensor_parallel`); with more ranks than KV
+    compresses as on one GPU: :mod:`~vllm_kvcompress.policies.tensor_parallel`); with more ranks than KV
     heads vLLM replicates them."""
     size = getattr(vllm_config.parallel_config, "tensor_parallel_size", 1)
     total = vllm_config.model_config.get_total_num_kv_heads()
@@ -176,7 +176,7 @@ def _head_score_mismatch(vllm_config) -> list[str]:
     config = read(getattr(vllm_config, "additional_config", None))
     if config is None or not config.headkv_scores:
         return []
-    from ..head_scores import HeadScores
+    from vllm_kvcompress.policies.head_scores import HeadScores
 
     model = vllm_config.model_config
     try:

@@ -1,0 +1,1 @@
+"""Tools around the plugin: the main command, the demo, head-score calibration, synthetic tasks, model loaders."""

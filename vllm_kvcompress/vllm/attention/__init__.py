@@ -1,0 +1,1 @@
+"""Attention over the head-block pool, and which kernel implementation a device runs."""

@@ -1,0 +1,1 @@
+"""Worker side: each request's head-blocks, their compression, and the worker hooks that run it."""

@@ -1,0 +1,264 @@
+"""Compression of requests' head-blocks, with the policy library: :class:`Compressor`.
+
+After every forward (connector ``wait_for_save``, :meth:`Compressor.after_forward`) it compresses
+the requests whose prefill completed in the step, then recompresses the decoding requests that are
+due on the worker's cadence.
+
+After the prefill (:meth:`Compressor.compress_prefill`): every layer's K/V of the request is in its
+head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once:
+
+1. gather each layer's rows into a dense :class:`LayerObservation` (window queries and, for EMS,
+   the causal column mass were stashed by the backend during prefill);
+2. ``Policy.compress`` -> per layer keep_idx / keys / values / lengths (merged rows for EMS);
+3. write each head's retained rows to the front of its own blocks (in place; the dense copy was
+   taken first) and move the tail blocks to the spare list.
+
+During decode (:meth:`Compressor.recompress`, when ``decode_slack`` is set): every ``decode_slack``
+engine steps (the worker's step counter; :meth:`Request.due`), every head over its budget is
+brought back to it with its query heads' recent queries, as ``hf.generate(recompress_slack=...,
+recompress_phase=...)`` does on the same cadence. All requests come due in the same steps, and the
+heads due go through the policy in one call whatever their layer, request and length (padded at
+the front; equal lengths only for reducers that need them, WindowKV's), and
+``Policy.recompress_heads`` keeps each head's result its own.
+Under tensor parallelism (``WorkerState.shards``) each rank compresses its own heads: the prefill
+compression gathers every rank's scores once and allocates the budgets of all heads on every rank
+(``Policy.compress_shard`` / ``select_prefill``), and decode-time recompression needs nothing of
+the other ranks (the budgets are known; each head is reduced on its own). Every rank then knows
+every head's rows, so all size their blocks alike (:class:`~.request.Request`).
+The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
+positions from the true sequence length.
+"""
+from __future__ import annotations
+
+import torch
+
+from vllm_kvcompress.policies.observation import LayerObservation
+from vllm_kvcompress.paged import compaction, reference
+from vllm_kvcompress.paged.heads import PagedHeads
+from vllm_kvcompress.paged.layout import slots_for_positions
+from vllm_kvcompress.vllm.attention import kernels
+from vllm_kvcompress.vllm import runtime
+from vllm_kvcompress.vllm.worker.request import Request
+from vllm_kvcompress.vllm.worker.state import WorkerState
+
+
+def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               lengths: torch.Tensor, lengths_on_device: torch.Tensor | None = None) -> None:
+    """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of the
+    heads whose block tables are ``table`` [n, max_blocks] (on the device), in place.
+    ``lengths`` (host) sizes the write; ``lengths_on_device`` saves its copy when given."""
+    width = int(lengths.max())
+    device = state.pool.device
+    lengths_d = lengths.to(device) if lengths_on_device is None else lengths_on_device
+    positions = torch.arange(width, device=device).expand(table.shape[0], -1)
+    positions = torch.where(positions < lengths_d[:, None], positions, -1)
+    slots = slots_for_positions(table, positions, state.bs)  # [n, width]
+    kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
+                         slots.transpose(0, 1), state.pool[0], state.pool[1])
+
+
+def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
+    """Padded rows one recompression call may hold, so that its temporaries stay within the
+    compression workspace that vLLM's profiling run reserved. Policies that score from the pages
+    (``Policy.scores_from_pages``) hold their float32 scores and a few companions of one row each
+    (:class:`PagedHeads`); the others a
+    dense copy of K and V, window-score temporaries (logits, probabilities, powers: float32 per
+    query) and, for a merge, the similarity of each row that can merge (at most ``width -
+    fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
+    None: no limit (a WorkerState without a workspace, in tests)."""
+    if not state.workspace_bytes:
+        return None
+    group = state.recent.shape[3] // state.H  # query heads per KV head (the rings exist once a request is due)
+    if policy.scores_from_pages:
+        per_row = 8 * 4 + 3 * 4  # scores, pooled, masked, sort keys and indices; protected, padding
+    else:
+        head_dim, itemsize = state.pool.shape[-1], state.pool.element_size()
+        per_row = 2 * head_dim * itemsize + 3 * group * max(count, 1) * 4
+        if policy.reducer.merges_rows:
+            per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
+    return max(1, state.workspace_bytes // per_row)
+
+
+def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
+    """How the heads of one group split into policy calls: [None] (all at once, in order) when
+    ``len(lengths) * max(lengths)`` padded rows fit in ``max_rows``; else runs of heads of similar
+    length, longest first, each within it (a head longer than it alone)."""
+    longest = int(lengths.max())
+    if max_rows is None or len(lengths) * longest <= max_rows:
+        return [None]
+    order = lengths.argsort(descending=True, stable=True)
+    parts, start = [], 0
+    while start < len(order):
+        fit = max(1, max_rows // int(lengths[order[start]]))
+        parts.append(order[start:start + fit])
+        start += fit
+    return parts
+
+
+def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor, layers: torch.Tensor,
+                      heads: torch.Tensor, lengths: torch.Tensor, oldest: torch.Tensor, budgets: torch.Tensor) -> None:
+    """One policy call: heads (table ``rows``, ``layers``, ``heads``, each holding ``lengths`` rows,
+    its ring's oldest of ``count`` queries at ``oldest``) brought back to ``budgets``, in place.
+
+    Everything the call needs is known on the host (the heads, their lengths and budgets), so it
+    only launches work: the indices travel in one pinned copy, and nothing waits for the device.
+    Policies that score from the pages (``Policy.scores_from_pages``: row-selecting reducers,
+    scorers that read no keys) score the heads there (:class:`PagedHeads`) and move the kept rows
+    to the front in place; the others (merges, shared windows, key scores) go through a dense,
+    right-aligned copy of the heads and write their results back."""
+    width = int(lengths.max())
+    group = state.recent.shape[3] // state.H
+    dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
+                     "order": (oldest[:, None] + torch.arange(count)) % policy.window,
+                     "q_heads": heads[:, None] * group + torch.arange(group)})
+    table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
+    # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
+    queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
+                        dev["q_heads"][:, :, None]]
+    if policy.scores_from_pages:
+        paged = PagedHeads(queries, state.pool[0], table, dev["lengths"], width)
+        host_budgets = budgets.pin_memory() if state.device.type == "cuda" else budgets
+        keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
+        own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
+        compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
+        return
+    uniform = bool((lengths == lengths[0]).all())
+    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width) for cache in state.pool)
+    kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
+                                                     None if uniform else dev["lengths"])
+    write_rows(state, table, kept_keys, kept_values, budgets, dev["budgets"])
+
+
+class Compressor:
+    """Runs the policies over a :class:`WorkerState`'s requests, after each forward."""
+
+    def __init__(self, state: WorkerState):
+        self.state = state
+
+    def after_forward(self) -> list[str]:
+        """Compress the requests whose prefill completed in this step, then recompress the decoding
+        ones due on this step of the cadence. Returns the requests recompressed."""
+        state = self.state
+        pending, state.pending = state.pending, []
+        on_cuda = state.device.type == "cuda"
+        with runtime.TIMER.device("compress_ms", on_cuda):
+            for rid in pending:
+                if rid in state.reqs:
+                    self.compress_prefill(rid)
+        due = [rid for rid, request in state.reqs.items() if request.due(state.step) and rid not in pending]
+        if not due:
+            return []
+        with runtime.TIMER.device("recompress_ms", on_cuda):
+            done = self.recompress(due)
+        runtime.TIMER.note(recompressed_requests=len(done))
+        return done
+
+    def compress_prefill(self, rid: str) -> None:
+        state = self.state
+        request = state.reqs[rid]
+        if bool((request.lens != request.num_tokens).any()):
+            raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected {request.num_tokens} each")
+        paged = request.policy.scores_from_pages and not request.policy.allocator.reads_layers
+        keep = self._select_prefill(request) if paged else self._reduce_prefill(request)
+        if request.decode_slack is not None:
+            self._seed_ring(request)
+        request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
+        self._finish(rid, keep, "prefill")
+
+    def _select_prefill(self, request: Request) -> torch.Tensor:
+        """Reducers that only select rows: every head of the request scored from its pages in one
+        observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
+        rows kept per head, int64 [L, H] (host)."""
+        state = self.state
+        n, heads = request.num_tokens, state.L * state.H
+        table = state.tables[request.row].reshape(heads, -1)[:, : -(-n // state.bs)]
+        queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
+        queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
+        lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
+        keep_idx, budgets = request.policy.select_prefill(PagedHeads(queries, state.pool[0], table, lengths, n), state.L,
+                                                     state.shards)
+        compaction.compact_rows(state.pool[0], state.pool[1], table, keep_idx.contiguous(),
+                                state.shards.mine(budgets).flatten().to(state.pool.device))
+        return budgets.cpu()
+
+    def _reduce_prefill(self, request: Request) -> torch.Tensor:
+        """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
+        Returns the rows kept per head of the model, int64 [L, all KV heads] (host): what every rank
+        kept, gathered (a reducer may keep fewer rows than its budget)."""
+        state = self.state
+        observations = []
+        for l in range(state.L):  # every head holds num_tokens rows
+            keys, values = (reference.gather_heads(cache, state.tables[request.row, l], request.num_tokens) for cache in state.pool)
+            observations.append(LayerObservation(request.queries[l], keys, values, l, request.global_attention.get(l)))
+        retained, _ = request.policy.compress_shard(observations, state.shards)
+        keep = torch.stack([kept.lengths for kept in retained])
+        for l, kept in enumerate(retained):
+            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l].cpu())
+        return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
+
+    def _seed_ring(self, request: Request) -> None:
+        """Seed the request's ring of recent queries with the prefill's last window of queries."""
+        state = self.state
+        first = request.queries[0]  # [Hq, <=window, D]
+        state.ensure_recent(request.policy.window, first.shape[0], first.shape[-1], first.dtype)
+        for l in range(state.L):
+            state.recent[l, request.row, : first.shape[1]] = request.queries[l].transpose(0, 1)
+
+    def _finish(self, rid: str, keep: torch.Tensor, what: str) -> None:
+        """Shrink the bookkeeping to ``keep`` [L, H] rows, count and log the compression."""
+        state = self.state
+        request = state.reqs[rid]
+        rows_before, blocks_before = int(request.lens.sum()), int(request.num_blocks.sum())
+        state.compacted_heads(rid, keep)
+        rows_after, blocks_after = int(request.lens.sum()), int(request.num_blocks.sum())
+        runtime.record_compression(rows_before, rows_after)
+        runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
+                             "head-blocks freed", what, rid, request.num_tokens, rows_after, rows_before,
+                             100.0 * rows_after / max(rows_before, 1), blocks_before - blocks_after, blocks_before)
+        runtime.event("compressed", what=what, req_id=rid, tokens=request.num_tokens, chunks=request.prefill_chunks,
+                      step=state.step, blocks_before=blocks_before, blocks_after=blocks_after, lens=request.lens.tolist())
+
+    def recompress(self, rids: list[str]) -> list[str]:
+        """Bring every head over its budget of these requests back to it. Heads with the same policy
+        and number of recent queries go through the policy in ONE call, whatever their request,
+        layer or length (padded, :func:`_gather_padded`; of one length per call for reducers without
+        ``pads_heads``; split by :func:`_calls` where they would outgrow the compression workspace),
+        so the requests due in a step cost one round of launches. ``Policy.recompress_heads`` keeps
+        each head's result its own. Under tensor parallelism each rank reduces its own heads over
+        their budgets, and counts every rank's as brought back to theirs. Returns the requests that
+        had a head over its budget."""
+        state = self.state
+        groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
+        keep = {}
+        for rid in rids:
+            request = state.reqs[rid]
+            over = request.heads_over_budget()
+            if not bool(over.any()):
+                continue
+            keep[rid] = torch.where(over, request.decode_budget, request.lens)
+            over, local_lens = state.shards.mine(over), request.local_lens
+            if not bool(over.any()):
+                continue  # only other ranks' heads are due
+            count = request.recent_queries()
+            pairs, lengths = over.nonzero(), local_lens[over]  # (layer, head) of every own head over its budget
+            if request.policy.reducer.pads_heads:
+                layers, heads = pairs.unbind(1)
+                groups.setdefault((id(request.policy), None, count), []).append((rid, layers, heads, lengths))
+                continue
+            for n in sorted(set(lengths.tolist())):
+                layers, heads = pairs[lengths == n].unbind(1)
+                groups.setdefault((id(request.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
+        for (_, _, count), members in groups.items():
+            policy = state.reqs[members[0][0]].policy
+            sizes = [len(layers) for _, layers, _, _ in members]
+            member = torch.arange(len(members)).repeat_interleave(torch.tensor(sizes))  # each head's member
+            layers, heads, lengths = (torch.cat([m[i] for m in members]) for i in (1, 2, 3))
+            budgets = torch.cat([state.shards.mine(state.reqs[rid].decode_budget)[l, h] for rid, l, h, _ in members])
+            rows = torch.tensor([state.reqs[rid].row for rid, _, _, _ in members])[member]
+            oldest = torch.tensor([state.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
+            for part in _calls(lengths, _max_rows(state, policy, count, int(lengths.max()), int(budgets.min()))):
+                _recompress_heads(state, policy, count, *(x if part is None else x[part]
+                                                       for x in (rows, layers, heads, lengths, oldest, budgets)))
+        for rid, rows_kept in keep.items():
+            self._finish(rid, rows_kept, "decode")
+        return list(keep)
