@@ -113,7 +113,7 @@ def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int 
         state.append(rid, prompt)
         for layer in range(L):
             request.queries[layer] = torch.randn(H * GROUP, 32, head_dim, generator=gen).to(torch.bfloat16)
-            request.global_attention[layer] = torch.rand(H, prompt, generator=gen)
+            request.signals[layer] = {"global_attention": torch.rand(H, prompt, generator=gen)}
     return state, gen
 
 

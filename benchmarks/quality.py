@@ -201,11 +201,11 @@ def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: se
             if result_key(job.task, job.index, setting, name, budget) not in done]
     if not todo:
         return []
-    need_global = any(p is not None and p.needs_global_attention for p in policies.values())
+    signals = set().union(*(p.observes for p in policies.values() if p is not None))
     window = max([p.window for p in policies.values() if p is not None] + [1])
     agnostic = AGNOSTIC in {setting for setting, _, _ in todo} and job.context_len is not None
     start = time.perf_counter()
-    prefilled = prefill(model, job.prompt_ids, window=window, need_global=need_global,
+    prefilled = prefill(model, job.prompt_ids, window=window, signals=signals,
                         context_len=job.context_len if agnostic else None, used_logits_only=True)
     prefill_s = time.perf_counter() - start
     question = job.prompt_ids[:, job.context_len:] if agnostic else None

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
                                         **({"headkv_scores": str(scores)} if name.startswith("headkv") else {}))
                 for name in args.policies for b in args.budgets}
     prefilled = prefill(model, ids, window=max(p.window for p in policies.values()), used_logits_only=True,
-                        need_global=any(p.needs_global_attention for p in policies.values()))
+                        signals=set().union(*(p.observes for p in policies.values())))
     full_nll = continuation_logprobs(model, prefilled, None, answer).mean_nll
     rows = []
     for (name, budget), policy in policies.items():

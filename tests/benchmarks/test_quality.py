@@ -10,6 +10,7 @@ import torch
 
 from vllm_kvcompress.reference import hf
 from vllm_kvcompress.policies.config import PRESET_NAMES, CompressionConfig
+from vllm_kvcompress.policies.observation import PREFILL_SIGNALS
 from vllm_kvcompress.tools.models import tiny_llama
 from vllm_kvcompress.policies.presets import build_policy
 from vllm_kvcompress.policies.registry import REDUCERS
@@ -282,7 +283,7 @@ def _policy(name, tmp_path_factory, **options):
 def test_generate_from_shared_prefill_matches_generate(tiny, tmp_path_factory, name):
     model, prompt = tiny
     policy = _policy(name, tmp_path_factory, budget=0.2, window=16)
-    prefilled = hf.prefill(model, prompt, window=32, need_global=True)  # serves every policy
+    prefilled = hf.prefill(model, prompt, window=32, signals=PREFILL_SIGNALS)  # serves every policy
     snapshot = [(o.keys.clone(), o.values.clone(), o.window_queries.clone()) for o in prefilled.observations]
     shared = hf.generate_from_prefill(model, prefilled, policy, max_new_tokens=24, recompress_slack=2)
     alone = hf.generate(model, prompt, policy, max_new_tokens=24, recompress_slack=2)
@@ -299,9 +300,9 @@ def test_context_view_is_a_prefill_of_the_context_alone(tiny):
     their keys and values, their own last window queries, their own causal column mass, the
     prediction after token n; and the full view's column mass is still the whole prompt's."""
     model, prompt = tiny
-    both = hf.prefill(model, prompt, window=16, need_global=True, context_len=120)
-    alone = hf.prefill(model, prompt[:, :120], window=16, need_global=True)
-    whole = hf.prefill(model, prompt, window=16, need_global=True)
+    both = hf.prefill(model, prompt, window=16, signals=PREFILL_SIGNALS, context_len=120)
+    alone = hf.prefill(model, prompt[:, :120], window=16, signals=PREFILL_SIGNALS)
+    whole = hf.prefill(model, prompt, window=16, signals=PREFILL_SIGNALS)
     assert both.context.prompt_len == 120 and both.prompt_len == prompt.shape[1]
     for view, reference in ((both.context, alone), (both, whole)):
         for o, r in zip(view.observations, reference.observations):
@@ -318,7 +319,7 @@ def test_uncompressed_tokens_in_one_block_equal_decoding_them_one_by_one(tiny, n
     keys/values to every head and predicts what feeding it token by token through decode does."""
     model, prompt = tiny
     policy = None if name == "none" else build_policy(name, budget=0.2, window=16)
-    context = hf.prefill(model, prompt, window=16, need_global=True, context_len=120).context
+    context = hf.prefill(model, prompt, window=16, signals=PREFILL_SIGNALS, context_len=120).context
     question = prompt[:, 120:]
     block, _ = hf._decode_session(model, context, policy)
     block_logits = hf._feed_uncompressed(model, block, question, 120)
@@ -369,7 +370,7 @@ def test_prefill_refuses_policies_it_cannot_serve(tiny):
     narrow = hf.prefill(model, prompt, window=8)
     with pytest.raises(ValueError, match="window"):
         hf.generate_from_prefill(model, narrow, build_policy("snapkv", budget=0.2, window=16))
-    with pytest.raises(ValueError, match="need_global"):
+    with pytest.raises(ValueError, match=r"observes \[.global_attention.\] during prefill: prefill with signals="):
         hf.generate_from_prefill(model, narrow, build_policy("ems", budget=0.2, window=8))
 
 
@@ -391,7 +392,7 @@ def test_continuation_block_equals_token_by_token_decode(tiny, name):
     time through the decode path gives (Ada-KV: heads of a layer hold different lengths)."""
     model, prompt = tiny
     policy = build_policy(name, budget=0.15, window=16)
-    prefilled = hf.prefill(model, prompt, window=16, need_global=True)
+    prefilled = hf.prefill(model, prompt, window=16, signals=PREFILL_SIGNALS)
     continuation = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(2))
     scored = hf.continuation_logprobs(model, prefilled, policy, continuation)
     session, _ = hf._decode_session(model, prefilled, policy)

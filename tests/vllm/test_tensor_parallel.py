@@ -95,7 +95,7 @@ def split_over_ranks(full: WorkerState, rid: str, group: ThreadGroup) -> list[Wo
         mine = ws.reqs[rid]
         for layer in range(L):
             mine.queries[layer] = st.queries[layer][rank * local * GROUP:(rank + 1) * local * GROUP]
-            mine.global_attention[layer] = st.global_attention[layer][rank * local:(rank + 1) * local]
+            mine.signals[layer] = {name: values[rank * local:(rank + 1) * local] for name, values in st.signals[layer].items()}
         states.append(ws)
     return states
 

@@ -1,7 +1,9 @@
-"""What a compression policy sees of one attention layer once the prompt has been processed."""
+"""What a compression policy sees of one attention layer once the prompt has been processed, and
+the one observer both engines (the HF reference, the vLLM backend) run during prefill for it."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +18,8 @@ class LayerObservation:
     keys, values:     [num_kv_heads, seq_len, head_dim] the layer's cached K (post-RoPE) and V.
     global_attention: float32 [num_kv_heads, seq_len] or None -- attention mass each key received
                       from every prompt query (column sums of the causal softmax, summed over the
-                      query heads of its group); collected only for scorers that ask for it.
+                      query heads of its group); a prefill signal (:data:`PREFILL_SIGNALS`),
+                      observed only for scorers that ask for it.
     layer_idx:        index of the layer in the model.
     lengths:          int64 [num_kv_heads] or None -- heads of different lengths in one
                       observation (decode-time recompression): head h's rows are the LAST
@@ -104,3 +107,38 @@ def causal_column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, c
         logits.masked_fill_(columns[None, :] > q_pos[:, None], float("-inf"))
         mass += logits.softmax(-1).sum(1)
     return mass
+
+
+# ---- what the engines observe during prefill ------------------------------------------------------
+#: Signals a scorer may ask the engines to observe while a prompt is prefilled (``Scorer.observes``),
+#: besides the window's queries and the cache itself, with their reference implementation
+#: ``(queries [Hq, q_len, D] at positions start.., keys [H, seq_len, D], start) -> float32 [H, seq_len]``.
+#: Each is a :class:`LayerObservation` field of per-key values that add up over prefill chunks. Both
+#: engines observe through :func:`observe_prefill`, so a new signal is one entry here, its field,
+#: and the scorer that asks for it.
+PREFILL_SIGNALS: dict[str, Callable[..., torch.Tensor]] = {"global_attention": causal_column_mass}
+
+
+def check_signals(signals: Iterable[str]) -> None:
+    unknown = sorted(set(signals) - set(PREFILL_SIGNALS))
+    if unknown:
+        raise ValueError(f"unknown prefill signal(s) {unknown}; valid: {', '.join(PREFILL_SIGNALS)}")
+
+
+def observe_prefill(signals: Iterable[str], queries: torch.Tensor, keys: torch.Tensor, start: int = 0,
+                    kernels: dict[str, Callable[..., torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
+    """The prefill ``signals`` of one chunk: ``queries`` [Hq, q_len, D] at positions ``start ..
+    start+q_len-1`` over ``keys`` [H, seq_len, D] at ``0 .. seq_len-1``; name -> float32 [H, seq_len].
+    ``kernels``: implementations to run instead of the references (the vLLM backend's, on a GPU)."""
+    kernels = kernels or {}
+    return {name: kernels.get(name, PREFILL_SIGNALS[name])(queries, keys, start=start) for name in signals}
+
+
+def add_chunk(earlier: dict[str, torch.Tensor], chunk: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The signals of a prompt's prefix plus its next chunk's (which cover more keys: the prefix's
+    keys add up, in place in ``chunk``'s tensors)."""
+    for name, values in chunk.items():
+        old = earlier.get(name)
+        if old is not None:
+            values[:, : old.shape[1]] += old
+    return chunk

@@ -8,7 +8,7 @@ import torch
 
 from vllm_kvcompress.policies.allocation import AllocationInput, Allocator
 from vllm_kvcompress.policies.budget import Budget
-from vllm_kvcompress.policies.observation import LayerObservation
+from vllm_kvcompress.policies.observation import LayerObservation, check_signals
 from vllm_kvcompress.policies.reduction import Reducer, RetainedLayer, protected_positions
 from vllm_kvcompress.policies.scoring import Scorer
 from vllm_kvcompress.policies.tensor_parallel import SINGLE, HeadShards
@@ -32,6 +32,14 @@ class Policy:
     window: int = 32
     sink: int = 0
     window_in_budget: bool = True
+
+    def __post_init__(self) -> None:
+        check_signals(self.scorer.observes)
+
+    @property
+    def observes(self) -> frozenset[str]:
+        """The prefill signals the engines collect for this policy (its scorer's)."""
+        return self.scorer.observes
 
     @property
     def needs_global_attention(self) -> bool:

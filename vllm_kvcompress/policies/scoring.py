@@ -16,13 +16,17 @@ from vllm_kvcompress.policies.registry import SCORERS, check_bool, check_int, ch
 
 @dataclass(frozen=True)
 class Scorer:
-    """Base class. ``needs_global_attention`` asks the engine to collect
-    :attr:`LayerObservation.global_attention` during prefill; ``reads_keys``: the scores read the
-    layer's keys themselves (not only the window's attention over them), so the engine hands the
+    """Base class. ``observes``: the prefill signals (:data:`~vllm_kvcompress.policies.observation.PREFILL_SIGNALS`)
+    the engines must collect for it, e.g. ``{"global_attention"}``; ``reads_keys``: the scores read
+    the layer's keys themselves (not only the window's attention over them), so the engine hands the
     scorer dense keys instead of scoring straight from the pages."""
 
-    needs_global_attention = False
+    observes = frozenset()  # a class attribute, not an option
     reads_keys = False
+
+    @property
+    def needs_global_attention(self) -> bool:
+        return "global_attention" in self.observes
 
     def score(self, obs: LayerObservation) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -146,8 +150,9 @@ class EMSScorer(Scorer):
         _check_pooling(self)
 
     @property
-    def needs_global_attention(self) -> bool:
-        return self.local_weight < 1.0  # the local term alone needs no column mass
+    def observes(self) -> frozenset[str]:
+        # the local term alone needs no column mass
+        return frozenset({"global_attention"}) if self.local_weight < 1.0 else frozenset()
 
     def score(self, obs: LayerObservation) -> torch.Tensor:
         local = obs.window_mass(power=1)

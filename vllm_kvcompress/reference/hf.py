@@ -22,7 +22,7 @@ off the engine's events); the default phase ticks every ``recompress_slack`` gen
 Prefill once, compress many times (benchmarks compare policies on the same prompt)::
 
     from vllm_kvcompress.reference.hf import prefill, generate_from_prefill, continuation_logprobs
-    prefilled = prefill(model, input_ids, window=32, need_global=True)
+    prefilled = prefill(model, input_ids, window=32, signals=PREFILL_SIGNALS)  # serves every policy
     for policy in policies:
         generate_from_prefill(model, prefilled, policy, max_new_tokens=16)
         continuation_logprobs(model, prefilled, policy, continuation_ids)   # teacher-forced
@@ -40,6 +40,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -48,7 +50,7 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface
 
 from vllm_kvcompress.reference.headwise_cache import HeadwiseLayer
-from vllm_kvcompress.policies.observation import LayerObservation, causal_column_mass
+from vllm_kvcompress.policies.observation import PREFILL_SIGNALS, LayerObservation, add_chunk, check_signals, observe_prefill
 from vllm_kvcompress.policies.policy import Policy
 
 ATTENTION_NAME = "kvcompress"
@@ -59,8 +61,8 @@ class _Session:
     policy: Policy | None
     window: int
     prefill: bool = True
-    # collect LayerObservation.global_attention at prefill (EMS); defaults to what the policy asks
-    need_global: bool | None = None
+    # the prefill signals observed (PREFILL_SIGNALS); None: what the policy's scorer asks for
+    signals: frozenset[str] | None = None
     observations: dict[int, LayerObservation] = field(default_factory=dict)
     context_len: int | None = None  # prefill: also observe the first context_len tokens alone
     context_observations: dict[int, LayerObservation] = field(default_factory=dict)
@@ -71,8 +73,9 @@ class _Session:
 
 
     def __post_init__(self) -> None:
-        if self.need_global is None:
-            self.need_global = self.policy is not None and self.policy.needs_global_attention
+        if self.signals is None:
+            self.signals = self.policy.observes if self.policy is not None else frozenset()
+        check_signals(self.signals)
 
 
 _SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("kvcompress_session", default=None)
@@ -89,22 +92,16 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if session.prefill:
         output, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
         q, k, v = query[0], key[0], value[0]
-        global_attention = context_global = None
         n = session.context_len
-        if session.need_global:
-            if n is None:
-                global_attention = causal_column_mass(q, k)
-            else:  # the context's queries see only the context: its mass, plus the rest's
-                context_global = causal_column_mass(q[:, :n], k[:, :n])
-                global_attention = causal_column_mass(q[:, n:], k, start=n)
-                global_attention[:, :n] += context_global
-        session.observations[layer_idx] = LayerObservation(
-            q[:, -session.window :], k, v, layer_idx=layer_idx, global_attention=global_attention
-        )
-        if n is not None:
+        if n is None:
+            observed = observe_prefill(session.signals, q, k)
+        else:  # the context's queries see only the context: its signals, plus the rest's
+            context_observed = observe_prefill(session.signals, q[:, :n], k[:, :n])
+            observed = add_chunk(context_observed, observe_prefill(session.signals, q[:, n:], k, start=n))
             session.context_observations[layer_idx] = LayerObservation(
-                q[:, n - session.window : n], k[:, :n], v[:, :n], layer_idx=layer_idx, global_attention=context_global
+                q[:, n - session.window : n], k[:, :n], v[:, :n], layer_idx=layer_idx, **context_observed
             )
+        session.observations[layer_idx] = LayerObservation(q[:, -session.window :], k, v, layer_idx=layer_idx, **observed)
         session.recent_queries[layer_idx] = q[:, -session.window :]
         return output, None
     if query.shape[2] != 1:
@@ -234,7 +231,7 @@ class Prefilled:
 
     observations: one :class:`LayerObservation` per layer -- full keys/values
         [num_kv_heads, prompt_len, head_dim], the last ``window`` queries, and the causal column
-        mass (``global_attention``) when prefilled with ``need_global``;
+        mass (``global_attention``) and any other prefill signal it was prefilled with (``signals``);
     logits: float [1, vocab], the prediction after the last prompt token (full-cache prefill, as
         in serving: compression happens after it); prompt_len: tokens in the prompt;
     context: with ``prefill(..., context_len=n)``, the same for the prompt's first n tokens alone
@@ -264,12 +261,11 @@ class Prefilled:
             return self.observations
         if policy.window > self.window:
             raise ValueError(f"prefilled with window={self.window}, but the policy observes {policy.window} queries")
-        if policy.needs_global_attention and self.observations[0].global_attention is None:
-            raise ValueError("the policy's scorer needs global attention: prefill with need_global=True")
-        return [
-            LayerObservation(o.window_queries[:, -policy.window :], o.keys, o.values, o.layer_idx, o.global_attention)
-            for o in self.observations
-        ]
+        missing = sorted(name for name in policy.observes if getattr(self.observations[0], name) is None)
+        if missing:
+            raise ValueError(f"the policy's scorer observes {missing} during prefill: prefill with signals={missing} "
+                             f"(or PREFILL_SIGNALS)")
+        return [dataclasses.replace(o, window_queries=o.window_queries[:, -policy.window :]) for o in self.observations]
 
 
 def _check_one_prompt(input_ids: torch.Tensor) -> None:
@@ -285,14 +281,15 @@ def prefill(
     model,
     input_ids: torch.Tensor,
     window: int = 32,
-    need_global: bool = False,
+    signals: Iterable[str] = (),
     context_len: int | None = None,
     used_logits_only: bool = False,
 ) -> Prefilled:
     """Run the prompt once with the full cache and keep what every policy needs to compress it.
 
     input_ids: int [1, prompt_len] or [prompt_len]; window: the most observation-window queries
-    any later policy uses; need_global: also collect the causal column mass (EMS scorers);
+    any later policy uses; signals: the prefill signals to observe (``Scorer.observes``: EMS's causal
+    column mass ``global_attention``; :data:`PREFILL_SIGNALS` serves every policy);
     context_len: also keep the view of the first ``context_len`` tokens as if prefilled alone
     (``Prefilled.context``; causal attention makes it exact), for question-agnostic compression;
     used_logits_only: compute only the logits rows that are kept (``logits_to_keep``; with
@@ -304,7 +301,7 @@ def prefill(
     prompt_len = input_ids.shape[1]
     if context_len is not None and not window <= context_len < prompt_len:
         raise ValueError(f"context_len must be in [window={window}, prompt_len={prompt_len}), got {context_len}")
-    session = _Session(None, window, need_global=need_global, context_len=context_len)
+    session = _Session(None, window, signals=frozenset(signals), context_len=context_len)
     token = _SESSION.set(session)
     keep = 0  # every row
     if context_len is not None:
@@ -516,8 +513,7 @@ def generate(
     """
     _check_one_prompt(input_ids)
     window = policy.window if policy is not None else 1
-    need_global = policy is not None and policy.needs_global_attention
-    prefilled = prefill(model, input_ids, window, need_global)
+    prefilled = prefill(model, input_ids, window, policy.observes if policy is not None else ())
     session, budgets = _decode_session(model, prefilled, policy)
     logits, prompt_len = prefilled.logits, prefilled.prompt_len
     del prefilled  # only the compressed cache lives on through decode

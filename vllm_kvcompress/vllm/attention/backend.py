@@ -10,10 +10,12 @@ them as full CUDA graphs.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from vllm_kvcompress.paged import reference
+from vllm_kvcompress.policies.observation import observe_prefill
 from vllm_kvcompress.vllm.attention import kernels
 from vllm_kvcompress.vllm import runtime, settings
 from vllm_kvcompress.vllm.compat import (AttentionBackend, AttentionCGSupport, AttentionImpl, AttentionMetadataBuilder, AttentionType,
@@ -314,12 +316,15 @@ class HeadBlockImpl(AttentionImpl):
         request = state.reqs[metadata.req_ids[r]]
         a, b = metadata.query_start_loc[r], metadata.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
-        mass, chunk = None, metadata.seq_lens[r] != b - a
-        if request.policy.needs_global_attention:
-            if not chunk:  # same call as the HF reference path
-                mass = kernels.column_mass(qh, k[a:b].transpose(0, 1), lse=lse)
+        chunk = metadata.seq_lens[r] != b - a
+        observed = {}
+        if request.policy.observes:  # the prefill signals, through the same observer as the HF reference path
+            if not chunk:
+                keys, start = k[a:b].transpose(0, 1), 0
             else:
                 keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r])  # all heads full
-                mass = kernels.column_mass(qh, keys, start=metadata.seq_lens[r] - (b - a))
-        request.observe(self.layer, qh, request.policy.window, mass, accumulate=chunk)
+                start = metadata.seq_lens[r] - (b - a)
+            signal_kernels = {"global_attention": functools.partial(kernels.column_mass, lse=lse)}
+            observed = observe_prefill(request.policy.observes, qh, keys, start, signal_kernels)
+        request.observe(self.layer, qh, request.policy.window, observed, accumulate=chunk)
 

@@ -7,8 +7,8 @@ due on the worker's cadence.
 After the prefill (:meth:`Compressor.compress_prefill`): every layer's K/V of the request is in its
 head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once:
 
-1. gather each layer's rows into a dense :class:`LayerObservation` (window queries and, for EMS,
-   the causal column mass were stashed by the backend during prefill);
+1. gather each layer's rows into a dense :class:`LayerObservation` (window queries and the
+   prefill signals, e.g. EMS's column mass, were stashed by the backend during prefill);
 2. ``Policy.compress`` -> per layer keep_idx / keys / values / lengths (merged rows for EMS);
 3. write each head's retained rows to the front of its own blocks (in place; the dense copy was
    taken first) and move the tail blocks to the spare list.
@@ -189,7 +189,7 @@ class Compressor:
         observations = []
         for l in range(state.L):  # every head holds num_tokens rows
             keys, values = (reference.gather_heads(cache, state.tables[request.row, l], request.num_tokens) for cache in state.pool)
-            observations.append(LayerObservation(request.queries[l], keys, values, l, request.global_attention.get(l)))
+            observations.append(LayerObservation(request.queries[l], keys, values, l, **request.signals.get(l, {})))
         retained, _ = request.policy.compress_shard(observations, state.shards)
         keep = torch.stack([kept.lengths for kept in retained])
         for l, kept in enumerate(retained):

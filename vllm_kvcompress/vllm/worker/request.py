@@ -4,7 +4,7 @@ Lifecycle (every transition is a method of :class:`Request`; nothing else writes
 
 * ``FULL``: no policy (``none``, or a resumed request whose policy is gone): never compressed;
 * ``OBSERVING``: its prefill runs, and the backend stashes what the policy will score it on
-  (:meth:`Request.observe`: the latest window queries per layer; for EMS the causal column mass);
+  (:meth:`Request.observe`: the latest window queries per layer and the prefill signals its scorer observes);
   once a step takes it to ``compress_at`` tokens it is due for its prefill compression
   (:meth:`Request.count_prefill_chunk` answers that);
 * ``COMPRESSED`` (:meth:`Request.compressed_to`): it decodes over its retained rows; its decode
@@ -35,6 +35,7 @@ import enum
 
 import torch
 
+from vllm_kvcompress.policies.observation import add_chunk
 from vllm_kvcompress.policies.policy import Policy
 from vllm_kvcompress.policies.tensor_parallel import HeadShards
 
@@ -96,7 +97,7 @@ class Request:
         self.lens.zero_()  # its row of counts: whatever an earlier request left there
         self.num_blocks.zero_()
         self.queries: dict[int, torch.Tensor] = {}  # layer -> [Hq, <=window, D] latest prefill queries
-        self.global_attention: dict[int, torch.Tensor] = {}  # layer -> float32 [H, n] column mass (EMS)
+        self.signals: dict[int, dict[str, torch.Tensor]] = {}  # layer -> prefill signal -> float32 [H, n]
         self.decode_budget: torch.Tensor | None = None
         self.recent_count = 0  # queries written to the ring of recent queries
 
@@ -120,20 +121,16 @@ class Request:
         self.prefill_chunks += 1
         return seq_len_after >= self.compress_at
 
-    def observe(self, layer: int, queries: torch.Tensor, window: int, column_mass: torch.Tensor | None = None,
+    def observe(self, layer: int, queries: torch.Tensor, window: int, signals: dict[str, torch.Tensor] | None = None,
                 accumulate: bool = False) -> None:
         """Stash a prefill step's queries [Hq, q_len, D] of ``layer`` (the latest ``window`` are kept)
-        and, for EMS, its causal column mass float32 [H, seq_len] (added to the earlier chunks' when
-        ``accumulate``)."""
+        and its prefill signals (name -> float32 [H, seq_len], :func:`~vllm_kvcompress.policies.observation.observe_prefill`;
+        added to the earlier chunks' when ``accumulate``)."""
         previous = self.queries.get(layer)
         stacked = queries if previous is None else torch.cat([previous, queries], 1)
         self.queries[layer] = stacked[:, -window:].clone()
-        if column_mass is None:
-            return
-        old = self.global_attention.get(layer) if accumulate else None
-        if old is not None:
-            column_mass[:, : old.shape[1]] += old
-        self.global_attention[layer] = column_mass
+        if signals:
+            self.signals[layer] = add_chunk(self.signals.get(layer, {}) if accumulate else {}, signals)
 
     def compressed_to(self, decode_budget: torch.Tensor | None) -> None:
         """The prefill compression ran: decode from here, recompressed down to ``decode_budget``
@@ -142,7 +139,7 @@ class Request:
         self.decode_budget = decode_budget if self.decode_slack is not None else None
         self.recent_count = next(iter(self.queries.values())).shape[1] if self.queries else 0
         self.queries.clear()
-        self.global_attention.clear()
+        self.signals.clear()
 
     # ---- decode -----------------------------------------------------------------------------
     def ring_slots(self, count: int, ring_width: int) -> list[int]:
