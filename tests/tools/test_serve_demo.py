@@ -11,7 +11,7 @@ import pytest
 from vllm_kvcompress.tools import serve_demo
 from vllm_kvcompress.tools.serve_demo import RequestPages
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
