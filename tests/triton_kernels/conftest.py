@@ -9,10 +9,11 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def random_scales(gen: torch.Generator, device, count: int = 2) -> list[torch.Tensor]:
-    """Per-layer fp8 cache scales, float32 [1] each, log-uniform in [0.004, 0.1]: far from 1, and
-    small enough that randn values beyond 448 * scale (saturating) turn up."""
-    return [(0.004 * 25 ** torch.rand(1, generator=gen)).to(device) for _ in range(count)]
+def random_scales(gen: torch.Generator, device, count: int = 2, num_heads: int | None = None) -> list[torch.Tensor]:
+    """``count`` fp8 cache scales log-uniform in [0.004, 0.1]: far from 1, and small enough that
+    randn values beyond 448 * scale (saturating) turn up. Each float32 [1] (a layer's), or
+    [num_heads] when given (heads of several layers, each with its layer's)."""
+    return [(0.004 * 25 ** torch.rand(num_heads or 1, generator=gen)).to(device) for _ in range(count)]
 
 
 @pytest.fixture(scope="session")

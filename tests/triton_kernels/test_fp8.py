@@ -77,5 +77,24 @@ def test_check_scales():
         check_scales((cache, cache), (s, None))
     with pytest.raises(ValueError, match="go with"):
         check_scales((cache.float(),), (s,))
-    with pytest.raises(ValueError, match="one float32"):
+    with pytest.raises(ValueError, match=r"float32 \[1\] on"):
         check_scales((cache,), (torch.tensor([0.5, 0.5]),))
+    assert check_scales((cache,), (torch.tensor([0.5, 0.5]),), num_heads=2)  # one per head
+    with pytest.raises(ValueError, match=r"or \[3\]"):
+        check_scales((cache,), (torch.tensor([0.5, 0.5]),), num_heads=3)
+    with pytest.raises(ValueError, match="float32"):
+        check_scales((cache,), (torch.tensor([1]),))
+
+
+def test_gather_heads_dequantize_each_head_with_its_scale():
+    gen = torch.Generator().manual_seed(2)
+    cache = torch.randint(0, 0x7E, (6, 16, 8), generator=gen, dtype=torch.uint8).view(FP8_DTYPE)  # finite codes
+    table = torch.randperm(6, generator=gen).view(3, 2)
+    scales = torch.tensor([0.5, 0.02, 3.0])
+    got = reference.gather_heads(cache, table, 20, scales)
+    padded = reference.gather_heads_padded(cache, table, torch.tensor([20, 20, 20]), cache_scale=scales)
+    for h in range(3):
+        alone = reference.gather_head(cache, table[h], 20, scales[h:h + 1])
+        assert alone.dtype == torch.float32
+        assert torch.equal(got[h], alone) and torch.equal(padded[h], alone)
+        assert torch.equal(alone, reference.gather_head(cache, table[h], 20).float() * scales[h])

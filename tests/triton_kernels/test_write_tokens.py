@@ -10,19 +10,22 @@ FP8 = torch.float8_e4m3fn
 
 @pytest.mark.parametrize("num_tokens,num_kv_heads", [(1, 8), (37, 2), (5, 1)])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("dtype,cache_dtype", [
-    (torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
-    (torch.float32, torch.bfloat16),  # rows are cast to the cache's dtype
-    (torch.float32, FP8), (torch.bfloat16, FP8), (torch.float16, FP8),  # quantized with the layer's scales
+@pytest.mark.parametrize("dtype,cache_dtype,scales", [
+    (torch.float32, torch.float32, None), (torch.bfloat16, torch.bfloat16, None), (torch.float16, torch.float16, None),
+    (torch.float32, torch.bfloat16, None),  # rows are cast to the cache's dtype
+    # quantized with the layer's scales, or with each head's own (heads of several layers)
+    (torch.float32, FP8, "layer"), (torch.bfloat16, FP8, "layer"), (torch.float16, FP8, "layer"),
+    (torch.bfloat16, FP8, "per head"),
 ], ids=str)
-def test_matches_reference(num_tokens, num_kv_heads, head_dim, dtype, cache_dtype, device, fp8_scales):
+def test_matches_reference(num_tokens, num_kv_heads, head_dim, dtype, cache_dtype, scales, device, fp8_scales):
     gen = torch.Generator().manual_seed(num_tokens * 1000 + num_kv_heads * 10 + head_dim)
     block_size, num_blocks = 16, 13
     # Key and value as slices of one fused tensor: strided in the token dim.
     kv = torch.randn(num_tokens, 2 * num_kv_heads + 1, head_dim, generator=gen)
-    scales = [None, None]
-    if cache_dtype == FP8:
-        scales = fp8_scales(gen, device)
+    if scales is None:
+        scales = [None, None]
+    else:
+        scales = fp8_scales(gen, device, num_heads=num_kv_heads if scales == "per head" else None)
         # rows of magnitudes 1e-4..10: fp8 subnormals, and values saturating at 448 * scale
         kv = kv * 10 ** (5 * torch.rand(num_tokens, 2 * num_kv_heads + 1, 1, generator=gen) - 4)
     kv = kv.to(dtype).to(device)

@@ -6,6 +6,8 @@ fp8 caches (vLLM's ``--kv-cache-dtype fp8``): the cache holds float8_e4m3fn rows
 one float32 scale for K and one for V (tensors of one element, read on the device: no host sync).
 :func:`quantize` and :func:`dequantize` are the one rule every operation follows; an operation
 given no scale treats its cache as holding the values themselves (a bf16 / fp16 / fp32 cache).
+Operations on heads that may come from several layers (write_tokens, gather_heads,
+gather_heads_padded, paged_window_scores) also take one scale per head, float32 [num_heads].
 """
 from __future__ import annotations
 
@@ -20,9 +22,10 @@ from vllm_kvcompress.paged.layout import cdiv
 def quantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """What a cache of ``dtype`` stores for the values ``x``.
 
-    scale None: x cast to dtype. scale (float32, one element): x / scale in float32, saturated to
-    dtype's largest finite value (+-448 for float8_e4m3fn, as vLLM's ``scaled_convert`` does: a
-    plain cast turns an overflow into NaN, the format has no inf), rounded to nearest even.
+    scale None: x cast to dtype. scale (float32, one element or broadcasting against x, as
+    :func:`per_head` shapes it): x / scale in float32, saturated to dtype's largest finite value
+    (+-448 for float8_e4m3fn, as vLLM's ``scaled_convert`` does: a plain cast turns an overflow
+    into NaN, the format has no inf), rounded to nearest even.
     """
     if scale is None:
         return x.to(dtype)
@@ -32,10 +35,16 @@ def quantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) ->
 
 def dequantize(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """The values cache rows ``stored`` stand for: the rows themselves when scale is None, else
-    float32 stored * scale (scale: float32, one element)."""
+    float32 stored * scale (scale: float32, as for :func:`quantize`)."""
     if scale is None:
         return stored
     return stored.float() * scale
+
+
+def per_head(scale: torch.Tensor | None, trailing_dims: int) -> torch.Tensor | None:
+    """A scale of one element or one per head, viewed to broadcast over a head dim followed by
+    ``trailing_dims`` more dims."""
+    return None if scale is None else scale.view(-1, *[1] * trailing_dims)
 
 
 def write_tokens(
@@ -52,26 +61,28 @@ def write_tokens(
     key, value:   [num_tokens, num_kv_heads, head_dim]
     slot_mapping: int64 [num_tokens, num_kv_heads]; -1 skips the row (an evicted token).
     key_cache, value_cache: [num_head_blocks, block_size, head_dim], written in place.
-    k_scale, v_scale: float32 [1] for fp8 caches (rows stored by :func:`quantize`), else None.
+    k_scale, v_scale: float32 [1] or [num_kv_heads] for fp8 caches (rows stored by :func:`quantize`),
+                  else None.
 
     Serves both the prefill write of retained tokens and the one-token-per-head decode append.
     """
     head_dim = key.shape[-1]
     slots = slot_mapping.reshape(-1)
     keep = slots >= 0
-    key_cache.view(-1, head_dim)[slots[keep]] = quantize(key.reshape(-1, head_dim)[keep], k_scale, key_cache.dtype)
-    value_cache.view(-1, head_dim)[slots[keep]] = quantize(value.reshape(-1, head_dim)[keep], v_scale,
-                                                           value_cache.dtype)
+    for rows, scale, cache in ((key, k_scale, key_cache), (value, v_scale, value_cache)):
+        stored = quantize(rows, per_head(scale, 1), cache.dtype)
+        cache.view(-1, head_dim)[slots[keep]] = stored.reshape(-1, head_dim)[keep]
 
 
 def gather_heads(cache: torch.Tensor, head_block_table: torch.Tensor, length: int,
                  cache_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The first ``length`` rows of several heads, [num_heads, length, head_dim], from their block
-    tables [num_heads, >= cdiv(length, block_size)]. With the cache's ``cache_scale`` (fp8) the
-    rows come back as values (:func:`dequantize`, float32); without it, as stored."""
+    tables [num_heads, >= cdiv(length, block_size)]. With the cache's ``cache_scale`` (fp8; float32
+    [1], or [num_heads] for heads of several layers) the rows come back as values
+    (:func:`dequantize`, float32); without it, as stored."""
     blocks = head_block_table[:, : cdiv(length, cache.shape[1])].long()
     rows = cache[blocks].reshape(blocks.shape[0], -1, cache.shape[-1])[:, :length]
-    return dequantize(rows, cache_scale)
+    return dequantize(rows, per_head(cache_scale, 2))
 
 
 def gather_heads_padded(cache: torch.Tensor, head_block_table: torch.Tensor, lengths: torch.Tensor,
@@ -86,7 +97,7 @@ def gather_heads_padded(cache: torch.Tensor, head_block_table: torch.Tensor, len
     device = head_block_table.device
     positions = torch.arange(width, device=device)[None, :] - (width - lengths.to(device))[:, None]
     slots = slots_for_positions(head_block_table, positions, cache.shape[1])  # -1 before each head's rows
-    rows = dequantize(cache.flatten(0, 1)[slots.clamp(min=0)], cache_scale)
+    rows = dequantize(cache.flatten(0, 1)[slots.clamp(min=0)], per_head(cache_scale, 2))
     return rows.masked_fill((slots < 0)[..., None], 0)
 
 
@@ -177,9 +188,9 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
 
     queries [n, group, count, D]: head i's query heads' ``count`` most recent queries, the newest at
     its last row; key_cache [num_blocks, block_size, D]; head_block_table int [n, max_blocks];
-    lengths int [n] (rows each head holds, >= count); k_scale: float32 [1] of an fp8 key cache (the
-    keys read through :func:`dequantize`), else None; returns float32 [n, width]: head i's scores in its
-    last ``lengths[i]`` columns, 0 before them."""
+    lengths int [n] (rows each head holds, >= count); k_scale: float32 [1] or [n] of an fp8 key
+    cache (the keys read through :func:`dequantize`), else None; returns float32 [n, width]: head
+    i's scores in its last ``lengths[i]`` columns, 0 before them."""
     n, group, count, head_dim = queries.shape
     keys = gather_heads_padded(key_cache, head_block_table, lengths, width, k_scale)
     padding = torch.arange(width, device=keys.device)[None, :] < (width - lengths.to(keys.device))[:, None]

@@ -1,6 +1,7 @@
 """The fp8 cache rule inside the Triton kernels: :func:`vllm_kvcompress.paged.reference.quantize`
 and :func:`~vllm_kvcompress.paged.reference.dequantize`, bit for bit, for float8_e4m3fn caches
-with one float32 scale per layer (vLLM's ``--kv-cache-dtype fp8``).
+with one float32 scale per layer (vLLM's ``--kv-cache-dtype fp8``; kernels over heads of several
+layers take one scale per head).
 
 Kernels load the scale from its one-element tensor (no host sync, CUDA-graph friendly) and take
 an ``fp8`` flag as a ``tl.constexpr``: without scales they compile exactly as before.
@@ -45,10 +46,13 @@ def dequantize_fp8(stored, scale):
     return stored.to(tl.float32) * scale
 
 
-def check_scales(caches: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor | None, ...]) -> bool:
+def check_scales(caches: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor | None, ...],
+                 num_heads: int | None = None) -> bool:
     """Whether the caches are fp8 ones, read and written with their scales (all given) or hold the
-    values themselves (all None). Scales: float32, one element, on the caches' device; fp8 caches:
-    float8_e4m3fn (vLLM's uint8 pool viewed as that)."""
+    values themselves (all None). fp8 caches: float8_e4m3fn (vLLM's uint8 pool viewed as that).
+    Scales: float32 on the caches' device, one element (a layer's), or where the operation takes
+    ``num_heads`` heads, also [num_heads] contiguous (each head's own layer's scale: the heads of
+    one call may come from several layers)."""
     given = [s is not None for s in scales]
     if not any(given):
         return False
@@ -57,7 +61,14 @@ def check_scales(caches: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor | 
     for cache, scale in zip(caches, scales):
         if cache.dtype != FP8_DTYPE:
             raise ValueError(f"scales go with {FP8_DTYPE} caches, got a {cache.dtype} one")
-        if scale.numel() != 1 or scale.dtype != torch.float32 or scale.device != cache.device:
-            raise ValueError(f"a cache scale is one float32 on the cache's device, got {scale.dtype} "
+        per_head = num_heads is not None and scale.shape == (num_heads,) and scale.is_contiguous()
+        if not (scale.numel() == 1 or per_head) or scale.dtype != torch.float32 or scale.device != cache.device:
+            heads = "" if num_heads is None else f" or [{num_heads}] (one per head)"
+            raise ValueError(f"a cache scale is float32 [1]{heads} on the cache's device, got {scale.dtype} "
                              f"{tuple(scale.shape)} on {scale.device}")
     return True
+
+
+def scale_stride(scale: torch.Tensor | None) -> int:
+    """How far apart the scales of consecutive heads lie: 0 for one shared scale (or none), 1 per head."""
+    return 0 if scale is None or scale.numel() == 1 else 1

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_kvcompress.triton_kernels.fp8 import check_scales
+from vllm_kvcompress.triton_kernels.fp8 import check_scales, scale_stride
 
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # logit of an invisible key: finite, so exp2(NEG - m) is 0 without NaN
@@ -49,15 +49,15 @@ def _paged_logits(q, k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, qk_s
 def _paged_window_scores_kernel(
     q_ptr, k_ptr, table_ptr, len_ptr, out_ptr, k_scale_ptr,
     count, num_rows, width,
-    stride_qn, stride_qg, stride_qc, stride_kb, stride_kr, stride_t, stride_o,
+    stride_qn, stride_qg, stride_qc, stride_kb, stride_kr, stride_t, stride_o, stride_ks,
     qk_scale,
     POWER: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     FP8: tl.constexpr,
 ):
     i = tl.program_id(0)
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if FP8:  # head i's layer's key scale (stride_ks 0: one layer's for all)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + i * stride_ks)
     length = tl.load(len_ptr + i).to(tl.int32)
     pad = width - length
     table_row = table_ptr + i.to(tl.int64) * stride_t
@@ -108,9 +108,10 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
                         lengths: torch.Tensor, width: int, scale: float | None = None, power: int = 1,
                         out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """queries [n, group, count, D] (any strides with a unit last stride); key_cache
-    [num_blocks, block_size, D] of the queries' dtype, or float8_e4m3fn with its float32 [1]
-    k_scale; head_block_table int [n, max_blocks] (unit last stride); lengths int [n] on the
-    device, each in [count, width]; returns float32 [n, width] (right-aligned)."""
+    [num_blocks, block_size, D] of the queries' dtype, or float8_e4m3fn with its k_scale (float32
+    [1], or [n] for heads of several layers); head_block_table int [n, max_blocks] (unit last
+    stride); lengths int [n] on the device, each in [count, width]; returns float32 [n, width]
+    (right-aligned)."""
     n, group, count, head_dim = queries.shape
     block_size = key_cache.shape[1]
     if key_cache.shape[2] != head_dim or head_block_table.shape[0] != n or lengths.shape != (n,):
@@ -118,7 +119,7 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
                          f"table {tuple(head_block_table.shape)}, lengths {tuple(lengths.shape)}")
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power}")
-    fp8 = check_scales((key_cache,), (k_scale,))
+    fp8 = check_scales((key_cache,), (k_scale,), n)
     if queries.dtype != key_cache.dtype and not fp8:
         raise ValueError(f"query {queries.dtype} and key {key_cache.dtype} dtypes differ")
     if queries.stride(-1) != 1:
@@ -137,7 +138,7 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
         _paged_window_scores_kernel[(n,)](
             queries, key_cache, head_block_table, lengths, out, k_scale, count, num_rows, width,
             queries.stride(0), queries.stride(1), queries.stride(2), key_cache.stride(0), key_cache.stride(1),
-            head_block_table.stride(0), out.stride(0), scale * LOG2E,
+            head_block_table.stride(0), out.stride(0), scale_stride(k_scale), scale * LOG2E,
             POWER=power, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
             PRECISION=precision, UPCAST=upcast, FP8=fp8, num_warps=8 if block_m * block_d >= 8192 else 4)
     return out
