@@ -3,8 +3,8 @@ and :func:`~vllm_kvcompress.paged.reference.dequantize`, bit for bit, for float8
 with one float32 scale per layer (vLLM's ``--kv-cache-dtype fp8``; kernels over heads of several
 layers take one scale per head).
 
-Kernels load the scale from its one-element tensor (no host sync, CUDA-graph friendly) and take
-an ``fp8`` flag as a ``tl.constexpr``: without scales they compile exactly as before.
+Kernels load the scales from their tensors (no host sync, CUDA-graph friendly) and take an
+``FP8`` flag as a ``tl.constexpr``: without scales they compile exactly as before.
 """
 from __future__ import annotations
 
