@@ -6,6 +6,7 @@ from vllm_kvcompress.paged import reference
 from vllm_kvcompress.triton_kernels.compaction import compact
 
 ON_GPU = torch.cuda.is_available()
+FP8 = torch.float8_e4m3fn
 
 
 def keep_pattern(kind: str, old_len: int, gen: torch.Generator) -> torch.Tensor:
@@ -34,12 +35,19 @@ PATTERNS = ["identity", "every_other", "prefix_sparse_tail", "single_first", "si
             "tail", "random", "random"]
 
 
+def random_pool(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Random cache rows; an fp8 pool holds random bytes, NaN codes too: rows move as bytes, never as values."""
+    if dtype == FP8:
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).view(FP8)
+    return torch.randn(shape, generator=gen).to(dtype)
+
+
 def make_case(num_heads, max_blocks, block_size, head_dim, dtype, idx_dtype, device, seed):
     """A pool with spare blocks no head owns, shuffled block ids, one keep pattern per head."""
     gen = torch.Generator().manual_seed(seed)
     num_blocks = num_heads * max_blocks + 11
-    key_cache = torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    key_cache = random_pool((num_blocks, block_size, head_dim), dtype, gen)
+    value_cache = random_pool((num_blocks, block_size, head_dim), dtype, gen)
     table = torch.randperm(num_blocks, generator=gen)[: num_heads * max_blocks].view(num_heads, max_blocks)
     old_len = torch.randint(1, max_blocks * block_size + 1, (num_heads,), generator=gen)
     old_len[0] = max_blocks * block_size  # one head with full blocks
@@ -69,7 +77,7 @@ def check(case, **kwargs):
         assert got.dtype == torch.int64 and torch.equal(got.cpu(), want)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, FP8], ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_compact_patterns(device, dtype, head_dim):
     # block_rows=8 on CPU: several chunks per head even at interpreter-friendly sizes.
@@ -79,8 +87,9 @@ def test_compact_patterns(device, dtype, head_dim):
 
 
 @pytest.mark.parametrize("block_size,idx_dtype", [(8, torch.int32), (5, torch.int64)])
-def test_compact_block_sizes(device, block_size, idx_dtype):
-    case = make_case(len(PATTERNS), 7, block_size, 64, torch.bfloat16, idx_dtype, device, seed=block_size)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, FP8], ids=str)
+def test_compact_block_sizes(device, block_size, idx_dtype, dtype):
+    case = make_case(len(PATTERNS), 7, block_size, 64, dtype, idx_dtype, device, seed=block_size)
     check(case, block_rows=16)
 
 
@@ -99,7 +108,7 @@ def test_compact_no_heads(device):
     assert torch.equal(case[0], before)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, FP8], ids=str)
 @pytest.mark.parametrize("impl", ["reference", "dispatch"])
 def test_compact_rows_equals_compact(device, dtype, impl):
     """compact_rows (no freed ids, nothing read back): the same pool as reference.compact, bitwise;

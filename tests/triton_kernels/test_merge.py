@@ -7,20 +7,31 @@ from vllm_kvcompress.triton_kernels.merge import merge_by_class, merge_kv_by_cla
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 ON_GPU = torch.cuda.is_available()
+FP8 = torch.float8_e4m3fn
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
-def make_inputs(num_heads, seq_len, head_dim, num_classes, dtype, device, strided, seed):
+def fp8_steps(stored: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes as signed step counts from zero: neighbouring values differ by one."""
+    codes = stored.cpu().view(torch.uint8).int()
+    return torch.where(codes >= 0x80, 0x80 - codes, codes)
+
+
+def make_inputs(num_heads, seq_len, head_dim, num_classes, dtype, device, strided, seed, scales=(None, None)):
+    """key, value, weight, assign; with scales (CPU), key and value are fp8 rows quantized with them."""
     gen = torch.Generator().manual_seed(seed)
-    if strided:  # [tokens, heads, head_dim] viewed head-major
-        key = torch.randn(seq_len, num_heads, head_dim, generator=gen).to(dtype).transpose(0, 1)
-        value = torch.randn(seq_len, num_heads, head_dim, generator=gen).to(dtype).transpose(0, 1)
-    else:
-        key = torch.randn(num_heads, seq_len, head_dim, generator=gen).to(dtype)
-        value = torch.randn(num_heads, seq_len, head_dim, generator=gen).to(dtype)
+
+    def rows(scale):
+        if strided:  # [tokens, heads, head_dim] viewed head-major
+            x = torch.randn(seq_len, num_heads, head_dim, generator=gen)
+            return reference.quantize(x, scale, dtype if scale is None else FP8).transpose(0, 1)
+        x = torch.randn(num_heads, seq_len, head_dim, generator=gen)
+        return reference.quantize(x, scale, dtype if scale is None else FP8)
+
+    key, value = rows(scales[0]), rows(scales[1])
     weight = torch.rand(num_heads, seq_len, generator=gen) + 0.01
     assign = torch.randint(0, num_classes + 1, (num_heads, seq_len), generator=gen)
     # Edge classes: class 1 of head 0 has zero total weight (plain mean), the last class of every
@@ -46,17 +57,27 @@ GPU_CASES = CPU_CASES + [
 
 
 @pytest.mark.parametrize("case", GPU_CASES if ON_GPU else CPU_CASES, ids=str)
-def test_merge_kv_matches_reference(device, case):
+@pytest.mark.parametrize("cache", ["values", "fp8"])
+def test_merge_kv_matches_reference(device, case, cache, fp8_scales):
     num_heads, seq_len, head_dim, num_classes, dtype, strided = case
+    scales = fp8_scales(torch.Generator().manual_seed(num_classes), "cpu") if cache == "fp8" else [None, None]
     key, value, weight, assign = make_inputs(num_heads, seq_len, head_dim, num_classes, dtype, device,
-                                             strided, seed=seq_len)
+                                             strided, seed=seq_len, scales=scales)
     shape = (num_heads, num_classes, head_dim)
-    out = (torch.full(shape, float("nan"), device=device), torch.full(shape, float("nan"), device=device))
-    k_out, v_out = merge_kv_by_class(key, value, weight, assign, num_classes, out=out)
+    out_dtype = FP8 if cache == "fp8" else torch.float32
+    out = tuple(torch.full(shape, float("nan"), device=device).to(out_dtype) for _ in range(2))  # all written?
+    k_scale, v_scale = (None if s is None else s.to(device) for s in scales)
+    k_out, v_out = merge_kv_by_class(key, value, weight, assign, num_classes, out=out, k_scale=k_scale, v_scale=v_scale)
     assert k_out is out[0] and v_out is out[1]
-    for got, x in ((k_out, key), (v_out, value)):
-        ref = reference.merge_by_class(x.cpu(), weight.cpu(), assign.cpu(), num_classes)
-        assert not got.isnan().any()
+    for got, x, scale in ((k_out, key, scales[0]), (v_out, value, scales[1])):
+        ref = reference.merge_by_class(x.cpu(), weight.cpu(), assign.cpu(), num_classes, scale)
+        assert not got.float().isnan().any()
+        if cache == "fp8":
+            # Kernel and reference sum in different orders: a mean on a rounding boundary may be
+            # stored one e4m3 step away, rarely.
+            steps = (fp8_steps(got) - fp8_steps(ref)).abs()
+            assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01
+            got, ref = reference.dequantize(got.cpu(), scale), reference.dequantize(ref, scale)
         assert rel_err(got.cpu(), ref) <= TOL[dtype]
         assert torch.equal(got[:, -1].cpu(), torch.zeros_like(ref[:, -1]))  # the empty class
 
@@ -67,6 +88,14 @@ def test_merge_single_tensor(device):
     merge_by_class(key, weight, assign, 6, out=out)
     ref = reference.merge_by_class(key.cpu(), weight.cpu(), assign.cpu(), 6)
     assert rel_err(out.cpu(), ref) <= 1e-5
+
+
+def test_merge_single_fp8_tensor(device):
+    scale = torch.tensor([0.02])
+    key, _, weight, assign = make_inputs(2, 41, 64, 6, torch.float32, device, False, seed=1, scales=(scale, scale))
+    got = merge_by_class(key, weight, assign, 6, cache_scale=scale.to(device))
+    ref = reference.merge_by_class(key.cpu(), weight.cpu(), assign.cpu(), 6, scale)
+    assert got.dtype == FP8 and (fp8_steps(got) - fp8_steps(ref)).abs().max() <= 1
 
 
 def test_merge_rejects_bad_shapes(device):

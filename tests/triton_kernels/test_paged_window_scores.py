@@ -9,11 +9,13 @@ TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 BS = 16
 
 
-def heads_in_pages(lengths: list[int], head_dim: int, dtype, device, gen):
-    """A shuffled pool holding one head per entry of ``lengths``: (key_cache, table [n, max_blocks])."""
+def heads_in_pages(lengths: list[int], head_dim: int, dtype, device, gen, k_scale=None):
+    """A shuffled pool holding one head per entry of ``lengths``: (key_cache, table [n, max_blocks]);
+    with k_scale, an fp8 pool of random keys quantized with it."""
     blocks = [-(-n // BS) for n in lengths]
     order = torch.randperm(sum(blocks) + 3, generator=gen)[: sum(blocks)]  # scattered, not all used
-    key_cache = (2 * torch.randn(sum(blocks) + 3, BS, head_dim, generator=gen)).to(dtype).to(device)
+    keys = 2 * torch.randn(sum(blocks) + 3, BS, head_dim, generator=gen)
+    key_cache = reference.quantize(keys, None if k_scale is None else k_scale.cpu(), dtype).to(device)
     table = torch.zeros(len(lengths), max(blocks) + 2, dtype=torch.int32)
     start = 0
     for i, b in enumerate(blocks):
@@ -22,9 +24,13 @@ def heads_in_pages(lengths: list[int], head_dim: int, dtype, device, gen):
     return key_cache, table.to(device)
 
 
-def run_case(device, lengths, group, count, head_dim, dtype, power, width_extra=0, strided=False):
+def run_case(device, lengths, group, count, head_dim, dtype, power, width_extra=0, strided=False, k_scale=None):
+    """Kernel against reference on random inputs; with k_scale, over an fp8 key cache."""
     gen = torch.Generator().manual_seed(sum(lengths) * 7 + group + head_dim)
-    key_cache, table = heads_in_pages(lengths, head_dim, dtype, device, gen)
+    cache_dtype = dtype if k_scale is None else torch.float8_e4m3fn
+    # the pool quantized with one scale; with one per head, each head reads its bytes with its own
+    pool_scale = None if k_scale is None else k_scale[:1]
+    key_cache, table = heads_in_pages(lengths, head_dim, cache_dtype, device, gen, pool_scale)
     n = len(lengths)
     if strided:  # the ring's layout: [n, count, group, D] viewed as [n, group, count, D]
         queries = torch.randn(n, count, group, head_dim, generator=gen).to(dtype).to(device).transpose(1, 2)
@@ -33,8 +39,9 @@ def run_case(device, lengths, group, count, head_dim, dtype, power, width_extra=
     width = max(lengths) + width_extra
     lens = torch.tensor(lengths, device=device)
     out = torch.full((n, width), float("nan"), device=device)  # poisoned: every column must be written
-    paged_window_scores(queries, key_cache, table, lens, width, power=power, out=out)
-    ref = reference.paged_window_scores(queries.cpu(), key_cache.cpu(), table.cpu(), lens.cpu(), width, power=power)
+    paged_window_scores(queries, key_cache, table, lens, width, power=power, out=out, k_scale=k_scale)
+    ref = reference.paged_window_scores(queries.cpu(), key_cache.cpu(), table.cpu(), lens.cpu(), width, power=power,
+                                        k_scale=None if k_scale is None else k_scale.cpu())
     assert not out.isnan().any()
     pad = torch.arange(width)[None, :] < (width - torch.tensor(lengths))[:, None]
     assert (out.cpu()[pad] == 0).all()
@@ -59,8 +66,14 @@ GPU_CASES = CPU_CASES + [
 
 
 @pytest.mark.parametrize("case", GPU_CASES if torch.cuda.is_available() else CPU_CASES, ids=str)
-def test_paged_window_scores_match_reference(device, case):
-    run_case(device, *case)
+@pytest.mark.parametrize("cache", ["query dtype", "fp8", "fp8 per head"])
+def test_paged_window_scores_match_reference(device, case, cache, fp8_scales):
+    """fp8: one layer's key scale; per head: each head's own (heads of several layers)."""
+    k_scale = None
+    if cache != "query dtype":
+        num_heads = len(case[0]) if cache == "fp8 per head" else None
+        k_scale = fp8_scales(torch.Generator().manual_seed(len(case[0])), device, 1, num_heads)[0]
+    run_case(device, *case, k_scale=k_scale)
 
 
 def test_reference_equals_window_scores_of_each_head_alone():
@@ -75,6 +88,20 @@ def test_reference_equals_window_scores_of_each_head_alone():
         alone = reference.window_scores(queries[i], keys)[0]
         torch.testing.assert_close(got[i, 32 - n:], alone)
         assert (got[i, :32 - n] == 0).all()
+
+
+def test_reference_per_head_scales_are_each_heads_own(fp8_scales):
+    """Heads of several layers in one call: each scored as if alone with its own layer's scale."""
+    gen = torch.Generator().manual_seed(4)
+    lengths = [30, 19, 25]
+    key_cache, table = heads_in_pages(lengths, 8, torch.float8_e4m3fn, "cpu", gen, torch.tensor([0.05]))
+    (scales,) = fp8_scales(gen, "cpu", 1, len(lengths))
+    queries = torch.randn(3, 2, 4, 8, generator=gen)
+    got = reference.paged_window_scores(queries, key_cache, table, torch.tensor(lengths), 32, k_scale=scales)
+    for i, n in enumerate(lengths):
+        alone = reference.paged_window_scores(queries[i:i + 1], key_cache, table[i:i + 1], torch.tensor([n]), 32,
+                                              k_scale=scales[i:i + 1])
+        torch.testing.assert_close(got[i], alone[0])
 
 
 def test_shapes_are_checked(device):

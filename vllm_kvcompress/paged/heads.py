@@ -27,13 +27,15 @@ class PagedHeads:
     queries: [n, group, count, D] each head's query heads' ``count`` most recent queries (the
         newest at the head's last row); key_cache: [num_blocks, block_size, D];
     head_block_table: int32 [n, max_blocks]; lengths: int64 [n] on the cache's device (rows each
-        head holds, all >= count); width: max(lengths), known on the host."""
+        head holds, all >= count); width: max(lengths), known on the host; k_scale: when key_cache
+        is fp8, the key scale of each head's layer, float32 [n] (or [1]: heads of one layer), else None."""
 
     queries: torch.Tensor
     key_cache: torch.Tensor
     head_block_table: torch.Tensor
     lengths: torch.Tensor
     width: int
+    k_scale: torch.Tensor | None = None
 
     @property
     def window_queries(self) -> torch.Tensor:
@@ -72,9 +74,9 @@ class PagedHeads:
             from vllm_kvcompress.triton_kernels.paged_window_scores import paged_window_scores
 
             return paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths, self.width,
-                                       self.scale, power)
+                                       self.scale, power, k_scale=self.k_scale)
         return reference.paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths,
-                                             self.width, self.scale, power)
+                                             self.width, self.scale, power, self.k_scale)
 
     @property
     def global_attention(self) -> None:

@@ -9,6 +9,10 @@ r % group), so the KV head's pages are read from memory once, and streams the he
 through an online softmax with fp32 accumulation. Long contexts are cut into ``num_splits`` equal
 shares of each head's own length (split-K); a small second kernel merges the splits' partial
 results by their log-sum-exp. With one split, the main kernel writes the output itself.
+
+fp8 caches (k_scale / v_scale given): the e4m3 rows convert exactly to the query's dtype and the
+dots run as for that dtype, with fp32 accumulation; dequantizing (rows * scale) is folded into the
+logits' scale (K) and the weighted sum (V), each one multiply per tile instead of one per element.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcompress.triton_kernels.fp8 import check_scales
+
 _LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, len_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, k_scale_ptr, v_scale_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
     sm_scale_log2,  # softmax scale * log2(e): the softmax runs in base 2 (exp2 is one instruction)
     num_kv_heads, num_splits,
@@ -34,12 +40,13 @@ def _decode_attention_kernel(
     stride_os, stride_ot, stride_oh,
     NUM_QUERIES: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     """Grid (num_seqs * num_kv_heads, num_splits); SPLIT is num_splits > 1 (a runtime count, so
     batch sizes that pick different counts share one compiled kernel).
 
     q: [S, NUM_QUERIES, Hq, D]; k, v: [blocks, PAGE, D]; table: [S, Hkv, max_blocks]; len: [S, Hkv]
+    FP8: k, v are float8_e4m3fn with float32 [1] scales k_scale, v_scale
     out: [S, NUM_QUERIES, Hq, D] (written when not SPLIT)
     part_o: fp32 [S * Hkv, num_splits, NUM_QUERIES * GROUP, D], part_lse: fp32 [S * Hkv, num_splits,
     NUM_QUERIES * GROUP] (written when SPLIT; lse in base 2, -inf for an empty split)
@@ -66,6 +73,9 @@ def _decode_attention_kernel(
     )
     if DOT_F32:
         q = q.to(tl.float32)
+    qk_scale = sm_scale_log2
+    if FP8:
+        qk_scale = sm_scale_log2 * tl.load(k_scale_ptr)  # q.(k * s) = (q.k) * s
     # Query t of n was appended at row length - n + t and sees the rows up to it.
     last_visible = length - NUM_QUERIES + t
 
@@ -84,10 +94,13 @@ def _decode_attention_kernel(
                     mask=tok_ok[:, None], other=0.0)
         v = tl.load(v_ptr + blk[:, None] * stride_vb + row[:, None] * stride_vr + d[None, :],
                     mask=tok_ok[:, None], other=0.0)
+        if FP8:  # exact: every e4m3 value is a bf16, fp16 and fp32 value
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         if DOT_F32:  # Triton's interpreter computes bf16 dots wrongly (triton 3.6): upcast there
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2  # [BLOCK_M, BLOCK_N]
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
         qk = tl.where(offs[None, :] <= last_visible[:, None], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -96,6 +109,8 @@ def _decode_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    if FP8:
+        acc = acc * tl.load(v_scale_ptr)  # sum p (v * s) = (sum p v) * s
     if not SPLIT:
         o = acc / l_i[:, None]
         tl.store(out_ptr + s * stride_os + t[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -178,6 +193,8 @@ def decode_attention(
     scale: float | None = None,
     out: torch.Tensor | None = None,
     *,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
     num_splits: int | None = None,
     config: dict | None = None,
 ) -> torch.Tensor:
@@ -189,6 +206,8 @@ def decode_attention(
     head_block_table: int32 [num_seqs, num_kv_heads, max_blocks]
     retained_len:     int32 [num_seqs, num_kv_heads], each >= num_queries
     out:              optional [num_seqs, num_queries, num_q_heads, head_dim] to write into
+    k_scale, v_scale: float32 [1] each for float8_e4m3fn caches (read as reference.dequantize
+                      does), else None
     returns           out, [num_seqs, num_queries, num_q_heads, head_dim] in query.dtype
 
     num_splits / config override the split-K count and the tile config (tests and tuning).
@@ -205,6 +224,7 @@ def decode_attention(
                     ("head_block_table", head_block_table)):
         if x.stride(-1) != 1:
             raise ValueError(f"{name} needs a contiguous last dim")
+    fp8 = check_scales((key_cache, value_cache), (k_scale, v_scale))
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if out is None:
         out = torch.empty_like(query)
@@ -222,7 +242,7 @@ def decode_attention(
     else:
         part_o = part_lse = out  # unused
     _decode_attention_kernel[(num_seqs * num_kv_heads, num_splits)](
-        query, key_cache, value_cache, head_block_table, retained_len,
+        query, key_cache, value_cache, head_block_table, retained_len, k_scale, v_scale,
         out, part_o, part_lse,
         scale * _LOG2E, num_kv_heads, num_splits,
         query.stride(0), query.stride(1), query.stride(2),
@@ -234,7 +254,7 @@ def decode_attention(
         BLOCK_M=block_m, BLOCK_N=block_n, SPLIT=num_splits > 1,
         DOT_F32=bool(triton.knobs.runtime.interpret) and query.dtype == torch.bfloat16,
         # fp32 inputs get full-precision dots: tf32 (Triton's default) errs ~1.5e-3 at 8k tokens.
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", FP8=fp8,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     if num_splits > 1:

@@ -12,6 +12,9 @@ columns (head i's rows are the last ``lengths[i]``, the columns before them 0), 
 One program per head, two passes over its keys per block of query rows (the row log-sum-exp,
 then the scores); keys are read through the block table, 16-token pages at a time. HBM traffic
 is two reads of the heads' keys plus the float32 scores; nothing ``rows x keys`` is stored.
+
+An fp8 key cache (k_scale given): its e4m3 rows convert exactly to the queries' dtype and the
+key scale joins the logits' scale (q.(k * s) = (q.k) * s), as in decode attention.
 """
 from __future__ import annotations
 
@@ -22,33 +25,39 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_kvcompress.triton_kernels.fp8 import check_scales, scale_stride
+
 LOG2E = 1.4426950408889634
 NEG = tl.constexpr(-1.0e30)  # logit of an invisible key: finite, so exp2(NEG - m) is 0 without NaN
 
 
 @triton.jit
-def _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """Keys [BLOCK_D, BLOCK_N] of rows ``cols`` of one head, through its block table row."""
+def _paged_logits(q, k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, qk_scale,
+                  BLOCK_SIZE: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr):
+    """Base-2 logits q.k * qk_scale [BLOCK_M, BLOCK_N] of query rows q against rows ``cols`` of one
+    head, read through its block table row."""
     d = tl.arange(0, BLOCK_D)
     block = tl.load(table_row + cols // BLOCK_SIZE, mask=cols_ok, other=0).to(tl.int64)
     offset = block * stride_kb + (cols % BLOCK_SIZE) * stride_kr
     k = tl.load(k_ptr + offset[None, :] + d[:, None], mask=cols_ok[None, :] & (d < HEAD_DIM)[:, None], other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-    return k
+    # q's dtype: a no-op for keys of that dtype; exact for fp8 keys; fp32 when q was upcast
+    k = k.to(q.dtype)
+    return tl.dot(q, k, input_precision=PRECISION) * qk_scale
 
 
 @triton.jit
 def _paged_window_scores_kernel(
-    q_ptr, k_ptr, table_ptr, len_ptr, out_ptr,
+    q_ptr, k_ptr, table_ptr, len_ptr, out_ptr, k_scale_ptr,
     count, num_rows, width,
-    stride_qn, stride_qg, stride_qc, stride_kb, stride_kr, stride_t, stride_o,
+    stride_qn, stride_qg, stride_qc, stride_kb, stride_kr, stride_t, stride_o, stride_ks,
     qk_scale,
     POWER: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr, HEAD_DIM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     i = tl.program_id(0)
+    if FP8:  # head i's layer's key scale (stride_ks 0: one layer's for all)
+        qk_scale = qk_scale * tl.load(k_scale_ptr + i * stride_ks)
     length = tl.load(len_ptr + i).to(tl.int32)
     pad = width - length
     table_row = table_ptr + i.to(tl.int64) * stride_t
@@ -70,9 +79,8 @@ def _paged_window_scores_kernel(
         for start in range(0, length, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cols_ok = cols < length
-            k = _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, BLOCK_SIZE, BLOCK_D, HEAD_DIM,
-                            UPCAST)
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            s = _paged_logits(q, k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, qk_scale, BLOCK_SIZE,
+                              BLOCK_D, HEAD_DIM, PRECISION)
             visible = cols_ok[None, :] & (cols[None, :] <= last_visible[:, None])
             s = tl.where(visible, s, NEG)
             m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -83,9 +91,8 @@ def _paged_window_scores_kernel(
         for start in range(0, length, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
             cols_ok = cols < length
-            k = _paged_keys(k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, BLOCK_SIZE, BLOCK_D, HEAD_DIM,
-                            UPCAST)
-            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            s = _paged_logits(q, k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, qk_scale, BLOCK_SIZE,
+                              BLOCK_D, HEAD_DIM, PRECISION)
             visible = rows_ok[:, None] & cols_ok[None, :] & (cols[None, :] <= last_visible[:, None])
             p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
             if POWER == 2:
@@ -99,10 +106,12 @@ def _paged_window_scores_kernel(
 
 def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_block_table: torch.Tensor,
                         lengths: torch.Tensor, width: int, scale: float | None = None, power: int = 1,
-                        out: torch.Tensor | None = None) -> torch.Tensor:
+                        out: torch.Tensor | None = None, k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """queries [n, group, count, D] (any strides with a unit last stride); key_cache
-    [num_blocks, block_size, D]; head_block_table int [n, max_blocks] (unit last stride); lengths
-    int [n] on the device, each in [count, width]; returns float32 [n, width] (right-aligned)."""
+    [num_blocks, block_size, D] of the queries' dtype, or float8_e4m3fn with its k_scale (float32
+    [1], or [n] for heads of several layers); head_block_table int [n, max_blocks] (unit last
+    stride); lengths int [n] on the device, each in [count, width]; returns float32 [n, width]
+    (right-aligned)."""
     n, group, count, head_dim = queries.shape
     block_size = key_cache.shape[1]
     if key_cache.shape[2] != head_dim or head_block_table.shape[0] != n or lengths.shape != (n,):
@@ -110,7 +119,8 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
                          f"table {tuple(head_block_table.shape)}, lengths {tuple(lengths.shape)}")
     if power not in (1, 2):
         raise ValueError(f"power must be 1 or 2, got {power}")
-    if queries.dtype != key_cache.dtype:
+    fp8 = check_scales((key_cache,), (k_scale,), n)
+    if queries.dtype != key_cache.dtype and not fp8:
         raise ValueError(f"query {queries.dtype} and key {key_cache.dtype} dtypes differ")
     if queries.stride(-1) != 1:
         queries = queries.contiguous()
@@ -122,13 +132,13 @@ def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_blo
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
     block_d = max(16, triton.next_power_of_2(head_dim))
-    precision = "ieee" if key_cache.dtype == torch.float32 else "tf32"
-    upcast = key_cache.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
+    precision = "ieee" if queries.dtype == torch.float32 else "tf32"
+    upcast = queries.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
     if n:
         _paged_window_scores_kernel[(n,)](
-            queries, key_cache, head_block_table, lengths, out, count, num_rows, width,
+            queries, key_cache, head_block_table, lengths, out, k_scale, count, num_rows, width,
             queries.stride(0), queries.stride(1), queries.stride(2), key_cache.stride(0), key_cache.stride(1),
-            head_block_table.stride(0), out.stride(0), scale * LOG2E,
+            head_block_table.stride(0), out.stride(0), scale_stride(k_scale), scale * LOG2E,
             POWER=power, BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=64, BLOCK_D=block_d, HEAD_DIM=head_dim,
-            PRECISION=precision, UPCAST=upcast, num_warps=8 if block_m * block_d >= 8192 else 4)
+            PRECISION=precision, UPCAST=upcast, FP8=fp8, num_warps=8 if block_m * block_d >= 8192 else 4)
     return out
