@@ -84,10 +84,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (API_SERVER, SHAPES, ApiServer, build_model_dir, decode_weight_bytes,  # noqa: E402
-                    detect_device, device_slug, dtype_bytes, kv_bytes_per_token, plugin_entry_point,
-                    plugin_started, read_metrics, replot, shape_dims, versions)
+from common import (SHAPES, build_model_dir, decode_weight_bytes, detect_device, device_slug,  # noqa: E402
+                    dtype_bytes, kv_bytes_per_token, plugin_entry_point, plugin_started, read_metrics, replot,
+                    shape_dims, versions)
 from recording import write_json  # noqa: E402
+
+from vllm_kvcompress.tools.openai_server import SERVER, Server  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -300,9 +302,9 @@ def start_waves(servers: list[ServerPlan], parallel: int, memory_bytes: int | No
 
 def server_argv(plan: ServerPlan, model_dir: Path, args: argparse.Namespace) -> list[str]:
     """``python -m vllm.entrypoints.openai.api_server`` with this plan's flags (``--host``/``--port``:
-    :class:`common.ApiServer`)."""
+    :meth:`Server.on_free_port`)."""
     shape = SHAPES[plan.model]
-    argv = [*API_SERVER, "--model", str(model_dir), "--tokenizer", str(model_dir / "tokenizer"),
+    argv = [*SERVER, "--model", str(model_dir), "--tokenizer", str(model_dir / "tokenizer"),
             "--served-model-name", plan.model, "--load-format", "dummy",
             "--dtype", "float32" if shape["torch_dtype"] == "float32" else "bfloat16", "--seed", "0",
             "--max-model-len", str(plan.max_model_len), "--max-num-seqs", str(plan.max_num_seqs),
@@ -422,7 +424,7 @@ def _mark_request_start(serve) -> None:
     serve.get_request = get_request
 
 
-def client_argv(server: ApiServer, plan: ServerPlan, model_dir: Path, prompt_len: int, output_len: int,
+def client_argv(server: Server, plan: ServerPlan, model_dir: Path, prompt_len: int, output_len: int,
                 requests: int, rate: float, seed: int, xargs: dict | None, max_concurrency: int | None) -> list[str]:
     argv = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions", "--model", plan.model,
             "--tokenizer", str(model_dir / "tokenizer"), "--dataset-name", "random",
@@ -467,7 +469,7 @@ class RunningSampler(threading.Thread):
             self.stopped.wait(0.5)
 
 
-def drive(server: ApiServer, model: str, argv: list[str], window_s: float, client_log) -> dict:
+def drive(server: Server, model: str, argv: list[str], window_s: float, client_log) -> dict:
     """One client run against an idle server, measured from its first request to min(its end,
     ``window_s``) with the server's Prometheus counters; a cut run's client is cancelled and the
     server drained. Returns the counter deltas, the sampled peak of running requests, the times."""
@@ -698,7 +700,7 @@ def base_record(run: Run, args: argparse.Namespace, device: str) -> dict:
             "device": device, "settings": settings_of(run.workload, args)}
 
 
-def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args, events_path: str | None,
+def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, events_path: str | None,
             client_log) -> dict:
     """Measure one run on its (idle) server: the record's measured fields."""
     from vllm_kvcompress.policies.config import CompressionConfig
@@ -743,7 +745,7 @@ def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args
     return record
 
 
-def probe_prefill(server: ApiServer, plan: ServerPlan, model_dir: Path, workload: Workload, args, client_log) -> dict:
+def probe_prefill(server: Server, plan: ServerPlan, model_dir: Path, workload: Workload, args, client_log) -> dict:
     """Plain prefill rate for the ceiling: prompts of the workload's length, max_tokens 1, all at once."""
     requests = max(1, min(workload.requests, args.probe_tokens // workload.prompt_len))
     argv = client_argv(server, plan, model_dir, workload.prompt_len, 1, requests, math.inf, args.seed + 1, None, None)
@@ -822,7 +824,7 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
     """Start the wave's servers side by side, measure their runs one after another, stop them.
     Returns the longest start seen (the next wave's estimate)."""
     args = inv.args
-    servers: list[tuple[ServerPlan, ApiServer, str | None]] = []
+    servers: list[tuple[ServerPlan, Server, str | None]] = []
     longest = 0.0
     try:
         for slot, plan in enumerate(wave):
@@ -832,12 +834,12 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
             env = {"VLLM_CACHE_ROOT": str(log_dir / "vllm-cache" / f"slot{slot}")}  # no two side by side share one
             if events_path:
                 env["VLLM_KVC_EVENTS"] = events_path
-            servers.append((plan, ApiServer(server_argv(plan, model_dir, args), str(log_dir / f"{plan.name}.log"), env=env),
-                            events_path))
+            server = Server.on_free_port(server_argv(plan, model_dir, args), log_dir / f"{plan.name}.log", env=env)
+            servers.append((plan, server, events_path))
         progress(f"starting {', '.join(p.name for p in wave)}")
         for plan, server, events_path in servers:
             try:
-                longest = max(longest, server.wait_ready(min(deadline, time.monotonic() + 900)))
+                longest = max(longest, server.wait_ready(min(deadline - time.monotonic(), 900)))
                 if events_path and not plugin_started(events_path):
                     raise RuntimeError("the plugin's HeadBlockManager never started (no manager_init event)")
                 short_request(server.url, plan.model, prompt_len=64, max_tokens=4)  # a warm-up
@@ -861,7 +863,7 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
     return longest or start_estimate
 
 
-def measure_server(plan: ServerPlan, server: ApiServer, events_path: str | None, inv: Invocation, model_dir: Path,
+def measure_server(plan: ServerPlan, server: Server, events_path: str | None, inv: Invocation, model_dir: Path,
                    deadline: float, client_log) -> None:
     args = inv.args
     num_blocks = read_metrics(server.url).get("num_gpu_blocks")

@@ -84,10 +84,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (FIRST_ID, SHAPES, ApiServer, build_model_dir, detect_device, device_slug,  # noqa: E402,F401
-                    dtype_bytes, plugin_entry_point, plugin_started, read_metrics, replot, shape_dims, stop_group,
-                    versions)
+from common import (FIRST_ID, SHAPES, build_model_dir, detect_device, device_slug, dtype_bytes,  # noqa: E402,F401
+                    plugin_entry_point, plugin_started, read_metrics, replot, shape_dims, versions)
 from recording import write_json  # noqa: E402
+
+from vllm_kvcompress.tools.openai_server import Server, stop_group  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -506,10 +507,10 @@ def child_served(spec: dict) -> dict:
     started = time.perf_counter()
     deadline = started + (spec["deadline"] - time.time())
     workload = Workload(**spec["workload"])
-    server = ApiServer(server_command(spec), spec["log_path"] + ".server")
+    server = Server.on_free_port(server_command(spec), spec["log_path"] + ".server")
     base = server.url
     try:
-        server.wait_ready(time.monotonic() + (spec["deadline"] - time.time()))
+        server.wait_ready(spec["deadline"] - time.time())
         result = {"engine_start_s": round(time.perf_counter() - started, 1)}
         check_plugin_active(spec)
         progress(f"{spec['name']}: server up in {result['engine_start_s']} s")
@@ -653,7 +654,7 @@ def run_child(spec: dict, timeout: float, log_path: Path) -> list[dict]:
         proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path)],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True, text=True, errors="replace")
-        timer = threading.Timer(timeout, lambda: stop_group(proc.pid, grace=5.0))
+        timer = threading.Timer(timeout, lambda: stop_group(proc, grace=5.0))
         timer.start()
         try:
             for line in proc.stdout:
@@ -664,7 +665,7 @@ def run_child(spec: dict, timeout: float, log_path: Path) -> list[dict]:
             proc.wait()
         finally:
             timer.cancel()
-            stop_group(proc.pid)  # engine processes the child left behind
+            stop_group(proc, grace=20.0)  # engine processes the child left behind
     elapsed = time.monotonic() - started
     result_path = Path(spec["result_path"])
     results = json.loads(result_path.read_text()) if result_path.exists() else []
