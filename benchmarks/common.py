@@ -1,15 +1,18 @@
 """What the throughput benchmarks share: dummy-weight model folders of real shapes, the device and
-the versions a result was measured with, and the Prometheus metrics of vLLM's OpenAI server (the
-server process itself: :mod:`vllm_kvcompress.tools.openai_server`). Used by ``throughput.py``
-(offline engines and its served workload) and ``serving.py`` (the served matrix)."""
+the versions a result was measured with and where its results and logs go, vLLM's benchmark client
+(``vllm bench serve``: its arguments, its percentiles), and the Prometheus metrics of vLLM's OpenAI
+server (the server process itself: :mod:`vllm_kvcompress.tools.openai_server`). Used by
+``throughput.py`` (offline engines and its served workload) and ``serving.py`` (the served matrix)."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -53,6 +56,11 @@ def tiny_shape() -> dict:
 
 
 SHAPES["tiny"] = tiny_shape()
+
+
+def shape_sha(name: str) -> str:
+    """A short hash of the model shape ``name``: results of another shape under that name are not comparable."""
+    return hashlib.sha1(json.dumps(SHAPES[name], sort_keys=True).encode()).hexdigest()[:10]
 
 
 def shape_dims(shape: dict) -> tuple[int, int, int]:
@@ -158,6 +166,20 @@ def versions() -> dict:
     return info
 
 
+def invocation_paths(benchmark: str, out: Path | None, log_dir: Path | None) -> tuple[str, Path, Path, Path]:
+    """(device, results JSON, tmp root, log folder) of one invocation of ``benchmarks/<benchmark>.py``:
+    ``out`` or ``benchmarks/results/<benchmark>-<device>.json``; ``log_dir`` or a fresh folder under the
+    tmp root (``$TMPDIR/vllm-kvcompress-<benchmark>``, which also holds its model folders). Folders made."""
+    device = detect_device()
+    out = out or REPO / "benchmarks" / "results" / f"{benchmark}-{device_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.gettempdir()) / f"vllm-kvcompress-{benchmark}"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="logs-", dir=tmp_root))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return device, out, tmp_root, log_dir
+
+
 def plugin_entry_point() -> str | None:
     """Why the plugin would not load in vLLM's processes (None: its entry point is installed)."""
     from importlib import metadata
@@ -174,6 +196,32 @@ def plugin_started(events_path: str) -> bool:
     from vllm_kvcompress.vllm.runtime import read_events
 
     return any(e["kind"] == "manager_init" for e in read_events(events_path))
+
+
+# ---- vLLM's benchmark client ------------------------------------------------------------------------
+
+
+def bench_serve_args(url: str, model: str, tokenizer: str, prompt_len: int, output_len: int, range_ratio: float,
+                     requests: int, rate: float, seed: int, percentiles: tuple[int, ...]) -> list[str]:
+    """``vllm bench serve``'s arguments (``vllm.benchmarks.serve``): ``requests`` random-token prompts
+    of ``prompt_len`` tokens and outputs of ``output_len`` (both +- ``range_ratio``), greedy with
+    ``--ignore-eos`` (fixed lengths), at ``rate`` requests/s (inf: all at once); TTFT, TPOT, ITL and
+    end-to-end latency at ``percentiles``."""
+    return ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
+            "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(prompt_len),
+            "--random-output-len", str(output_len), "--random-range-ratio", str(range_ratio),
+            "--num-prompts", str(requests), "--request-rate", str(rate), "--seed", str(seed), "--ignore-eos",
+            "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", ",".join(map(str, percentiles)), "--disable-tqdm"]
+
+
+def client_percentiles(result: dict, metric: str, percentiles: tuple[int, ...], mean: bool = False) -> dict | None:
+    """``{"p50": ms, ...}`` of ``metric`` (ttft, tpot, itl, e2el) in the client's ``result``, and its
+    ``mean`` if asked; None when it reported none."""
+    values = {f"p{p}": round(result[f"p{p}_{metric}_ms"], 3) for p in percentiles if f"p{p}_{metric}_ms" in result}
+    if mean and f"mean_{metric}_ms" in result:
+        values["mean"] = round(result[f"mean_{metric}_ms"], 3)
+    return values or None
 
 
 # ---- a server's metrics, a result's plot -----------------------------------------------------------

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -77,22 +76,20 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (SHAPES, build_model_dir, decode_weight_bytes, detect_device, device_slug,  # noqa: E402
-                    dtype_bytes, kv_bytes_per_token, plugin_entry_point, plugin_started, read_metrics, replot,
-                    shape_dims, versions)
+from common import (SHAPES, bench_serve_args, build_model_dir, client_percentiles,  # noqa: E402
+                    decode_weight_bytes, detect_device, device_slug, dtype_bytes, invocation_paths,
+                    kv_bytes_per_token, plugin_entry_point, plugin_started, read_metrics, replot, shape_dims,
+                    shape_sha, versions)
 from recording import write_json  # noqa: E402
 
 from vllm_kvcompress.tools.openai_server import SERVER, Server  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 BLOCK_SIZE = 16  # tokens of a plain block; rows of a head-block
 PERCENTILES = (50, 99)
 PLAIN, PLAIN_FP8, SAME_BATCH = "plain", "plain-fp8", "same-batch-plain"
@@ -426,12 +423,8 @@ def _mark_request_start(serve) -> None:
 
 def client_argv(server: Server, plan: ServerPlan, model_dir: Path, prompt_len: int, output_len: int,
                 requests: int, rate: float, seed: int, xargs: dict | None, max_concurrency: int | None) -> list[str]:
-    argv = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions", "--model", plan.model,
-            "--tokenizer", str(model_dir / "tokenizer"), "--dataset-name", "random",
-            "--random-input-len", str(prompt_len), "--random-output-len", str(output_len),
-            "--random-range-ratio", "0", "--num-prompts", str(requests), "--request-rate", str(rate),
-            "--seed", str(seed), "--ignore-eos", "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", ",".join(map(str, PERCENTILES)), "--disable-tqdm",
+    argv = [*bench_serve_args(server.url, plan.model, str(model_dir / "tokenizer"), prompt_len, output_len, 0,
+                              requests, rate, seed, PERCENTILES),
             "--ready-check-timeout-sec", "0", "--num-warmups", "0"]
     if xargs:
         argv += ["--extra-body", json.dumps({"vllm_xargs": xargs})]
@@ -519,11 +512,6 @@ def drive(server: Server, model: str, argv: list[str], window_s: float, client_l
         "running_samples": sampler.samples,
         "client": client.result,
     }
-
-
-def client_percentiles(result: dict, metric: str) -> dict | None:
-    values = {f"p{p}": round(result[f"p{p}_{metric}_ms"], 3) for p in PERCENTILES if f"p{p}_{metric}_ms" in result}
-    return values or None
 
 
 # ---- the plugin's event log ----------------------------------------------------------------------------
@@ -675,7 +663,7 @@ def add_derived(records: list[dict], meta: dict) -> None:
 def settings_of(workload: Workload, args: argparse.Namespace) -> dict:
     """What makes two runs comparable (ratios only between equal settings; resume skips only these)."""
     return {
-        "shape_sha": hashlib.sha1(json.dumps(SHAPES[args.model], sort_keys=True).encode()).hexdigest()[:10],
+        "shape_sha": shape_sha(args.model),
         "prompt_len": workload.prompt_len, "output_len": workload.output_len, "requests": workload.requests,
         "pool_tokens": workload.pool_tokens, "window_s": window_of(workload, args), "seed": args.seed,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -728,7 +716,8 @@ def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, e
     }
     if m["complete"]:
         bench = m["client"]
-        record.update(ttft_ms=client_percentiles(bench, "ttft"), tpot_ms=client_percentiles(bench, "tpot"),
+        record.update(ttft_ms=client_percentiles(bench, "ttft", PERCENTILES),
+                      tpot_ms=client_percentiles(bench, "tpot", PERCENTILES),
                       completed=bench["completed"], failed=bench["failed"],
                       client_output_tok_s=round(bench["output_throughput"], 3))
     if run.config.plugin:
@@ -902,13 +891,7 @@ def measure_server(plan: ServerPlan, server: Server, events_path: str | None, in
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = detect_device()
-    out: Path = args.out or RESULTS / f"serving-{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.gettempdir()) / "vllm-kvcompress-serving"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="logs-", dir=tmp_root))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    device, out, tmp_root, log_dir = invocation_paths("serving", args.out, args.log_dir)
     inv = Invocation(args, device, out)
     deadline = inv.started + (args.time_limit - FINISH_MARGIN_S if args.time_limit else math.inf)
 

@@ -72,20 +72,18 @@ ratios, table and plot, ``common.py`` what it shares with ``serving.py``.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (SHAPES, build_model_dir, detect_device, device_slug, plugin_entry_point, replot,  # noqa: E402
-                    shape_dims, versions)
+from common import (SHAPES, build_model_dir, invocation_paths, plugin_entry_point, replot, shape_dims,  # noqa: E402
+                    shape_sha, versions)
 from recording import write_json  # noqa: E402
 from throughput_child import PROGRESS, progress, stop_margin  # noqa: E402
 from throughput_results import add_ratios, plot, print_table, record_key  # noqa: E402
@@ -94,9 +92,7 @@ from throughput_workloads import (DEFAULT_CONFIGS, POOL_BLOCK_SIZE, QUICK_WORKLO
 
 from vllm_kvcompress.tools.openai_server import stop_group  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-CHILD = HERE / "throughput_child.py"  # the child process of one engine
+CHILD = Path(__file__).resolve().parent / "throughput_child.py"  # the child process of one engine
 
 # ---- parent process ------------------------------------------------------------------------------------
 
@@ -145,7 +141,7 @@ def settings_of(args, workload: Workload, model: str) -> dict:
     """What makes two runs comparable; a record with other settings is not skipped on resume."""
     return {
         "model": model,
-        "shape_sha": hashlib.sha1(json.dumps(SHAPES[model], sort_keys=True).encode()).hexdigest()[:10],
+        "shape_sha": shape_sha(model),
         "workload": asdict(workload),
         "requests": args.requests,
         "seed": args.seed,
@@ -321,14 +317,8 @@ def main(argv=None) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
-    device = detect_device()
-    out: Path = args.out or RESULTS / f"throughput-{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.gettempdir()) / "vllm-kvcompress-throughput"
+    device, out, tmp_root, run_dir = invocation_paths("throughput", args.out, args.log_dir)
     model_root = args.model_dir or tmp_root / "models"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    run_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="logs-", dir=tmp_root))
-    run_dir.mkdir(parents=True, exist_ok=True)
     table = QUICK_WORKLOADS if args.quick else WORKLOADS
 
     previous = json.loads(out.read_text()) if out.exists() else None

@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIRST_ID, dtype_bytes, plugin_started, read_metrics, shape_dims  # noqa: E402
+from common import (FIRST_ID, bench_serve_args, client_percentiles, dtype_bytes, plugin_started,  # noqa: E402
+                    read_metrics, shape_dims)
 from throughput_workloads import POOL_BLOCK_SIZE, Workload  # noqa: E402
 
 from vllm_kvcompress.tools.openai_server import Server  # noqa: E402
@@ -372,16 +373,9 @@ def child_served(spec: dict) -> dict:
 
         parser = FlexibleArgumentParser()
         add_cli_args(parser)
-        bench_args = parser.parse_args([
-            "--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
-            "--model", spec["model_name"], "--tokenizer", spec["tokenizer_dir"],
-            "--dataset-name", "random", "--random-input-len", str(workload.prompt_len),
-            "--random-output-len", str(workload.output_len), "--random-range-ratio", str(workload.range_ratio),
-            "--num-prompts", str(spec["requests"]), "--request-rate", str(spec["request_rate"]),
-            "--seed", str(spec["seed"]), "--ignore-eos", "--temperature", "0",
-            "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", ",".join(map(str, PERCENTILES)),
-            "--disable-tqdm",
-        ])
+        bench_args = parser.parse_args(bench_serve_args(
+            base, spec["model_name"], spec["tokenizer_dir"], workload.prompt_len, workload.output_len,
+            workload.range_ratio, spec["requests"], spec["request_rate"], spec["seed"], PERCENTILES))
         outcome: dict = {}
 
         def client() -> None:
@@ -420,14 +414,6 @@ def child_served(spec: dict) -> dict:
             })
         else:
             bench = outcome["bench"]
-
-            def pct(metric):
-                out = {f"p{p}": round(bench[f"p{p}_{metric}_ms"], 3) for p in PERCENTILES
-                       if f"p{p}_{metric}_ms" in bench}
-                if f"mean_{metric}_ms" in bench:
-                    out["mean"] = round(bench[f"mean_{metric}_ms"], 3)
-                return out or None
-
             result.update({
                 "status": "ok" if bench["failed"] == 0 else "failed requests",
                 "completed": bench["completed"],
@@ -437,10 +423,10 @@ def child_served(spec: dict) -> dict:
                 "wall_s": round(bench["duration"], 3),
                 "output_tok_s": round(bench["output_throughput"], 3),
                 "total_tok_s": round(bench["total_token_throughput"], 3),
-                "ttft_ms": pct("ttft"),
-                "tpot_ms": pct("tpot"),
-                "itl_ms": pct("itl"),
-                "e2el_ms": pct("e2el"),
+                "ttft_ms": client_percentiles(bench, "ttft", PERCENTILES, mean=True),
+                "tpot_ms": client_percentiles(bench, "tpot", PERCENTILES, mean=True),
+                "itl_ms": client_percentiles(bench, "itl", PERCENTILES, mean=True),
+                "e2el_ms": client_percentiles(bench, "e2el", PERCENTILES, mean=True),
                 "client_max_concurrent_requests": bench.get("max_concurrent_requests"),
             })
         preempt = "vllm:num_preemptions_total"
