@@ -235,6 +235,9 @@ def engine_groups(todo: list[tuple], share: bool) -> list[list[tuple]]:
     return groups
 
 
+# ---- command line ------------------------------------------------------------------------------------
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",

@@ -39,6 +39,8 @@ from vllm_kvcompress.tools.openai_server import Server  # noqa: E402
 PROGRESS = "[throughput]"  # child lines with this prefix are echoed to the parent's stderr
 PERCENTILES = (50, 90, 99)
 
+# ---- small helpers -----------------------------------------------------------------------------------
+
 
 def percentiles(values, scale: float = 1.0) -> dict | None:
     """{"p50", "p90", "p99", "mean"} of ``values`` (linear interpolation) times ``scale``; None if empty."""
@@ -57,9 +59,13 @@ def percentiles(values, scale: float = 1.0) -> dict | None:
 def progress(message: str) -> None:
     print(f"{PROGRESS} {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
+
 def stop_margin(timeout: float) -> float:
     """Seconds before its timeout at which a child stops measuring, to shut down in time."""
     return max(15.0, min(60.0, 0.15 * timeout))
+
+
+# ---- the step-stats hook (offline, and in the --serve server) ----------------------------------------
 
 
 class StepStats:
@@ -159,6 +165,9 @@ def serve_main(stats_path: str, server_args: list[str]) -> None:
     uvloop.run(run_server(args))
 
 
+# ---- what a run records ------------------------------------------------------------------------------
+
+
 def random_prompts(num: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(FIRST_ID, vocab) for _ in range(length)] for _ in range(num)]
@@ -219,6 +228,9 @@ def engine_kwargs(spec: dict) -> dict:
     if spec["compression"]:
         engine["additional_config"] = {"kv_compression": spec["compression"]}
     return engine
+
+
+# ---- offline runs (workloads a-c) --------------------------------------------------------------------
 
 
 def child_offline(spec: dict, results: list[dict]) -> None:
@@ -316,6 +328,9 @@ def measure_offline(engine, llm, prompts, params, stats: "StepStats", name: str,
         "tpot_ms": percentiles(tpot, 1000),
         **step_summary(stats.snapshot()),
     }
+
+
+# ---- the served run (workload d) ---------------------------------------------------------------------
 
 
 def server_command(spec: dict) -> list[str]:
@@ -439,6 +454,9 @@ def child_served(spec: dict) -> dict:
         return result
     finally:
         server.stop()
+
+
+# ---- the process -------------------------------------------------------------------------------------
 
 
 def child_main(spec_path: str) -> None:

@@ -31,6 +31,7 @@ def add_ratios(records: list[dict]) -> None:
         if ref.get("peak_concurrency"):
             r["peak_concurrency_ratio"] = round(r["peak_concurrency"] / ref["peak_concurrency"], 3)
 
+
 def series(record: dict) -> str:
     """A record's line in the plot: its policy, ``+graphs`` when it ran with the plugin's decode graphs."""
     return record["policy"] + ("+graphs" if (record.get("compression") or {}).get("cuda_graphs") else "")
