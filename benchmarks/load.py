@@ -63,11 +63,11 @@ from pathlib import Path
 
 import httpx
 
+from vllm_kvcompress.policies.config import PRESET_NAMES
+from vllm_kvcompress.tools.models import TINY_SENTENCES, tiny_llama_folder
+from vllm_kvcompress.tools.openai_server import TINY_ENGINE_FLAGS, Server, metric, start_tiny, write_chat_template
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests" / "vllm"))  # kvc_server (a plain module)
-import kvc_server  # noqa: E402
-from vllm_kvcompress.policies.config import PRESET_NAMES  # noqa: E402
-from vllm_kvcompress.tools.models import TINY_SENTENCES, tiny_llama_folder  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "reliability.json"
 USAGE = "vllm:kv_cache_usage_perc"  # vLLM 0.26: 1 - free / pool (head-blocks with the plugin)
@@ -76,10 +76,10 @@ WORDS = sorted({w for s in TINY_SENTENCES for w in s.split()})  # in the tiny mo
 # per-request presets: every one that needs no head-score file
 SAFE_PRESETS = tuple(p for p in PRESET_NAMES if not p.startswith("headkv"))
 BUDGETS = (8, 16, 48, 128, 0.1, 0.25, 0.5, 1.0)
-# The started server: the test suite's CPU flags with a 1024-token context and a pool of 520 head-blocks
+# The started server: the tiny model's CPU flags with a 1024-token context and a pool of 520 head-blocks
 # (one uncompressed 1024-token request of the tiny model needs 4 layers * 2 heads * 64 = 512), so that
 # 8 concurrent requests with prompts of up to 900 tokens run the pool nearly dry (~15 blocks left).
-ENGINE_FLAGS = [*kvc_server.ENGINE_FLAGS]
+ENGINE_FLAGS = [*TINY_ENGINE_FLAGS]
 ENGINE_FLAGS[ENGINE_FLAGS.index("--max-model-len") + 1] = "1024"
 POOL_FLAGS = ("--num-gpu-blocks-override", "520")
 
@@ -103,39 +103,26 @@ def describe(url: str, events_path: str | None = None) -> Target:
 
 def start_server(workdir: str, model: str | None = None, chat_template: str | None = None, policy: str = "snapkv",
                  budget: str = "32", engine_flags: list[str] | None = None, extra_flags: tuple[str, ...] = POOL_FLAGS,
-                 events: bool = True) -> tuple[kvc_server.Server, Target]:
-    """A server with the plugin, its log and event log under ``workdir``. ``model`` None: the tiny test
-    Llama, built there (with a chat template of ours, as its tokenizer has none)."""
+                 events: bool = True) -> tuple[Server, Target]:
+    """A server with the plugin, its log and event log under ``workdir``, ready (ServerError if it
+    does not start). ``model`` None: the tiny test Llama, built there (with a chat template of ours,
+    as its tokenizer has none)."""
     if model is None:
         model = tiny_llama_folder(os.path.join(workdir, "tiny-llama"))
-        chat_template = kvc_server.write_chat_template(workdir)
+        chat_template = write_chat_template(workdir)
     events_path = os.path.join(workdir, "events.jsonl") if events else None
     env = {"VLLM_KVC_EVENTS": events_path} if events_path else None
     # the load's clients ask for any preset and budget per request: a server that allows them
     flags = ["--kv-compression", policy, "--kv-budget", str(budget), "--kv-request-overrides", "all", *extra_flags]
-    server = kvc_server.Server(model, flags, os.path.join(workdir, "server.log"), chat_template,
-                               engine_flags=ENGINE_FLAGS if engine_flags is None else engine_flags, env=env)
+    server = start_tiny(model, flags, os.path.join(workdir, "server.log"), chat_template,
+                        engine_flags=ENGINE_FLAGS if engine_flags is None else engine_flags, env=env)
     return server, describe(server.url, events_path)
-
-
-def shared_plugin_server(request, tiny_model_dir: str, tmp_path_factory) -> Target:
-    """For a module-scoped pytest fixture named ``kvc_plugin_server``: ONE server (tiny model, snapkv,
-    budget 32, :data:`ENGINE_FLAGS`, :data:`POOL_FLAGS`) for every test module of the session that uses it."""
-    def start():
-        workdir = str(tmp_path_factory.mktemp("kvc-plugin-server"))
-        server, target = start_server(workdir, tiny_model_dir, kvc_server.write_chat_template(workdir))
-        server.target = target
-        return server
-
-    server = kvc_server.shared_server(request, start)
-    return server.target
 
 
 # ---- /metrics and the idle pool -------------------------------------------------------------------
 def read_gauges(url: str) -> dict:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    return {"usage": kvc_server.metric(text, USAGE), "running": kvc_server.metric(text, RUNNING),
-            "waiting": kvc_server.metric(text, WAITING)}
+    return {"usage": metric(text, USAGE), "running": metric(text, RUNNING), "waiting": metric(text, WAITING)}
 
 
 def read_events(path: str | None) -> list[dict]:
@@ -169,7 +156,7 @@ COUNTERS = {"preemptions": "vllm:num_preemptions_total", "compressions": "vllm:k
 def read_counters(url: str) -> dict:
     """Server-side counters (vLLM's and the plugin's) and finished requests per reason."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    out = {k: kvc_server.metric(text, name) or 0.0 for k, name in COUNTERS.items()}
+    out = {k: metric(text, name) or 0.0 for k, name in COUNTERS.items()}
     for reason in ("length", "stop", "abort", "error"):
         out[f"finished_{reason}"] = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                                         if line.startswith("vllm:request_success_total{")
@@ -715,7 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     info = dict(versions(), model=args.model or "tiny-llama (vllm_kvcompress.tools.models.tiny_llama_folder)",
                 kv_compression=args.kv_compression, kv_budget=args.kv_budget,
                 server=args.url or f"started: {args.engine_flags} {args.server_flags}",
-                server_start_s=round(server.start_seconds, 1) if server else None, server_alive_at_end=alive)
+                server_start_s=server.start_s if server else None, server_alive_at_end=alive)
     print(json.dumps({"load": load, **({"faults": faults} if faults else {})}, indent=1, default=str))
     ok = load["load_errors"] == 0 and load["pages_back_to_idle"] and load["bad_answered_400"] == load["bad_requests"]
     ok = ok and alive and (faults is None or faults["ok"])

@@ -27,7 +27,7 @@ os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_KVC_EVENTS", f"/tmp/kvc-profile-{os.getpid()}.jsonl")
 sys.path.insert(0, os.path.dirname(__file__))
 from dummy_model import make_dummy  # noqa: E402
-from throughput import plugin_entry_point  # noqa: E402
+from common import plugin_entry_point  # noqa: E402
 
 
 def engine_kwargs(config: str, kv_options: dict) -> dict:

@@ -69,7 +69,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -77,20 +76,20 @@ import shlex
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (API_SERVER, SHAPES, ApiServer, build_model_dir, decode_weight_bytes,  # noqa: E402
-                    detect_device, device_slug, dtype_bytes, kv_bytes_per_token, plugin_entry_point,
-                    plugin_started, read_metrics, replot, shape_dims, versions)
+from common import (SHAPES, bench_serve_args, build_model_dir, client_percentiles,  # noqa: E402
+                    decode_weight_bytes, detect_device, device_slug, dtype_bytes, invocation_paths,
+                    kv_bytes_per_token, plugin_entry_point, plugin_started, read_metrics, replot, shape_dims,
+                    shape_sha, versions)
 from recording import write_json  # noqa: E402
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+from vllm_kvcompress.tools.openai_server import SERVER, Server  # noqa: E402
+
 BLOCK_SIZE = 16  # tokens of a plain block; rows of a head-block
 PERCENTILES = (50, 99)
 PLAIN, PLAIN_FP8, SAME_BATCH = "plain", "plain-fp8", "same-batch-plain"
@@ -300,9 +299,9 @@ def start_waves(servers: list[ServerPlan], parallel: int, memory_bytes: int | No
 
 def server_argv(plan: ServerPlan, model_dir: Path, args: argparse.Namespace) -> list[str]:
     """``python -m vllm.entrypoints.openai.api_server`` with this plan's flags (``--host``/``--port``:
-    :class:`common.ApiServer`)."""
+    :meth:`Server.on_free_port`)."""
     shape = SHAPES[plan.model]
-    argv = [*API_SERVER, "--model", str(model_dir), "--tokenizer", str(model_dir / "tokenizer"),
+    argv = [*SERVER, "--model", str(model_dir), "--tokenizer", str(model_dir / "tokenizer"),
             "--served-model-name", plan.model, "--load-format", "dummy",
             "--dtype", "float32" if shape["torch_dtype"] == "float32" else "bfloat16", "--seed", "0",
             "--max-model-len", str(plan.max_model_len), "--max-num-seqs", str(plan.max_num_seqs),
@@ -422,14 +421,10 @@ def _mark_request_start(serve) -> None:
     serve.get_request = get_request
 
 
-def client_argv(server: ApiServer, plan: ServerPlan, model_dir: Path, prompt_len: int, output_len: int,
+def client_argv(server: Server, plan: ServerPlan, model_dir: Path, prompt_len: int, output_len: int,
                 requests: int, rate: float, seed: int, xargs: dict | None, max_concurrency: int | None) -> list[str]:
-    argv = ["--backend", "openai", "--base-url", server.url, "--endpoint", "/v1/completions", "--model", plan.model,
-            "--tokenizer", str(model_dir / "tokenizer"), "--dataset-name", "random",
-            "--random-input-len", str(prompt_len), "--random-output-len", str(output_len),
-            "--random-range-ratio", "0", "--num-prompts", str(requests), "--request-rate", str(rate),
-            "--seed", str(seed), "--ignore-eos", "--temperature", "0", "--percentile-metrics", "ttft,tpot,itl,e2el",
-            "--metric-percentiles", ",".join(map(str, PERCENTILES)), "--disable-tqdm",
+    argv = [*bench_serve_args(server.url, plan.model, str(model_dir / "tokenizer"), prompt_len, output_len, 0,
+                              requests, rate, seed, PERCENTILES),
             "--ready-check-timeout-sec", "0", "--num-warmups", "0"]
     if xargs:
         argv += ["--extra-body", json.dumps({"vllm_xargs": xargs})]
@@ -467,7 +462,7 @@ class RunningSampler(threading.Thread):
             self.stopped.wait(0.5)
 
 
-def drive(server: ApiServer, model: str, argv: list[str], window_s: float, client_log) -> dict:
+def drive(server: Server, model: str, argv: list[str], window_s: float, client_log) -> dict:
     """One client run against an idle server, measured from its first request to min(its end,
     ``window_s``) with the server's Prometheus counters; a cut run's client is cancelled and the
     server drained. Returns the counter deltas, the sampled peak of running requests, the times."""
@@ -517,11 +512,6 @@ def drive(server: ApiServer, model: str, argv: list[str], window_s: float, clien
         "running_samples": sampler.samples,
         "client": client.result,
     }
-
-
-def client_percentiles(result: dict, metric: str) -> dict | None:
-    values = {f"p{p}": round(result[f"p{p}_{metric}_ms"], 3) for p in PERCENTILES if f"p{p}_{metric}_ms" in result}
-    return values or None
 
 
 # ---- the plugin's event log ----------------------------------------------------------------------------
@@ -673,7 +663,7 @@ def add_derived(records: list[dict], meta: dict) -> None:
 def settings_of(workload: Workload, args: argparse.Namespace) -> dict:
     """What makes two runs comparable (ratios only between equal settings; resume skips only these)."""
     return {
-        "shape_sha": hashlib.sha1(json.dumps(SHAPES[args.model], sort_keys=True).encode()).hexdigest()[:10],
+        "shape_sha": shape_sha(args.model),
         "prompt_len": workload.prompt_len, "output_len": workload.output_len, "requests": workload.requests,
         "pool_tokens": workload.pool_tokens, "window_s": window_of(workload, args), "seed": args.seed,
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -698,7 +688,7 @@ def base_record(run: Run, args: argparse.Namespace, device: str) -> dict:
             "device": device, "settings": settings_of(run.workload, args)}
 
 
-def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args, events_path: str | None,
+def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, events_path: str | None,
             client_log) -> dict:
     """Measure one run on its (idle) server: the record's measured fields."""
     from vllm_kvcompress.policies.config import CompressionConfig
@@ -726,7 +716,8 @@ def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args
     }
     if m["complete"]:
         bench = m["client"]
-        record.update(ttft_ms=client_percentiles(bench, "ttft"), tpot_ms=client_percentiles(bench, "tpot"),
+        record.update(ttft_ms=client_percentiles(bench, "ttft", PERCENTILES),
+                      tpot_ms=client_percentiles(bench, "tpot", PERCENTILES),
                       completed=bench["completed"], failed=bench["failed"],
                       client_output_tok_s=round(bench["output_throughput"], 3))
     if run.config.plugin:
@@ -743,7 +734,7 @@ def run_one(run: Run, server: ApiServer, plan: ServerPlan, model_dir: Path, args
     return record
 
 
-def probe_prefill(server: ApiServer, plan: ServerPlan, model_dir: Path, workload: Workload, args, client_log) -> dict:
+def probe_prefill(server: Server, plan: ServerPlan, model_dir: Path, workload: Workload, args, client_log) -> dict:
     """Plain prefill rate for the ceiling: prompts of the workload's length, max_tokens 1, all at once."""
     requests = max(1, min(workload.requests, args.probe_tokens // workload.prompt_len))
     argv = client_argv(server, plan, model_dir, workload.prompt_len, 1, requests, math.inf, args.seed + 1, None, None)
@@ -822,7 +813,7 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
     """Start the wave's servers side by side, measure their runs one after another, stop them.
     Returns the longest start seen (the next wave's estimate)."""
     args = inv.args
-    servers: list[tuple[ServerPlan, ApiServer, str | None]] = []
+    servers: list[tuple[ServerPlan, Server, str | None]] = []
     longest = 0.0
     try:
         for slot, plan in enumerate(wave):
@@ -832,12 +823,12 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
             env = {"VLLM_CACHE_ROOT": str(log_dir / "vllm-cache" / f"slot{slot}")}  # no two side by side share one
             if events_path:
                 env["VLLM_KVC_EVENTS"] = events_path
-            servers.append((plan, ApiServer(server_argv(plan, model_dir, args), str(log_dir / f"{plan.name}.log"), env=env),
-                            events_path))
+            server = Server.on_free_port(server_argv(plan, model_dir, args), log_dir / f"{plan.name}.log", env=env)
+            servers.append((plan, server, events_path))
         progress(f"starting {', '.join(p.name for p in wave)}")
         for plan, server, events_path in servers:
             try:
-                longest = max(longest, server.wait_ready(min(deadline, time.monotonic() + 900)))
+                longest = max(longest, server.wait_ready(min(deadline - time.monotonic(), 900)))
                 if events_path and not plugin_started(events_path):
                     raise RuntimeError("the plugin's HeadBlockManager never started (no manager_init event)")
                 short_request(server.url, plan.model, prompt_len=64, max_tokens=4)  # a warm-up
@@ -861,7 +852,7 @@ def run_wave(wave: list[ServerPlan], inv: Invocation, model_dir: Path, log_dir: 
     return longest or start_estimate
 
 
-def measure_server(plan: ServerPlan, server: ApiServer, events_path: str | None, inv: Invocation, model_dir: Path,
+def measure_server(plan: ServerPlan, server: Server, events_path: str | None, inv: Invocation, model_dir: Path,
                    deadline: float, client_log) -> None:
     args = inv.args
     num_blocks = read_metrics(server.url).get("num_gpu_blocks")
@@ -900,13 +891,7 @@ def measure_server(plan: ServerPlan, server: ApiServer, events_path: str | None,
 
 
 def run(args: argparse.Namespace) -> dict:
-    device = detect_device()
-    out: Path = args.out or RESULTS / f"serving-{device_slug(device)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.gettempdir()) / "vllm-kvcompress-serving"
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="logs-", dir=tmp_root))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    device, out, tmp_root, log_dir = invocation_paths("serving", args.out, args.log_dir)
     inv = Invocation(args, device, out)
     deadline = inv.started + (args.time_limit - FINISH_MARGIN_S if args.time_limit else math.inf)
 

@@ -1,5 +1,6 @@
-"""The throughput benchmark (benchmarks/throughput.py): ``--quick`` end to end on the CPU (two engine
-starts, plain vLLM and snapkv@32, each in its own subprocess), and its pure helpers.
+"""The throughput benchmark (benchmarks/throughput.py and its throughput_*.py modules): ``--quick`` end
+to end on the CPU (two engine starts, plain vLLM and snapkv@32, each in its own subprocess), and its
+pure helpers.
 
 ``--quick`` fixes the KV pool at 512 full-cache tokens (32 plain blocks; the plugin gets the same bytes
 as 256 head-blocks of the 4-layer, 2-KV-head tiny model): one uncompressed 300-token request fits
@@ -13,9 +14,11 @@ import time
 import benchmark_modules
 import pytest
 
-
-
+common = benchmark_modules.load("common")
 throughput = benchmark_modules.load("throughput")
+child = benchmark_modules.load("throughput_child")
+results = benchmark_modules.load("throughput_results")
+workloads = benchmark_modules.load("throughput_workloads")
 RECORD_FIELDS = {"model", "workload", "config", "policy", "budget_fraction", "output_tok_s", "output_tok_s_ratio",
                  "total_tok_s", "peak_concurrency", "ttft_ms", "tpot_ms", "wall_s", "engine_start_s",
                  "kv_capacity_tokens", "kv_usage_peak", "kv_blocks_peak", "status", "settings", "engine_args"}
@@ -132,27 +135,27 @@ def test_a_run_past_its_deadline_stops_at_once_and_the_engine_serves_the_next(tm
     from vllm import LLM, SamplingParams
 
     args = throughput.parse_args(["--quick", "--configs", "plain"])
-    model_dir = throughput.build_model_dir("tiny", tmp_path / "models")
-    spec = throughput.make_spec(args, "tiny", model_dir, throughput.QUICK_WORKLOADS["a"], args.configs,
+    model_dir = common.build_model_dir("tiny", tmp_path / "models")
+    spec = throughput.make_spec(args, "tiny", model_dir, workloads.QUICK_WORKLOADS["a"], args.configs,
                                 tmp_path, timeout=100)
     llm = LLM(model=spec["model_dir"], tokenizer=spec["tokenizer_dir"], disable_log_stats=False,
-              **throughput.engine_kwargs(spec))
-    stats = throughput.StepStats().install(llm.llm_engine.logger_manager)
-    prompts = throughput.random_prompts(4, 100, spec["shape"]["vocab_size"], seed=0)
+              **child.engine_kwargs(spec))
+    stats = child.StepStats().install(llm.llm_engine.logger_manager)
+    prompts = child.random_prompts(4, 100, spec["shape"]["vocab_size"], seed=0)
     long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
-    stopped = throughput.measure_offline(llm.llm_engine, llm, prompts, long, stats, "t", deadline=0.0)
+    stopped = child.measure_offline(llm.llm_engine, llm, prompts, long, stats, "t", deadline=0.0)
     assert (stopped["status"], stopped["completed"]) == ("partial", 0)
     assert 0 < stopped["output_tokens"] < 4 * 300 // 10  # not run to the end after the "abort"
     assert not llm.llm_engine.has_unfinished_requests()
     stats.reset()
     short = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
-    after = throughput.measure_offline(llm.llm_engine, llm, prompts, short, stats, "t", deadline=float("inf"))
+    after = child.measure_offline(llm.llm_engine, llm, prompts, short, stats, "t", deadline=float("inf"))
     assert (after["status"], after["completed"], after["output_tokens"]) == ("ok", 4, 4 * 5)
 
 
 def test_engine_groups_share_only_plugin_runs_of_one_offline_workload_and_graph_mode():
-    a, c, d = (throughput.WORKLOADS[w] for w in "acd")
-    snap, ada, plain, graphs = (throughput.parse_config(x) for x in ("snapkv@0.1", "adakv@0.1", "plain",
+    a, c, d = (workloads.WORKLOADS[w] for w in "acd")
+    snap, ada, plain, graphs = (workloads.parse_config(x) for x in ("snapkv@0.1", "adakv@0.1", "plain",
                                                                        "snapkv@0.1+graphs"))
     todo = [("m", a, plain), ("m", a, snap), ("m", a, ada), ("m", a, graphs), ("m", c, snap), ("m", c, ada),
             ("m", d, snap), ("m", d, ada), ("n", c, snap)]
@@ -167,23 +170,23 @@ def test_engine_groups_share_only_plugin_runs_of_one_offline_workload_and_graph_
 
 
 def test_parse_config():
-    c = throughput.parse_config("snapkv@0.1")
+    c = workloads.parse_config("snapkv@0.1")
     assert (c.label, c.policy, c.budget, c.plugin) == ("snapkv@0.1", "snapkv", 0.1, True)
     assert c.budget_fraction(16384) == 0.1
-    t = throughput.parse_config("adakv@256")
+    t = workloads.parse_config("adakv@256")
     assert (t.budget, t.budget_fraction(1024)) == (256, 0.25)
-    p = throughput.parse_config("plain")
+    p = workloads.parse_config("plain")
     assert (p.policy, p.plugin, p.budget_fraction(100), p.v1_runner) == ("none", False, 1.0, False)
-    assert throughput.parse_config("plain-v1").v1_runner
-    g = throughput.parse_config("ems@0.1+graphs")
+    assert workloads.parse_config("plain-v1").v1_runner
+    g = workloads.parse_config("ems@0.1+graphs")
     assert (g.label, g.policy, g.budget, g.graphs, c.graphs) == ("ems@0.1+graphs", "ems", 0.1, True, False)
-    assert throughput.compression_options(g, {})["cuda_graphs"] is True
-    assert throughput.compression_options(c, {})["cuda_graphs"] is False  # not the plugin's default (None)
+    assert workloads.compression_options(g, {})["cuda_graphs"] is True
+    assert workloads.compression_options(c, {})["cuda_graphs"] is False  # not the plugin's default (None)
     with pytest.raises(ValueError, match=r"\+graphs"):
-        throughput.compression_options(c, {"cuda_graphs": True})
+        workloads.compression_options(c, {"cuda_graphs": True})
     for bad in ("snapkv", "nosuch@0.1", "snapkv@1.5", "snapkv@-3", "none@0.1", "snapkv@0.1+fast"):
         with pytest.raises(ValueError):
-            throughput.parse_config(bad)
+            workloads.parse_config(bad)
 
 
 def test_parse_args_orders_plain_first_and_validates():
@@ -199,19 +202,19 @@ def test_parse_args_orders_plain_first_and_validates():
 
 
 def test_workload_lengths():
-    wl = throughput.WORKLOADS
+    wl = workloads.WORKLOADS
     assert (wl["a"].prompt_len, wl["a"].output_len, wl["a"].max_model_len) == (16384, 1024, 17408)
     assert (wl["b"].prompt_len, wl["b"].output_len, wl["b"].max_model_len) == (32768, 512, 33280)
     assert (wl["c"].prompt_len, wl["c"].output_len, wl["c"].max_model_len) == (2048, 8192, 10240)
     assert wl["d"].served and wl["d"].max_model_len == 12288 + 768
-    assert throughput.QUICK_WORKLOADS["a"].max_model_len == 384
+    assert workloads.QUICK_WORKLOADS["a"].max_model_len == 384
 
 
 def test_percentiles():
-    p = throughput.percentiles([0.4, 0.1, 0.3, 0.2, 0.5], scale=1000)
+    p = child.percentiles([0.4, 0.1, 0.3, 0.2, 0.5], scale=1000)
     assert (p["p50"], p["mean"]) == (300.0, 300.0)
     assert p["p90"] == pytest.approx(460.0) and p["p99"] == pytest.approx(496.0)
-    assert throughput.percentiles([]) is None
+    assert child.percentiles([]) is None
 
 
 def test_ratios_need_plain_with_the_same_settings():
@@ -220,7 +223,7 @@ def test_ratios_need_plain_with_the_same_settings():
                 "date": date, "status": "ok", "peak_concurrency": 2}
 
     records = [rec("plain", 100.0, {"x": 1}), rec("snapkv@0.1", 150.0, {"x": 1}), rec("snapkv@0.25", 90.0, {"x": 2})]
-    throughput.add_ratios(records)
+    results.add_ratios(records)
     assert [r["output_tok_s_ratio"] for r in records] == [1.0, 1.5, None]
     assert records[1]["ratio_reference"].startswith("plain run of d1")
 
@@ -228,7 +231,7 @@ def test_ratios_need_plain_with_the_same_settings():
 def test_model_dirs_have_the_shapes_and_a_full_vocabulary(tmp_path):
     from transformers import AutoTokenizer
 
-    path = throughput.build_model_dir("qwen2-7b", tmp_path)
+    path = common.build_model_dir("qwen2-7b", tmp_path)
     config = json.loads((path / "config.json").read_text())
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
             config["hidden_size"], config["intermediate_size"]) == (28, 28, 4, 3584, 18944)
@@ -236,7 +239,7 @@ def test_model_dirs_have_the_shapes_and_a_full_vocabulary(tmp_path):
     assert len(tok) == config["vocab_size"] == 152064
     ids = [3, 77, 152063]
     assert tok.encode(tok.decode(ids), add_special_tokens=False) == ids  # random prompts round-trip
-    llama_dir = throughput.build_model_dir("llama3-8b", tmp_path)
+    llama_dir = common.build_model_dir("llama3-8b", tmp_path)
     llama = json.loads((llama_dir / "config.json").read_text())
     assert (llama["num_hidden_layers"], llama["num_key_value_heads"], llama["head_dim"], llama["rope_theta"],
             llama["vocab_size"], llama["torch_dtype"]) == (32, 8, 128, 500000.0, 128256, "bfloat16")
@@ -247,7 +250,7 @@ def test_prompts_pass_the_servers_character_bound(tmp_path):
     vocabulary entry: our longest words plus their spaces must stay under that bound."""
     from vllm.tokenizers import get_tokenizer
 
-    tok = get_tokenizer(str(throughput.build_model_dir("llama3-8b", tmp_path) / "tokenizer"))
+    tok = get_tokenizer(str(common.build_model_dir("llama3-8b", tmp_path) / "tokenizer"))
     ids = list(range(128256 - 1000, 128256))  # the longest words
     text = tok.decode(ids)
     assert tok.encode(text, add_special_tokens=False) == ids
@@ -255,15 +258,15 @@ def test_prompts_pass_the_servers_character_bound(tmp_path):
 
 
 def test_device_slug():
-    assert throughput.device_slug("NVIDIA H100 80GB HBM3") == "h100"
-    assert throughput.device_slug("NVIDIA H200") == "h200"
-    assert throughput.device_slug("CPU, 2 cores") == "cpu"
+    assert common.device_slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert common.device_slug("NVIDIA H200") == "h200"
+    assert common.device_slug("CPU, 2 cores") == "cpu"
 
 
 def test_kv_summary_counts_the_same_bytes_for_both():
-    shape = throughput.SHAPES["llama3-8b"]
-    plain = throughput.kv_summary({"shape": shape, "compression": None}, 1000, 16, 0.5, 0.25)
-    plugin = throughput.kv_summary({"shape": shape, "compression": {"policy": "snapkv"}}, 1000 * 32 * 8, 16, 0.5, 0.25)
+    shape = common.SHAPES["llama3-8b"]
+    plain = child.kv_summary({"shape": shape, "compression": None}, 1000, 16, 0.5, 0.25)
+    plugin = child.kv_summary({"shape": shape, "compression": {"policy": "snapkv"}}, 1000 * 32 * 8, 16, 0.5, 0.25)
     assert plain["kv_block_bytes"] == 16 * 32 * 8 * 128 * 2 * 2  # 2 MiB per 16 tokens of Llama-3-8B
     assert plain["kv_pool_gib"] == plugin["kv_pool_gib"] and plain["kv_capacity_tokens"] == plugin["kv_capacity_tokens"]
     assert plain["kv_blocks_peak"] == 500 and plugin["kv_gib_peak"] == plain["kv_gib_peak"]

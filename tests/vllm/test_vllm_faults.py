@@ -244,11 +244,6 @@ def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_
 
 # ==== the server's faults (issue #6) ==================================================================
 @pytest.fixture(scope="module")
-def kvc_plugin_server(request, tiny_model_dir, tmp_path_factory):
-    return load.shared_plugin_server(request, tiny_model_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
 def faults_run(kvc_plugin_server):
     result = load.run_faults(kvc_plugin_server, disconnects=12, cancellations=48)
     print({k: v for k, v in result.items() if k != "inputs"})

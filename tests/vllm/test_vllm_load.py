@@ -1,6 +1,6 @@
 """Concurrent load on the OpenAI server with the plugin (issue #6): benchmarks/load.py's clients for ~45 s.
 
-One server start, shared with test_vllm_faults.py (``kvc_plugin_server``: tiny random GQA Llama,
+One server start, shared with test_vllm_faults.py (``kvc_plugin_server`` of conftest.py: tiny random GQA Llama,
 snapkv, budget 32, max-model-len 1024, a pool of 520 head-blocks -- one uncompressed 1024-token
 request needs 512 -- and the plugin's event log on). 8 clients mix completions and chat, streamed
 and not, prompts of 4-900 tokens (most longer than the budget), 1-64 output tokens, per-request
@@ -11,7 +11,7 @@ written to benchmarks/results (that is ``python benchmarks/load.py --out ...``).
 import benchmark_modules
 import pytest
 
-import kvc_server
+from vllm_kvcompress.tools.openai_server import metric
 
 pytestmark = pytest.mark.slow
 
@@ -20,11 +20,6 @@ CLIENTS = 8
 
 
 load = benchmark_modules.load("load")
-
-
-@pytest.fixture(scope="module")
-def kvc_plugin_server(request, tiny_model_dir, tmp_path_factory):
-    return load.shared_plugin_server(request, tiny_model_dir, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +55,7 @@ def test_the_load_was_real(load_run, kvc_plugin_server):
     assert set(load_run["by_kind"]) >= {"completion", "chat", "completion-stream", "chat-stream", "bad"}
     assert load_run["pool_after"]["peak_requests"] >= 4
     assert load_run["pool_after"]["min_free"] < load_run["pool_after"]["initial_free"] // 4  # the pool ran low
-    text = kvc_server.metric(load.httpx.get(f"{kvc_plugin_server.url}/metrics").text,
-                             "vllm:kv_compression_compressions_total")
+    text = metric(load.httpx.get(f"{kvc_plugin_server.url}/metrics").text, "vllm:kv_compression_compressions_total")
     assert text and text > 0
 
 

@@ -10,15 +10,15 @@ import os
 import re
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from unittest import mock
 
-import kvc_server
 import pytest
+from kvc_server import PLUGIN_FLAGS, start_server
 from prometheus_client import REGISTRY
 
 from vllm_kvcompress.policies.budget import Budget
 from vllm_kvcompress.policies.config import CompressionConfig
 from vllm_kvcompress.tools.models import TINY_SENTENCES
+from vllm_kvcompress.tools.openai_server import metric, write_chat_template
 from vllm_kvcompress.vllm.scheduler import metrics
 from vllm_kvcompress.vllm.frontend import params
 from vllm_kvcompress.vllm.frontend.request_rules import BudgetRange, RequestRules
@@ -252,7 +252,7 @@ def test_api_server_process_gets_the_flags_back(published, monkeypatch, tiny_mod
 
 
 # ---- through the OpenAI server: the defaults, two API-server processes ----------------------------------
-SERVE = [sys.executable, os.path.join(os.path.dirname(__file__), "kvc_vllm_serve.py"), "serve"]
+SERVE = [sys.executable, "-m", "vllm_kvcompress.tools.vllm_cli", "serve"]  # the CLI's serve, for --api-server-count
 API_SERVERS = 2
 SENDS = 3  # each refused request 3 times, each on a connection of its own
 PROMPT = " ".join(TINY_SENTENCES * 3)  # ~160 tokens, longer than the budget
@@ -277,7 +277,7 @@ RULES_LINE = "kv compression: a request may change budget (1 to 32 tokens per he
 
 def refused_totals(text: str) -> dict:
     """{reason: vllm:kv_compression_refused_requests_total of that reason} from /metrics text."""
-    return {reason: kvc_server.metric(text, f'{metrics.REFUSED}_total{{reason="{reason}"}}') or 0.0
+    return {reason: metric(text, f'{metrics.REFUSED}_total{{reason="{reason}"}}') or 0.0
             for reason in metrics.REFUSAL_REASONS}
 
 
@@ -286,11 +286,9 @@ def rules_run(tiny_model_dir, tmp_path_factory):
     """A server on the default rules (snapkv, budget 32) with two API-server processes: every refused
     request SENDS times, the allowed ones, one refused chat; /metrics before and after; its log."""
     log = str(tmp_path_factory.mktemp("logs") / "rules.log")
-    template = kvc_server.write_chat_template(tmp_path_factory.mktemp("template"))
-    # kvc_server.Server runs its SERVER command: here the CLI's serve, for --api-server-count
-    with mock.patch.object(kvc_server, "SERVER", SERVE):
-        server = kvc_server.Server(tiny_model_dir, [*kvc_server.PLUGIN_FLAGS, "--api-server-count", str(API_SERVERS)],
-                                   log, template)
+    template = write_chat_template(tmp_path_factory.mktemp("template"))
+    server = start_server(tiny_model_dir, [*PLUGIN_FLAGS, "--api-server-count", str(API_SERVERS)], log, template,
+                          command=SERVE)
     try:
         before = server.metrics()
         body = {"prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0.0, "ignore_eos": True}

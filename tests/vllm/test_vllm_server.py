@@ -7,7 +7,8 @@ server trusts its clients (``--kv-request-overrides all``: any policy, option an
 request), so every preset is reached per request; the default rules have their own server in
 test_vllm_request_rules.py.
 The bad-flag tests start no engine: the front end refuses before spawning one.
-The server process and its flags come from kvc_server.py (shared with the load and fault tests).
+The server process and the tiny model's flags come from vllm_kvcompress.tools.openai_server (shared
+with the load and fault tests and benchmarks/load.py), the plugin's flags from kvc_server.py.
 """
 import json
 import os
@@ -20,10 +21,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from kvc_server import CHAT_TEMPLATE, ENGINE_FLAGS, PLUGIN_FLAGS, SERVER, Server, free_port, metric
+from kvc_server import PLUGIN_FLAGS, start_server
 from vllm_kvcompress.policies.config import PRESET_NAMES
 from vllm_kvcompress.tools.demo import SHIPPED_HEAD_SCORES
 from vllm_kvcompress.tools.models import TINY_SENTENCES
+from vllm_kvcompress.tools.openai_server import (SERVER, TINY_ENGINE_FLAGS, Server, free_port, metric,
+                                                 write_chat_template)
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +75,7 @@ def stream_events(response: requests.Response) -> list:
 # ---- fixtures --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_template(tmp_path_factory):
-    path = tmp_path_factory.mktemp("template") / "chat.jinja"
-    path.write_text(CHAT_TEMPLATE)
-    return str(path)
+    return write_chat_template(tmp_path_factory.mktemp("template"))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +87,7 @@ def prompts(tiny_model_dir):
 @pytest.fixture(scope="module")
 def plain_run(tiny_model_dir, chat_template, prompts, tmp_path_factory):
     """What the plain server answered (it is shut down before the plugin's server starts)."""
-    server = Server(tiny_model_dir, [], str(tmp_path_factory.mktemp("logs") / "plain.log"), chat_template)
+    server = start_server(tiny_model_dir, [], str(tmp_path_factory.mktemp("logs") / "plain.log"), chat_template)
     try:
         tokens = [token_ids(completion(server, p)) for p in prompts]
         # the plugin is inert here: kv_* extra args are ignored (design: params.py docstring)
@@ -99,7 +100,7 @@ def plain_run(tiny_model_dir, chat_template, prompts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(plain_run, tiny_model_dir, chat_template, tmp_path_factory):
-    s = Server(tiny_model_dir, TRUSTED_FLAGS, str(tmp_path_factory.mktemp("logs") / "plugin.log"), chat_template)
+    s = start_server(tiny_model_dir, TRUSTED_FLAGS, str(tmp_path_factory.mktemp("logs") / "plugin.log"), chat_template)
     yield s
     s.stop()
 
@@ -267,7 +268,8 @@ def sliding_window_model(tiny_model_dir, tmp_path_factory):
 ], ids=["policy", "budget", "sliding-window-model", "head-scores-of-another-model"])
 def test_bad_flags_exit_with_the_reason(model, flags, message, tiny_model_dir, sliding_window_model):
     model_dir = tiny_model_dir if model == "tiny" else sliding_window_model
-    argv = [*SERVER, "--model", model_dir, "--host", "127.0.0.1", "--port", str(free_port()), *ENGINE_FLAGS, *flags]
+    argv = [*SERVER, "--model", model_dir, "--host", "127.0.0.1", "--port", str(free_port()), *TINY_ENGINE_FLAGS,
+            *flags]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode != 0

