@@ -238,13 +238,38 @@ def test_plain_config_passes(tensor_parallel_size):
     ({"parallel_config.pipeline_parallel_size": 2}, "pipeline_parallel_size=2: not supported"),
     ({"parallel_config.decode_context_parallel_size": 2}, "decode_context_parallel_size=2"),
     ({"config.speculative_config": object()}, "speculative decoding"),
-    ({"cache_config.cache_dtype": "fp8"}, "fp8"),
+    ({"cache_config.cache_dtype": "fp8_e5m2"}, "'fp8_e5m2' is not supported \\(supported: auto, fp8, fp8_e4m3;"),
+    ({"cache_config.cache_dtype": "int8_per_token_head"}, "'int8_per_token_head' is not supported"),
     ({"cache_config.enable_prefix_caching": True}, "prefix caching"),
     ({"config.use_v2_model_runner": True}, "V2 model runner"),
 ])
 def test_refusals_say_why(change, message):
     with pytest.raises(ValueError, match=message):
         settings.check_vllm_config(fake_config(**change))
+
+
+@pytest.mark.parametrize("cache_dtype", ["fp8", "fp8_e4m3"])
+def test_fp8_cache_passes(cache_dtype):
+    settings.check_vllm_config(fake_config(**{"cache_config.cache_dtype": cache_dtype}))
+
+
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
+def test_fp8_cache_needs_sm89_on_cuda(monkeypatch, capability, refused):
+    """Triton has no e4m3 conversions below sm89: refused at start-up, naming the GPU's capability."""
+    from vllm.platforms.interface import DeviceCapability
+
+    from vllm_kvcompress.vllm import compat
+
+    platform = SimpleNamespace(device_type="cuda", get_device_capability=lambda: DeviceCapability(*capability),
+                               has_device_capability=lambda c: DeviceCapability(*capability).to_int() >= c)
+    monkeypatch.setattr(compat, "current_platform", platform, raising=False)
+    config = fake_config(**{"cache_config.cache_dtype": "fp8"})
+    if not refused:
+        settings.check_vllm_config(config)
+        return
+    with pytest.raises(ValueError, match=f"compute capability 8.9 or later .*this one is sm{capability[0]}{capability[1]}"):
+        settings.check_vllm_config(config)
+    settings.check_vllm_config(fake_config())  # kv_cache_dtype auto runs on any GPU
 
 
 def test_sliding_window_model_is_refused():

@@ -148,14 +148,37 @@ def refusals(vllm_config) -> list[str]:
     why.extend(_tensor_parallel_refusals(vllm_config))
     if vllm_config.speculative_config is not None:
         why.append("speculative decoding is not supported (rejected draft tokens need per-head rollback)")
-    if cache.cache_dtype != "auto":
-        why.append(f"kv_cache_dtype={cache.cache_dtype!r}: quantized (fp8) KV caches are not supported")
+    why.extend(_cache_dtype_refusals(cache.cache_dtype))
     if getattr(vllm_config, "use_v2_model_runner", False):
         why.append("vLLM's V2 model runner is not supported (set VLLM_USE_V2_MODEL_RUNNER=0)")
     if cache.enable_prefix_caching:
         why.append("prefix caching must be off (compressed head-blocks cannot be shared)")
     why.extend(_head_score_mismatch(vllm_config))
     return why
+
+
+# kv_cache_dtype values compression serves: the model's dtype, or e4m3 with vLLM's per-tensor scales
+# (one float32 scale for K and one for V per layer: the checkpoint's, calculate_kv_scales', or 1.0)
+CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_CAPABILITY = 89  # Triton converts to and from float8_e4m3fn on sm89 (Ada) and later
+
+
+def _cache_dtype_refusals(cache_dtype: str) -> list[str]:
+    """A KV-cache dtype the head-block kernels cannot read or write, or an fp8 cache on a GPU whose
+    Triton has no e4m3 conversions."""
+    if cache_dtype not in CACHE_DTYPES:
+        return [f"kv_cache_dtype={cache_dtype!r} is not supported (supported: {', '.join(CACHE_DTYPES)}; fp8 is "
+                "fp8_e4m3 with vLLM's per-tensor scales)"]
+    if cache_dtype == "auto":
+        return []
+    from vllm_kvcompress.vllm.compat import current_platform
+
+    if current_platform.device_type == "cuda" and not current_platform.has_device_capability(FP8_CAPABILITY):
+        capability = current_platform.get_device_capability()
+        found = "unknown" if capability is None else f"sm{capability.to_int()}"
+        return [f"kv_cache_dtype={cache_dtype!r} needs a GPU of compute capability 8.9 or later (sm89+: Triton's "
+                f"float8_e4m3fn), this one is {found}; use kv_cache_dtype auto"]
+    return []
 
 
 def _tensor_parallel_refusals(vllm_config) -> list[str]:
