@@ -129,3 +129,57 @@ def test_paged_prefill_compression_keeps_the_rows_the_dense_path_keeps(policy, m
     got, want = heads_content(states["paged"], "r0"), heads_content(states["dense"], "r0")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+# ---- fp8 pools: the policies see dequantized rows, written rows are quantized with their layer's scales ----
+def as_fp8_and_values(states, seed=0):
+    """Turn two equal WorkerStates into an fp8 one (float8_e4m3fn pool, every layer its own K and V
+    scales, all different: a wrong one shows) and one holding exactly the values the fp8 one stands
+    for (float32). Returns each block's scales, float32 [2, num_blocks] (its layer's)."""
+    fp8, values = states
+    gen = torch.Generator().manual_seed(seed)
+    scales = 0.002 + 0.02 * torch.rand(2, fp8.L, generator=gen)
+    layer_of_block = torch.zeros(fp8.pool.shape[1], dtype=torch.int64)
+    for request in fp8.reqs.values():
+        held = torch.arange(fp8.host_tables.shape[3]) < request.num_blocks[..., None]  # [L, H, columns]
+        blocks = fp8.host_tables[request.row].long()
+        layer_of_block[blocks[held]] = torch.arange(fp8.L)[:, None, None].expand_as(blocks)[held]
+    block_scales = scales[:, layer_of_block]
+    stored = compressor.reference.quantize(fp8.pool, block_scales[..., None, None], torch.float8_e4m3fn)
+    fp8.pool, values.pool = stored, compressor.reference.dequantize(stored, block_scales[..., None, None])
+    fp8.layer_scales = {layer: (scales[0, layer], scales[1, layer]) for layer in range(fp8.L)}
+    return block_scales
+
+
+def assert_fp8_holds_the_values(fp8, values, block_scales):
+    """Every row of the fp8 pool, dequantized, is the values pool's row as an fp8 cache stores it
+    (rows kept, merged and left behind alike), and the heads' lengths agree."""
+    for rid in fp8.reqs:
+        assert torch.equal(fp8.reqs[rid].lens, values.reqs[rid].lens)
+    scale = block_scales[..., None, None]
+    expected = compressor.reference.dequantize(compressor.reference.quantize(values.pool, scale, torch.float8_e4m3fn),
+                                               scale)
+    torch.testing.assert_close(compressor.reference.dequantize(fp8.pool, scale), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ems", "pyramidkv", "adakv", "windowkv"])
+def test_fp8_prefill_compression_equals_compressing_the_values(policy):
+    """Prefill compression of an fp8 pool keeps what the same policy keeps from the values the pool
+    stands for, and stores merged rows (EMS) quantized with the layer's scales."""
+    states = [host.prefilled_requests(policy, 120, 40)[0] for _ in range(2)]
+    block_scales = as_fp8_and_values(states)
+    for ws in states:
+        compressor.Compressor(ws).compress_prefill("r0")
+    assert_fp8_holds_the_values(*states, block_scales)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "ems", "streamingllm", "adakv", "windowkv"])
+def test_fp8_recompression_equals_recompressing_the_values(policy):
+    """Decode-time recompression (paged scoring and compaction, or the dense path with a merge) of
+    heads of several layers and requests in one call reads and writes each head with its own
+    layer's scales."""
+    states = [host.due_requests(policy, 40, num_requests=2, layer_lengths=True) for _ in range(2)]
+    block_scales = as_fp8_and_values(states)
+    for ws in states:
+        assert compressor.Compressor(ws).recompress(["r0", "r1"]) == ["r0", "r1"]
+    assert_fp8_holds_the_values(*states, block_scales)

@@ -9,23 +9,34 @@ from vllm_kvcompress.vllm.attention import kernels
 @pytest.mark.parametrize("num_seqs,num_queries,num_kv_heads,group,block_size,max_len",
                          [(1, 1, 1, 1, 16, 5), (3, 1, 2, 4, 16, 37), (4, 2, 3, 3, 8, 50), (2, 3, 4, 1, 4, 9)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fp8", [False, True], ids=["values", "fp8"])
 def test_padded_decode_attention_matches_reference(num_seqs, num_queries, num_kv_heads, group, block_size,
-                                                   max_len, dtype):
+                                                   max_len, dtype, fp8):
     gen = torch.Generator().manual_seed(num_seqs * 100 + max_len)
     head_dim, max_blocks = 16, -(-max_len // block_size) + 1
     num_blocks = num_seqs * num_kv_heads * max_blocks + 3
-    key_cache = torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, head_dim, generator=gen).to(dtype)
+    key_cache, value_cache, k_scale, v_scale = random_caches(num_blocks, block_size, head_dim, dtype, fp8, gen)
     # every head its own shuffled pages and its own length (>= num_queries: the new rows are cached)
     table = torch.randperm(num_blocks, generator=gen)[: num_seqs * num_kv_heads * max_blocks]
     table = table.view(num_seqs, num_kv_heads, max_blocks).int()
     lens = torch.randint(num_queries, max_len + 1, (num_seqs, num_kv_heads), generator=gen).int()
     query = torch.randn(num_seqs, num_queries, num_kv_heads * group, head_dim, generator=gen).to(dtype)
-    expected = reference.decode_attention(query, key_cache, value_cache, table, lens, scale=0.3)
-    got = kernels.padded_decode_attention(query, key_cache, value_cache, table, lens, 0.3)
+    expected = reference.decode_attention(query, key_cache, value_cache, table, lens, 0.3, k_scale, v_scale)
+    got = kernels.padded_decode_attention(query, key_cache, value_cache, table, lens, 0.3, k_scale, v_scale)
     assert got.dtype == dtype and got.shape == expected.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
+
+
+def random_caches(num_blocks, block_size, head_dim, dtype, fp8, gen):
+    """Random K and V caches of ``dtype``, or with ``fp8`` float8_e4m3fn caches and their scales
+    (0-dim float32 tensors, as vLLM's layers hold them; not 1.0, so a forgotten scale shows)."""
+    key_cache, value_cache = (torch.randn(num_blocks, block_size, head_dim, generator=gen) for _ in range(2))
+    if not fp8:
+        return key_cache.to(dtype), value_cache.to(dtype), None, None
+    k_scale, v_scale = torch.tensor(0.03), torch.tensor(0.011)
+    return (reference.quantize(key_cache, k_scale, kernels.FP8_DTYPE),
+            reference.quantize(value_cache, v_scale, kernels.FP8_DTYPE), k_scale, v_scale)
 
 
 @pytest.mark.parametrize("head_size", [16, 64, 128, 256])
@@ -52,10 +63,12 @@ def test_column_mass_on_the_cpu_is_the_reference():
 
 @pytest.mark.parametrize("q_lens,seq_lens,group", [([5, 17], [40, 17], 4), ([33], [130], 1), ([8, 8, 3], [8, 64, 99], 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, dtype):
+@pytest.mark.parametrize("fp8", [False, True], ids=["values", "fp8"])
+def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, dtype, fp8):
     """Continued prefill chunks over the pages (FlashAttention with per-(request, head) block
     tables on a GPU) against each request's heads gathered and attended densely; the step's other
-    tokens (a decode row between the chunks here) are left alone."""
+    tokens (a decode row between the chunks here) are left alone. fp8 pages: gathered dequantized
+    (the GPU also quantizes the queries with the layer's q_scale, as vLLM's FlashAttention does)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and dtype == torch.bfloat16:
         pytest.skip("the CPU path is the reference itself; bf16 is checked where FlashAttention runs")
@@ -65,8 +78,8 @@ def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, 
     num_kv_heads, head_dim, bs = 2, 64, 16
     widths = [-(-n // bs) for n in seq_lens]
     num_blocks = num_kv_heads * sum(widths) + 5
-    key_cache = torch.randn(num_blocks, bs, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(num_blocks, bs, head_dim, generator=gen).to(dtype)
+    key_cache, value_cache, k_scale, v_scale = random_caches(num_blocks, bs, head_dim, dtype, fp8, gen)
+    q_scale = torch.tensor(0.02) if fp8 else None
     order = torch.randperm(num_blocks, generator=gen).int()
     table = torch.zeros(len(seq_lens), num_kv_heads, max(widths) + 1, dtype=torch.int32)
     used = 0
@@ -85,10 +98,15 @@ def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, 
     chunk = kernels.ChunkLayout(to(torch.arange(len(q_lens))), starts, q_lens, to(host["chunk_q_index"]),
                                 to(host["chunk_cu_q_lens"]), max(seq_lens))
     out = torch.full_like(query, float("nan")).to(device)
-    kernels.paged_chunk_attention(to(query), out, to(key_cache), to(value_cache), to(table), to(lens), chunk, 0.125)
+    scales = [None if s is None else to(s) for s in (k_scale, v_scale, q_scale)]
+    kernels.paged_chunk_attention(to(query), out, to(key_cache), to(value_cache), to(table), to(lens), chunk, 0.125,
+                                  *scales)
     out = out.cpu()
+    if fp8 and device == "cuda":  # what FlashAttention's fp8 path attends with
+        query = reference.dequantize(reference.quantize(query, q_scale, kernels.FP8_DTYPE), q_scale)
     for start, q_len, n, s in zip(starts, q_lens, seq_lens, range(len(q_lens))):
-        keys, values = (reference.gather_heads(c, table[s], n).transpose(0, 1).float() for c in (key_cache, value_cache))
+        keys, values = (reference.gather_heads(c, table[s], n, c_scale).transpose(0, 1).float()
+                        for c, c_scale in ((key_cache, k_scale), (value_cache, v_scale)))
         want = kernels.chunk_attention(query[start:start + q_len].float(), keys, values, 0.125)
         tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-2
         torch.testing.assert_close(out[start:start + q_len].float(), want, rtol=tol, atol=tol)

@@ -135,7 +135,13 @@ PINNED: dict[str, str | None] = {
     "vllm.distributed.parallel_state:GroupCoordinator.rank_in_group": None,
     "vllm.distributed.parallel_state:GroupCoordinator.world_size": None,
     "vllm.v1.worker.gpu_input_batch:InputBatch.req_ids": None,
+    # backend.py: an fp8 pool is read and written with the scales this registers on every attention
+    # layer (LAYER_SCALES); calculate_kv_scales and checkpoint scales change them in place
+    "vllm.model_executor.layers.attention.attention:set_default_quant_scales":
+        "(layer: torch.nn.modules.module.Module, register_buffer: bool = False) -> None",
 }
+# the per-tensor fp8 scales the backend reads off vLLM's attention layer (float32 tensors on the device)
+LAYER_SCALES = ("_k_scale", "_v_scale", "_q_scale")
 # dataclass fields the plugin reads: "module:Class" -> field names
 PINNED_FIELDS = {
     "vllm.v1.attention.backend:CommonAttentionMetadata": (
@@ -145,7 +151,7 @@ PINNED_FIELDS = {
 # extension it wraps is not there on a CPU build
 FLASH_ATTENTION = ("vllm.vllm_flash_attn.flash_attn_interface", "flash_attn_varlen_func",
                    ("cu_seqlens_k", "seqused_k", "softmax_scale", "causal", "block_table", "return_softmax_lse",
-                    "fa_version"))
+                    "fa_version", "q_descale", "k_descale", "v_descale"))
 
 
 def __getattr__(name: str):
@@ -193,7 +199,20 @@ def mismatches(keys=None) -> list[str]:
             fields = {f.name for f in dataclasses.fields(resolve(key))}
             found += [f"{key}.{name}: field gone" for name in names if name not in fields]
         found += flash_attention_mismatches()
+        found += layer_scale_mismatches()
     return found
+
+
+def layer_scale_mismatches() -> list[str]:
+    """The layer scales the backend reads must still be the buffers ``set_default_quant_scales``
+    registers (read from its source: the attributes exist on layer instances only)."""
+    key = "vllm.model_executor.layers.attention.attention:set_default_quant_scales"
+    try:
+        source = inspect.getsource(resolve(key))
+    except (AttributeError, ImportError):
+        return []  # reported as gone by the pin itself
+    return [f"{key}: registers no {name!r} buffer" for name in LAYER_SCALES
+            if f'register_buffer("{name}"' not in source]
 
 
 def flash_attention_mismatches() -> list[str]:

@@ -24,6 +24,11 @@ RULES_KEY = "kv_request_rules"
 BLOCK_SIZE = 16
 CONNECTOR = "KVCompressConnector"
 CONNECTOR_MODULE = "vllm_kvcompress.vllm.scheduler.connector"
+# kv_cache_dtype values compression serves: the model's dtype, or e4m3 with vLLM's per-tensor scales
+# (one float32 scale for K and one for V per layer: the checkpoint's, calculate_kv_scales', or 1.0)
+FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
+CACHE_DTYPES = ("auto", *FP8_CACHE_DTYPES)
+FP8_CAPABILITY = 89  # Triton converts to and from float8_e4m3fn on sm89 (Ada) and later
 WORKERS = {"cpu": "vllm_kvcompress.vllm.worker.worker.KVCompressCPUWorker",
            "cuda": "vllm_kvcompress.vllm.worker.worker.KVCompressGPUWorker"}
 
@@ -155,12 +160,6 @@ def refusals(vllm_config) -> list[str]:
         why.append("prefix caching must be off (compressed head-blocks cannot be shared)")
     why.extend(_head_score_mismatch(vllm_config))
     return why
-
-
-# kv_cache_dtype values compression serves: the model's dtype, or e4m3 with vLLM's per-tensor scales
-# (one float32 scale for K and one for V per layer: the checkpoint's, calculate_kv_scales', or 1.0)
-CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
-FP8_CAPABILITY = 89  # Triton converts to and from float8_e4m3fn on sm89 (Ada) and later
 
 
 def _cache_dtype_refusals(cache_dtype: str) -> list[str]:

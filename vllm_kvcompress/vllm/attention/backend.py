@@ -25,6 +25,7 @@ from vllm_kvcompress.vllm.compat import (AttentionBackend, AttentionCGSupport, A
 class HeadBlockBackend(AttentionBackend):
     forward_includes_kv_cache_update = True  # forward writes K/V itself (per-head slots)
     supported_dtypes = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes = ["auto", *settings.FP8_CACHE_DTYPES]  # CUDA validates the CUSTOM backend's
 
     @staticmethod
     def get_name() -> str:
@@ -237,8 +238,10 @@ class HeadBlockImpl(AttentionImpl):
         bad = [k for k, v in unsupported.items() if v is not None]
         if bad or attn_type != AttentionType.DECODER:
             raise NotImplementedError(f"head-block compression supports plain decoder attention only ({bad or attn_type})")
-        if kv_cache_dtype != "auto":
+        if kv_cache_dtype not in settings.CACHE_DTYPES:
             raise NotImplementedError(f"head-block compression: kv_cache_dtype {kv_cache_dtype!r} is not supported")
+        # vLLM allocates an fp8 pool as uint8: viewed as e4m3, read and written with the layer's scales
+        self.fp8 = kv_cache_dtype in settings.FP8_CACHE_DTYPES
         self.num_heads, self.head_size, self.num_kv_heads = num_heads, head_size, num_kv_heads
         self.scale = float(scale)
         self.group = num_heads // num_kv_heads
@@ -257,21 +260,29 @@ class HeadBlockImpl(AttentionImpl):
                 torch.empty(state.workspace_bytes, dtype=torch.uint8, device=query.device)
                 kernels.warm_up(self.num_heads, self.num_kv_heads, self.head_size, query.dtype, query.device)
             return output
+        k_scale = v_scale = None
+        if self.fp8:
+            kv_cache = kv_cache.view(kernels.FP8_DTYPE)
+            # vLLM's per-tensor scales (float32 tensors on the device: the checkpoint's, or set in
+            # place by calculate_kv_scales at the first forward), read by the kernels, never synced
+            k_scale, v_scale = layer._k_scale, layer._v_scale
         if self.layer is None:
             self.layer = state.layer_index[layer.layer_name]
+            if self.fp8:  # the compressor reads and writes rows of every layer with that layer's scales
+                state.layer_scales[self.layer] = (k_scale, v_scale)
         state.pool = kv_cache
         l, n = self.layer, metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         q = query[:n].view(n, self.num_heads, self.head_size)
         k = key[:n].view(n, self.num_kv_heads, self.head_size)
         v = value[:n].view(n, self.num_kv_heads, self.head_size)
-        kernels.write_tokens(k, v, metadata.slots[l], key_cache, value_cache)
+        kernels.write_tokens(k, v, metadata.slots[l], key_cache, value_cache, k_scale, v_scale)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if metadata.graph:  # persistent buffers, nothing else: the same launches when a CUDA graph replays them
             if l == 0:  # Python runs here only when not replaying: graph_check counts these against builds
                 runtime.event("graph_forward", capturing=query.is_cuda and torch.cuda.is_current_stream_capturing())
             kernels.decode_attention(q[:, None], key_cache, value_cache, metadata.tables[l], metadata.lens[l], self.scale,
-                                     out[:, None])
+                                     out[:, None], k_scale, v_scale)
             metadata.step_queries[l].copy_(q)
             return output
         tables, lens = metadata.tables[l], metadata.lens[l]  # [R, H, W], [R, H], contiguous
@@ -292,27 +303,31 @@ class HeadBlockImpl(AttentionImpl):
         if metadata.decode:  # one new token per request, all requests in one call
             rows, batch = metadata.decode_tokens, metadata.decode_rows
             if rows is None:  # a pure decode step: written straight into vLLM's output
-                kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale, out[:, None])
+                kernels.decode_attention(q[:, None], key_cache, value_cache, tables, lens, self.scale, out[:, None],
+                                         k_scale, v_scale)
             else:
                 out[rows] = kernels.decode_attention(q[rows][:, None], key_cache, value_cache, tables[batch],
-                                                     lens[batch], scale=self.scale)[:, 0]
+                                                     lens[batch], self.scale, None, k_scale, v_scale)[:, 0]
         if metadata.chunks:  # continued prefill chunks: causal over each request's pages so far
             chunk_rows = metadata.chunk.rows
             kernels.paged_chunk_attention(q, out, key_cache, value_cache, tables[chunk_rows], lens[chunk_rows],
-                                          metadata.chunk, self.scale)
+                                          metadata.chunk, self.scale, k_scale, v_scale,
+                                          layer._q_scale if self.fp8 else None)
         for r in metadata.observe:
             first = metadata.lse_rows.get(r)
             row_lse = None if first is None else lse[:, first:first + metadata.seq_lens[r]]
-            self._observe(state, metadata, r, q, k, key_cache, row_lse)
+            self._observe(state, metadata, r, q, k, key_cache, row_lse, k_scale)
         if metadata.record is not None:  # newest queries into their requests' rings, one kernel
             tokens, ring_index = metadata.record
             ring = state.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
             ring.index_copy_(0, ring_index, (q if tokens is None else q[tokens]).to(ring.dtype))
         return output
 
-    def _observe(self, state, metadata, r, q, k, key_cache, lse=None) -> None:
+    def _observe(self, state, metadata, r, q, k, key_cache, lse=None, k_scale=None) -> None:
         """Stash the request's latest window queries and (EMS) accumulate the causal column mass
-        (``lse``: its rows' log-sum-exp from the prefill's FlashAttention, when it has them)."""
+        (``lse``: its rows' log-sum-exp from the prefill's FlashAttention, when it has them). A
+        continued chunk's mass reads the earlier keys from the pages (fp8: dequantized with
+        ``k_scale``); a whole prompt's, the fresh keys."""
         request = state.reqs[metadata.req_ids[r]]
         a, b = metadata.query_start_loc[r], metadata.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
@@ -322,7 +337,8 @@ class HeadBlockImpl(AttentionImpl):
             if not chunk:
                 keys, start = k[a:b].transpose(0, 1), 0
             else:
-                keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r])  # all heads full
+                keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r],
+                                              k_scale)  # all heads full
                 start = metadata.seq_lens[r] - (b - a)
             signal_kernels = {"global_attention": functools.partial(kernels.column_mass, lse=lse)}
             observed = observe_prefill(request.policy.observes, qh, keys, start, signal_kernels)

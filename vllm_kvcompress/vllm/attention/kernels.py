@@ -3,6 +3,11 @@
 CUDA: the Triton kernels (``vllm_kvcompress.triton_kernels``), tested against the PyTorch
 references in ``tests/triton_kernels``. CPU: the PyTorch references (``paged/reference.py``); the
 Triton interpreter would be far slower there. Shapes: see :mod:`vllm_kvcompress.paged.layout`.
+
+fp8 pools (``--kv-cache-dtype fp8``): the caches are float8_e4m3fn views and every operation on
+them takes the layer's ``k_scale`` / ``v_scale`` (vLLM's ``layer._k_scale`` / ``_v_scale``, float32
+one element, on the device), following :func:`~vllm_kvcompress.paged.reference.quantize` /
+``dequantize``; without scales the caches hold the values themselves, as before.
 """
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from vllm_kvcompress.policies.observation import causal_column_mass
 from vllm_kvcompress.paged import reference
 from vllm_kvcompress.triton_kernels import runs_on
 
+FP8_DTYPE = torch.float8_e4m3fn  # what an fp8 pool holds (vLLM allocates it as uint8)
+
 
 def check_head_size(head_size: int, device: torch.device | str) -> None:
     """The Triton kernels tile the head dimension in one power-of-two block: refuse other sizes at
@@ -23,29 +30,35 @@ def check_head_size(head_size: int, device: torch.device | str) -> None:
                          f"attention heads have {head_size}")
 
 
-def write_tokens(key, value, slot_mapping, key_cache, value_cache) -> None:
-    """key/value [T, H, D] -> pool rows ``slot_mapping`` int64 [T, H] (-1 skips)."""
+def write_tokens(key, value, slot_mapping, key_cache, value_cache, k_scale=None, v_scale=None) -> None:
+    """key/value [T, H, D] -> pool rows ``slot_mapping`` int64 [T, H] (-1 skips); fp8 caches
+    quantized with k_scale / v_scale, float32 one element or [H] (each head its own layer's)."""
     if runs_on(key_cache):
         from vllm_kvcompress.triton_kernels.write_tokens import write_tokens as triton_write
 
-        triton_write(key, value, slot_mapping, key_cache, value_cache)
+        triton_write(key, value, slot_mapping, key_cache, value_cache, k_scale, v_scale)
     else:
-        reference.write_tokens(key, value, slot_mapping, key_cache, value_cache)
+        reference.write_tokens(key, value, slot_mapping, key_cache, value_cache, k_scale, v_scale)
 
 
-def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, out=None):
+def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, out=None, k_scale=None,
+                     v_scale=None):
     """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H]);
-    written into ``out`` (query's shape, last dim contiguous) when given. Returns the result."""
+    written into ``out`` (query's shape, last dim contiguous) when given; fp8 caches read with
+    k_scale / v_scale (float32, one element). Returns the result."""
     if runs_on(query):
         from vllm_kvcompress.triton_kernels.decode_attention import decode_attention as triton_decode
 
         # the kernel takes any strides but the last dim's; tables and lengths are contiguous slices
-        return triton_decode(query, key_cache, value_cache, head_block_table, retained_len, scale=scale, out=out)
-    result = padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale)
+        return triton_decode(query, key_cache, value_cache, head_block_table, retained_len, scale=scale, out=out,
+                             k_scale=k_scale, v_scale=v_scale)
+    result = padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, k_scale,
+                                     v_scale)
     return result if out is None else out.copy_(result)
 
 
-def padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale):
+def padded_decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, k_scale=None,
+                            v_scale=None):
     """:func:`reference.decode_attention` for all rows and heads at once (the reference loops over
     them in Python, seconds per step on the CPU): every head's pages are gathered up to the longest
     head's and the rows past a head's length are masked out. Same shapes and semantics."""
@@ -54,8 +67,8 @@ def padded_decode_attention(query, key_cache, value_cache, head_block_table, ret
     group = num_q_heads // num_kv_heads
     width = -(-int(retained_len.max()) // block_size)
     blocks = head_block_table[:, :, :width].long()  # [S, H, W]
-    keys, values = (cache[blocks].reshape(num_seqs, num_kv_heads, width * block_size, head_dim).float()
-                    for cache in (key_cache, value_cache))
+    keys, values = (reference.dequantize(cache[blocks], cache_scale).reshape(num_seqs, num_kv_heads, -1, head_dim).float()
+                    for cache, cache_scale in ((key_cache, k_scale), (value_cache, v_scale)))
     q = query.float().reshape(num_seqs, num_queries, num_kv_heads, group, head_dim)
     logits = torch.einsum("sqhgd,shld->shqgl", q, keys) * scale
     # query t of n sees the cached rows up to length - n + t
@@ -115,7 +128,7 @@ class ChunkLayout:
 
 
 def paged_chunk_attention(query, out, key_cache, value_cache, head_block_table, retained_len, chunk: ChunkLayout,
-                          scale: float) -> None:
+                          scale: float, k_scale=None, v_scale=None, q_scale=None) -> None:
     """Continued prefill chunks of several requests, each attending causally over its heads' pages.
 
     query / out [T, Hq, D]: the step's queries and attention output, of which the chunks' tokens
@@ -123,7 +136,11 @@ def paged_chunk_attention(query, out, key_cache, value_cache, head_block_table, 
     [S, H] of the S chunk requests (rows each head holds, this chunk's last; their K/V are
     already written). CUDA: one FlashAttention varlen call over the pages, each (request, KV head)
     a sequence of its own with one KV head and its group of query heads; nothing is gathered.
-    CPU: each request's heads gathered, then SDPA."""
+    CPU: each request's heads gathered, then SDPA.
+
+    fp8 caches (k_scale / v_scale, float32 one element): the CPU gathers them dequantized (float32)
+    and attends in float32. CUDA: FlashAttention 3's fp8 path, as vLLM's own backend runs it: the
+    chunk's queries quantized with the layer's ``q_scale``, every operand descaled inside."""
     num_seqs, num_kv_heads, width = head_block_table.shape
     head_dim = query.shape[-1]
     group = query.shape[1] // num_kv_heads
@@ -132,19 +149,25 @@ def paged_chunk_attention(query, out, key_cache, value_cache, head_block_table, 
 
         rows = query.reshape(-1, group, head_dim)[chunk.q_index]  # [(s, h, t), group, D]
         pool = (key_cache.unsqueeze(2), value_cache.unsqueeze(2))  # [blocks, bs, 1 KV head, D]
+        descale = {}
+        if k_scale is not None:  # FA3 takes fp8 queries with fp8 pages; a descale per (request, head) sequence
+            rows = reference.quantize(rows, q_scale, key_cache.dtype)
+            sequences = (num_seqs * num_kv_heads, 1)
+            descale = {f"{x}_descale": s.reshape(1, 1).expand(sequences) for x, s in zip("qkv", (q_scale, k_scale, v_scale))}
         attended = flash_attn_varlen_func(
             rows, *pool, max(chunk.q_lens), chunk.cu_q_lens, chunk.max_len,
             seqused_k=retained_len.reshape(-1), block_table=head_block_table.reshape(-1, width),
-            softmax_scale=scale, causal=True, fa_version=_fa_version(query))
+            softmax_scale=scale, causal=True, fa_version=_fa_version(query), **descale)
         out.view(-1, group, head_dim)[chunk.q_index] = attended
         return
     for s, (start, q_len) in enumerate(zip(chunk.starts, chunk.q_lens)):
         lens = retained_len[s].tolist()
         if len(set(lens)) != 1:
             raise NotImplementedError("the CPU chunk path takes heads of equal lengths (a prefill) only")
-        keys, values = (reference.gather_heads(cache, head_block_table[s], lens[0]).transpose(0, 1)
-                        for cache in (key_cache, value_cache))
-        out[start:start + q_len] = chunk_attention(query[start:start + q_len], keys, values, scale)
+        keys, values = (reference.gather_heads(cache, head_block_table[s], lens[0], cache_scale).transpose(0, 1)
+                        for cache, cache_scale in ((key_cache, k_scale), (value_cache, v_scale)))
+        rows = query[start:start + q_len]
+        out[start:start + q_len] = chunk_attention(rows if k_scale is None else rows.float(), keys, values, scale)
 
 
 def chunk_attention(query, key, value, scale: float) -> torch.Tensor:

@@ -27,6 +27,11 @@ the other ranks (the budgets are known; each head is reduced on its own). Every 
 every head's rows, so all size their blocks alike (:class:`~.request.Request`).
 The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
 positions from the true sequence length.
+
+An fp8 pool (``--kv-cache-dtype fp8``) holds e4m3 rows with one K and one V scale per layer
+(:meth:`WorkerState.cache_scales`): the policies see the rows dequantized (float32), rows written
+back (a reducer's kept or merged rows) are quantized with their own layer's scales, and compaction
+moves the stored bytes.
 """
 from __future__ import annotations
 
@@ -42,11 +47,22 @@ from vllm_kvcompress.vllm.worker.request import Request
 from vllm_kvcompress.vllm.worker.state import WorkerState
 
 
+def head_scales(scales: torch.Tensor | None, layers: torch.Tensor | int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The K and V scales an fp8 pool stores heads of ``layers`` with (int64 [n] on the device:
+    float32 [n] each; one layer index: one element each), from ``scales``
+    (:meth:`WorkerState.cache_scales`); (None, None) for a pool of values (``scales`` None)."""
+    if scales is None:
+        return None, None
+    k_scale, v_scale = scales[:, layers].contiguous()
+    return k_scale, v_scale
+
+
 def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               lengths: torch.Tensor, lengths_on_device: torch.Tensor | None = None) -> None:
+               lengths: torch.Tensor, lengths_on_device: torch.Tensor | None = None, scales: tuple = (None, None)) -> None:
     """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of the
     heads whose block tables are ``table`` [n, max_blocks] (on the device), in place.
-    ``lengths`` (host) sizes the write; ``lengths_on_device`` saves its copy when given."""
+    ``lengths`` (host) sizes the write; ``lengths_on_device`` saves its copy when given;
+    ``scales``: the heads' (K, V) scales in an fp8 pool (:func:`head_scales`)."""
     width = int(lengths.max())
     device = state.pool.device
     lengths_d = lengths.to(device) if lengths_on_device is None else lengths_on_device
@@ -54,7 +70,7 @@ def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, valu
     positions = torch.where(positions < lengths_d[:, None], positions, -1)
     slots = slots_for_positions(table, positions, state.bs)  # [n, width]
     kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
-                         slots.transpose(0, 1), state.pool[0], state.pool[1])
+                         slots.transpose(0, 1), state.pool[0], state.pool[1], *scales)
 
 
 def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
@@ -72,7 +88,8 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     if policy.scores_from_pages:
         per_row = 8 * 4 + 3 * 4  # scores, pooled, masked, sort keys and indices; protected, padding
     else:
-        head_dim, itemsize = state.pool.shape[-1], state.pool.element_size()
+        head_dim = state.pool.shape[-1]
+        itemsize = 4 if state.layer_scales else state.pool.element_size()  # an fp8 pool's rows gather as float32
         per_row = 2 * head_dim * itemsize + 3 * group * max(count, 1) * 4
         if policy.reducer.merges_rows:
             per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
@@ -115,18 +132,20 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
     queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
                         dev["q_heads"][:, :, None]]
+    k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
     if policy.scores_from_pages:
-        paged = PagedHeads(queries, state.pool[0], table, dev["lengths"], width)
+        paged = PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale)
         host_budgets = budgets.pin_memory() if state.device.type == "cuda" else budgets
         keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
         own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
         compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
         return
     uniform = bool((lengths == lengths[0]).all())
-    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width) for cache in state.pool)
+    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
+                    for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
     kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
                                                      None if uniform else dev["lengths"])
-    write_rows(state, table, kept_keys, kept_values, budgets, dev["budgets"])
+    write_rows(state, table, kept_keys, kept_values, budgets, dev["budgets"], (k_scale, v_scale))
 
 
 class Compressor:
@@ -175,8 +194,9 @@ class Compressor:
         queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
         queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
         lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
-        keep_idx, budgets = request.policy.select_prefill(PagedHeads(queries, state.pool[0], table, lengths, n), state.L,
-                                                     state.shards)
+        k_scale, _ = head_scales(state.cache_scales(), torch.arange(state.L, device=state.pool.device).repeat_interleave(state.H))
+        keep_idx, budgets = request.policy.select_prefill(PagedHeads(queries, state.pool[0], table, lengths, n, k_scale),
+                                                          state.L, state.shards)
         compaction.compact_rows(state.pool[0], state.pool[1], table, keep_idx.contiguous(),
                                 state.shards.mine(budgets).flatten().to(state.pool.device))
         return budgets.cpu()
@@ -186,14 +206,16 @@ class Compressor:
         Returns the rows kept per head of the model, int64 [L, all KV heads] (host): what every rank
         kept, gathered (a reducer may keep fewer rows than its budget)."""
         state = self.state
-        observations = []
+        observations, scales = [], state.cache_scales()
         for l in range(state.L):  # every head holds num_tokens rows
-            keys, values = (reference.gather_heads(cache, state.tables[request.row, l], request.num_tokens) for cache in state.pool)
+            keys, values = (reference.gather_heads(cache, state.tables[request.row, l], request.num_tokens, cache_scale)
+                            for cache, cache_scale in zip(state.pool, head_scales(scales, l)))
             observations.append(LayerObservation(request.queries[l], keys, values, l, **request.signals.get(l, {})))
         retained, _ = request.policy.compress_shard(observations, state.shards)
         keep = torch.stack([kept.lengths for kept in retained])
         for l, kept in enumerate(retained):
-            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l].cpu())
+            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l].cpu(),
+                       scales=head_scales(scales, l))
         return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
 
     def _seed_ring(self, request: Request) -> None:

@@ -120,6 +120,9 @@ class WorkerState:
         self.preempted: dict[str, tuple[Policy | None, int | None]] = {}
         self.pending: list[str] = []  # requests whose prefill completed in this step, to compress
         self.pool: torch.Tensor | None = None  # (2, num_blocks, bs, D), set by the first forward
+        # fp8 pool (float8_e4m3fn): layer -> vLLM's (k_scale, v_scale) tensors of that layer, float32
+        # one element each on the device, registered by the layer's first forward
+        self.layer_scales: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32, device=self.device)
         self.host_tables = torch.zeros(0, self.L, self.H, 0, dtype=torch.int32)  # the same, on the host
         self.counts = HeadCounts(self.L, self.shards)  # every request's heads' rows and blocks, by table row
@@ -135,6 +138,15 @@ class WorkerState:
         # (the backend stashes its queries in Python), or a head would outgrow the graph tables
         self.step_refuses_graphs = False
         self.graph_record: tuple | None = None  # (token indices, ring indices) left in decode_buffers.queries
+
+    def cache_scales(self) -> torch.Tensor | None:
+        """float32 [2, L]: every layer's K scale (row 0) and V scale (row 1) of an fp8 pool, read
+        from vLLM's tensors now (one stack, no host sync); None when the pool holds the values."""
+        if not self.layer_scales:
+            return None
+        if len(self.layer_scales) != self.L:
+            raise RuntimeError(f"kv compression: the fp8 scales of {self.L - len(self.layer_scales)} layers are unknown")
+        return torch.stack([s.reshape(()) for l in range(self.L) for s in self.layer_scales[l]]).view(self.L, 2).T
 
     # ---- policies ---------------------------------------------------------------------------
     def policy_for(self, extra_args: dict | None) -> tuple[Policy | None, int | None]:

@@ -22,7 +22,8 @@ from vllm_kvcompress.policies.head_scores import HeadScores
 from vllm_kvcompress.policies.tensor_parallel import HeadShards
 from vllm_kvcompress.vllm.attention import kernels
 from vllm_kvcompress.vllm import runtime, settings
-from vllm_kvcompress.vllm.compat import AttentionBackendEnum, BlockTable, FullAttentionSpec, SlotMappingMode, get_tp_group, register_backend
+from vllm_kvcompress.vllm.compat import (AttentionBackendEnum, BlockTable, FullAttentionSpec, SlotMappingMode,
+                                         get_dtype_size, get_tp_group, register_backend)
 from vllm_kvcompress.vllm.worker.compressor import Compressor
 from vllm_kvcompress.vllm.worker.graphs import DecodeBuffers
 from vllm_kvcompress.vllm.scheduler.spec import HeadBlockSpec
@@ -64,9 +65,10 @@ class _HeadBlockRunnerMixin:
                              config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config),
                              shards=shards)
             if config.cuda_graphs:
+                # the step's queries, in the model's dtype (the spec's is the pool's: uint8 for fp8)
                 state.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
                                                                                  config.cuda_graphs_max_len),
-                                                           dtype=first.dtype, device=self.device)
+                                                           dtype=self.vllm_config.model_config.dtype, device=self.device)
             runtime.WORKER_STATE = state
             runtime.COMPRESSOR = Compressor(state)
         return {names[0]: spec}
@@ -116,9 +118,13 @@ class _UnusedBlockTable(BlockTable):
 
 def compression_workspace(spec: HeadBlockSpec, vllm_config) -> int:
     """Bytes a compression of the longest request holds at once: the dense K/V copy of every layer
-    (the policy scores all layers before any budget is known) plus a quarter for retained rows and
-    scoring temporaries, plus 256 MiB of attention logits (EMS column mass, window scores)."""
-    dense = spec.blocks_per_request(vllm_config.model_config.max_model_len) * spec.page_size_bytes
+    (the policy scores all layers before any budget is known; an fp8 pool's rows dequantized to
+    float32, 4 bytes a value) plus a quarter for retained rows and scoring temporaries, plus 256 MiB
+    of attention logits (EMS column mass, window scores)."""
+    page = spec.page_size_bytes
+    if vllm_config.cache_config.cache_dtype in settings.FP8_CACHE_DTYPES:
+        page *= 4 // get_dtype_size(spec.dtype)
+    dense = spec.blocks_per_request(vllm_config.model_config.max_model_len) * page
     return dense + dense // 4 + (256 << 20)
 
 
