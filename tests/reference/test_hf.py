@@ -518,6 +518,81 @@ def test_failed_generate_restores_the_model(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# fp8 caches, emulated (kv_cache_dtype="fp8"): rows stored as e4m3 with per-layer scales
+# ---------------------------------------------------------------------------------------------
+
+FP8_K_SCALES = [0.02, 0.05, 0.01, 0.03]  # one per layer, all different (a wrong layer's shows)
+FP8_V_SCALES = [0.01, 0.004, 0.02, 0.008]
+
+
+def fp8_cache():
+    return hf.FP8Cache.of("fp8", FP8_K_SCALES, FP8_V_SCALES)
+
+
+def assert_stored(fp8, layer, keys, values):
+    """The rows are what an fp8 cache holds for that layer: storing them again changes nothing."""
+    again = fp8.stored(layer, keys, values)
+    assert torch.equal(again[0], keys) and torch.equal(again[1], values)
+
+
+def test_fp8_prefill_observes_fresh_signals_and_stored_rows():
+    """The prefill's logits and EMS's column mass come from the fresh K/V (the engine computes
+    them there), the window queries are exact, the keys/values the policies see are the stored
+    rows: each layer's own scales, and not the rows themselves."""
+    model, ids, fp8 = tiny("gqa4"), random_prompt(), fp8_cache()
+    plain = hf.prefill(model, ids, WINDOW, signals=["global_attention"])
+    stored = hf.prefill(model, ids, WINDOW, signals=["global_attention"], kv_cache_dtype="fp8",
+                        k_scale=FP8_K_SCALES, v_scale=FP8_V_SCALES)
+    assert torch.equal(stored.logits, plain.logits)
+    for layer, (want, got) in enumerate(zip(plain.observations, stored.observations)):
+        assert torch.equal(got.global_attention, want.global_attention)
+        assert torch.equal(got.window_queries, want.window_queries)
+        keys, values = fp8.stored(layer, want.keys, want.values)
+        assert torch.equal(got.keys, keys) and torch.equal(got.values, values)
+        assert not torch.equal(got.keys, want.keys)
+        assert_stored(fp8, layer, got.keys, got.values)
+        other = hf.FP8Cache.of("fp8", FP8_K_SCALES[::-1], FP8_V_SCALES[::-1]).stored(layer, want.keys, want.values)
+        assert not torch.equal(other[0], keys)
+
+
+@pytest.mark.parametrize("preset", ["snapkv", "ems"])
+def test_fp8_compressed_and_appended_rows_are_stored(preset, tiny_scores):
+    """After compression (EMS: merged rows, stored anew), after decode appends and after
+    decode-time recompression, every row of the cache is an fp8 cache's row of its layer."""
+    model, ids, fp8 = tiny("gqa4"), random_prompt(), fp8_cache()
+    policy = make_policy(preset, tiny_scores["gqa4"], budget=BUDGET, window=WINDOW)
+    prefilled = hf.prefill(model, ids, WINDOW, policy.observes, kv_cache_dtype="fp8", k_scale=FP8_K_SCALES,
+                           v_scale=FP8_V_SCALES)
+    session, budgets = hf._decode_session(model, prefilled, policy)
+    for layer, cache in session.layers.items():
+        assert_stored(fp8, layer, cache.keys, cache.values)
+    result = hf._greedy(model, session, budgets, prefilled.logits, PROMPT_LEN, 12, None, recompress_slack=4)
+    assert result.recompressions > 0
+    for layer, cache in session.layers.items():
+        assert_stored(fp8, layer, cache.keys, cache.values)
+
+
+@pytest.mark.parametrize("preset", [None, "snapkv"])
+def test_fp8_decodes_over_the_stored_rows(preset):
+    """The prefill's logits are exact; the decode steps' attend over the stored rows, whose
+    quantization shows in their logits (coarse scales here), and compression keeps as many rows."""
+    model, ids = tiny("gqa4"), random_prompt()
+    policy = None if preset is None else build_policy(preset, budget=BUDGET, window=WINDOW)
+    with ForwardRecorder(model) as plain_logits:
+        plain = hf.generate(model, ids, policy, max_new_tokens=8)
+    with ForwardRecorder(model) as fp8_logits:
+        coarse = hf.generate(model, ids, policy, max_new_tokens=8, kv_cache_dtype="fp8", k_scale=0.5, v_scale=0.5)
+    assert torch.equal(fp8_logits.logit_rows[0], plain_logits.logit_rows[0])
+    assert float((fp8_logits.logit_rows[1:] - plain_logits.logit_rows[1:]).abs().amax(-1).min()) > 1e-3
+    assert torch.equal(coarse.retained_per_layer, plain.retained_per_layer)
+
+
+def test_fp8_e5m2_and_other_cache_dtypes_are_refused():
+    with pytest.raises(ValueError, match="'fp8_e5m2' is not supported \\(supported: auto, fp8, fp8_e4m3\\)"):
+        hf.generate(tiny("gqa4"), random_prompt(), None, max_new_tokens=2, kv_cache_dtype="fp8_e5m2")
+
+
+# ---------------------------------------------------------------------------------------------
 # SmolLM2-135M (real weights)
 # ---------------------------------------------------------------------------------------------
 

@@ -27,6 +27,14 @@ Prefill once, compress many times (benchmarks compare policies on the same promp
         generate_from_prefill(model, prefilled, policy, max_new_tokens=16)
         continuation_logprobs(model, prefilled, policy, continuation_ids)   # teacher-forced
 
+fp8 caches (vLLM's ``--kv-cache-dtype fp8``), emulated: ``generate(..., kv_cache_dtype="fp8",
+k_scale=..., v_scale=...)`` (and the same keywords of :func:`prefill`) store every K/V row as the
+engine's cache does -- e4m3 with one K and one V scale per layer, read back as stored * scale
+(:class:`FP8Cache`) -- so what the policies score and what decode attends over are the
+dequantized rows, and rows a policy writes (EMS's merged rows, recompressed heads) are stored
+again. What the engine computes from the fresh K/V stays exact: the prefill's attention and its
+signals (EMS's column mass) and the observation window's queries.
+
 Question-agnostic compression (compress a context, then ask; what prefix reuse needs): prefill the
 whole prompt once with ``context_len``, compress ``prefilled.context`` (the first ``context_len``
 tokens, observed by their own last ``window`` queries) and feed the rest of the prompt uncompressed::
@@ -49,11 +57,43 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
+from vllm_kvcompress.paged import reference as paged
 from vllm_kvcompress.reference.headwise_cache import HeadwiseLayer
 from vllm_kvcompress.policies.observation import PREFILL_SIGNALS, LayerObservation, add_chunk, check_signals, observe_prefill
 from vllm_kvcompress.policies.policy import Policy
 
 ATTENTION_NAME = "kvcompress"
+CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")  # as the vLLM plugin takes them
+
+
+@dataclass(frozen=True)
+class FP8Cache:
+    """An fp8 KV cache as vLLM's ``--kv-cache-dtype fp8`` keeps it: float8_e4m3fn rows with one
+    float32 scale for K and one for V per layer (k_scales / v_scales: [num_layers], or one element
+    for every layer), read back as stored * scale (:func:`vllm_kvcompress.paged.reference.quantize`
+    and ``dequantize``, the engine's rule)."""
+
+    k_scales: torch.Tensor
+    v_scales: torch.Tensor
+
+    @classmethod
+    def of(cls, kv_cache_dtype: str, k_scale=1.0, v_scale=1.0) -> "FP8Cache | None":
+        """The cache of ``kv_cache_dtype`` (None: ``auto``, rows kept as computed). k_scale /
+        v_scale: a float for every layer, or one per layer (vLLM's default is 1.0)."""
+        if kv_cache_dtype not in CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not supported (supported: {', '.join(CACHE_DTYPES)})")
+        if kv_cache_dtype == "auto":
+            return None
+        return cls(*(torch.tensor(s, dtype=torch.float32).reshape(-1) for s in (k_scale, v_scale)))
+
+    def stored(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the cache gives back for rows ``keys`` / ``values`` of ``layer`` (any shape; same
+        dtype and device)."""
+        def round_trip(x, scales):
+            scale = scales[layer if scales.numel() > 1 else 0].to(x.device)
+            return paged.dequantize(paged.quantize(x, scale, torch.float8_e4m3fn), scale).to(x.dtype)
+
+        return round_trip(keys, self.k_scales), round_trip(values, self.v_scales)
 
 
 @dataclass
@@ -70,12 +110,17 @@ class _Session:
     recent_queries: dict[int, torch.Tensor] = field(default_factory=dict)  # [num_q_heads, <=window, d]
     teacher_forced: bool = False  # decode may feed a whole block (continuation_logprobs)
     keep_block: bool = False  # a block fed at decode is appended to the cache (uncompressed_ids)
+    fp8: FP8Cache | None = None  # the cache stores rows in fp8 (None: as computed)
 
 
     def __post_init__(self) -> None:
         if self.signals is None:
             self.signals = self.policy.observes if self.policy is not None else frozenset()
         check_signals(self.signals)
+
+    def stored(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows as the cache holds them (an fp8 cache's round trip; else the rows themselves)."""
+        return (keys, values) if self.fp8 is None else self.fp8.stored(layer, keys, values)
 
 
 _SESSION: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("kvcompress_session", default=None)
@@ -93,21 +138,26 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         output, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
         q, k, v = query[0], key[0], value[0]
         n = session.context_len
+        # the signals come from the fresh keys (as the engine's prefill computes them); the policy
+        # compresses the rows the cache holds
+        cached_k, cached_v = session.stored(layer_idx, k, v)
         if n is None:
             observed = observe_prefill(session.signals, q, k)
         else:  # the context's queries see only the context: its signals, plus the rest's
             context_observed = observe_prefill(session.signals, q[:, :n], k[:, :n])
             observed = add_chunk(context_observed, observe_prefill(session.signals, q[:, n:], k, start=n))
             session.context_observations[layer_idx] = LayerObservation(
-                q[:, n - session.window : n], k[:, :n], v[:, :n], layer_idx=layer_idx, **context_observed
+                q[:, n - session.window : n], cached_k[:, :n], cached_v[:, :n], layer_idx=layer_idx, **context_observed
             )
-        session.observations[layer_idx] = LayerObservation(q[:, -session.window :], k, v, layer_idx=layer_idx, **observed)
+        session.observations[layer_idx] = LayerObservation(q[:, -session.window :], cached_k, cached_v,
+                                                           layer_idx=layer_idx, **observed)
         session.recent_queries[layer_idx] = q[:, -session.window :]
         return output, None
     if query.shape[2] != 1:
         if not session.teacher_forced:
             raise ValueError("decode feeds one token at a time")
         layer = session.layers[layer_idx]
+        key, value = session.stored(layer_idx, key, value)  # the block is written, then attended over
         output = _block_attention(layer, query, key, value, scaling)
         if session.keep_block:
             for t in range(key.shape[2]):
@@ -117,7 +167,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             ]
         return output
     layer = session.layers[layer_idx]
-    layer.append(key[0, :, 0], value[0, :, 0])
+    layer.append(*session.stored(layer_idx, key[0, :, 0], value[0, :, 0]))
     session.recent_queries[layer_idx] = torch.cat([session.recent_queries[layer_idx], query[0]], 1)[
         :, -session.window :
     ]
@@ -204,15 +254,18 @@ def _layers_from_prefill(session: _Session, dtype: torch.dtype, retained=None
     if retained is None:
         retained = session.policy.compress(observations)
     layers = [HeadwiseLayer.from_retained(r, dtype) for r in retained]
-    for layer in layers:  # decode writes into its layers; `retained` may be reused (Prefilled.compressed)
-        layer.keys, layer.values = layer.keys.clone(), layer.values.clone()
+    for i, layer in enumerate(layers):  # decode writes into its layers; `retained` may be reused (Prefilled.compressed)
+        # (a copy either way; an fp8 cache stores merged rows anew, kept rows come back unchanged)
+        layer.keys, layer.values = session.stored(i, layer.keys.clone(), layer.values.clone())
     # each head keeps exactly its allocated budget, so the lengths are the budgets
     return layers, torch.stack([r.lengths for r in retained])
 
 
-def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tensor, budgets: torch.Tensor) -> int:
-    """Bring every head of ``layer`` longer than its budget back to it. Returns the number of heads
-    compressed. queries: [num_q_heads, <=window, d], the layer's recent queries."""
+def _recompress_layer(session: _Session, layer_idx: int, queries: torch.Tensor, budgets: torch.Tensor) -> int:
+    """Bring every head of layer ``layer_idx`` longer than its budget back to it (the rows a policy
+    writes stored as the cache stores them). Returns the number of heads compressed. queries:
+    [num_q_heads, <=window, d], the layer's recent queries."""
+    policy, layer = session.policy, session.layers[layer_idx]
     group = queries.shape[0] // layer.keys.shape[0]
     done = 0
     for h in range(layer.keys.shape[0]):
@@ -220,7 +273,8 @@ def _recompress_layer(policy: Policy, layer: HeadwiseLayer, queries: torch.Tenso
         if int(layer.lengths[h]) <= budget:
             continue
         keys, values = layer.head(h)
-        layer.replace_head(h, *policy.recompress_head(queries[h * group : (h + 1) * group], keys, values, budget))
+        kept = policy.recompress_head(queries[h * group : (h + 1) * group], keys, values, budget)
+        layer.replace_head(h, *session.stored(layer_idx, *kept))
         done += 1
     return done
 
@@ -236,7 +290,8 @@ class Prefilled:
         in serving: compression happens after it); prompt_len: tokens in the prompt;
     context: with ``prefill(..., context_len=n)``, the same for the prompt's first n tokens alone
         (keys/values are views of the full ones; window queries, column mass and logits its own):
-        what a prefill of the context alone gives, for question-agnostic compression.
+        what a prefill of the context alone gives, for question-agnostic compression;
+    fp8: the fp8 cache the rows are stored in (the observations' keys/values are its rows), or None.
     """
 
     observations: list[LayerObservation]
@@ -244,6 +299,7 @@ class Prefilled:
     prompt_len: int
     window: int
     context: "Prefilled | None" = None
+    fp8: FP8Cache | None = None
     _last: tuple | None = field(default=None, repr=False, compare=False)  # (policy, its compression)
 
     def compressed(self, policy: Policy) -> list:
@@ -284,6 +340,9 @@ def prefill(
     signals: Iterable[str] = (),
     context_len: int | None = None,
     used_logits_only: bool = False,
+    kv_cache_dtype: str = "auto",
+    k_scale: float | list[float] = 1.0,
+    v_scale: float | list[float] = 1.0,
 ) -> Prefilled:
     """Run the prompt once with the full cache and keep what every policy needs to compress it.
 
@@ -295,13 +354,16 @@ def prefill(
     used_logits_only: compute only the logits rows that are kept (``logits_to_keep``; with
     ``context_len`` always): prompt_len x vocab floats would be 5 GB for 8k tokens of a 152k
     vocabulary. Off by default: the full logits are the plain forward's, bit for bit.
+    kv_cache_dtype / k_scale / v_scale: the cache's dtype as vLLM takes it, ``fp8`` with its per-layer
+    scales (a float, or one per layer) emulated as :class:`FP8Cache` stores rows (module docstring).
     """
     _check_one_prompt(input_ids)
+    fp8 = FP8Cache.of(kv_cache_dtype, k_scale, v_scale)
     input_ids = input_ids.reshape(1, -1).to(model.device)
     prompt_len = input_ids.shape[1]
     if context_len is not None and not window <= context_len < prompt_len:
         raise ValueError(f"context_len must be in [window={window}, prompt_len={prompt_len}), got {context_len}")
-    session = _Session(None, window, signals=frozenset(signals), context_len=context_len)
+    session = _Session(None, window, signals=frozenset(signals), context_len=context_len, fp8=fp8)
     token = _SESSION.set(session)
     keep = 0  # every row
     if context_len is not None:
@@ -318,8 +380,8 @@ def prefill(
     context = None
     if context_len is not None:
         contexts = [session.context_observations[i] for i in sorted(session.context_observations)]
-        context = Prefilled(contexts, logits[None, -2], context_len, window)
-    return Prefilled(observations, logits[None, -1], prompt_len, window, context)
+        context = Prefilled(contexts, logits[None, -2], context_len, window, fp8=fp8)
+    return Prefilled(observations, logits[None, -1], prompt_len, window, context, fp8)
 
 
 def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple[_Session, torch.Tensor | None]:
@@ -327,7 +389,7 @@ def _decode_session(model, prefilled: Prefilled, policy: Policy | None) -> tuple
     per-head budgets (None without a policy). The prefilled tensors are not modified."""
     observations = prefilled.observations_for(policy)
     window = policy.window if policy is not None else 1
-    session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)))
+    session = _Session(policy, window, prefill=False, observations=dict(enumerate(observations)), fp8=prefilled.fp8)
     retained = None if policy is None else prefilled.compressed(policy)
     layers, budgets = _layers_from_prefill(session, next(model.parameters()).dtype, retained)
     if budgets is not None:
@@ -365,8 +427,8 @@ def _greedy(model, session: _Session, budgets, logits, prompt_len, max_new_token
                 ).logits[:, -1]
                 cached = prompt_len + step + 1
                 if recompress_slack is not None and budgets is not None and cached % recompress_slack == recompress_phase:
-                    for i, layer in session.layers.items():
-                        recompressions += _recompress_layer(policy, layer, session.recent_queries[i], budgets[i])
+                    for i in session.layers:
+                        recompressions += _recompress_layer(session, i, session.recent_queries[i], budgets[i])
     finally:
         _SESSION.reset(token)
     final = torch.stack([session.layers[i].lengths.clone() for i in sorted(session.layers)])
@@ -505,15 +567,20 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     recompress_slack: int | None = None,
     recompress_phase: int | None = None,
+    kv_cache_dtype: str = "auto",
+    k_scale: float | list[float] = 1.0,
+    v_scale: float | list[float] = 1.0,
 ) -> GenerationResult:
     """Greedy decoding of one prompt with ``policy`` applied after prefill (None = full cache).
 
     input_ids: int [1, prompt_len] or [prompt_len]. ``recompress_slack`` / ``recompress_phase``:
-    decode-time recompression's cadence (module docstring).
+    decode-time recompression's cadence; ``kv_cache_dtype="fp8"`` with ``k_scale`` / ``v_scale``
+    (a float, or one per layer): an fp8 cache, emulated (module docstring).
     """
     _check_one_prompt(input_ids)
     window = policy.window if policy is not None else 1
-    prefilled = prefill(model, input_ids, window, policy.observes if policy is not None else ())
+    prefilled = prefill(model, input_ids, window, policy.observes if policy is not None else (),
+                        kv_cache_dtype=kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
     session, budgets = _decode_session(model, prefilled, policy)
     logits, prompt_len = prefilled.logits, prefilled.prompt_len
     del prefilled  # only the compressed cache lives on through decode
