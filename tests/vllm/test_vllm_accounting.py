@@ -38,6 +38,23 @@ def test_spec_sizes():
     assert s.max_memory_usage_bytes(config) == L * H * 7 * s.page_size_bytes
 
 
+@pytest.mark.parametrize("model_dtype, ratio", [(torch.bfloat16, 2), (torch.float16, 2), (torch.float32, 4)])
+def test_an_fp8_pool_holds_more_head_blocks_in_the_same_bytes(model_dtype, ratio):
+    """vLLM reports an fp8 cache's dtype as its storage, uint8 (``STR_DTYPE_TO_TORCH_DTYPE``): a
+    head-block of an fp8 pool is one byte a value, so vLLM's own sizing of the one-layer group puts
+    2x a bf16 pool's head-blocks (4x a float32 one's) in the same KV bytes; a request needs as many."""
+    from vllm.v1.core.kv_cache_utils import get_num_blocks
+
+    plain, fp8 = (HeadBlockSpec(block_size=BS, num_kv_heads=H, head_size=D, dtype=dtype, num_layers=L)
+                  for dtype in (model_dtype, torch.uint8))
+    assert fp8.page_size_bytes == 2 * BS * D and plain.page_size_bytes == ratio * fp8.page_size_bytes
+    config = SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks_override=None))
+    kv_bytes = 1000 * plain.page_size_bytes
+    assert get_num_blocks(config, 1, kv_bytes, fp8.page_size_bytes) == ratio * get_num_blocks(
+        config, 1, kv_bytes, plain.page_size_bytes) == ratio * 1000
+    assert fp8.blocks_per_request(100) == plain.blocks_per_request(100)
+
+
 def test_uncompressed_request_counts_every_head():
     mgr = manager()
     free = mgr.block_pool.get_num_free_blocks()
