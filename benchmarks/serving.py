@@ -16,8 +16,10 @@ blocks, block size 16, prefix caching off, the same ``max_num_seqs`` / ``max_num
   plugin's step as cheap as a plain step of the same batch? Records say whether it fitted;
 * ``POLICY@BUDGET``: the plugin (``--kv-compression POLICY --kv-budget B``) with N x layers x KV
   heads head-blocks (one head-block: 16 tokens of ONE KV head of one layer, so the same bytes);
-  ``POLICY@BUDGET+fp8`` (compression over an fp8 cache, 2N x layers x heads) is accepted but the
-  plugin does not support it yet. The plugin configurations of a workload share ONE server,
+  ``POLICY@BUDGET+fp8``: compression over an fp8 cache (``--kv-cache-dtype fp8``), 2N x layers x
+  heads head-blocks in the same bytes; its records also say how they compare with ``POLICY@BUDGET``
+  over bf16 (``ratio_bf16_policy``: output tok/s, ``running_ratio_bf16_policy``: peak running
+  requests; issue #17 asks >= 1.4x and >= 1.8x). The plugin configurations of a workload share ONE server,
   started with the first of them: each run's requests carry their own policy and budget
   (``vllm_xargs``: ``kv_compression``, ``kv_budget``).
 
@@ -640,6 +642,11 @@ def add_derived(records: list[dict], meta: dict) -> None:
                                                ("ratio_same_batch", SAME_BATCH, r["plugin"])):
             ref = measured.get(key(r, reference)) if applies else None
             r[field_name] = round(r["output_tok_s"] / ref["output_tok_s"], 4) if ref else None
+        if r["plugin"] and r["config"].endswith("+fp8"):  # against the same policy and budget over bf16
+            ref = measured.get(key(r, r["config"].removesuffix("+fp8")))
+            r["ratio_bf16_policy"] = round(r["output_tok_s"] / ref["output_tok_s"], 4) if ref else None
+            r["running_ratio_bf16_policy"] = (round(r["peak_running"] / ref["peak_running"], 4)
+                                              if ref and ref.get("peak_running") else None)
         prefill = (meta.get("prefill") or {}).get(f"{r['model']}/{r['workload']}")
         r["ceiling"], r["ceiling_fraction"] = None, None
         if prefill and bandwidth and r.get("kv_pool_tokens") and r.get("budget_fraction"):

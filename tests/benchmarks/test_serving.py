@@ -349,3 +349,19 @@ def test_derived_ratios_and_ceiling_are_quotients():
     assert snap["ceiling"]["output_tok_s"] == ideal["output_tok_s"]
     assert snap["ceiling_fraction"] == round(150.0 / ideal["output_tok_s"], 4)
     assert fp8["ceiling"]["batch"] >= plain["ceiling"]["batch"]  # twice the tokens in the same bytes
+
+
+def test_compression_over_fp8_is_compared_with_the_same_policy_over_bf16():
+    settings = {"requests": 4, "prompt_len": 100, "output_len": 10, "max_num_seqs": 8}
+
+    def rec(config, tok_s, running, **extra):
+        return {"model": "tiny", "workload": "w", "arrival": "all-at-once", "config": config, "plugin": True,
+                "output_tok_s": tok_s, "peak_running": running, "settings": settings, **extra}
+
+    records = [rec("snapkv@0.1", 100.0, 10), rec("snapkv@0.1+fp8", 150.0, 19, kv_cache_dtype="fp8"),
+               rec("ems@0.1+fp8", 80.0, 7, kv_cache_dtype="fp8")]
+    serving.add_derived(records, {})
+    bf16, fp8, alone = records
+    assert (fp8["ratio_bf16_policy"], fp8["running_ratio_bf16_policy"]) == (1.5, 1.9)
+    assert "ratio_bf16_policy" not in bf16
+    assert (alone["ratio_bf16_policy"], alone["running_ratio_bf16_policy"]) == (None, None)  # no ems@0.1 run
