@@ -191,12 +191,14 @@ def sample_key(r: dict) -> tuple:
 
 
 def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: set, settings=(AWARE,),
-            progress=None) -> list[dict]:
+            progress=None, kv_cache: dict | None = None) -> list[dict]:
     """Prefill ``job`` once, then score the full cache and every (setting, policy, budget) not in
     ``done``.
 
     policies: {(preset, budget_fraction): Policy or None}; decoding: max_new_tokens, decode_slack;
-    settings: of ``SETTINGS``. Returns one result dict per (setting, policy, budget) run."""
+    settings: of ``SETTINGS``; kv_cache: :func:`prefill`'s cache options (``kv_cache_dtype``,
+    ``k_scale``, ``v_scale``: an fp8 cache, emulated). Returns one result dict per (setting, policy,
+    budget) run."""
     todo = [(setting, name, budget) for setting in settings for (name, budget) in policies
             if result_key(job.task, job.index, setting, name, budget) not in done]
     if not todo:
@@ -206,7 +208,7 @@ def run_job(job: Job, model, tokenizer, policies: dict, decoding: dict, done: se
     agnostic = AGNOSTIC in {setting for setting, _, _ in todo} and job.context_len is not None
     start = time.perf_counter()
     prefilled = prefill(model, job.prompt_ids, window=window, signals=signals,
-                        context_len=job.context_len if agnostic else None, used_logits_only=True)
+                        context_len=job.context_len if agnostic else None, used_logits_only=True, **(kv_cache or {}))
     prefill_s = time.perf_counter() - start
     question = job.prompt_ids[:, job.context_len:] if agnostic else None
     results, perplexity = [], {}
@@ -551,6 +553,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="torch CPU threads (default 1: on a shared 2-core machine, OpenMP oversubscription makes "
         "small decode ops 10-100x slower with 2)",
     )
+    parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
+                        help="fp8: every policy (and the full cache) over vLLM's fp8 KV cache, emulated "
+                        "(hf.prefill(kv_cache_dtype=...)); compare with the auto run of the same settings")
+    parser.add_argument("--kv-scale", type=float, default=1.0,
+                        help="with --kv-cache-dtype fp8: the K and V scale of every layer (vLLM's default 1.0 "
+                        "without checkpoint scales)")
     parser.add_argument("--resume", action="store_true", help="keep the per-sample results already in --out")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only print the tables and redraw the PNG of a JSON")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
@@ -568,7 +576,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tasks is None:
         args.tasks = ["niah_single", "niah_multikey"] if quick else list(synthetic.TASKS)
     if args.out is None:
-        args.out = DEFAULT_OUT.with_name("quality-quick.json" if quick else f"quality-{args.model}.json")
+        suffix = "" if args.kv_cache_dtype == "auto" else f"-{args.kv_cache_dtype}"
+        args.out = DEFAULT_OUT.with_name(f"quality-quick{suffix}.json" if quick else f"quality-{args.model}{suffix}.json")
     if args.filler is None:
         args.filler = "sentences" if quick or args.model == SMOLLM2 else "essays"
     if args.merge and not args.plot:
@@ -678,6 +687,10 @@ def run(args: argparse.Namespace) -> dict:
         "decode_slack": decode_slack,
         "filler": args.filler,
     }
+    kv_cache = {}
+    if args.kv_cache_dtype != "auto":  # (absent from the fingerprint of a cache of model-dtype rows)
+        kv_cache = {"kv_cache_dtype": args.kv_cache_dtype, "k_scale": args.kv_scale, "v_scale": args.kv_scale}
+        config["kv_cache"] = kv_cache
     previous = json.loads(out.read_text()) if args.resume and out.exists() else None
     if previous is not None:  # files from before the essay filler used the templated sentences
         previous["config"]["fingerprint"].setdefault("filler", "sentences")
@@ -752,7 +765,7 @@ def run(args: argparse.Namespace) -> dict:
     with tqdm(total=todo, desc="quality", unit="run", mininterval=10, file=sys.stderr) as progress:
         for job in jobs:
             progress.set_postfix_str(f"{job.task} #{job.index}")
-            new = run_job(job, model, tokenizer, policies, decoding, done, args.settings, progress)
+            new = run_job(job, model, tokenizer, policies, decoding, done, args.settings, progress, kv_cache)
             if new:
                 results.extend(new)
                 done.update(sample_key(r) for r in new)

@@ -207,6 +207,20 @@ def test_resume_refuses_a_different_configuration(quick_run, tmp_path):
         quality.main(["--quick", "--out", str(out), "--resume", "--context-tokens", "256"])
 
 
+def test_an_fp8_cache_run_is_a_configuration_of_its_own(quick_run, tmp_path):
+    """--kv-cache-dtype fp8 runs every policy over the emulated fp8 cache (hf.prefill's options);
+    its fingerprint says so, so --resume never mixes it with results over model-dtype rows."""
+    source, _ = quick_run
+    out = tmp_path / "auto.json"
+    shutil.copy(source, out)
+    with pytest.raises(SystemExit, match="--resume"):
+        quality.main(["--quick", "--out", str(out), "--resume", "--kv-cache-dtype", "fp8"])
+    data = quality.main(["--quick", "--out", str(tmp_path / "fp8.json"), "--kv-cache-dtype", "fp8", "--kv-scale", "0.05",
+                         "--policies", "snapkv", "--budgets", "0.2", "--tasks", "niah_single", "--ppl-chunks", "0"])
+    assert data["config"]["fingerprint"]["kv_cache"] == {"kv_cache_dtype": "fp8", "k_scale": 0.05, "v_scale": 0.05}
+    assert {r["policy"] for r in data["records"]} == {quality.FULL, "snapkv"}
+
+
 def _result(task, sample, policy, budget, score=None, nll=None, answer_nll=None):
     return {
         "task": task, "sample": sample, "policy": policy, "budget_fraction": budget, "score": score, "nll": nll,
