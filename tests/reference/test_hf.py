@@ -587,6 +587,41 @@ def test_fp8_decodes_over_the_stored_rows(preset):
     assert torch.equal(coarse.retained_per_layer, plain.retained_per_layer)
 
 
+def test_a_chunked_prefill_computes_the_whole_prompts_observation():
+    """prefill(chunk_lens=...) as the engine's chunked prefill: without fp8, later chunks attend over
+    the rows of the earlier ones as they were computed, so the observation and the logits are the
+    whole prompt's up to rounding; one chunk is the whole prompt (its rows bit for bit; the logits of
+    the last row alone, up to the rounding of a smaller matmul)."""
+    model, ids = tiny("gqa4"), random_prompt()
+    whole = hf.prefill(model, ids, WINDOW, signals=["global_attention"])
+    one = hf.prefill(model, ids, WINDOW, signals=["global_attention"], chunk_lens=[PROMPT_LEN])
+    assert all(torch.equal(a.keys, b.keys) and torch.equal(a.global_attention, b.global_attention)
+               for a, b in zip(one.observations, whole.observations))
+    torch.testing.assert_close(one.logits, whole.logits)
+    chunked = hf.prefill(model, ids, WINDOW, signals=["global_attention"], chunk_lens=[40, 5, 51])
+    torch.testing.assert_close(chunked.logits, whole.logits, rtol=1e-4, atol=1e-4)
+    for want, got in zip(whole.observations, chunked.observations):
+        for name in ("keys", "values", "window_queries", "global_attention"):
+            torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="sum to the prompt's 96 tokens"):
+        hf.prefill(model, ids, WINDOW, chunk_lens=[40, 40])
+
+
+def test_an_fp8_chunked_prefill_attends_over_the_stored_rows():
+    """With an fp8 cache a later chunk attends over (and observes) the rows the cache holds: every
+    row of every layer is a stored one, the column mass still counts every query's whole attention
+    (group x prompt_len per KV head), and the logits move away from the unchunked prefill's."""
+    model, ids, fp8 = tiny("gqa4"), random_prompt(), fp8_cache()
+    options = dict(signals=["global_attention"], kv_cache_dtype="fp8", k_scale=FP8_K_SCALES, v_scale=FP8_V_SCALES)
+    whole = hf.prefill(model, ids, WINDOW, **options)
+    chunked = hf.prefill(model, ids, WINDOW, chunk_lens=[48, 48], **options)
+    group = TINY_SHAPES["gqa4"][0] // TINY_SHAPES["gqa4"][1]
+    for layer, observation in enumerate(chunked.observations):
+        assert_stored(fp8, layer, observation.keys, observation.values)
+        torch.testing.assert_close(observation.global_attention.sum(-1), torch.full((2,), float(group * PROMPT_LEN)))
+    assert float((chunked.logits - whole.logits).abs().max()) > 1e-3
+
+
 def test_fp8_e5m2_and_other_cache_dtypes_are_refused():
     with pytest.raises(ValueError, match="'fp8_e5m2' is not supported \\(supported: auto, fp8, fp8_e4m3\\)"):
         hf.generate(tiny("gqa4"), random_prompt(), None, max_new_tokens=2, kv_cache_dtype="fp8_e5m2")

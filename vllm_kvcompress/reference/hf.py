@@ -111,6 +111,7 @@ class _Session:
     teacher_forced: bool = False  # decode may feed a whole block (continuation_logprobs)
     keep_block: bool = False  # a block fed at decode is appended to the cache (uncompressed_ids)
     fp8: FP8Cache | None = None  # the cache stores rows in fp8 (None: as computed)
+    chunk_start: int = 0  # prefill: the position of the chunk running (0: the first, or the whole prompt)
 
 
     def __post_init__(self) -> None:
@@ -134,6 +135,8 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     if query.shape[0] != 1:
         raise ValueError("the HF reference path compresses one request at a time (batch size 1)")
     layer_idx = module.layer_idx
+    if session.prefill and session.chunk_start:
+        return _continued_chunk(session, layer_idx, query[0], key[0], value[0], scaling), None
     if session.prefill:
         output, _ = sdpa_attention_forward(module, query, key, value, None, dropout=0.0, scaling=scaling, **kwargs)
         q, k, v = query[0], key[0], value[0]
@@ -185,6 +188,27 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         scale=scaling,
     )
     return output.transpose(1, 2).contiguous(), None
+
+
+def _continued_chunk(session: _Session, layer_idx: int, query, key, value, scaling) -> torch.Tensor:
+    """A later chunk of a chunked prefill (``prefill(chunk_lens=...)``), as the engine runs it: the
+    chunk's rows go to the cache, its queries attend causally over every row the cache holds (an
+    fp8 cache's stored rows, in float32), and its prefill signals, computed over those rows, add to
+    the earlier chunks'. query [Hq, q_len, d], key/value [Hkv, q_len, d]; returns [1, q_len, Hq, d]."""
+    earlier = session.observations[layer_idx]
+    cached_k, cached_v = session.stored(layer_idx, key, value)
+    keys, values = torch.cat([earlier.keys, cached_k], 1), torch.cat([earlier.values, cached_v], 1)
+    start, q_len, seq_len = session.chunk_start, query.shape[1], keys.shape[1]
+    visible = torch.arange(seq_len, device=query.device)[None, :] <= torch.arange(start, seq_len, device=query.device)[:, None]
+    q = query if session.fp8 is None else query.float()
+    output = torch.nn.functional.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=visible,
+                                                              scale=scaling, enable_gqa=True).to(query.dtype)
+    signals = {name: getattr(earlier, name) for name in session.signals}
+    observed = add_chunk(signals, observe_prefill(session.signals, query, keys, start=start))
+    queries = torch.cat([earlier.window_queries, query], 1)[:, -session.window :]
+    session.observations[layer_idx] = LayerObservation(queries, keys, values, layer_idx=layer_idx, **observed)
+    session.recent_queries[layer_idx] = queries
+    return output.transpose(0, 1)[None].contiguous()
 
 
 def _block_attention(layer: HeadwiseLayer, query, key, value, scaling):
@@ -343,6 +367,7 @@ def prefill(
     kv_cache_dtype: str = "auto",
     k_scale: float | list[float] = 1.0,
     v_scale: float | list[float] = 1.0,
+    chunk_lens: list[int] | None = None,
 ) -> Prefilled:
     """Run the prompt once with the full cache and keep what every policy needs to compress it.
 
@@ -356,6 +381,10 @@ def prefill(
     vocabulary. Off by default: the full logits are the plain forward's, bit for bit.
     kv_cache_dtype / k_scale / v_scale: the cache's dtype as vLLM takes it, ``fp8`` with its per-layer
     scales (a float, or one per layer) emulated as :class:`FP8Cache` stores rows (module docstring).
+    chunk_lens: prefill the prompt in chunks of these lengths (summing to the prompt's), as the
+    engine's chunked prefill does: the first attends over its fresh K/V, each later one over the rows
+    the cache holds (:func:`_continued_chunk`; with an fp8 cache, not the fresh ones). Not with
+    ``context_len``; logits of the last row only.
     """
     _check_one_prompt(input_ids)
     fp8 = FP8Cache.of(kv_cache_dtype, k_scale, v_scale)
@@ -370,10 +399,23 @@ def prefill(
         keep = torch.tensor([context_len - 1, prompt_len - 1], device=model.device)
     elif used_logits_only:
         keep = 1
+    if chunk_lens is not None and (sum(chunk_lens) != prompt_len or min(chunk_lens) < 1 or context_len is not None):
+        raise ValueError(f"chunk_lens must be positive and sum to the prompt's {prompt_len} tokens (without "
+                         f"context_len), got {chunk_lens}")
     try:
         with _attention_switched(model):
-            positions = torch.arange(prompt_len, device=model.device)[None]
-            logits = model(input_ids=input_ids, position_ids=positions, use_cache=False, logits_to_keep=keep).logits[0]
+            if chunk_lens is None:
+                positions = torch.arange(prompt_len, device=model.device)[None]
+                logits = model(input_ids=input_ids, position_ids=positions, use_cache=False,
+                               logits_to_keep=keep).logits[0]
+            else:
+                start = 0
+                for n in chunk_lens:
+                    session.chunk_start = start
+                    positions = torch.arange(start, start + n, device=model.device)[None]
+                    logits = model(input_ids=input_ids[:, start:start + n], position_ids=positions, use_cache=False,
+                                   logits_to_keep=1).logits[0]
+                    start += n
     finally:
         _SESSION.reset(token)
     observations = [session.observations[i] for i in sorted(session.observations)]
@@ -570,17 +612,19 @@ def generate(
     kv_cache_dtype: str = "auto",
     k_scale: float | list[float] = 1.0,
     v_scale: float | list[float] = 1.0,
+    prefill_chunks: list[int] | None = None,
 ) -> GenerationResult:
     """Greedy decoding of one prompt with ``policy`` applied after prefill (None = full cache).
 
     input_ids: int [1, prompt_len] or [prompt_len]. ``recompress_slack`` / ``recompress_phase``:
     decode-time recompression's cadence; ``kv_cache_dtype="fp8"`` with ``k_scale`` / ``v_scale``
-    (a float, or one per layer): an fp8 cache, emulated (module docstring).
+    (a float, or one per layer): an fp8 cache, emulated (module docstring); ``prefill_chunks``:
+    the prompt prefilled in chunks of these lengths, as the engine's chunked prefill (:func:`prefill`).
     """
     _check_one_prompt(input_ids)
     window = policy.window if policy is not None else 1
     prefilled = prefill(model, input_ids, window, policy.observes if policy is not None else (),
-                        kv_cache_dtype=kv_cache_dtype, k_scale=k_scale, v_scale=v_scale)
+                        kv_cache_dtype=kv_cache_dtype, k_scale=k_scale, v_scale=v_scale, chunk_lens=prefill_chunks)
     session, budgets = _decode_session(model, prefilled, policy)
     logits, prompt_len = prefilled.logits, prefilled.prompt_len
     del prefilled  # only the compressed cache lives on through decode

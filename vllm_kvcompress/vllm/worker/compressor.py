@@ -238,7 +238,8 @@ class Compressor:
                              "head-blocks freed", what, rid, request.num_tokens, rows_after, rows_before,
                              100.0 * rows_after / max(rows_before, 1), blocks_before - blocks_after, blocks_before)
         runtime.event("compressed", what=what, req_id=rid, tokens=request.num_tokens, chunks=request.prefill_chunks,
-                      step=state.step, blocks_before=blocks_before, blocks_after=blocks_after, lens=request.lens.tolist())
+                      chunk_ends=request.prefill_ends, step=state.step, blocks_before=blocks_before,
+                      blocks_after=blocks_after, lens=request.lens.tolist())
 
     def recompress(self, rids: list[str]) -> list[str]:
         """Bring every head over its budget of these requests back to it. Heads with the same policy

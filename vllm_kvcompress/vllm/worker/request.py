@@ -92,7 +92,7 @@ class Request:
         self.report_due = False  # spares added or heads compacted since the last check (take_reports)
         self.num_tokens = 0  # tokens whose K/V went through the cache
         self.max_len = 0  # rows of its longest head
-        self.prefill_chunks = 0  # steps the observed prefill took (chunked prefill when > 1)
+        self.prefill_ends: list[int] = []  # where each step of the observed prefill ended (chunked when > 1)
         self.shards = shards
         self.lens.zero_()  # its row of counts: whatever an earlier request left there
         self.num_blocks.zero_()
@@ -118,8 +118,13 @@ class Request:
     def count_prefill_chunk(self, seq_len_after: int) -> bool:
         """One more observed prefill step, ending at ``seq_len_after`` tokens; True when it completes
         the prefill (the request is then compressed after this step's forward)."""
-        self.prefill_chunks += 1
+        self.prefill_ends.append(seq_len_after)
         return seq_len_after >= self.compress_at
+
+    @property
+    def prefill_chunks(self) -> int:
+        """Steps the observed prefill took (chunked prefill when > 1)."""
+        return len(self.prefill_ends)
 
     def observe(self, layer: int, queries: torch.Tensor, window: int, signals: dict[str, torch.Tensor] | None = None,
                 accumulate: bool = False) -> None:
