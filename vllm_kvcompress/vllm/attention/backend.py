@@ -270,6 +270,10 @@ class HeadBlockImpl(AttentionImpl):
             self.layer = state.layer_index[layer.layer_name]
             if self.fp8:  # the compressor reads and writes rows of every layer with that layer's scales
                 state.layer_scales[self.layer] = (k_scale, v_scale)
+                if len(state.layer_scales) == state.L:  # once: what the pool is stored with (one sync)
+                    k_scales, v_scales = state.cache_scales().tolist()
+                    runtime.logger.info("kv compression: fp8 KV cache, per-layer scales k=%s v=%s", k_scales, v_scales)
+                    runtime.event("fp8_scales", k=k_scales, v=v_scales)
         state.pool = kv_cache
         l, n = self.layer, metadata.num_actual_tokens
         key_cache, value_cache = kv_cache[0], kv_cache[1]
@@ -337,8 +341,9 @@ class HeadBlockImpl(AttentionImpl):
             if not chunk:
                 keys, start = k[a:b].transpose(0, 1), 0
             else:
+                # all heads full; an fp8 pool's rows (float32) in the queries' dtype, as the mass kernel takes them
                 keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r],
-                                              k_scale)  # all heads full
+                                              k_scale).to(qh.dtype)
                 start = metadata.seq_lens[r] - (b - a)
             signal_kernels = {"global_attention": functools.partial(kernels.column_mass, lse=lse)}
             observed = observe_prefill(request.policy.observes, qh, keys, start, signal_kernels)
