@@ -29,9 +29,6 @@ DECODE_SLACK, DECODE_TOKENS = 3, 24
 HEAD_DIM = TINY_LLAMA_CONFIG["head_dim"]
 FP8_BLOCKS = 1280  # head-blocks of the fp8 pool
 KV_BYTES = FP8_BLOCKS * 2 * 16 * HEAD_DIM  # K and V of 16 rows of one head, one byte a value
-# One request at a time: the engine's float rounding then does not depend on what else a step holds,
-# which an fp8 cache can turn into a stored value one e4m3 step apart (assert_matches_oracle)
-FP8_ENGINE = {**ENGINE, "max_num_seqs": 1}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +47,7 @@ def events_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fp8_llm(tiny_model_dir, events_path):
-    engine = {**FP8_ENGINE, "kv_cache_memory_bytes": KV_BYTES}
+    engine = {**ENGINE, "kv_cache_memory_bytes": KV_BYTES}
     llm = plugin_llm(tiny_model_dir, events_path, BASE, kv_cache_dtype="fp8", calculate_kv_scales=True, **engine)
     yield llm
     if llm.llm_engine is not None:  # (the chunked engine's fixture may have shut it down already)
@@ -184,7 +181,7 @@ def chunked_runs(fp8_llm, tiny_model_dir, prompts, tmp_path_factory):
     shut_down_first(fp8_llm)
     path = str(tmp_path_factory.mktemp("events") / "fp8-chunked.jsonl")
     # cuda_graphs: the pure-decode steps take the graph path (the persistent buffers, run eagerly here)
-    engine = {**FP8_ENGINE, "max_num_batched_tokens": CHUNK_TOKENS, "max_model_len": 512}
+    engine = {**ENGINE, "max_num_batched_tokens": CHUNK_TOKENS, "max_model_len": 512}
     llm = plugin_llm(tiny_model_dir, path, {**BASE, "cuda_graphs": True}, kv_cache_dtype="fp8",
                      calculate_kv_scales=True, **engine)
     try:
