@@ -157,6 +157,16 @@ def test_decode_recompression_matches_the_hf_fp8_oracle(preset, fp8_llm, prompts
     assert_most_tokens_compared(horizons, DECODE_TOKENS)
 
 
+def test_every_head_block_returns_to_the_pool(fp8_llm, prompts, events_path, preset_runs):
+    """The accounting is the same over an fp8 pool: after the runs above, an idle engine holds none."""
+    generate_outputs(fp8_llm, prompts[:1], greedy(max_tokens=1))  # one more step: the scheduler logs the pool
+    initial = events(events_path, "manager_init")[0]["free"]
+    steps = events(events_path, "step")
+    assert min(s["free"] for s in steps) < initial
+    idle = [s for s in steps if s["requests"] == 0]
+    assert idle and all(s["free"] == initial for s in idle)
+
+
 def test_fp8_changes_outputs(preset_runs, prompts, hf_model):
     """The oracle agreement is not vacuous: the fp8 cache changes some greedy continuation against
     the same policies over a float32 cache."""
