@@ -1,7 +1,7 @@
 """HeadKV head-importance calibration: ``python -m vllm_kvcompress.tools.calibrate MODEL --out scores.json``.
 
 Computes the two per-head scores of HeadKV (Fu et al. 2024, arXiv 2410.19258, Sec. 3.1) on prompts
-from :mod:`vllm_kvcompress.tools.synthetic` and writes them with :class:`~.head_scores.HeadScores`:
+from :mod:`vllm_kvcompress.tools.synthetic` and writes them with :class:`~vllm_kvcompress.policies.head_scores.HeadScores`:
 
 * **retrieval** (HeadKV-R; the retrieval-head score of Wu et al. 2024, arXiv 2404.15574): the
   model greedily answers a needle-in-a-haystack question. At each decode step a query head copies

@@ -3,7 +3,7 @@
 Settings travel as ``VllmConfig.additional_config["kv_compression"]`` (a dict of
 :class:`~vllm_kvcompress.policies.config.CompressionConfig` options; part of the config hash and pickled to
 the EngineCore and workers); what a request may change of them as
-``additional_config["kv_request_rules"]`` (:mod:`.request_rules`, read in the front end only). A
+``additional_config["kv_request_rules"]`` (:mod:`vllm_kvcompress.vllm.frontend.request_rules`, read in the front end only). A
 policy other than ``none`` turns the plugin on: :func:`complete_engine_args` fills in the engine
 arguments it needs (before vLLM builds its config) and :func:`check_vllm_config` refuses
 configurations it cannot serve, with a message that says why (after). Nothing here falls back silently to an uncompressed cache.
@@ -73,7 +73,7 @@ def check_policy_builds(config: CompressionConfig) -> None:
 def complete_engine_args(args, config: CompressionConfig, device_type: str, offline: bool = False) -> None:
     """Fill in what compression needs on ``args`` (an EngineArgs) before vLLM builds its config.
     ``offline``: the engine's caller writes every request (``LLM(...)``), which changes the default
-    request rules (:func:`.request_rules.read`)."""
+    request rules (:func:`vllm_kvcompress.vllm.frontend.request_rules.read`)."""
     if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
         raise ValueError("kv compression needs vLLM's V1 model runner (its batch rows map to request ids); "
                          "unset VLLM_USE_V2_MODEL_RUNNER")

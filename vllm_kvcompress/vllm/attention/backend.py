@@ -5,7 +5,7 @@ The KV-cache tensor of every layer is the same pool, ``(2, num_head_blocks, bloc
 (one kv-cache group) and carries, per layer, slots / per-head block tables / retained lengths
 (the layout of ``paged/layout.py``), plus which rows observe (prefill of a request that will be
 compressed) and which requests complete their prefill in this step. With ``cuda_graphs`` on, pure
-decode steps use the persistent layout of :mod:`.graphs` instead, so vLLM can capture and replay
+decode steps use the persistent layout of :mod:`vllm_kvcompress.vllm.worker.graphs` instead, so vLLM can capture and replay
 them as full CUDA graphs.
 """
 from __future__ import annotations
@@ -59,7 +59,7 @@ class HeadBlockMetadata:
     chunks: the other rows (continued prefill chunks), chunk: their layout (kernels.ChunkLayout);
     observe: rows whose queries the compressor needs; record: (token indices or None for every token, flat ring index row * window + slot) of
     the queries kept for decode-time recompression; dummy: profiling / warm-up run.
-    graph: a pure-decode step in the persistent buffers of :mod:`.graphs` (slots / tables / lens are
+    graph: a pure-decode step in the persistent buffers of :mod:`vllm_kvcompress.vllm.worker.graphs` (slots / tables / lens are
     their views, every row one token, padded rows included; step_queries [L, T, Hq, D] receives the
     queries, which WorkerState.flush_graph_queries moves to the rings after the forward)."""
 

@@ -4,7 +4,7 @@ vLLM checks every request in the front-end process before it reaches the engine
 (``InputProcessor._validate_params`` -> ``SamplingParams.verify`` -> ``_validate_logits_processors``
 -> ``validate_params`` of each custom logits processor). :class:`KVCompressParams` is registered as
 such a processor (``settings.complete_engine_args``); it leaves logits untouched and exists for its
-``validate_params``, which runs the worker's own :func:`~.state.request_config` against the server's
+``validate_params``, which runs the worker's own :func:`~vllm_kvcompress.vllm.worker.state.request_config` against the server's
 configuration, so a request the worker would refuse fails with HTTP 400 (``VLLMValidationError``,
 mapped by ``entrypoints/serve/utils/error_response.py:create_error_response``) and the server keeps
 serving. Streamed requests are validated when the stream starts: vLLM sends the same error (code 400)
@@ -13,13 +13,13 @@ as an SSE ``data:`` event of a 200 response, as for its own parameter errors.
 The operator's rules (:mod:`.request_rules`: what a request may change, the budgets it may ask for)
 are checked here too, after the options are found valid and before a ``headkv_scores`` file is
 opened: a refused override answers HTTP 400 naming the server's rule. Every refusal counts in
-``vllm:kv_compression_refused_requests_total{reason}`` (:func:`.metrics.count_refusal`).
+``vllm:kv_compression_refused_requests_total{reason}`` (:func:`vllm_kvcompress.vllm.scheduler.metrics.count_refusal`).
 
 The server's configuration and rules: ``validate_params`` sees only the sampling params, so
 ``complete_engine_args`` publishes both in the environment (:data:`CONFIG_ENV`, :data:`RULES_ENV`)
 of the front-end process, which also reaches API-server processes spawned from it
 (``--api-server-count``; each of them rebuilds both from the same flags, which
-:func:`.patches._restore_cli_options` gives back to them).
+:func:`vllm_kvcompress.vllm.patches._restore_cli_options` gives back to them).
 
 Not covered: a server started without compression does not load this processor (that would make the
 plugin active for every vLLM user: custom logits processors turn off vLLM's V2 model runner), so there
@@ -77,7 +77,7 @@ def _parse_rules(text: str) -> RequestRules:
 
 def _reject(message: str, parameter: str, reason: str = "invalid"):
     """VLLMValidationError: vLLM answers it with HTTP 400, ``param`` = ``parameter``; counted under
-    ``reason`` (:data:`.metrics.REFUSAL_REASONS`)."""
+    ``reason`` (:data:`vllm_kvcompress.vllm.scheduler.metrics.REFUSAL_REASONS`)."""
     metrics.count_refusal(reason)
     raise VLLMValidationError(f"kv compression: {message}", parameter=parameter)
 

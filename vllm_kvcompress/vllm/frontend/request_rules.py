@@ -12,7 +12,7 @@ budget's kind (tokens or a fraction) and no larger: more compression, less memor
 (``none`` would keep the full cache), no other option. The offline ``LLM(...)`` is the exception:
 the program that builds the engine writes every request itself, so there the default is ``all``.
 
-Pure Python on top of :mod:`..config` (no vLLM import): parsed at start-up in the front end and
+Pure Python on top of :mod:`vllm_kvcompress.policies.config` (no vLLM import): parsed at start-up in the front end and
 checked per request by :mod:`.params`.
 """
 from __future__ import annotations

@@ -23,7 +23,7 @@ requests answered HTTP 400 for their compression options, counted where they are
 front-end (API-server) process, in prometheus_client's default registry, which vLLM's ``/metrics``
 serves (with ``--api-server-count`` > 1 vLLM sets ``PROMETHEUS_MULTIPROC_DIR`` before spawning the
 API servers, so each one's counts land in that directory and ``/metrics`` sums them). Reasons:
-``policy``, ``budget``, ``option`` (the operator's rules, :mod:`.request_rules`) and ``invalid`` (a
+``policy``, ``budget``, ``option`` (the operator's rules, :mod:`vllm_kvcompress.vllm.frontend.request_rules`) and ``invalid`` (a
 bad value, an unknown key, a server option). Not labelled by engine: a refused request reaches none.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Worker side: which pool blocks each (request, layer, KV head) owns, and how many rows it holds.
 
 The scheduler streams block ids per request (``NewRequestData.block_ids[0]``,
-``CachedRequestData.new_block_ids[i][0]``) sized by :class:`~.spec.HeadBlockManager`; this state
+``CachedRequestData.new_block_ids[i][0]``) sized by :class:`~vllm_kvcompress.vllm.scheduler.spec.HeadBlockManager`; this state
 keeps them as the request's *spare* list and hands them to heads, in order, as heads fill up.
 After a compression the tail blocks go back to the spare list, and the spares beyond what the
 next ``LAG_TOKENS`` tokens can need are reported to the scheduler (:meth:`WorkerState.take_reports`).
