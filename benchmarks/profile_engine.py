@@ -7,8 +7,10 @@ functions) and ``--torch-profile`` as many by torch.profiler (top ops by host an
     python benchmarks/profile_engine.py --config snapkv@0.1 --requests 24 --prompt 4096 --steps 64
     python benchmarks/profile_engine.py --config plain --requests 24 --prompt 4096 --torch-profile
 
-Prints one JSON line (``decode_step_ms`` median / p90, requests running) and writes the profile
-tables to ``--out``.
+Prints one JSON line (``decode_step_ms`` median / p90, requests running; ``prefill_s``: wall time
+until every request decodes; ``prefill_compress_ms_per_request``: the plugin's prefill compression,
+GPU time per request) and writes the profile tables to ``--out``. ``--kv-cache-dtype fp8``: an fp8
+cache (plain vLLM's, or the plugin's head-blocks in fp8).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto or fp8 (vLLM's flag)")
     parser.add_argument("--torch-profile", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=16, help="steps under each profiler")
@@ -85,7 +88,8 @@ def main() -> None:
     max_len = args.prompt + steps + 64
     llm = LLM(model, load_format="dummy", max_model_len=max_len, enable_prefix_caching=False,
               max_num_batched_tokens=max(max_len, batched), gpu_memory_utilization=args.gpu_memory_utilization,
-              enforce_eager=args.enforce_eager, **engine_kwargs(args.config, args.kv_options))
+              enforce_eager=args.enforce_eager, kv_cache_dtype=args.kv_cache_dtype,
+              **engine_kwargs(args.config, args.kv_options))
     engine = llm.llm_engine
     if plugin != any(e["kind"] == "manager_init" for e in read_events(events)):  # the plugin's start-up event
         raise SystemExit(f"--config {args.config}, but the plugin {'never' if plugin else 'also'} started")
@@ -96,21 +100,30 @@ def main() -> None:
                            params)
     generated = {}
     steps_to_prefill = 0
+    prefill_start = time.perf_counter()
     while len(generated) < args.requests or min(generated.values()) < 2:  # every request decoding
         for out in engine.step():
             generated[out.request_id] = len(out.outputs[0].token_ids)
         steps_to_prefill += 1
+    prefill_s = time.perf_counter() - prefill_start
     for _ in range(4):  # warm the decode path
         engine.step()
+    # every prefill compression so far (a step's device times are written once they are known)
+    prefill_records = [e for e in read_events(events) if e["kind"] == "step_time"]
     times = timed_steps(engine, args.steps)  # clean: no profiler attached
     in_order = [round(t, 2) for t in times]
     times.sort()
-    result = {"config": args.config, "kv_options": args.kv_options, "requests": args.requests,
-              "prompt": args.prompt, "steps_to_prefill": steps_to_prefill,
+    result = {"config": args.config, "kv_options": args.kv_options, "kv_cache_dtype": args.kv_cache_dtype,
+              "requests": args.requests, "prompt": args.prompt, "steps_to_prefill": steps_to_prefill,
+              # until every request decodes: the prompts' prefill (and the plugin's compression of them)
+              "prefill_s": round(prefill_s, 3),
               "decode_step_ms": {"p50": round(statistics.median(times), 2),
                                  "p90": round(times[int(0.9 * (len(times) - 1))], 2),
                                  "mean": round(statistics.fmean(times), 2)}}
     if plugin:  # the worker's own account of the timed steps (StepTimer), medians
+        # GPU time of the prefill compressions (StepTimer's device events), per request
+        result["prefill_compress_ms_per_request"] = round(
+            sum(r.get("compress_ms", 0.0) for r in prefill_records) / args.requests, 2)
         records = [e for e in read_events(events) if e["kind"] == "step_time"][-args.steps:]
         result["plugin_step_ms_p50"] = {
             key: round(statistics.median(r.get(key, 0.0) for r in records), 3)

@@ -264,10 +264,10 @@ def test_replace_validates_and_keeps_the_rest():
 def test_replace_adds_to_the_options_of_the_same_part_and_drops_another_parts():
     """Per-request overrides: options for the part in effect add to the server's; a request that
     puts another part in effect (here: another policy) leaves the server's options of it behind."""
-    server = CompressionConfig(policy="ems", scorer_options={"local_weight": 0.3}, reducer_options={"chunk": 512})
+    server = CompressionConfig(policy="ems", scorer_options={"local_weight": 0.3}, reducer_options={"block_values": 512})
     more = server.replace(scorer_options={"pool_kernel": 3})
     assert more.part_options("scorer") == {"local_weight": 0.3, "pool_kernel": 3}
-    assert more.part_options("reducer") == {"chunk": 512}
+    assert more.part_options("reducer") == {"block_values": 512}
     legacy = server.replace(ems_local_weight=0.8)
     assert legacy.part_options("scorer") == {"local_weight": 0.8}
     other = server.replace(policy="snapkv")

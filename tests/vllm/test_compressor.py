@@ -1,4 +1,6 @@
 """Decode-time recompression of several requests in one batch equals recompressing them one by one."""
+import dataclasses
+
 import benchmark_modules
 import pytest
 import torch
@@ -129,6 +131,46 @@ def test_paged_prefill_compression_keeps_the_rows_the_dense_path_keeps(policy, m
     got, want = heads_content(states["paged"], "r0"), heads_content(states["dense"], "r0")
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("policy,options", [("ems", {}), ("ems", {"merge_threshold": 0.0}), ("ems-tuned", {}),
+                                            ("adakv", {"selects_rows": False})])
+def test_prefill_reduced_over_many_layers_per_call_keeps_the_rows_of_one_layer_per_call(policy, options, monkeypatch):
+    """Reducers that decide each head alone (EMS's merges -- threshold 0 merges every relevant row
+    of these random caches; a top-k here made to go the dense way) are scored from the pages at
+    once and reduced many layers per call, as many as the workspace holds: all heads in one call,
+    several calls, and the per-layer path keep the same rows, bit for bit."""
+    states, calls = {}, {}
+    for name, apart, workspace in (("one_call", True, 0), ("split", True, None), ("per_layer", False, 0)):
+        ws, _ = host.prefilled_requests(policy, 160, 60)
+        request = ws.reqs["r0"]
+        policy_type = type(request.policy)
+        if "merge_threshold" in options:
+            request.policy = dataclasses.replace(
+                request.policy, reducer=dataclasses.replace(request.policy.reducer, **options))
+        reducer = request.policy.reducer
+        monkeypatch.setattr(type(reducer), "selects_rows", options.get("selects_rows", reducer.selects_rows))
+        monkeypatch.setattr(policy_type, "compresses_heads_apart", property(lambda self, _apart=apart: _apart))
+        # room for a few layers' heads and the reducer's blocks: several calls
+        ws.workspace_bytes = reducer.block_bytes + 5_000_000 if workspace is None else workspace
+        original = policy_type.reduce_prefill_heads
+        counted = []
+        monkeypatch.setattr(policy_type, "reduce_prefill_heads",
+                            lambda self, *a, **k: counted.append(a[0].num_kv_heads) or original(self, *a, **k))
+        compressor.Compressor(ws).compress_prefill("r0")
+        states[name], calls[name] = ws, counted
+        monkeypatch.undo()
+    heads = states["one_call"].L * states["one_call"].H
+    assert calls["one_call"] == [heads] and calls["per_layer"] == []
+    assert 2 < len(calls["split"]) < states["split"].L and sum(calls["split"]) == heads
+    assert len(set(calls["split"][:-1])) == 1 and calls["split"][0] % states["split"].H == 0  # whole layers
+    want = states["per_layer"].reqs["r0"]
+    assert int(want.lens.float().mean().round()) == 60  # compressed: every head holds 160 rows before
+    for name in ("one_call", "split"):
+        assert torch.equal(states[name].reqs["r0"].lens, want.lens)
+        got, expected = heads_content(states[name], "r0"), heads_content(states["per_layer"], "r0")
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
 
 
 # ---- fp8 pools: the policies see dequantized rows, written rows are quantized with their layer's scales ----

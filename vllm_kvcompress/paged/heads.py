@@ -28,7 +28,10 @@ class PagedHeads:
         newest at the head's last row); key_cache: [num_blocks, block_size, D];
     head_block_table: int32 [n, max_blocks]; lengths: int64 [n] on the cache's device (rows each
         head holds, all >= count); width: max(lengths), known on the host; k_scale: when key_cache
-        is fp8, the key scale of each head's layer, float32 [n] (or [1]: heads of one layer), else None."""
+        is fp8, the key scale of each head's layer, float32 [n] (or [1]: heads of one layer), else None;
+    global_attention: float32 [n, width] or None, the prompt's column mass
+        (:class:`~vllm_kvcompress.policies.observation.LayerObservation`): a prefill's heads carry it,
+        decode-time recompression has no view of the prompt's queries."""
 
     queries: torch.Tensor
     key_cache: torch.Tensor
@@ -36,6 +39,7 @@ class PagedHeads:
     lengths: torch.Tensor
     width: int
     k_scale: torch.Tensor | None = None
+    global_attention: torch.Tensor | None = None
 
     @property
     def window_queries(self) -> torch.Tensor:
@@ -77,7 +81,3 @@ class PagedHeads:
                                        self.scale, power, k_scale=self.k_scale)
         return reference.paged_window_scores(self.queries, self.key_cache, self.head_block_table, self.lengths,
                                              self.width, self.scale, power, self.k_scale)
-
-    @property
-    def global_attention(self) -> None:
-        return None  # decode-time recompression has no view of the prompt's queries

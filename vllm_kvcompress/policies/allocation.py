@@ -111,21 +111,23 @@ class AdaKVAllocator(Allocator):
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
         above = inp.per_head - inp.floor
-        budgets = []
-        for scores in inp.scores:
-            won = self.competition(scores, inp.protected, above * scores.shape[0])
-            mixed = (1 - self.alpha) * won.double() + self.alpha * above
-            budgets.append(distribute(mixed, above * scores.shape[0], 0, inp.seq_len - inp.floor) + inp.floor)
-        return torch.stack(budgets)
+        num_heads = inp.scores[0].shape[0]
+        # every layer's competition in one batch and one copy to the host (the splits are host work)
+        won = self.competition(torch.stack(inp.scores), inp.protected, above * num_heads).cpu()
+        mixed = (1 - self.alpha) * won.double() + self.alpha * above
+        return torch.stack([distribute(layer, above * num_heads, 0, inp.seq_len - inp.floor) + inp.floor
+                            for layer in mixed])
 
     @staticmethod
     def competition(scores: torch.Tensor, protected: torch.Tensor, slots: int) -> torch.Tensor:
-        """int64 [num_heads]: how many of the layer's best ``slots`` unprotected (head, token) scores
-        each head holds. scores [num_heads, seq_len]; ties go to the lower flat index."""
-        num_heads, seq_len = scores.shape
-        flat = scores.float().masked_fill(protected[None, :], float("-inf")).reshape(-1)
-        best = torch.sort(flat, descending=True, stable=True).indices[:slots]
-        return torch.bincount(best // seq_len, minlength=num_heads)
+        """int64 [..., num_heads]: how many of its layer's best ``slots`` unprotected (head, token)
+        scores each head holds. scores [..., num_heads, seq_len] (one layer, or layers stacked);
+        ties go to the lower flat index."""
+        *layers, num_heads, seq_len = scores.shape
+        flat = scores.float().masked_fill(protected, float("-inf")).reshape(-1, num_heads * seq_len)
+        best = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :slots]
+        head = best // seq_len + torch.arange(flat.shape[0], device=flat.device)[:, None] * num_heads
+        return torch.bincount(head.reshape(-1), minlength=flat.shape[0] * num_heads).reshape(*layers, num_heads)
 
 
 def tokens_for_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:

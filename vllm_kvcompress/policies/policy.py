@@ -89,6 +89,36 @@ class Policy:
         protected = protected_positions(seq_len, self.window, self.sink, device=scores[0].device)
         return self._budgets(scores, seq_len, protected, observations, shards), scores, protected
 
+    @property
+    def compresses_heads_apart(self) -> bool:
+        """Whether a prefill's heads can be scored and reduced in batches of any heads, from any
+        layers (:meth:`prefill_budgets`, :meth:`reduce_prefill_heads`): the reducer decides each
+        head alone and keeps the policy's window, and the allocator reads scores only. The engine
+        then compresses a request in a few calls over many layers each, not one per layer (on a
+        GPU a per-layer loop's launches, not its arithmetic, are what a prefill compression costs)."""
+        return self.reducer.heads_independent and not self.allocator.reads_layers
+
+    def prefill_budgets(self, scores: torch.Tensor, shards: HeadShards = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """The budgets of every head of a request, from its heads' scores (``scorer.score`` of any
+        batches of heads), float32 [num_layers, num_kv_heads, seq_len] (one tensor-parallel rank's
+        heads under ``shards``). Returns (budgets int64 [num_layers, all KV heads], protected bool
+        [seq_len]). For allocators that read scores only (:attr:`compresses_heads_apart`)."""
+        if self.allocator.reads_layers:
+            raise ValueError(f"{type(self.allocator).__name__} reads the layers: use compress_shard")
+        seq_len = scores.shape[-1]
+        protected = protected_positions(seq_len, self.window, self.sink, device=scores.device)
+        return self._budgets(list(scores), seq_len, protected, None, shards), protected
+
+    def reduce_prefill_heads(self, heads: LayerObservation, scores: torch.Tensor, budgets: torch.Tensor,
+                             protected: torch.Tensor) -> RetainedLayer:
+        """Some heads of a prefill (any layers, whole prompts), each reduced to its budget as
+        :meth:`compress` reduces it: heads [n heads], scores [n, seq_len] (``scorer.score``),
+        budgets int64 [n] (of :meth:`prefill_budgets`), protected from it."""
+        if not self.compresses_heads_apart:
+            raise ValueError(f"{type(self.reducer).__name__} with {type(self.allocator).__name__} compresses "
+                             "whole layers: use compress_shard")
+        return self.reducer.reduce_heads(heads, scores, budgets, protected)
+
     def _budgets(self, scores: list[torch.Tensor], seq_len: int, protected: torch.Tensor, observations,
                  shards: HeadShards) -> torch.Tensor:
         if shards.sharded:  # the allocator sees every rank's scores; observations stay this rank's
@@ -160,10 +190,8 @@ class Policy:
         (the rows each head keeps, int64 [L * H, max budget], increasing, -1 padded; the budgets,
         int64 [L, H]). With ``shards``: one tensor-parallel rank's heads, the budgets of all of
         every rank's heads [L, shards.total] (:meth:`_allocate`)."""
-        seq_len = heads.seq_len
         scores = self.scorer.score(heads)  # [L * H, seq_len]
-        protected = protected_positions(seq_len, self.window, self.sink, device=heads.device)
-        budgets = self._budgets(list(scores.view(num_layers, -1, seq_len)), seq_len, protected, None, shards)
+        budgets, protected = self.prefill_budgets(scores.view(num_layers, -1, heads.seq_len), shards)
         keep = self.reducer.select_heads(heads, scores, shards.mine(budgets).flatten().cpu(), protected)
         return keep, budgets
 

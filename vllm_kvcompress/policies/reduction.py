@@ -86,6 +86,12 @@ class Reducer:
     # Whether evicted rows are merged into kept ones (each row compared with every kept row).
     merges_rows = False
 
+    @property
+    def block_bytes(self) -> int:
+        """Temporary bytes a call holds besides what scales with its heads' rows (the engine sizes
+        its calls with it): 0 unless the reducer works in blocks of its own."""
+        return 0
+
     def select_heads(self, obs, scores: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
         """For reducers that ``selects_rows``: the rows :meth:`reduce_heads` keeps, int64
         [num_heads, max(budgets)], increasing positions, -1 padded. obs needs no keys."""
@@ -168,12 +174,20 @@ def redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor
     """EMS's redundancy of tokens with retained ones: cos(K_x, K_c) * cos(V_x, V_c), each cosine
     clamped at 0 (ours: two anti-aligned pairs are not redundant). keys/values [heads, n, D],
     kept_* [heads, b, D] -> float32 [heads, n, b]."""
-    def unit(x):
-        return torch.nn.functional.normalize(x.float(), dim=-1)
+    return unit_redundancy(unit_rows(keys), unit_rows(values), unit_rows(kept_keys), unit_rows(kept_values))
 
-    key_cos = torch.einsum("hnd,hbd->hnb", unit(keys), unit(kept_keys)).clamp(min=0)
-    value_cos = torch.einsum("hnd,hbd->hnb", unit(values), unit(kept_values)).clamp(min=0)
-    return key_cos * value_cos
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """float32 ``x`` with each row scaled to unit length (a zero row stays zero)."""
+    return torch.nn.functional.normalize(x.float(), dim=-1)
+
+
+def unit_redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor, kept_values: torch.Tensor
+                    ) -> torch.Tensor:
+    """:func:`redundancy` of rows already through :func:`unit_rows` (the centres normalised once
+    for all the blocks compared with them)."""
+    key_cos = torch.bmm(keys, kept_keys.mT).clamp_(min=0)
+    return key_cos.mul_(torch.bmm(values, kept_values.mT).clamp_(min=0))
 
 
 @REDUCERS.register("ems-merge")
@@ -202,15 +216,22 @@ class EvictThenMergeReducer(Reducer):
 
     merge_threshold: float = 0.5
     relevant_mass: float = 0.9
-    chunk: int = 4096  # tokens per similarity block: memory O(heads * chunk * max_budget)
+    # similarities per block of compared rows, across the call's heads: a block holds
+    # ~3 x 4 bytes x this, whether the call reduces one layer's heads or many layers'
+    block_values: int = 1 << 24
     # compared rows per head above which the candidates are counted first (one device sync) rather
     # than bounded from the budgets; a decode-time recompression (~slack rows) stays below it
     count_above: int = 256
 
+    @property
+    def block_bytes(self) -> int:
+        # a block's similarities, the two cosines and float32 unit rows: about four float32 copies
+        return 4 * 4 * self.block_values
+
     def __post_init__(self) -> None:
         check_number("merge_threshold", self.merge_threshold, -1.0, 1.0)
         check_number("relevant_mass", self.relevant_mass, 0.0, 1.0, open_low=True)
-        check_int("chunk", self.chunk)
+        check_int("block_values", self.block_values)
         check_int("count_above", self.count_above, minimum=0)
 
     def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor,
@@ -228,7 +249,7 @@ class EvictThenMergeReducer(Reducer):
         guarded = protected if protected.dim() == 2 else protected[None, :].expand(num_heads, -1)
         target = valid & ~torch.gather(guarded, 1, keep_idx.clamp(min=0))
         index = keep_idx.clamp(min=0)[..., None].expand(-1, -1, head_dim)
-        kept_keys, kept_values = torch.gather(obs.keys, 1, index), torch.gather(obs.values, 1, index)
+        kept_keys, kept_values = (unit_rows(torch.gather(cached, 1, index)) for cached in (obs.keys, obs.values))
         # not kept: the padding slots of keep_idx mark a spare last column, dropped after
         candidate = torch.ones(num_heads, seq_len + 1, dtype=torch.bool, device=obs.keys.device)
         candidate.scatter_(1, torch.where(valid, keep_idx, seq_len), False)
@@ -243,14 +264,15 @@ class EvictThenMergeReducer(Reducer):
         if most > self.count_above:
             most = int(candidate.sum(-1).max())
         order = torch.sort(candidate.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :most]
+        block = max(1, self.block_values // max(1, num_heads * keep_idx.shape[1]))  # compared rows a head
         rows = order[..., None].expand(-1, -1, head_dim)
         best_sim = torch.full((num_heads, seq_len), float("-inf"), device=obs.keys.device)
         best = torch.zeros(num_heads, seq_len, dtype=torch.long, device=obs.keys.device)
-        for start in range(0, most, self.chunk):
-            part = order[:, start:start + self.chunk]
-            block = redundancy(torch.gather(obs.keys, 1, rows[:, start:start + self.chunk]),
-                               torch.gather(obs.values, 1, rows[:, start:start + self.chunk]), kept_keys, kept_values)
-            sim, arg = block.masked_fill(~target[:, None, :], float("-inf")).max(-1)
+        for start in range(0, most, block):
+            part = order[:, start:start + block]
+            compared = (unit_rows(torch.gather(cached, 1, rows[:, start:start + block])) for cached in (obs.keys, obs.values))
+            similar = unit_redundancy(*compared, kept_keys, kept_values)
+            sim, arg = similar.masked_fill(~target[:, None, :], float("-inf")).max(-1)
             sim = sim.masked_fill(~candidate.gather(1, part), float("-inf"))
             best_sim.scatter_(1, part, sim)
             best.scatter_(1, part, arg)

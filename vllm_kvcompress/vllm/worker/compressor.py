@@ -5,13 +5,21 @@ the requests whose prefill completed in the step, then recompresses the decoding
 due on the worker's cadence.
 
 After the prefill (:meth:`Compressor.compress_prefill`): every layer's K/V of the request is in its
-head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once:
+head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once.
+The fewer calls the better -- on a GPU a compression's cost is its launches, not its arithmetic --
+so the request goes the first of these ways its policy allows:
 
-1. gather each layer's rows into a dense :class:`LayerObservation` (window queries and the
-   prefill signals, e.g. EMS's column mass, were stashed by the backend during prefill);
-2. ``Policy.compress`` -> per layer keep_idx / keys / values / lengths (merged rows for EMS);
-3. write each head's retained rows to the front of its own blocks (in place; the dense copy was
-   taken first) and move the tail blocks to the spare list.
+* reducers that only select rows (SnapKV, PyramidKV, Ada-KV, HeadKV, StreamingLLM): every head
+  scored from its pages in one call (:class:`PagedHeads`), the kept rows moved in place;
+* reducers that decide each head alone but write rows (EMS's merges): every head scored from its
+  pages in one call, the budgets allocated, then the heads gathered densely, reduced and written
+  back as many layers per call as the compression workspace holds;
+* the rest (WindowKV's shared windows, allocators that read the layers): each layer gathered into
+  a dense :class:`LayerObservation` (window queries and the prefill signals, e.g. EMS's column
+  mass, were stashed by the backend), ``Policy.compress_shard``, each head's retained rows written
+  to the front of its own blocks (the dense copy was taken first).
+
+Then the tail blocks move to the spare list.
 
 During decode (:meth:`Compressor.recompress`, when ``decode_slack`` is set): every ``decode_slack``
 engine steps (the worker's step counter; :meth:`Request.due`), every head over its budget is
@@ -96,6 +104,22 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     return max(1, state.workspace_bytes // per_row)
 
 
+def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int) -> int:
+    """Heads (whole layers) one dense reduction of a prefill holds at once
+    (:meth:`Compressor._reduce_prefill_apart`), so that its temporaries stay within the compression
+    workspace: per head its K and V as gathered (float32 from an fp8 pool), float32 copies of them
+    (merges weigh rows in float32) and a few rows of masks and indices; per call the reducer's own
+    blocks (:meth:`~vllm_kvcompress.policies.reduction.Reducer.block_bytes`). All heads: a
+    WorkerState without a workspace (tests)."""
+    if not state.workspace_bytes:
+        return state.L * state.H
+    head_dim = state.pool.shape[-1]
+    gathered = 4 if state.cache_scales() is not None else state.pool.element_size()
+    per_head = seq_len * (2 * head_dim * (gathered + 4) + 64)
+    layers = (state.workspace_bytes - policy.reducer.block_bytes) // (per_head * state.H)
+    return min(state.L, max(1, layers)) * state.H
+
+
 def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
     """How the heads of one group split into policy calls: [None] (all at once, in order) when
     ``len(lengths) * max(lengths)`` padded rows fit in ``max_rows``; else runs of heads of similar
@@ -177,29 +201,76 @@ class Compressor:
         request = state.reqs[rid]
         if bool((request.lens != request.num_tokens).any()):
             raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected {request.num_tokens} each")
-        paged = request.policy.scores_from_pages and not request.policy.allocator.reads_layers
-        keep = self._select_prefill(request) if paged else self._reduce_prefill(request)
+        policy = request.policy
+        if policy.scores_from_pages and not policy.allocator.reads_layers:
+            keep = self._select_prefill(request)
+        elif policy.compresses_heads_apart:
+            keep = self._reduce_prefill_apart(request)
+        else:
+            keep = self._reduce_prefill(request)
         if request.decode_slack is not None:
             self._seed_ring(request)
         request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
         self._finish(rid, keep, "prefill")
 
-    def _select_prefill(self, request: Request) -> torch.Tensor:
-        """Reducers that only select rows: every head of the request scored from its pages in one
-        observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
-        rows kept per head, int64 [L, H] (host)."""
+    def _prefill_heads(self, request: Request) -> PagedHeads:
+        """Every head of the request, [L * H] layer-major, as one observation read from its pages
+        (whole prompts), with the prefill's window queries and signals."""
         state = self.state
         n, heads = request.num_tokens, state.L * state.H
         table = state.tables[request.row].reshape(heads, -1)[:, : -(-n // state.bs)]
         queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
         queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
         lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
-        k_scale, _ = head_scales(state.cache_scales(), torch.arange(state.L, device=state.pool.device).repeat_interleave(state.H))
-        keep_idx, budgets = request.policy.select_prefill(PagedHeads(queries, state.pool[0], table, lengths, n, k_scale),
-                                                          state.L, state.shards)
-        compaction.compact_rows(state.pool[0], state.pool[1], table, keep_idx.contiguous(),
+        k_scale, _ = self._head_scales()
+        signals = {name: torch.cat([request.signals[l][name] for l in range(state.L)])
+                   for name in request.signals.get(0, {})}
+        return PagedHeads(queries, state.pool[0], table, lengths, n, k_scale, **signals)
+
+    def _head_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The K and V scales of every head of a request, [L * H] layer-major (None, None: not fp8)."""
+        state = self.state
+        return head_scales(state.cache_scales(), torch.arange(state.L, device=state.pool.device).repeat_interleave(state.H))
+
+    def _select_prefill(self, request: Request) -> torch.Tensor:
+        """Reducers that only select rows: every head of the request scored from its pages in one
+        observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
+        rows kept per head, int64 [L, H] (host)."""
+        state = self.state
+        heads = self._prefill_heads(request)
+        keep_idx, budgets = request.policy.select_prefill(heads, state.L, state.shards)
+        compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(),
                                 state.shards.mine(budgets).flatten().to(state.pool.device))
         return budgets.cpu()
+
+    def _reduce_prefill_apart(self, request: Request) -> torch.Tensor:
+        """Reducers that decide each head alone but write rows (EMS's merges): every head of the
+        request scored from its pages in one call (:class:`PagedHeads`), the budgets allocated,
+        then the heads gathered densely, reduced and written back several layers per call -- as
+        many as the compression workspace holds (:func:`_prefill_heads_per_call`). Returns the rows
+        kept per head of the model, int64 [L, all KV heads] (host)."""
+        state, policy, n = self.state, request.policy, request.num_tokens
+        heads = self._prefill_heads(request)
+        scores = policy.scorer.score(heads)  # [L * H, n]
+        budgets, protected = policy.prefill_budgets(scores.view(state.L, -1, n), state.shards)
+        mine = state.shards.mine(budgets).flatten()
+        scales = self._head_scales()
+        group = heads.queries.shape[1]
+        step = _prefill_heads_per_call(state, policy, n)
+        kept_lengths = []
+        for start in range(0, len(mine), step):
+            part = slice(start, start + step)
+            table = heads.head_block_table[part]
+            keys, values = (reference.gather_heads(cache, table, n, None if scale is None else scale[part])
+                            for cache, scale in zip(state.pool, scales))
+            signals = {} if heads.global_attention is None else {"global_attention": heads.global_attention[part]}
+            obs = LayerObservation(heads.window_queries[start * group:(start + step) * group], keys, values, **signals)
+            kept = policy.reduce_prefill_heads(obs, scores[part], mine[part], protected)
+            write_rows(state, table, kept.keys, kept.values, kept.lengths.cpu(), kept.lengths,
+                       scales=tuple(None if scale is None else scale[part] for scale in scales))
+            kept_lengths.append(kept.lengths)
+        keep = torch.cat(kept_lengths).view(state.L, -1)
+        return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
 
     def _reduce_prefill(self, request: Request) -> torch.Tensor:
         """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
