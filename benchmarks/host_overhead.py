@@ -11,6 +11,9 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
   requests due in the same step (400-row heads), one by one against together, and one request
   whose layers hold 32 different lengths (PyramidKV's budgets do that), one policy call per
   length against one padded call;
+* ``prefill_6k``: one 6,000-token request's prefill compression at a tenth, per policy: PyTorch
+  calls (the worker's workspace for that length decides how many layers a dense reduction, EMS's,
+  takes per call);
 * ``plugin_step``: the plugin's whole host work in a pure-decode step of 64 and 256 requests
   (:func:`plugin_step`): PyTorch calls (views included) and ms on this CPU, where ms also count
   copying the layout's tensors, which on a GPU are kernels;
@@ -158,6 +161,20 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
 
 
+def prefill_calls(policy: str, prompt: int = 6000) -> int:
+    """PyTorch calls of one request's prefill compression (``prompt`` rows a head, budget a tenth),
+    with the compression workspace a worker reserves for that length (it sizes how many layers a
+    dense reduction takes per call)."""
+    from vllm_kvcompress.vllm.worker import compressor
+    from vllm_kvcompress.vllm.worker.worker import workspace_for
+
+    state, _ = prefilled_requests(policy, prompt, prompt // 10)
+    state.workspace_bytes = workspace_for(L * H * -(-prompt // BS) * BS * 2 * state.pool.shape[-1] * state.pool.element_size())
+    with torch.profiler.profile() as prof:
+        compressor.Compressor(state).compress_prefill("r0")
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+
+
 def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> dict:
     """PyTorch calls and CPU ms of one pure-decode step's layout, without and with the graph buffers."""
     from vllm_kvcompress.policies.config import CompressionConfig
@@ -295,6 +312,8 @@ def main() -> None:
                p: {"by_length": recompress_calls(p, layer_lengths=True, by_length=True),
                    "padded": recompress_calls(p, layer_lengths=True)}
                for p in args.policies.split(",") if p != "windowkv"},
+           # one 6k-token request's prefill compression (on a GPU each call is a launch)
+           "prefill_6k_pytorch_calls": {p: prefill_calls(p) for p in args.policies.split(",")},
            "decode_step_256_requests": decode_step(),
            # the plugin's whole host work in a pure-decode step with the graph buffers
            "plugin_step": {str(n): plugin_step(n) for n in (64, 256)}}
@@ -309,6 +328,9 @@ def main() -> None:
             print(f"{'':<28} 8 due requests, {p}: {n['one_by_one']} calls one by one, {n['together']} together")
         for p, n in r.get("recompress_32_lengths_pytorch_calls", {}).items():
             print(f"{'':<28} 32 head lengths, {p}: {n['by_length']} calls by length, {n['padded']} padded")
+        if "prefill_6k_pytorch_calls" in r:
+            print(f"{'':<28} prefill compression of a 6k-token request: "
+                  + ", ".join(f"{p} {n} calls" for p, n in r["prefill_6k_pytorch_calls"].items()))
         for name, n in r.get("decode_step_256_requests", {}).items():
             print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
         for requests, n in r.get("plugin_step", {}).items():

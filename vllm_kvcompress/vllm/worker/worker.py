@@ -124,8 +124,13 @@ def compression_workspace(spec: HeadBlockSpec, vllm_config) -> int:
     page = spec.page_size_bytes
     if vllm_config.cache_config.cache_dtype in settings.FP8_CACHE_DTYPES:
         page *= 4 // get_dtype_size(spec.dtype)
-    dense = spec.blocks_per_request(vllm_config.model_config.max_model_len) * page
-    return dense + dense // 4 + (256 << 20)
+    return workspace_for(spec.blocks_per_request(vllm_config.model_config.max_model_len) * page)
+
+
+def workspace_for(dense_bytes: int) -> int:
+    """:func:`compression_workspace` of a request whose K/V of every head take ``dense_bytes``
+    as the policies see them."""
+    return dense_bytes + dense_bytes // 4 + (256 << 20)
 
 
 def decode_buffer_shape(spec: HeadBlockSpec, vllm_config, max_len: int) -> dict:
