@@ -5,6 +5,7 @@ import benchmark_modules
 import pytest
 import torch
 
+from vllm_kvcompress.policies.scoring import KeyDiffScorer
 from vllm_kvcompress.vllm.worker import compressor
 
 host = benchmark_modules.load("host_overhead")
@@ -134,12 +135,14 @@ def test_paged_prefill_compression_keeps_the_rows_the_dense_path_keeps(policy, m
 
 
 @pytest.mark.parametrize("policy,options", [("ems", {}), ("ems", {"merge_threshold": 0.0}), ("ems-tuned", {}),
-                                            ("adakv", {"selects_rows": False})])
+                                            ("adakv", {"selects_rows": False}),
+                                            ("snapkv", {"scorer": KeyDiffScorer()})])
 def test_prefill_reduced_over_many_layers_per_call_keeps_the_rows_of_one_layer_per_call(policy, options, monkeypatch):
     """Reducers that decide each head alone (EMS's merges -- threshold 0 merges every relevant row
-    of these random caches; a top-k here made to go the dense way) are scored from the pages at
-    once and reduced many layers per call, as many as the workspace holds: all heads in one call,
-    several calls, and the per-layer path keep the same rows, bit for bit."""
+    of these random caches; a top-k here made to go the dense way, with page scores or with
+    KeyDiff's, which reads the keys) are scored and reduced many layers per call, as many as the
+    workspace holds: all heads in one call, several calls, and the per-layer path keep the same
+    rows, bit for bit."""
     states, calls = {}, {}
     for name, apart, workspace in (("one_call", True, 0), ("split", True, None), ("per_layer", False, 0)):
         ws, _ = host.prefilled_requests(policy, 160, 60)
@@ -148,6 +151,8 @@ def test_prefill_reduced_over_many_layers_per_call_keeps_the_rows_of_one_layer_p
         if "merge_threshold" in options:
             request.policy = dataclasses.replace(
                 request.policy, reducer=dataclasses.replace(request.policy.reducer, **options))
+        if "scorer" in options:  # one that reads the keys: scored from the dense rows, call by call
+            request.policy = dataclasses.replace(request.policy, scorer=options["scorer"])
         reducer = request.policy.reducer
         monkeypatch.setattr(type(reducer), "selects_rows", options.get("selects_rows", reducer.selects_rows))
         monkeypatch.setattr(policy_type, "compresses_heads_apart", property(lambda self, _apart=apart: _apart))

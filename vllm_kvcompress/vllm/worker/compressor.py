@@ -245,28 +245,36 @@ class Compressor:
 
     def _reduce_prefill_apart(self, request: Request) -> torch.Tensor:
         """Reducers that decide each head alone but write rows (EMS's merges): every head of the
-        request scored from its pages in one call (:class:`PagedHeads`), the budgets allocated,
-        then the heads gathered densely, reduced and written back several layers per call -- as
-        many as the compression workspace holds (:func:`_prefill_heads_per_call`). Returns the rows
-        kept per head of the model, int64 [L, all KV heads] (host)."""
+        request scored at once from its pages (:class:`PagedHeads`; scorers that read the keys
+        themselves, per call from the dense rows), the budgets allocated, then the heads gathered
+        densely, reduced and written back several layers per call -- as many as the compression
+        workspace holds (:func:`_prefill_heads_per_call`). Returns the rows kept per head of the
+        model, int64 [L, all KV heads] (host)."""
         state, policy, n = self.state, request.policy, request.num_tokens
         heads = self._prefill_heads(request)
-        scores = policy.scorer.score(heads)  # [L * H, n]
-        budgets, protected = policy.prefill_budgets(scores.view(state.L, -1, n), state.shards)
-        mine = state.shards.mine(budgets).flatten()
         scales = self._head_scales()
         group = heads.queries.shape[1]
         step = _prefill_heads_per_call(state, policy, n)
-        kept_lengths = []
-        for start in range(0, len(mine), step):
-            part = slice(start, start + step)
-            table = heads.head_block_table[part]
-            keys, values = (reference.gather_heads(cache, table, n, None if scale is None else scale[part])
+        parts = [slice(start, start + step) for start in range(0, heads.num_kv_heads, step)]
+
+        def dense(part: slice) -> LayerObservation:  # these heads' rows, as the policies see them
+            keys, values = (reference.gather_heads(cache, heads.head_block_table[part], n,
+                                                   None if scale is None else scale[part])
                             for cache, scale in zip(state.pool, scales))
             signals = {} if heads.global_attention is None else {"global_attention": heads.global_attention[part]}
-            obs = LayerObservation(heads.window_queries[start * group:(start + step) * group], keys, values, **signals)
-            kept = policy.reduce_prefill_heads(obs, scores[part], mine[part], protected)
-            write_rows(state, table, kept.keys, kept.values, kept.lengths.cpu(), kept.lengths,
+            queries = heads.window_queries[part.start * group:part.stop * group]
+            return LayerObservation(queries, keys, values, **signals)
+
+        if policy.scorer.reads_keys:
+            scores = torch.cat([policy.scorer.score(dense(part)) for part in parts])
+        else:
+            scores = policy.scorer.score(heads)  # [L * H, n]
+        budgets, protected = policy.prefill_budgets(scores.view(state.L, -1, n), state.shards)
+        mine = state.shards.mine(budgets).flatten()
+        kept_lengths = []
+        for part in parts:
+            kept = policy.reduce_prefill_heads(dense(part), scores[part], mine[part], protected)
+            write_rows(state, heads.head_block_table[part], kept.keys, kept.values, kept.lengths.cpu(), kept.lengths,
                        scales=tuple(None if scale is None else scale[part] for scale in scales))
             kept_lengths.append(kept.lengths)
         keep = torch.cat(kept_lengths).view(state.L, -1)
