@@ -253,9 +253,10 @@ def test_fp8_cache_passes(cache_dtype):
     settings.check_vllm_config(fake_config(**{"cache_config.cache_dtype": cache_dtype}))
 
 
-@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False)])
-def test_fp8_cache_needs_sm89_on_cuda(monkeypatch, capability, refused):
-    """Triton has no e4m3 conversions below sm89: refused at start-up, naming the GPU's capability."""
+@pytest.mark.parametrize("capability, refused", [((8, 0), True), ((8, 6), True), ((8, 9), True), ((9, 0), False)])
+def test_fp8_cache_needs_sm90_on_cuda(monkeypatch, capability, refused):
+    """Chunked prefill over fp8 pages runs FlashAttention 3's fp8 path (sm90): refused below it at
+    start-up, naming the GPU's capability."""
     from vllm.platforms.interface import DeviceCapability
 
     from vllm_kvcompress.vllm import compat
@@ -267,7 +268,7 @@ def test_fp8_cache_needs_sm89_on_cuda(monkeypatch, capability, refused):
     if not refused:
         settings.check_vllm_config(config)
         return
-    with pytest.raises(ValueError, match=f"compute capability 8.9 or later .*this one is sm{capability[0]}{capability[1]}"):
+    with pytest.raises(ValueError, match=f"compute capability 9.0 or later .*this one is sm{capability[0]}{capability[1]}"):
         settings.check_vllm_config(config)
     settings.check_vllm_config(fake_config())  # kv_cache_dtype auto runs on any GPU
 

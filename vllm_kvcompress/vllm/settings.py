@@ -28,7 +28,10 @@ CONNECTOR_MODULE = "vllm_kvcompress.vllm.scheduler.connector"
 # (one float32 scale for K and one for V per layer: the checkpoint's, calculate_kv_scales', or 1.0)
 FP8_CACHE_DTYPES = ("fp8", "fp8_e4m3")
 CACHE_DTYPES = ("auto", *FP8_CACHE_DTYPES)
-FP8_CAPABILITY = 89  # Triton converts to and from float8_e4m3fn on sm89 (Ada) and later
+# Triton converts to and from float8_e4m3fn from sm89 (Ada) on, but continued prefill chunks over
+# an fp8 pool run FlashAttention 3's fp8 path, which needs sm90 (Hopper): refused below it at start-up
+# rather than failing at a request's second chunk
+FP8_CAPABILITY = 90
 WORKERS = {"cpu": "vllm_kvcompress.vllm.worker.worker.KVCompressCPUWorker",
            "cuda": "vllm_kvcompress.vllm.worker.worker.KVCompressGPUWorker"}
 
@@ -175,8 +178,8 @@ def _cache_dtype_refusals(cache_dtype: str) -> list[str]:
     if current_platform.device_type == "cuda" and not current_platform.has_device_capability(FP8_CAPABILITY):
         capability = current_platform.get_device_capability()
         found = "unknown" if capability is None else f"sm{capability.to_int()}"
-        return [f"kv_cache_dtype={cache_dtype!r} needs a GPU of compute capability 8.9 or later (sm89+: Triton's "
-                f"float8_e4m3fn), this one is {found}; use kv_cache_dtype auto"]
+        return [f"kv_cache_dtype={cache_dtype!r} needs a GPU of compute capability 9.0 or later (sm90+: "
+                f"FlashAttention 3's fp8 path for chunked prefill), this one is {found}; use kv_cache_dtype auto"]
     return []
 
 
