@@ -96,6 +96,11 @@ def apply_report_ms() -> tuple[float, int, int]:
     return statistics.median(times), len(blocks), len(released)
 
 
+def counted_calls(prof) -> int:
+    """The PyTorch calls a torch.profiler run recorded, views and allocations left out (:data:`NOT_COUNTED`)."""
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+
+
 def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0,
                        head_dim: int = D):
     """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
@@ -158,7 +163,7 @@ def recompress_calls(policy: str, prompt: int = 1600, num_requests: int = 1, lay
                 raise RuntimeError("a request had no head over its budget")
     finally:
         reducer.pads_heads = pads
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+    return counted_calls(prof)
 
 
 def prefill_calls(policy: str, prompt: int = 6000) -> int:
@@ -172,7 +177,7 @@ def prefill_calls(policy: str, prompt: int = 6000) -> int:
     state.workspace_bytes = workspace_for(L * H * -(-prompt // BS) * BS * 2 * state.pool.shape[-1] * state.pool.element_size())
     with torch.profiler.profile() as prof:
         compressor.Compressor(state).compress_prefill("r0")
-    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+    return counted_calls(prof)
 
 
 def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> dict:
@@ -197,7 +202,7 @@ def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> di
         step()
         with torch.profiler.profile() as prof:
             step()
-        calls = sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
+        calls = counted_calls(prof)
         times = []
         for _ in range(steps // 2 - 1):
             start = time.perf_counter()

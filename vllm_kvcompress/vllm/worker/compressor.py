@@ -104,17 +104,17 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     return max(1, state.workspace_bytes // per_row)
 
 
-def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int) -> int:
+def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int, fp8: bool) -> int:
     """Heads (whole layers) one dense reduction of a prefill holds at once
     (:meth:`Compressor._reduce_prefill_apart`), so that its temporaries stay within the compression
     workspace: per head its K and V as gathered (float32 from an fp8 pool), float32 copies of them
     (merges weigh rows in float32) and a few rows of masks and indices; per call the reducer's own
     blocks (:meth:`~vllm_kvcompress.policies.reduction.Reducer.block_bytes`). All heads: a
-    WorkerState without a workspace (tests)."""
+    WorkerState without a workspace (tests). ``fp8``: the pool holds e4m3 rows."""
     if not state.workspace_bytes:
         return state.L * state.H
     head_dim = state.pool.shape[-1]
-    gathered = 4 if state.cache_scales() is not None else state.pool.element_size()
+    gathered = 4 if fp8 else state.pool.element_size()
     per_head = seq_len * (2 * head_dim * (gathered + 4) + 64)
     layers = (state.workspace_bytes - policy.reducer.block_bytes) // (per_head * state.H)
     return min(state.L, max(1, layers)) * state.H
@@ -213,16 +213,16 @@ class Compressor:
         request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
         self._finish(rid, keep, "prefill")
 
-    def _prefill_heads(self, request: Request) -> PagedHeads:
+    def _prefill_heads(self, request: Request, k_scale: torch.Tensor | None) -> PagedHeads:
         """Every head of the request, [L * H] layer-major, as one observation read from its pages
-        (whole prompts), with the prefill's window queries and signals."""
+        (whole prompts), with the prefill's window queries and signals; ``k_scale``: the heads' key
+        scales of an fp8 pool (:meth:`_head_scales`), else None."""
         state = self.state
         n, heads = request.num_tokens, state.L * state.H
         table = state.tables[request.row].reshape(heads, -1)[:, : -(-n // state.bs)]
         queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
         queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
         lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
-        k_scale, _ = self._head_scales()
         signals = {name: torch.cat([request.signals[l][name] for l in range(state.L)])
                    for name in request.signals.get(0, {})}
         return PagedHeads(queries, state.pool[0], table, lengths, n, k_scale, **signals)
@@ -237,7 +237,7 @@ class Compressor:
         observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
         rows kept per head, int64 [L, H] (host)."""
         state = self.state
-        heads = self._prefill_heads(request)
+        heads = self._prefill_heads(request, self._head_scales()[0])
         keep_idx, budgets = request.policy.select_prefill(heads, state.L, state.shards)
         compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(),
                                 state.shards.mine(budgets).flatten().to(state.pool.device))
@@ -251,10 +251,10 @@ class Compressor:
         workspace holds (:func:`_prefill_heads_per_call`). Returns the rows kept per head of the
         model, int64 [L, all KV heads] (host)."""
         state, policy, n = self.state, request.policy, request.num_tokens
-        heads = self._prefill_heads(request)
         scales = self._head_scales()
+        heads = self._prefill_heads(request, scales[0])
         group = heads.queries.shape[1]
-        step = _prefill_heads_per_call(state, policy, n)
+        step = _prefill_heads_per_call(state, policy, n, fp8=scales[0] is not None)
         parts = [slice(start, start + step) for start in range(0, heads.num_kv_heads, step)]
 
         def dense(part: slice) -> LayerObservation:  # these heads' rows, as the policies see them
@@ -281,9 +281,9 @@ class Compressor:
         return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
 
     def _reduce_prefill(self, request: Request) -> torch.Tensor:
-        """Merging and shared-window reducers: each layer gathered densely, reduced, written back.
-        Returns the rows kept per head of the model, int64 [L, all KV heads] (host): what every rank
-        kept, gathered (a reducer may keep fewer rows than its budget)."""
+        """Shared-window reducers and allocators that read the layers: each layer gathered densely,
+        reduced, written back. Returns the rows kept per head of the model, int64 [L, all KV heads]
+        (host): what every rank kept, gathered (a reducer may keep fewer rows than its budget)."""
         state = self.state
         observations, scales = [], state.cache_scales()
         for l in range(state.L):  # every head holds num_tokens rows
