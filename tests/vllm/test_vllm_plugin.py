@@ -379,3 +379,19 @@ def test_plain_vllm_loads_no_compression_module(tiny_model_dir):
     assert "vllm_kvcompress.vllm.patches" in loaded  # the plugin did load (the check is not vacuous)
     for module in ("request_rules", "params", "metrics", "state", "worker", "connector"):
         assert f"vllm_kvcompress.vllm.{module}'" not in loaded, loaded
+
+
+@pytest.mark.parametrize("environ, threads, limited", [({}, 4, True), ({"OMP_NUM_THREADS": "4"}, 4, False),
+                                                       ({}, 1, False)])
+def test_gpu_worker_takes_one_host_thread_unless_omp_num_threads_is_set(environ, threads, limited):
+    import torch
+
+    from vllm_kvcompress.vllm.worker.worker import limit_host_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert limit_host_threads(environ) == (threads if limited else None)
+        assert torch.get_num_threads() == (1 if limited else threads)
+    finally:
+        torch.set_num_threads(before)

@@ -11,12 +11,15 @@
   (before vLLM's profiling run, so the KV pool is sized around them), and a step in which a
   request still observes its prefill, or a head outgrows the graph tables, is kept from replaying a
   decode graph (``_is_uniform_decode``).
+  On a GPU it also takes the process to one intra-op host thread (:func:`limit_host_threads`).
 * ``execute_model``: the scheduler's block ids go to :class:`WorkerState` before the forward.
 """
 from __future__ import annotations
 
+import os
 import re
 
+import torch
 
 from vllm_kvcompress.policies.head_scores import HeadScores
 from vllm_kvcompress.policies.tensor_parallel import HeadShards
@@ -109,6 +112,22 @@ def tensor_parallel_shards(vllm_config, num_kv_heads: int) -> HeadShards:
     return HeadShards(size, group.rank_in_group, num_kv_heads, group.all_gather)
 
 
+def limit_host_threads(environ=os.environ) -> int | None:
+    """One PyTorch intra-op thread for this (GPU worker's) process unless ``OMP_NUM_THREADS`` says
+    otherwise; returns the thread count it replaced (None: left alone). vLLM does the same for its
+    multiprocess workers but not for a one-GPU engine, whose worker runs inside the EngineCore
+    process. The plugin's per-step host tensors ([requests, layers, KV heads]) pass PyTorch's
+    parallel grain past 128 requests, and a served step's host work then waits on 16 threads that
+    the API server and clients keep off the cores (benchmarks/results/serving-notes.md)."""
+    before = torch.get_num_threads()
+    if "OMP_NUM_THREADS" in environ or before == 1:
+        return None
+    torch.set_num_threads(1)
+    runtime.logger.info("kv compression: PyTorch host threads %d -> 1 in the GPU worker (set OMP_NUM_THREADS to choose)",
+                        before)
+    return before
+
+
 class _UnusedBlockTable(BlockTable):
     """vLLM's BlockTable that ignores the block ids streamed to it (the worker assigns them)."""
 
@@ -165,6 +184,8 @@ class _KVCompressWorkerMixin:
 
     def init_device(self):
         super().init_device()
+        if self.model_runner.device.type == "cuda":
+            limit_host_threads()
         self.model_runner.__class__ = _with_mixin(type(self.model_runner))
         runtime.RUNNER = self.model_runner
 
