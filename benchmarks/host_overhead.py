@@ -17,6 +17,12 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 * ``plugin_step``: the plugin's whole host work in a pure-decode step of 64 and 256 requests
   (:func:`plugin_step`): PyTorch calls (views included) and ms on this CPU, where ms also count
   copying the layout's tensors, which on a GPU are kernels;
+* ``recompress_requests``: PyTorch calls of one decode-time recompression tick of 1, 8 and 32
+  due requests (200-row heads), per policy: the policy's calls are one round whatever the count,
+  and the bookkeeping runs over all requests at once;
+* ``--assign DEVICE``: only ``WorkerState._assign`` (the decode step's block assignment) for 64,
+  128, 134 and 256 requests with 600-row heads of many lengths, ms median, at each
+  ``--threads`` count (e.g. ``--assign cuda --threads 16,1`` on a GPU machine);
 * ``decode_step``: the metadata of one pure-decode step of 256 running requests (400 rows a head):
   ``WorkerState.prepare_step`` and, with ``cuda_graphs``, the copy into the persistent buffers
   (``DecodeBuffers.fill``): PyTorch calls and ms of a step that assigns no new block. Once a replayed graph takes the 32 per-layer
@@ -180,6 +186,29 @@ def prefill_calls(policy: str, prompt: int = 6000) -> int:
     return counted_calls(prof)
 
 
+def assign_ms(num_requests: int, device: str = "cpu", rows: int = 600, steps: int = 48) -> float:
+    """Median ms of ``WorkerState._assign`` for a decode step of ``num_requests`` requests whose
+    heads hold between ``rows / 2`` and ``rows`` rows (some cross a block's end every step)."""
+    from vllm_kvcompress.policies.config import CompressionConfig
+    from vllm_kvcompress.vllm.worker.state import WorkerState
+
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy="snapkv", budget=rows), device=device)
+    per_request = L * H * (-(-(rows + steps + 20) // BS) + 1)
+    gen = torch.Generator().manual_seed(0)
+    rids = [str(r) for r in range(num_requests)]
+    for r, rid in enumerate(rids):
+        state.ingest(scheduler_output(rid, rows, list(range(r * per_request, (r + 1) * per_request))))
+        state.append(rid, rows)
+        state.compacted_heads(rid, torch.randint(rows // 2, rows, (L, H), generator=gen))
+    times = []
+    for _ in range(steps):
+        reqs = [state.reqs[rid] for rid in rids]
+        start = time.perf_counter()
+        state._assign(reqs, rids, torch.tensor([r.row for r in reqs]), torch.ones(num_requests, dtype=torch.int64))
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> dict:
     """PyTorch calls and CPU ms of one pure-decode step's layout, without and with the graph buffers."""
     from vllm_kvcompress.policies.config import CompressionConfig
@@ -298,7 +327,15 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name of this run (default: the project commit)")
     parser.add_argument("--policies", default="snapkv,adakv,ems,windowkv")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--assign", metavar="DEVICE", help="only time the block assignment on DEVICE (printed)")
+    parser.add_argument("--threads", default="1", help="with --assign: comma-separated PyTorch thread counts")
     args = parser.parse_args()
+    if args.assign:
+        for threads in (int(t) for t in args.threads.split(",")):
+            torch.set_num_threads(threads)
+            print(f"{threads} thread(s), _assign ms by requests:",
+                  {n: round(assign_ms(n, args.assign), 3) for n in (64, 128, 134, 256)}, flush=True)
+        return
     torch.set_num_threads(1)
     label = args.label or project_commit()
     apply_ms, held, released = apply_report_ms()
@@ -312,6 +349,9 @@ def main() -> None:
            "recompress_8_requests_pytorch_calls": {
                p: {"one_by_one": 8 * recompress_calls(p, 400), "together": recompress_calls(p, 400, 8)}
                for p in args.policies.split(",")},
+           # a tick of 1, 8, 32 due requests: as many calls for any count
+           "recompress_requests_pytorch_calls": {
+               p: {str(n): recompress_calls(p, 200, n) for n in (1, 8, 32)} for p in args.policies.split(",")},
            # one request whose 32 layers hold 32 lengths (PyramidKV): one call per length vs padded
            "recompress_32_lengths_pytorch_calls": {
                p: {"by_length": recompress_calls(p, layer_lengths=True, by_length=True),
@@ -331,6 +371,8 @@ def main() -> None:
         print(f"{r['label']:<28} {r['take_reports_256_requests_ms']:>16} {r['apply_report_ms']:>16}  {calls}")
         for p, n in r.get("recompress_8_requests_pytorch_calls", {}).items():
             print(f"{'':<28} 8 due requests, {p}: {n['one_by_one']} calls one by one, {n['together']} together")
+        for p, n in r.get("recompress_requests_pytorch_calls", {}).items():
+            print(f"{'':<28} a tick of 1 / 8 / 32 due requests, {p}: " + " / ".join(str(c) for c in n.values()) + " calls")
         for p, n in r.get("recompress_32_lengths_pytorch_calls", {}).items():
             print(f"{'':<28} 32 head lengths, {p}: {n['by_length']} calls by length, {n['padded']} padded")
         if "prefill_6k_pytorch_calls" in r:

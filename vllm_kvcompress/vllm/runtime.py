@@ -72,6 +72,16 @@ def event(kind: str, **fields) -> None:
         f.write(json.dumps(fields) + "\n")
 
 
+def events(kind: str, records: list[dict]) -> None:
+    """:func:`event` of several records, in one write."""
+    path = os.environ.get(EVENTS_ENV)
+    if not path or TENSOR_PARALLEL_RANK or not records:
+        return
+    common = dict(kind=kind, pid=os.getpid(), t=round(time.time(), 4))
+    with open(path, "a") as f:
+        f.write("".join(json.dumps({**fields, **common}) + "\n" for fields in records))
+
+
 def read_events(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []

@@ -188,7 +188,7 @@ class Compressor:
             for rid in pending:
                 if rid in state.reqs:
                     self.compress_prefill(rid)
-        due = [rid for rid, request in state.reqs.items() if request.due(state.step) and rid not in pending]
+        due = [rid for rid, request in state.reqs.items() if request.on_cadence(state.step) and rid not in pending]
         if not due:
             return []
         with runtime.TIMER.device("recompress_ms", on_cuda):
@@ -211,7 +211,7 @@ class Compressor:
         if request.decode_slack is not None:
             self._seed_ring(request)
         request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
-        self._finish(rid, keep, "prefill")
+        self._finish([rid], keep[None], "prefill")
 
     def _prefill_heads(self, request: Request, k_scale: torch.Tensor | None) -> PagedHeads:
         """Every head of the request, [L * H] layer-major, as one observation read from its pages
@@ -305,20 +305,29 @@ class Compressor:
         for l in range(state.L):
             state.recent[l, request.row, : first.shape[1]] = request.queries[l].transpose(0, 1)
 
-    def _finish(self, rid: str, keep: torch.Tensor, what: str) -> None:
-        """Shrink the bookkeeping to ``keep`` [L, H] rows, count and log the compression."""
+    def _finish(self, rids: list[str], keep: torch.Tensor, what: str) -> None:
+        """Shrink the bookkeeping of these requests to ``keep`` [R, L, all KV heads] rows, count and
+        log their compressions; all at once (a recompression tick takes every running request)."""
         state = self.state
-        request = state.reqs[rid]
-        rows_before, blocks_before = int(request.lens.sum()), int(request.num_blocks.sum())
-        state.compacted_heads(rid, keep)
-        rows_after, blocks_after = int(request.lens.sum()), int(request.num_blocks.sum())
-        runtime.record_compression(rows_before, rows_after)
-        runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
-                             "head-blocks freed", what, rid, request.num_tokens, rows_after, rows_before,
-                             100.0 * rows_after / max(rows_before, 1), blocks_before - blocks_after, blocks_before)
-        runtime.event("compressed", what=what, req_id=rid, tokens=request.num_tokens, chunks=request.prefill_chunks,
-                      chunk_ends=request.prefill_ends, step=state.step, blocks_before=blocks_before,
-                      blocks_after=blocks_after, lens=request.lens.tolist())
+        requests = [state.reqs[rid] for rid in rids]
+        rows = torch.tensor([request.row for request in requests], dtype=torch.int64)
+        rows_before = state.counts.lens[rows].flatten(1).sum(1).tolist()
+        blocks_before = state.counts.blocks[rows].flatten(1).sum(1).tolist()
+        state.compacted_requests(rids, keep)
+        rows_after = keep.flatten(1).sum(1).tolist()
+        blocks_after = state.counts.blocks[rows].flatten(1).sum(1).tolist()
+        lens = keep.tolist()
+        records = []
+        for i, (rid, request) in enumerate(zip(rids, requests)):
+            runtime.record_compression(rows_before[i], rows_after[i])
+            runtime.logger.debug("kv compression (%s) of request %s at %d tokens: %d/%d rows kept (%.1f%%), %d of %d "
+                                 "head-blocks freed", what, rid, request.num_tokens, rows_after[i], rows_before[i],
+                                 100.0 * rows_after[i] / max(rows_before[i], 1), blocks_before[i] - blocks_after[i],
+                                 blocks_before[i])
+            records.append(dict(what=what, req_id=rid, tokens=request.num_tokens, chunks=request.prefill_chunks,
+                                chunk_ends=request.prefill_ends, step=state.step, blocks_before=blocks_before[i],
+                                blocks_after=blocks_after[i], lens=lens[i]))
+        runtime.events("compressed", records)
 
     def recompress(self, rids: list[str]) -> list[str]:
         """Bring every head over its budget of these requests back to it. Heads with the same policy
@@ -326,41 +335,44 @@ class Compressor:
         layer or length (padded, :func:`_gather_padded`; of one length per call for reducers without
         ``pads_heads``; split by :func:`_calls` where they would outgrow the compression workspace),
         so the requests due in a step cost one round of launches. ``Policy.recompress_heads`` keeps
-        each head's result its own. Under tensor parallelism each rank reduces its own heads over
-        their budgets, and counts every rank's as brought back to theirs. Returns the requests that
-        had a head over its budget."""
+        each head's result its own. The bookkeeping, too, runs over all requests at once (one
+        PyTorch call per step of it, not per request: a tick takes every running request). Under
+        tensor parallelism each rank reduces its own heads over their budgets, and counts every
+        rank's as brought back to theirs. Returns the requests that had a head over its budget."""
         state = self.state
-        groups: dict[tuple, list] = {}  # (policy, rows or None: any, queries) -> [(request, layers, heads, rows)]
-        keep = {}
-        for rid in rids:
-            request = state.reqs[rid]
-            over = request.heads_over_budget()
-            if not bool(over.any()):
-                continue
-            keep[rid] = torch.where(over, request.decode_budget, request.lens)
-            over, local_lens = state.shards.mine(over), request.local_lens
-            if not bool(over.any()):
+        requests = [state.reqs[rid] for rid in rids]
+        if not requests:
+            return []
+        rows = torch.tensor([request.row for request in requests], dtype=torch.int64)
+        lens = state.counts.lens[rows]  # [R, L, all KV heads]
+        budgets = torch.stack([request.decode_budget for request in requests])
+        over = lens > budgets
+        due = over.flatten(1).any(1).nonzero().flatten()  # requests with a head over its budget (any rank's)
+        if not len(due):
+            return []
+        keep, rows = torch.where(over, budgets, lens)[due], rows[due]
+        over, lens, budgets = (state.shards.mine(x[due]) for x in (over, lens, budgets))  # this rank's heads
+        groups: dict[tuple, list[int]] = {}  # (policy, queries) -> positions in ``due``
+        for i, r in enumerate(due.tolist()):
+            request = requests[r]
+            groups.setdefault((id(request.policy), request.recent_queries()), []).append(i)
+        oldest_all = torch.tensor([requests[r].recent_count for r in due.tolist()])
+        for (_, count), members in groups.items():
+            policy = requests[int(due[members[0]])].policy
+            members = torch.tensor(members)
+            member, layers, heads = over[members].nonzero().unbind(1)  # request-major, then layer, head
+            if not len(member):
                 continue  # only other ranks' heads are due
-            count = request.recent_queries()
-            pairs, lengths = over.nonzero(), local_lens[over]  # (layer, head) of every own head over its budget
-            if request.policy.reducer.pads_heads:
-                layers, heads = pairs.unbind(1)
-                groups.setdefault((id(request.policy), None, count), []).append((rid, layers, heads, lengths))
-                continue
-            for n in sorted(set(lengths.tolist())):
-                layers, heads = pairs[lengths == n].unbind(1)
-                groups.setdefault((id(request.policy), n, count), []).append((rid, layers, heads, lengths[lengths == n]))
-        for (_, _, count), members in groups.items():
-            policy = state.reqs[members[0][0]].policy
-            sizes = [len(layers) for _, layers, _, _ in members]
-            member = torch.arange(len(members)).repeat_interleave(torch.tensor(sizes))  # each head's member
-            layers, heads, lengths = (torch.cat([m[i] for m in members]) for i in (1, 2, 3))
-            budgets = torch.cat([state.shards.mine(state.reqs[rid].decode_budget)[l, h] for rid, l, h, _ in members])
-            rows = torch.tensor([state.reqs[rid].row for rid, _, _, _ in members])[member]
-            oldest = torch.tensor([state.reqs[rid].recent_count - count for rid, _, _, _ in members])[member]
-            for part in _calls(lengths, _max_rows(state, policy, count, int(lengths.max()), int(budgets.min()))):
-                _recompress_heads(state, policy, count, *(x if part is None else x[part]
-                                                       for x in (rows, layers, heads, lengths, oldest, budgets)))
-        for rid, rows_kept in keep.items():
-            self._finish(rid, rows_kept, "decode")
-        return list(keep)
+            lengths = lens[members][member, layers, heads]
+            budget = budgets[members][member, layers, heads]
+            table_rows = rows[members][member]
+            oldest = oldest_all[members][member] - count
+            by_length = [None] if policy.reducer.pads_heads else [lengths == n for n in lengths.unique().tolist()]
+            for same in by_length:
+                picked = (table_rows, layers, heads, lengths, oldest, budget) if same is None else \
+                    tuple(x[same] for x in (table_rows, layers, heads, lengths, oldest, budget))
+                longest, fewest = int(picked[3].max()), int(picked[5].min())
+                for part in _calls(picked[3], _max_rows(state, policy, count, longest, fewest)):
+                    _recompress_heads(state, policy, count, *(x if part is None else x[part] for x in picked))
+        self._finish([rids[r] for r in due.tolist()], keep, "decode")
+        return [rids[r] for r in due.tolist()]

@@ -71,6 +71,12 @@ class HeadCounts:
         self.lens[rows] += num_new[:, None, None]
         self.blocks[rows] = blocks
 
+    def compacted(self, rows: torch.Tensor, lens: torch.Tensor, blocks: torch.Tensor) -> None:
+        """The heads of table rows ``rows`` int64 [R] now hold ``lens`` int64 [R, L, all KV heads]
+        rows in ``blocks`` int64 [R, L, H] blocks."""
+        self.lens[rows] = lens
+        self.blocks[rows] = blocks
+
 
 class Request:
     """row: the request's row of ``WorkerState.tables`` (and of ``counts``, where its heads' rows
@@ -158,15 +164,10 @@ class Request:
         """Whether its decode queries are kept for decode-time recompression."""
         return self.decode_budget is not None
 
-    def due(self, step: int) -> bool:
-        """Whether decode-time recompression takes it in engine step ``step``: on its cadence, with
-        a head over its budget."""
-        return (self.decode_budget is not None and step % self.decode_slack == 0
-                and bool((self.lens > self.decode_budget).any()))
-
-    def heads_over_budget(self) -> torch.Tensor:
-        """bool [L, all KV heads]: the heads decode-time recompression brings back to their budgets."""
-        return self.lens > self.decode_budget
+    def on_cadence(self, step: int) -> bool:
+        """Whether decode-time recompression looks at it in engine step ``step`` (it takes the heads
+        over their budgets: :meth:`Compressor.recompress`)."""
+        return self.decode_budget is not None and step % self.decode_slack == 0
 
     def recent_queries(self) -> int:
         """Queries in its ring (at most the policy's window)."""
@@ -212,13 +213,11 @@ class Request:
         self.max_len += num_new
         self.num_tokens += num_new
 
-    def compacted(self, keep: torch.Tensor, kept_blocks: torch.Tensor, freed: list[int]) -> None:
-        """Every head now holds ``keep`` rows [L, all KV heads]; this worker's, in their first
-        ``kept_blocks`` [L, H] blocks; ``freed`` are spare."""
+    def compacted(self, max_len: int, freed: list[int]) -> None:
+        """Its heads were compacted (their counts: :meth:`HeadCounts.compacted`), the longest to
+        ``max_len`` rows; ``freed`` are spare."""
         self.spare.extend(freed)
-        self.num_blocks.copy_(kept_blocks)
-        self.lens.copy_(keep)
-        self.max_len = int(keep.max())
+        self.max_len = max_len
         self.report_due = True  # with or without a tail: spares held before may now be surplus
 
     def take_surplus(self, need: int) -> list[int]:

@@ -346,15 +346,30 @@ class WorkerState:
     def compacted_heads(self, rid: str, keep: torch.Tensor) -> None:
         """Every head now holds ``keep`` (int [L, all KV heads]) rows at the front of its blocks; the
         blocks past its slot's rows -> spare."""
-        request = self.reqs[rid]
+        self.compacted_requests([rid], keep[None])
+
+    def compacted_requests(self, rids: list[str], keep: torch.Tensor) -> None:
+        """:meth:`compacted_heads` of several requests at once (``keep`` int [R, L, all KV heads]):
+        a decode-time recompression brings every running request back to its budgets in one step."""
+        requests = [self.reqs[rid] for rid in rids]
+        rows = torch.tensor([request.row for request in requests], dtype=torch.int64)
         keep = keep.to(torch.int64).cpu()
-        if bool((keep > request.lens).any()):
-            raise RuntimeError(f"request {rid}: compaction cannot grow a head ({keep.tolist()} > {request.lens.tolist()})")
-        kept_blocks = -(-self.shards.slot_rows(keep) // self.bs)
-        width = int(request.num_blocks.max())
-        col = torch.arange(width)
-        tail = (col >= kept_blocks[..., None]) & (col < request.num_blocks[..., None])  # [L, H, width]
-        request.compacted(keep, kept_blocks, self.host_tables[request.row, :, :, :width][tail].tolist())
+        grown = (keep > self.counts.lens[rows]).flatten(1).any(1)
+        if bool(grown.any()):
+            r = int(grown.nonzero()[0])
+            raise RuntimeError(f"request {rids[r]}: compaction cannot grow a head "
+                               f"({keep[r].tolist()} > {requests[r].lens.tolist()})")
+        kept_blocks = -(-self.shards.slot_rows(keep) // self.bs)  # [R, L, H]
+        held = self.counts.blocks[rows]
+        col = torch.arange(int(held.max()))
+        tail = (col >= kept_blocks[..., None]) & (col < held[..., None])  # [R, L, H, width]
+        freed = self.host_tables[rows, :, :, : len(col)][tail].tolist()  # request-major
+        per_request = tail.flatten(1).sum(1).tolist()
+        self.counts.compacted(rows, keep, kept_blocks)
+        start = 0
+        for request, count, max_len in zip(requests, per_request, keep.flatten(1).amax(1).tolist()):
+            request.compacted(max_len, freed[start:start + count])
+            start += count
 
     def compacted(self, rid: str, layer: int, head: int, keep: int) -> None:
         """Head (layer, head) now holds ``keep`` rows at the front of its blocks; tail -> spare."""
