@@ -2,7 +2,8 @@
 stepped by hand, with or without the plugin. All requests are prefilled first; then ``--steps``
 decode steps are timed one by one (wall clock: a step returns once its tokens are sampled) with no
 profiler attached; then ``--cprofile`` records ``--profile-steps`` more by cProfile (top Python
-functions) and ``--torch-profile`` as many by torch.profiler (top ops by host and by device time).
+functions) and ``--torch-profile`` as many by torch.profiler (top ops by host and by device time);
+``--profile-prefill`` puts torch.profiler over the prefill as well (where a prefill step's time goes).
 
     python benchmarks/profile_engine.py --config snapkv@0.1 --requests 24 --prompt 4096 --steps 64
     python benchmarks/profile_engine.py --config plain --requests 24 --prompt 4096 --torch-profile
@@ -15,6 +16,7 @@ cache (plain vLLM's, or the plugin's head-blocks in fp8).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -53,6 +55,20 @@ def timed_steps(engine, steps: int) -> list[float]:
     return times
 
 
+def torch_profiler():
+    import torch
+
+    return torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+
+
+def write_tables(f, profiler, what: str) -> None:
+    """The ops of a torch.profiler run by host time, then by device time."""
+    averages = profiler.key_averages()
+    f.write(f"\n# torch.profiler over {what}\n")
+    f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
+    f.write(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="snapkv@0.1")
@@ -68,6 +84,8 @@ def main() -> None:
     parser.add_argument("--torch-profile", action="store_true")
     parser.add_argument("--cprofile", action="store_true")
     parser.add_argument("--profile-steps", type=int, default=16, help="steps under each profiler")
+    parser.add_argument("--profile-prefill", action="store_true",
+                        help="torch.profiler over the prefill too (its steps then run slower: prefill_s is not clean)")
     parser.add_argument("--step-times", action="store_true", help="also list every step's ms, in order")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
@@ -100,11 +118,13 @@ def main() -> None:
                            params)
     generated = {}
     steps_to_prefill = 0
+    prefill_profile = torch_profiler() if args.profile_prefill else contextlib.nullcontext()
     prefill_start = time.perf_counter()
-    while len(generated) < args.requests or min(generated.values()) < 2:  # every request decoding
-        for out in engine.step():
-            generated[out.request_id] = len(out.outputs[0].token_ids)
-        steps_to_prefill += 1
+    with prefill_profile:
+        while len(generated) < args.requests or min(generated.values()) < 2:  # every request decoding
+            for out in engine.step():
+                generated[out.request_id] = len(out.outputs[0].token_ids)
+            steps_to_prefill += 1
     prefill_s = time.perf_counter() - prefill_start
     for _ in range(4):  # warm the decode path
         engine.step()
@@ -141,14 +161,11 @@ def main() -> None:
             stats.sort_stats("cumulative").print_stats(60)
             stats.sort_stats("tottime").print_stats(40)
         if args.torch_profile:
-            import torch
-
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                    torch.profiler.ProfilerActivity.CUDA]) as profiler:
+            with torch_profiler() as profiler:
                 timed_steps(engine, args.profile_steps)
-            averages = profiler.key_averages()
-            f.write(averages.table(sort_by="self_cpu_time_total", row_limit=40, max_name_column_width=70))
-            f.write(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
+            write_tables(f, profiler, f"{args.profile_steps} decode steps")
+        if args.profile_prefill:
+            write_tables(f, prefill_profile, f"the prefill ({steps_to_prefill} steps, {args.requests} prompts)")
     print(json.dumps(result), flush=True)
 
 

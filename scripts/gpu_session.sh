@@ -16,6 +16,8 @@
 #   bash scripts/gpu_session.sh soak-wait        # waits for it (at most ~580 s), then collects
 #   bash scripts/gpu_session.sh profile [REQUESTS] [PROMPT]   # one decode step's time, plain and snapkv@0.1 at
 #        the same batch (same-batch plain), engine in process: step times, then cProfile and torch profiles, to $OUT
+#   bash scripts/gpu_session.sh prefill-profile [REQUESTS] [PROMPT] [CONFIGS]   # torch.profiler over the prefill
+#        of plain and each config (default plain,snapkv@0.1,ems@0.1 at 48 x 6000), to $OUT
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
 # serving-<gpu>.{json,png}, reliability-gpu.json, logs.tar.xz.
@@ -128,6 +130,16 @@ PY
         --steps 48 --profile-steps 12 --cprofile --torch-profile --step-times --gpu-memory-utilization 0.85 \
         --out "$OUT/profile-${config//@/-}.txt" 2>&1 \
         | grep "^{" || echo "profile of $config failed"
+    done
+    ;;
+  prefill-profile)
+    # where a prefill step's time goes: plain vLLM and the plugin over the same prompts (same steps
+    # when plain's pool holds them all), torch.profiler over the prefill, to $OUT
+    requests=${1:-48}; prompt=${2:-6000}; configs=${3:-plain,snapkv@0.1,ems@0.1}
+    for config in ${configs//,/ }; do
+      timeout 280 python3 benchmarks/profile_engine.py --config "$config" --requests "$requests" --prompt "$prompt" \
+        --steps 8 --profile-steps 0 --profile-prefill --gpu-memory-utilization 0.85 \
+        --out "$OUT/prefill-${config//@/-}-${requests}x${prompt}.txt" 2>&1 | grep "^{" || echo "prefill profile of $config failed"
     done
     ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
