@@ -34,6 +34,9 @@ def test_recompressing_requests_together_equals_one_by_one(policy):
     assert [compressor.Compressor(alone).recompress([rid]) for rid in ("r0", "r1", "r2")] == [["r0"], ["r1"], []]
     for rid in ("r0", "r1", "r2"):
         assert torch.equal(together.reqs[rid].lens, alone.reqs[rid].lens)
+        assert torch.equal(together.reqs[rid].num_blocks, alone.reqs[rid].num_blocks)
+        assert together.reqs[rid].spare == alone.reqs[rid].spare  # the freed blocks, in the same order
+        assert together.reqs[rid].max_len == alone.reqs[rid].max_len
         got, want = heads_content(together, rid), heads_content(alone, rid)
         for key in want:
             torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)

@@ -22,7 +22,7 @@ so the request goes the first of these ways its policy allows:
 Then the tail blocks move to the spare list.
 
 During decode (:meth:`Compressor.recompress`, when ``decode_slack`` is set): every ``decode_slack``
-engine steps (the worker's step counter; :meth:`Request.due`), every head over its budget is
+engine steps (the worker's step counter; :meth:`Request.on_cadence`), every head over its budget is
 brought back to it with its query heads' recent queries, as ``hf.generate(recompress_slack=...,
 recompress_phase=...)`` does on the same cadence. All requests come due in the same steps, and the
 heads due go through the policy in one call whatever their layer, request and length (padded at
@@ -350,29 +350,29 @@ class Compressor:
         due = over.flatten(1).any(1).nonzero().flatten()  # requests with a head over its budget (any rank's)
         if not len(due):
             return []
+        due_ids = due.tolist()
+        due_requests = [requests[r] for r in due_ids]
         keep, rows = torch.where(over, budgets, lens)[due], rows[due]
         over, lens, budgets = (state.shards.mine(x[due]) for x in (over, lens, budgets))  # this rank's heads
-        groups: dict[tuple, list[int]] = {}  # (policy, queries) -> positions in ``due``
-        for i, r in enumerate(due.tolist()):
-            request = requests[r]
+        oldest = torch.tensor([request.recent_count for request in due_requests])
+        groups: dict[tuple, list[int]] = {}  # (policy, queries) -> positions in due_requests
+        for i, request in enumerate(due_requests):
             groups.setdefault((id(request.policy), request.recent_queries()), []).append(i)
-        oldest_all = torch.tensor([requests[r].recent_count for r in due.tolist()])
         for (_, count), members in groups.items():
-            policy = requests[int(due[members[0]])].policy
+            policy = due_requests[members[0]].policy
             members = torch.tensor(members)
             member, layers, heads = over[members].nonzero().unbind(1)  # request-major, then layer, head
             if not len(member):
                 continue  # only other ranks' heads are due
-            lengths = lens[members][member, layers, heads]
-            budget = budgets[members][member, layers, heads]
-            table_rows = rows[members][member]
-            oldest = oldest_all[members][member] - count
-            by_length = [None] if policy.reducer.pads_heads else [lengths == n for n in lengths.unique().tolist()]
-            for same in by_length:
-                picked = (table_rows, layers, heads, lengths, oldest, budget) if same is None else \
-                    tuple(x[same] for x in (table_rows, layers, heads, lengths, oldest, budget))
-                longest, fewest = int(picked[3].max()), int(picked[5].min())
-                for part in _calls(picked[3], _max_rows(state, policy, count, longest, fewest)):
+            heads_due = (rows[members][member], layers, heads, lens[members][member, layers, heads],
+                         oldest[members][member] - count, budgets[members][member, layers, heads])
+            lengths = heads_due[3]
+            same_length = [None] if policy.reducer.pads_heads else [lengths == n for n in lengths.unique().tolist()]
+            for same in same_length:
+                picked = heads_due if same is None else tuple(x[same] for x in heads_due)
+                most_rows = _max_rows(state, policy, count, int(picked[3].max()), int(picked[5].min()))
+                for part in _calls(picked[3], most_rows):
                     _recompress_heads(state, policy, count, *(x if part is None else x[part] for x in picked))
-        self._finish([rids[r] for r in due.tolist()], keep, "decode")
-        return [rids[r] for r in due.tolist()]
+        done = [rids[r] for r in due_ids]
+        self._finish(done, keep, "decode")
+        return done

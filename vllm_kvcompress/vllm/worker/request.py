@@ -9,9 +9,9 @@ Lifecycle (every transition is a method of :class:`Request`; nothing else writes
   (:meth:`Request.count_prefill_chunk` answers that);
 * ``COMPRESSED`` (:meth:`Request.compressed_to`): it decodes over its retained rows; its decode
   queries go to a ring (:meth:`Request.ring_slots`) and, with ``decode_slack`` set, it is
-  recompressed on the worker's fixed cadence (:meth:`Request.due`): every ``decode_slack``
+  recompressed on the worker's fixed cadence (:meth:`Request.on_cadence`): every ``decode_slack``
   engine steps, whatever request it is, every head over its budget is brought back to it
-  (:meth:`Request.recompressed_to`). All requests on one cadence come due in the same step and
+  (:meth:`Compressor.recompress`). All requests on one cadence come due in the same step and
   go through the policy together (:class:`~.compressor.Compressor`), so the cost of a policy call
   is paid once per ``decode_slack`` steps, not once per request.
 
