@@ -560,6 +560,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --kv-cache-dtype fp8: the K and V scale of every layer (vLLM's default 1.0 "
                         "without checkpoint scales)")
     parser.add_argument("--resume", action="store_true", help="keep the per-sample results already in --out")
+    parser.add_argument("--against", type=Path, metavar="JSON",
+                        help="with --plot: also print, per task, the plotted run's answer probability and 1 / perplexity "
+                        "over this run's (e.g. an fp8 run against the model-dtype run of the same settings)")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="only print the tables and redraw the PNG of a JSON")
     parser.add_argument("--merge", type=Path, nargs="+", metavar="JSON",
                         help="with --plot: add these files' records (benchmarks/quality_kvpress.py's) to the JSON, "
@@ -580,14 +583,45 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = DEFAULT_OUT.with_name(f"quality-quick{suffix}.json" if quick else f"quality-{args.model}{suffix}.json")
     if args.filler is None:
         args.filler = "sentences" if quick or args.model == SMOLLM2 else "essays"
-    if args.merge and not args.plot:
-        parser.error("--merge goes with --plot")
+    if (args.merge or args.against) and not args.plot:
+        parser.error("--merge and --against go with --plot")
     if any(not 0 < b <= 1 for b in args.budgets):
         parser.error("--budgets are fractions in (0, 1]")
     args.policies = [p for p in dict.fromkeys(args.policies)]
     if FULL not in args.policies:
         args.policies.insert(0, FULL)  # every score is relative to it
     return args
+
+
+def compare_runs(base: dict, other: dict) -> dict[tuple, dict[str, float]]:
+    """(policy, budget) -> task -> ``other``'s answer probability over ``base``'s (perplexity: 1 /
+    perplexity, so above 1 is better either way), for the records both runs hold, e.g. a run over
+    an fp8 cache against the same settings over model-dtype rows; ``"answers"``: the geometric mean
+    of the answer tasks' ratios."""
+    def by_key(data):
+        return {(r["setting"], r["task"], r["policy"], r["budget_fraction"]): r for r in data["records"]}
+
+    base_records, other_records = by_key(base), by_key(other)
+    ratios: dict[tuple, dict[str, float]] = {}
+    for key in sorted(base_records.keys() & other_records.keys(), key=str):
+        b, o = base_records[key], other_records[key]
+        _, task, policy, budget = key
+        ratio = b["perplexity"] / o["perplexity"] if task == PERPLEXITY else o["answer_prob"] / b["answer_prob"]
+        ratios.setdefault((policy, budget), {})[task] = ratio
+    for row in ratios.values():
+        answers = [v for task, v in row.items() if task != PERPLEXITY]
+        if answers:
+            row["answers"] = math.exp(sum(math.log(v) for v in answers) / len(answers))
+    return ratios
+
+
+def print_comparison(ratios: dict[tuple, dict[str, float]], what: str) -> None:
+    tasks = sorted({t for row in ratios.values() for t in row if t != "answers"})
+    print(f"{what}: per task, this run's answer probability (perplexity: 1 / perplexity) over the other's")
+    print(f"{'policy@budget':<18}" + "".join(f"{t[:12]:>13}" for t in tasks) + f"{'answers':>10}")
+    for (policy, budget), row in sorted(ratios.items(), key=lambda item: (item[0][0], item[0][1])):
+        print(f"{policy + '@' + str(budget):<18}" + "".join(f"{row[t]:>13.4f}" if t in row else f"{'-':>13}" for t in tasks)
+              + (f"{row['answers']:>10.4f}" if "answers" in row else ""))
 
 
 def main(argv=None) -> dict:
@@ -602,6 +636,8 @@ def main(argv=None) -> dict:
                      data["config"].get("query_heads_per_kv_head", 1))
         plot(data, args.plot.with_suffix(".png"))
         print(f"wrote {args.plot.with_suffix('.png')}")
+        if args.against:
+            print_comparison(compare_runs(json.loads(args.against.read_text()), data), f"{args.plot} against {args.against}")
         return data
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)

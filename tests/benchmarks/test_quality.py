@@ -453,3 +453,25 @@ def test_policy_spec(spec, expected):
 def test_policy_spec_needs_option_value_pairs():
     with pytest.raises(SystemExit, match="not option=value"):
         quality.policy_spec("ems,local")
+
+
+def test_compare_runs_divides_answer_probabilities_and_inverse_perplexities():
+    """--against: the other run over the base run, task by task; perplexity inverted so that above
+    1 is better for both; ``answers`` the geometric mean of the answer tasks only."""
+    def record(task, policy, budget, answer_prob=None, perplexity=None):
+        return {"setting": quality.AWARE, "task": task, "policy": policy, "budget_fraction": budget,
+                "answer_prob": answer_prob, "perplexity": perplexity}
+
+    base = {"records": [record("niah_single", "snapkv", 0.1, answer_prob=0.5),
+                        record("common_words", "snapkv", 0.1, answer_prob=0.2),
+                        record(quality.PERPLEXITY, "snapkv", 0.1, perplexity=10.0),
+                        record("niah_single", "ems", 0.1, answer_prob=0.4)]}
+    other = {"records": [record("niah_single", "snapkv", 0.1, answer_prob=0.25),
+                         record("common_words", "snapkv", 0.1, answer_prob=0.8),
+                         record(quality.PERPLEXITY, "snapkv", 0.1, perplexity=12.5)]}
+    ratios = quality.compare_runs(base, other)
+    assert set(ratios) == {("snapkv", 0.1)}  # ems: only in the base run
+    row = ratios["snapkv", 0.1]
+    assert row["niah_single"] == pytest.approx(0.5) and row["common_words"] == pytest.approx(4.0)
+    assert row[quality.PERPLEXITY] == pytest.approx(0.8)
+    assert row["answers"] == pytest.approx(math.sqrt(0.5 * 4.0))
