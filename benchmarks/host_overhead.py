@@ -327,6 +327,8 @@ def main() -> None:
     parser.add_argument("--label", default=None, help="name of this run (default: the project commit)")
     parser.add_argument("--policies", default="snapkv,adakv,ems,windowkv")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--plugin-step-requests", default="64,256",
+                        help="request counts of plugin_step (256 needs more than 24 GB of memory)")
     parser.add_argument("--assign", metavar="DEVICE", help="only time the block assignment on DEVICE (printed)")
     parser.add_argument("--threads", default="1", help="with --assign: comma-separated PyTorch thread counts")
     args = parser.parse_args()
@@ -361,7 +363,7 @@ def main() -> None:
            "prefill_6k_pytorch_calls": {p: prefill_calls(p) for p in args.policies.split(",")},
            "decode_step_256_requests": decode_step(),
            # the plugin's whole host work in a pure-decode step with the graph buffers
-           "plugin_step": {str(n): plugin_step(n) for n in (64, 256)}}
+           "plugin_step": {n: plugin_step(int(n)) for n in args.plugin_step_requests.split(",")}}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
     args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
