@@ -64,16 +64,11 @@ def take_stats() -> CompressionStats:
 
 
 def event(kind: str, **fields) -> None:
-    path = os.environ.get(EVENTS_ENV)
-    if not path or TENSOR_PARALLEL_RANK:
-        return
-    fields.update(kind=kind, pid=os.getpid(), t=round(time.time(), 4))
-    with open(path, "a") as f:
-        f.write(json.dumps(fields) + "\n")
+    events(kind, [fields])
 
 
 def events(kind: str, records: list[dict]) -> None:
-    """:func:`event` of several records, in one write."""
+    """One event of ``kind`` per record, in one write (no-op without :data:`EVENTS_ENV`)."""
     path = os.environ.get(EVENTS_ENV)
     if not path or TENSOR_PARALLEL_RANK or not records:
         return
