@@ -627,23 +627,47 @@ def copy_bandwidth_main() -> None:
                       "device_memory_bytes": memory, "device": torch.cuda.get_device_name() if cuda else "cpu"}))
 
 
+LEASE_S = 30 * 60  # the device tool holds a machine at most 30 minutes
+
+
+def same_lease(a: dict, b: dict) -> bool:
+    """Whether two records can come from one lease of the GPU (measured at most :data:`LEASE_S`
+    apart): ratios compare only such runs, since hosts (and so host-bound steps) differ between
+    leases. Records without a date (tests) count as one lease."""
+    if "date" not in a or "date" not in b:
+        return True
+    def seconds(r):
+        return time.mktime(time.strptime(r["date"][:19], "%Y-%m-%d %H:%M:%S"))  # then the zone's name
+    return abs(seconds(a) - seconds(b)) <= LEASE_S
+
+
 def add_derived(records: list[dict], meta: dict) -> None:
     """Ratios to plain / plain-fp8 / same-batch-plain of the same model, workload, arrival and
-    settings, and the ceiling, for every measured record (recomputed at every save)."""
+    settings, measured in the same lease (:func:`same_lease`; else None), and the ceiling, for
+    every measured record (recomputed at every save). A plain reference matches whatever plugin
+    options (``kv_options``) its run was given: plain vLLM never reads them."""
     def key(r, config):
-        return (r["model"], r["workload"], r["arrival"], config, json.dumps(r["settings"], sort_keys=True))
+        settings = {name: value for name, value in r["settings"].items() if name != "kv_options"}
+        return (r["model"], r["workload"], r["arrival"], config, json.dumps(settings, sort_keys=True))
 
     measured = {key(r, r["config"]): r for r in records if r.get("output_tok_s")}
+
+    def reference(r, config):
+        ref = measured.get(key(r, config))
+        return ref if ref is not None and same_lease(r, ref) else None
+
     bandwidth = (meta.get("copy_bandwidth") or {}).get("bytes_per_s")
     for r in records:
         if not r.get("output_tok_s"):
             continue
-        for field_name, reference, applies in (("ratio_plain", PLAIN, True), ("ratio_fp8", PLAIN_FP8, r["plugin"]),
-                                               ("ratio_same_batch", SAME_BATCH, r["plugin"])):
-            ref = measured.get(key(r, reference)) if applies else None
+        for field_name, config, applies in (("ratio_plain", PLAIN, True), ("ratio_fp8", PLAIN_FP8, r["plugin"]),
+                                            ("ratio_same_batch", SAME_BATCH, r["plugin"])):
+            ref = reference(r, config) if applies else None
             r[field_name] = round(r["output_tok_s"] / ref["output_tok_s"], 4) if ref else None
         if r["plugin"] and r["config"].endswith("+fp8"):  # against the same policy and budget over bf16
-            ref = measured.get(key(r, r["config"].removesuffix("+fp8")))
+            ref = reference(r, r["config"].removesuffix("+fp8"))
+            if ref is not None and ref["settings"].get("kv_options") != r["settings"].get("kv_options"):
+                ref = None  # the plugin's options change its runs
             r["ratio_bf16_policy"] = round(r["output_tok_s"] / ref["output_tok_s"], 4) if ref else None
             r["running_ratio_bf16_policy"] = (round(r["peak_running"] / ref["peak_running"], 4)
                                               if ref and ref.get("peak_running") else None)
@@ -1064,7 +1088,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/serving-<device>.json)")
     parser.add_argument("--model-dir", type=Path, help="where the model folder is written (default: a tmp dir)")
     parser.add_argument("--log-dir", type=Path, help="server and client logs, event files (default: a tmp dir)")
-    parser.add_argument("--plot", type=Path, metavar="JSON", help="only print the table and redraw the PNG of a JSON")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="only recompute a JSON's ratios and ceiling, print its table and redraw its PNG")
     args = parser.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     quick = args.quick
@@ -1113,7 +1137,10 @@ def main(argv=None) -> dict | None:
         copy_bandwidth_main()
         return None
     args = parse_args(argv)
-    if args.plot:
+    if args.plot:  # the derived fields follow this code's rules (ratios, ceiling), then the table and PNG
+        data = json.loads(args.plot.read_text())
+        add_derived(data["records"], data["meta"])
+        write_json(args.plot, data)
         return replot(args.plot, print_table, plot)
     return run(args)
 

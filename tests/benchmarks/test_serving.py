@@ -351,6 +351,26 @@ def test_derived_ratios_and_ceiling_are_quotients():
     assert fp8["ceiling"]["batch"] >= plain["ceiling"]["batch"]  # twice the tokens in the same bytes
 
 
+def test_ratios_compare_runs_of_one_lease_whatever_options_plain_was_given():
+    settings = {"requests": 4, "prompt_len": 100, "output_len": 10, "max_num_seqs": 8}
+
+    def rec(config, tok_s, date, plugin=False, **options):
+        return {"model": "tiny", "workload": "w", "arrival": "all-at-once", "config": config, "plugin": plugin,
+                "output_tok_s": tok_s, "date": date, "settings": {**settings, "kv_options": options}}
+
+    records = [rec("plain", 100.0, "2026-12-06 17:39:11 UTC"),  # run with the plugin's options: ignored
+               rec("same-batch-plain", 300.0, "2026-12-06 17:46:40 UTC"),
+               rec("plain-fp8", 200.0, "2026-12-06 14:30:00 UTC"),  # an earlier lease
+               rec("snapkv@0.1", 450.0, "2026-12-06 17:42:43 UTC", plugin=True, reserve_decode_growth=True),
+               rec("snapkv@0.1+fp8", 500.0, "2026-12-06 14:35:00 UTC", plugin=True, reserve_decode_growth=True)]
+    records[0]["settings"]["kv_options"] = {"reserve_decode_growth": True}
+    serving.add_derived(records, {})
+    snap, fp8 = records[3], records[4]
+    assert (snap["ratio_plain"], snap["ratio_same_batch"], snap["ratio_fp8"]) == (4.5, 1.5, None)
+    assert (fp8["ratio_plain"], fp8["ratio_fp8"], fp8["ratio_bf16_policy"]) == (None, 2.5, None)
+    assert serving.same_lease(records[0], records[1]) and not serving.same_lease(records[0], records[2])
+
+
 def test_compression_over_fp8_is_compared_with_the_same_policy_over_bf16():
     settings = {"requests": 4, "prompt_len": 100, "output_len": 10, "max_num_seqs": 8}
 
