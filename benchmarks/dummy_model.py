@@ -3,8 +3,9 @@ shape plus a small byte-level BPE tokenizer trained offline (no model hub is rea
 
     python benchmarks/dummy_model.py /tmp/llama3-8b --shape llama3-8b
 
-Shapes: ``llama3-8b`` (32 layers, 32 q / 8 KV heads, head_dim 128) and ``qwen2-7b`` (28 layers,
-28 q / 4 KV heads, head_dim 128). The vocabulary is the tokenizer's (2,000 tokens), so the LM head
+Shapes: ``llama3-8b`` (32 layers, 32 q / 8 KV heads, head_dim 128), ``llama3-8b-narrow`` (the same
+layers and heads at head_dim 8: host costs on the CPU) and ``qwen2-7b`` (28 layers, 28 q / 4 KV heads,
+head_dim 128). The vocabulary is the tokenizer's (2,000 tokens), so the LM head
 costs less than the real model's 128k-token head; attention and MLP are full size.
 """
 from __future__ import annotations
@@ -17,6 +18,11 @@ SHAPES = {
     "llama3-8b": dict(architectures=["LlamaForCausalLM"], hidden_size=4096, intermediate_size=14336,
                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       max_position_embeddings=131072, rope_theta=500000.0),
+    # llama3-8b's layers and heads (so its head-block bookkeeping) at head_dim 8: the host's share
+    # of a step, on the CPU
+    "llama3-8b-narrow": dict(architectures=["LlamaForCausalLM"], hidden_size=256, intermediate_size=512,
+                             num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                             max_position_embeddings=131072, rope_theta=500000.0),
     "qwen2-7b": dict(architectures=["Qwen2ForCausalLM"], hidden_size=3584, intermediate_size=18944,
                      num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                      max_position_embeddings=131072, rope_theta=1000000.0),

@@ -108,37 +108,45 @@ def counted_calls(prof) -> int:
 
 
 def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0,
-                       head_dim: int = D):
+                       head_dim: int = D, device: str = "cpu"):
     """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
     random rows were prefilled and observed (window queries, EMS's column mass), due for their
     prefill compression at ``budget``; and the generator that made them. ``head_dim`` sizes the
-    pool and the queries (a smaller one keeps many requests in memory where only counts matter)."""
+    pool and the queries (a smaller one keeps many requests in memory where only counts matter);
+    ``device``: where the pool, the queries and the signals live."""
     from vllm_kvcompress.policies.config import CompressionConfig
     from vllm_kvcompress.vllm.worker.state import WorkerState
 
-    state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64))
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64),
+                        device=device)
     per_request = L * H * ((prompt + 80) // BS + 2)
     gen = torch.Generator().manual_seed(seed)
-    state.pool = torch.randn(2, per_request * num_requests, BS, head_dim, generator=gen).to(torch.bfloat16)
+
+    def random(*shape, normal=True):
+        values = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
+        return values.to(device)
+
+    state.pool = random(2, per_request * num_requests, BS, head_dim).to(torch.bfloat16)
     for r in range(num_requests):
         rid = f"r{r}"
         state.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
         request = state.reqs[rid]
         state.append(rid, prompt)
         for layer in range(L):
-            request.queries[layer] = torch.randn(H * GROUP, 32, head_dim, generator=gen).to(torch.bfloat16)
-            request.signals[layer] = {"global_attention": torch.rand(H, prompt, generator=gen)}
+            request.queries[layer] = random(H * GROUP, 32, head_dim).to(torch.bfloat16)
+            request.signals[layer] = {"global_attention": random(H, prompt, normal=False)}
     return state, gen
 
 
-def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False):
+def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0, layer_lengths: bool = False,
+                 head_dim: int = D, device: str = "cpu"):
     """A WorkerState holding ``num_requests`` compressed requests ("r0", ...) with random caches and
     query rings, every head of each 65 rows past its budget (budget = prompt): all due for a
     decode-time recompression. ``layer_lengths``: 32 more rows, and layer l's heads l fewer, so
     each layer holds its own length (as PyramidKV's budgets make them)."""
     from vllm_kvcompress.vllm.worker import compressor
 
-    state, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed)
+    state, gen = prefilled_requests(policy, prompt, prompt, num_requests, seed, head_dim, device)
     for r in range(num_requests):
         rid = f"r{r}"
         request = state.reqs[rid]
@@ -147,7 +155,7 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
         if layer_lengths:
             state.append(rid, L)
             request.lens.sub_(torch.arange(L)[:, None])
-        state.recent[:, request.row] = torch.randn(state.recent[:, request.row].shape, generator=gen).to(state.recent.dtype)
+        state.recent[:, request.row] = torch.randn(state.recent[:, request.row].shape, generator=gen).to(state.recent)
         request.recent_count += 65 + r  # rings at different positions
     return state
 

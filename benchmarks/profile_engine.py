@@ -3,7 +3,10 @@ stepped by hand, with or without the plugin. All requests are prefilled first; t
 decode steps are timed one by one (wall clock: a step returns once its tokens are sampled) with no
 profiler attached; then ``--cprofile`` records ``--profile-steps`` more by cProfile (top Python
 functions) and ``--torch-profile`` as many by torch.profiler (top ops by host and by device time);
-``--profile-prefill`` puts torch.profiler over the prefill as well (where a prefill step's time goes).
+``--profile-prefill`` puts torch.profiler over the prefill as well (where a prefill step's time goes),
+``--cprofile-prefill`` cProfile (which Python functions; on the CPU, ``--shape llama3-8b-narrow``
+keeps llama3-8b's head-block bookkeeping at a fraction of its arithmetic), ``--sync-debug`` counts
+the prefill's waits for the GPU by the line of Python that made them.
 
     python benchmarks/profile_engine.py --config snapkv@0.1 --requests 24 --prompt 4096 --steps 64
     python benchmarks/profile_engine.py --config plain --requests 24 --prompt 4096 --torch-profile
@@ -69,6 +72,41 @@ def write_tables(f, profiler, what: str) -> None:
     f.write(averages.table(sort_by="self_device_time_total", row_limit=30, max_name_column_width=70))
 
 
+@contextlib.contextmanager
+def host_waits():
+    """Every wait of the host for the GPU inside the block (PyTorch's sync debug mode warns at each
+    one), as the caught warnings."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield caught
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def write_waits(f, caught, what: str) -> None:
+    """The host's waits for the GPU by the line that made them, most first."""
+    import collections
+
+    where = collections.Counter(f"{w.filename}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    f.write(f"\n# waits for the GPU over {what}: {sum(where.values())}\n")
+    for line, count in where.most_common(40):
+        f.write(f"{count:8d}  {line}\n")
+
+
+def write_cprofile(f, profiler, what: str) -> None:
+    """The top Python functions of a cProfile run, by cumulative time, then by own time."""
+    f.write(f"\n# cProfile over {what}\n")
+    stats = pstats.Stats(profiler, stream=f)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="snapkv@0.1")
@@ -86,6 +124,10 @@ def main() -> None:
     parser.add_argument("--profile-steps", type=int, default=16, help="steps under each profiler")
     parser.add_argument("--profile-prefill", action="store_true",
                         help="torch.profiler over the prefill too (its steps then run slower: prefill_s is not clean)")
+    parser.add_argument("--cprofile-prefill", action="store_true",
+                        help="cProfile over the prefill (top Python functions; prefill_s is not clean)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="count where the prefill waits for the GPU (torch.cuda.set_sync_debug_mode), by line")
     parser.add_argument("--step-times", action="store_true", help="also list every step's ms, in order")
     parser.add_argument("--out", default="profile.txt")
     args = parser.parse_args()
@@ -119,8 +161,10 @@ def main() -> None:
     generated = {}
     steps_to_prefill = 0
     prefill_profile = torch_profiler() if args.profile_prefill else contextlib.nullcontext()
+    prefill_cprofile = cProfile.Profile() if args.cprofile_prefill else contextlib.nullcontext()
+    waits = host_waits() if args.sync_debug else contextlib.nullcontext([])
     prefill_start = time.perf_counter()
-    with prefill_profile:
+    with prefill_profile, prefill_cprofile, waits as caught:
         while len(generated) < args.requests or min(generated.values()) < 2:  # every request decoding
             for out in engine.step():
                 generated[out.request_id] = len(out.outputs[0].token_ids)
@@ -153,19 +197,19 @@ def main() -> None:
     with open(args.out, "w") as f:
         f.write(json.dumps(result) + "\n")
         if args.cprofile:  # each profiler over its own steps, after the timed ones
-            profiler = cProfile.Profile()
-            profiler.enable()
-            timed_steps(engine, args.profile_steps)
-            profiler.disable()
-            stats = pstats.Stats(profiler, stream=f)
-            stats.sort_stats("cumulative").print_stats(60)
-            stats.sort_stats("tottime").print_stats(40)
+            with cProfile.Profile() as profiler:
+                timed_steps(engine, args.profile_steps)
+            write_cprofile(f, profiler, f"{args.profile_steps} decode steps")
         if args.torch_profile:
             with torch_profiler() as profiler:
                 timed_steps(engine, args.profile_steps)
             write_tables(f, profiler, f"{args.profile_steps} decode steps")
         if args.profile_prefill:
             write_tables(f, prefill_profile, f"the prefill ({steps_to_prefill} steps, {args.requests} prompts)")
+        if args.sync_debug:
+            write_waits(f, caught, f"the prefill ({steps_to_prefill} steps, {args.requests} prompts)")
+        if args.cprofile_prefill:
+            write_cprofile(f, prefill_cprofile, f"the prefill ({steps_to_prefill} steps, {args.requests} prompts)")
     print(json.dumps(result), flush=True)
 
 

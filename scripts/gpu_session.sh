@@ -17,7 +17,7 @@
 #   bash scripts/gpu_session.sh profile [REQUESTS] [PROMPT]   # one decode step's time, plain and snapkv@0.1 at
 #        the same batch (same-batch plain), engine in process: step times, then cProfile and torch profiles, to $OUT
 #   bash scripts/gpu_session.sh prefill-profile [REQUESTS] [PROMPT] [CONFIGS]   # torch.profiler over the prefill
-#        of plain and each config (default plain,snapkv@0.1,ems@0.1 at 48 x 6000), to $OUT
+#        of plain and each config (default plain,snapkv@0.1,ems@0.1 at 48 x 6000) and its waits for the GPU by line, to $OUT
 #
 # Results go to $OUT (the device tool fetches at most 8 files): throughput-h200.{json,png},
 # serving-<gpu>.{json,png}, reliability-gpu.json, logs.tar.xz.
@@ -58,6 +58,7 @@ case "$step" in
     ;;
   kernels)
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/triton_kernels tests/vllm/test_kernels.py 2>&1 | tail -15
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/vllm/test_compressor.py -k wait_for_the_gpu 2>&1 | tail -5
     timeout 120 python3 benchmarks/bench_cache_ops.py column_mass recompression 2>&1 | tail -20
     ;;
   graphs)
@@ -138,7 +139,7 @@ PY
     requests=${1:-48}; prompt=${2:-6000}; configs=${3:-plain,snapkv@0.1,ems@0.1}
     for config in ${configs//,/ }; do
       timeout 280 python3 benchmarks/profile_engine.py --config "$config" --requests "$requests" --prompt "$prompt" \
-        --steps 8 --profile-steps 0 --profile-prefill --gpu-memory-utilization 0.85 \
+        --steps 8 --profile-steps 0 --profile-prefill --sync-debug --gpu-memory-utilization 0.85 \
         --out "$OUT/prefill-${config//@/-}-${requests}x${prompt}.txt" 2>&1 | grep "^{" || echo "prefill profile of $config failed"
     done
     ;;

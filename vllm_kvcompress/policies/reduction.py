@@ -235,10 +235,12 @@ class EvictThenMergeReducer(Reducer):
         check_int("count_above", self.count_above, minimum=0)
 
     def classes(self, obs: LayerObservation, keep_idx: torch.Tensor, protected: torch.Tensor,
-                scores: torch.Tensor | None = None) -> torch.Tensor:
+                scores: torch.Tensor | None = None, fewest_kept: int | None = None) -> torch.Tensor:
         """int64 [num_kv_heads, seq_len]: each token's class (see class docstring).
         keep_idx: [num_kv_heads, max_budget] (-1 padded); protected: bool [seq_len] (or per head);
-        scores: [num_kv_heads, seq_len], for the eviction of irrelevant tokens (None: none is).
+        scores: [num_kv_heads, seq_len], for the eviction of irrelevant tokens (None: none is);
+        fewest_kept: the fewest valid slots of a head's ``keep_idx`` when the caller knows it on the
+        host (else it is counted, a wait for the device).
 
         Only the tokens that are neither kept nor padding (nor, with scores, irrelevant) can merge,
         so only they are compared with the centres: at most ``seq_len - min(budget)`` a head, a
@@ -260,7 +262,9 @@ class EvictThenMergeReducer(Reducer):
             candidate &= top_mass(scores, self.relevant_mass)
         # every head keeps at least its smallest budget, so this many columns hold every candidate;
         # when that is many (a prefill: most rows are evicted, few of them relevant), count them
-        most = seq_len - int(valid.sum(-1).min()) if num_heads else 0
+        if fewest_kept is None:
+            fewest_kept = int(valid.sum(-1).min()) if num_heads else seq_len
+        most = seq_len - fewest_kept if num_heads else 0
         if most > self.count_above:
             most = int(candidate.sum(-1).max())
         order = torch.sort(candidate.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :most]
@@ -278,17 +282,21 @@ class EvictThenMergeReducer(Reducer):
             best.scatter_(1, part, arg)
         merge = best_sim >= self.merge_threshold
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
-        # retained tokens are their own class, whatever their similarity to others. Only valid slots
-        # are written: padding slots would alias position 0 and overwrite its class.
-        heads, slots = valid.nonzero(as_tuple=True)
-        classes[heads, keep_idx[heads, slots]] = slots + 1
-        return classes
+        # retained tokens are their own class, whatever their similarity to others. Padding slots
+        # write into a spare last column (at position 0 they would overwrite its class); a scatter,
+        # not a nonzero(), so nothing waits for the device
+        slot_classes = torch.arange(1, keep_idx.shape[1] + 1, device=keep_idx.device).expand_as(keep_idx)
+        classes = torch.cat([classes, torch.zeros_like(classes[:, :1])], 1)
+        classes.scatter_(1, torch.where(valid, keep_idx, seq_len), slot_classes)
+        return classes[:, :seq_len]
 
     def reduce_layer(self, obs, scores, budgets, protected):
         from vllm_kvcompress.paged.reference import merge_by_class
 
         keep_idx = top_k_indices(scores, budgets, protected)
-        classes = self.classes(obs, keep_idx, protected, scores)
+        # top_k_indices keeps min(budget, seq_len) rows a head: known here when the budgets are
+        fewest = min(int(budgets.min()), obs.seq_len) if budgets.device.type == "cpu" and len(budgets) else None
+        classes = self.classes(obs, keep_idx, protected, scores, fewest)
         width = keep_idx.shape[1]
         valid = (keep_idx >= 0)[..., None]
         weight = scores.float().clamp(min=0)

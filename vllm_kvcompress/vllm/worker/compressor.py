@@ -66,19 +66,17 @@ def head_scales(scales: torch.Tensor | None, layers: torch.Tensor | int) -> tupl
 
 
 def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-               lengths: torch.Tensor, lengths_on_device: torch.Tensor | None = None, scales: tuple = (None, None)) -> None:
+               lengths: torch.Tensor, scales: tuple = (None, None)) -> None:
     """Write rows ``0 .. lengths[i]-1`` of keys/values [n, >=max(lengths), D] to the front of the
-    heads whose block tables are ``table`` [n, max_blocks] (on the device), in place.
-    ``lengths`` (host) sizes the write; ``lengths_on_device`` saves its copy when given;
-    ``scales``: the heads' (K, V) scales in an fp8 pool (:func:`head_scales`)."""
-    width = int(lengths.max())
+    heads whose block tables are ``table`` [n, max_blocks] (on the device), in place. ``lengths``:
+    int [n] on the device -- the write is sized by the keys' columns, so nothing waits for the
+    device to learn them; ``scales``: the heads' (K, V) scales in an fp8 pool (:func:`head_scales`)."""
     device = state.pool.device
-    lengths_d = lengths.to(device) if lengths_on_device is None else lengths_on_device
-    positions = torch.arange(width, device=device).expand(table.shape[0], -1)
-    positions = torch.where(positions < lengths_d[:, None], positions, -1)
-    slots = slots_for_positions(table, positions, state.bs)  # [n, width]
-    kernels.write_tokens(keys[:, :width].transpose(0, 1), values[:, :width].transpose(0, 1),
-                         slots.transpose(0, 1), state.pool[0], state.pool[1], *scales)
+    positions = torch.arange(keys.shape[1], device=device).expand(table.shape[0], -1)
+    positions = torch.where(positions < lengths.to(device, non_blocking=True)[:, None], positions, -1)
+    slots = slots_for_positions(table, positions, state.bs)  # [n, keys' columns]
+    kernels.write_tokens(keys.transpose(0, 1), values.transpose(0, 1), slots.transpose(0, 1), state.pool[0],
+                         state.pool[1], *scales)
 
 
 def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
@@ -169,7 +167,7 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
                     for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
     kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
                                                      None if uniform else dev["lengths"])
-    write_rows(state, table, kept_keys, kept_values, budgets, dev["budgets"], (k_scale, v_scale))
+    write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
 
 
 class Compressor:
@@ -239,9 +237,12 @@ class Compressor:
         state = self.state
         heads = self._prefill_heads(request, self._head_scales()[0])
         keep_idx, budgets = request.policy.select_prefill(heads, state.L, state.shards)
-        compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(),
-                                state.shards.mine(budgets).flatten().to(state.pool.device))
-        return budgets.cpu()
+        # budgets that the allocator made on the host (e.g. uniform ones) travel without waiting for the
+        # device: a blocking copy would hold the host until the step's forward is done
+        budgets = budgets.cpu()
+        mine = state.upload({"budgets": state.shards.mine(budgets).flatten()})["budgets"]
+        compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(), mine)
+        return budgets
 
     def _reduce_prefill_apart(self, request: Request) -> torch.Tensor:
         """Reducers that decide each head alone but write rows (EMS's merges): every head of the
@@ -274,7 +275,7 @@ class Compressor:
         kept_lengths = []
         for part in parts:
             kept = policy.reduce_prefill_heads(dense(part), scores[part], mine[part], protected)
-            write_rows(state, heads.head_block_table[part], kept.keys, kept.values, kept.lengths.cpu(), kept.lengths,
+            write_rows(state, heads.head_block_table[part], kept.keys, kept.values, kept.lengths,
                        scales=tuple(None if scale is None else scale[part] for scale in scales))
             kept_lengths.append(kept.lengths)
         keep = torch.cat(kept_lengths).view(state.L, -1)
@@ -291,11 +292,10 @@ class Compressor:
                             for cache, cache_scale in zip(state.pool, head_scales(scales, l)))
             observations.append(LayerObservation(request.queries[l], keys, values, l, **request.signals.get(l, {})))
         retained, _ = request.policy.compress_shard(observations, state.shards)
-        keep = torch.stack([kept.lengths for kept in retained])
+        keep = torch.stack([kept.lengths for kept in retained]).to(state.pool.device)
         for l, kept in enumerate(retained):
-            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l].cpu(),
-                       scales=head_scales(scales, l))
-        return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
+            write_rows(state, state.tables[request.row, l], kept.keys, kept.values, keep[l], scales=head_scales(scales, l))
+        return state.shards.gather_counts(keep, dim=1).cpu()  # the one wait: the bookkeeping needs the counts
 
     def _seed_ring(self, request: Request) -> None:
         """Seed the request's ring of recent queries with the prefill's last window of queries."""

@@ -56,12 +56,14 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
 class PinnedStaging:
     """Pinned host buffers that carry the steps' uploads to the device, reused round robin: a
     buffer is written again only once the copy that last read it has completed (its event; with
-    ``slots`` buffers that copy is that many uploads old, so the wait is a formality). A fresh
+    ``slots`` buffers that copy is that many uploads old, so the wait is a formality: a step
+    uploads its layout, once per request whose prefill it compresses and once per policy call of a
+    recompression tick). A fresh
     pinned allocation per step goes through the caching host allocator, which cannot reuse a
     block whose copy is still queued behind the running step and then allocates anew -- a call
     that can stall the host for milliseconds."""
 
-    def __init__(self, device: torch.device, slots: int = 4):
+    def __init__(self, device: torch.device, slots: int = 8):
         self.device, self.next = device, 0
         self.buffers: list[torch.Tensor | None] = [None] * slots
         self.copied: list = [None] * slots  # the event after each buffer's last copy (CUDA)
