@@ -54,7 +54,10 @@ Ceiling (:func:`ideal_output_tok_s`): the output tok/s of an ideal server for th
 the prompts prefill at the plain prefill rate (a prefill-only probe on the plain server: requests of
 the workload's prompt length with max_tokens 1), and a decode step reads the weights plus the KV
 that the largest batch the pool holds retains, at the device's copy bandwidth (a device-to-device
-copy measured once per invocation, bytes read + written). ``ceiling_fraction`` = measured / ideal.
+copy measured once per invocation, bytes read + written). Where the window would cut that ideal
+server too, the ceiling is its best batch over the window (:func:`ideal_window_output_tok_s`:
+requests then hold the tokens they reach in the window, not their full length).
+``ceiling_fraction`` = measured / ideal.
 
     python benchmarks/serving.py --workloads long-gen,kvcompress --duration 60 --parallel-starts 3
     python benchmarks/serving.py --workloads kvcompress --configs plain,snapkv@0.1 --request-rate 2
@@ -595,6 +598,54 @@ def ideal_output_tok_s(*, requests: int, prompt_len: int, output_len: int, prefi
             "decode_s": round(decode_s, 6), "output_tok_s": round(requests * output_len / (prefill_s + decode_s), 3)}
 
 
+def ideal_window_output_tok_s(*, window_s: float, requests: int, prompt_len: int, output_len: int,
+                              prefill_tok_s: float, weight_bytes: float, kv_bytes_per_token: float,
+                              pool_tokens: float, kept_prompt_tokens: float, decode_slack: int | None,
+                              max_num_seqs: int, copy_bytes_per_s: float, tokens_per_round: int = 16) -> dict:
+    """Output tok/s of an ideal server over a window of ``window_s`` s from the first of
+    ``requests`` sent at once (:func:`ideal_output_tok_s` assumes every request reaches its full
+    length; cut by a window, they reach only ``generated`` tokens, so a pool holds more of them).
+    In waves: it prefills as many waiting prompts as its pool holds (at most ``max_num_seqs``) at
+    ``prefill_tok_s``, then decodes them together until they finish or the window ends; each step
+    reads the weights and the batch's KV at ``copy_bytes_per_s``. A request holds
+    ``kept_prompt_tokens`` of its prompt plus its outputs (with decode-time recompression at most
+    ``decode_slack`` of them, half of that on average); when the batch outgrows the pool, the
+    requests that no longer fit stop (a preempted request's recomputation would only cost the ideal
+    server time). Simulated ``tokens_per_round`` decode steps at a time; the figures returned are
+    the first wave's."""
+    def held(generated: float, mean: bool = False) -> float:  # KV tokens a request holds
+        growth = generated if decode_slack is None else min(decode_slack, generated) / (2 if mean else 1)
+        return kept_prompt_tokens + growth + BLOCK_SIZE / 2
+
+    def batch_at(generated: float) -> int:
+        return max(0, min(requests, max_num_seqs, math.floor(pool_tokens / held(generated))))
+
+    elapsed, tokens, waiting, waves = 0.0, 0.0, requests, []
+    while elapsed < window_s and waiting:
+        wave = min(waiting, batch_at(0))
+        if not wave:
+            break
+        waiting -= wave
+        prefill_s = min(wave * prompt_len / prefill_tok_s, window_s - elapsed)
+        elapsed += prefill_s
+        generated, step_s = 0.0, None
+        while elapsed < window_s and generated < output_len:
+            rounds = min(tokens_per_round, output_len - generated)
+            batch = min(wave, batch_at(generated + rounds))
+            if not batch:
+                break
+            step_s = (weight_bytes + batch * held(generated + rounds / 2, mean=True) * kv_bytes_per_token) / copy_bytes_per_s
+            rounds = min(rounds, (window_s - elapsed) / step_s)
+            tokens += batch * rounds
+            generated += rounds
+            elapsed += rounds * step_s
+        waves.append({"batch": wave, "generated": generated, "step_s": step_s, "prefill_s": prefill_s})
+    first = waves[0] if waves else {"batch": 0, "generated": 0.0, "step_s": None, "prefill_s": 0.0}
+    return {"batch": first["batch"], "generated": round(first["generated"], 1), "waves": len(waves),
+            "step_ms": None if first["step_s"] is None else round(first["step_s"] * 1e3, 4),
+            "prefill_s": round(first["prefill_s"], 6), "window_s": window_s, "output_tok_s": round(tokens / window_s, 3)}
+
+
 def measure_copy_bandwidth() -> dict:
     """Device-to-device copy bandwidth (bytes read + written per second) and the device's memory,
     measured in a subprocess (its CUDA context would stay in this one, taking memory from servers)."""
@@ -683,6 +734,14 @@ def add_derived(records: list[dict], meta: dict) -> None:
                 retained_tokens=retained_tokens(s["prompt_len"], s["output_len"], r["budget_fraction"],
                                                 r.get("decode_slack")),
                 max_num_seqs=s["max_num_seqs"], copy_bytes_per_s=bandwidth)
+            window = s.get("window_s")
+            if window and ideal["prefill_s"] + ideal["decode_s"] > window:  # an ideal server too is cut by it
+                ideal = ideal_window_output_tok_s(
+                    window_s=window, requests=s["requests"], prompt_len=s["prompt_len"], output_len=s["output_len"],
+                    prefill_tok_s=prefill["prompt_tok_s"], weight_bytes=decode_weight_bytes(shape),
+                    kv_bytes_per_token=kv_bytes_per_token(shape, r["kv_cache_dtype"]), pool_tokens=r["kv_pool_tokens"],
+                    kept_prompt_tokens=r["budget_fraction"] * s["prompt_len"],
+                    decode_slack=r.get("decode_slack"), max_num_seqs=s["max_num_seqs"], copy_bytes_per_s=bandwidth)
             r["ceiling"] = {**ideal, "prefill_tok_s": prefill["prompt_tok_s"], "prefill_source": prefill["source"],
                             "copy_gb_s": round(bandwidth / 1e9, 1)}
             r["ceiling_fraction"] = round(r["output_tok_s"] / ideal["output_tok_s"], 4)

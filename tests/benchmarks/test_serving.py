@@ -371,6 +371,27 @@ def test_ratios_compare_runs_of_one_lease_whatever_options_plain_was_given():
     assert serving.same_lease(records[0], records[1]) and not serving.same_lease(records[0], records[2])
 
 
+def test_the_ideal_server_of_a_window_prefills_in_waves_and_stops_at_the_window():
+    common = dict(prompt_len=100, prefill_tok_s=1000.0, weight_bytes=1e9, kv_bytes_per_token=1e6,
+                  kept_prompt_tokens=100.0, decode_slack=None, max_num_seqs=8, copy_bytes_per_s=1e12)
+    # everything finishes inside the window: every output counts, whatever the batch
+    done = serving.ideal_window_output_tok_s(window_s=10.0, requests=4, output_len=10, pool_tokens=1e6, **common)
+    assert (done["output_tok_s"], done["batch"], done["waves"]) == (4.0, 4, 1)
+    # a pool that holds two requests at their start: waves of two, each prefilled before it decodes
+    two = serving.ideal_window_output_tok_s(window_s=10.0, requests=4, output_len=10, pool_tokens=250.0, **common)
+    assert (two["batch"], two["waves"], two["output_tok_s"]) == (2, 2, 4.0)
+    # cut by the window: the first wave decodes until it ends, each step reading weights and KV
+    cut = serving.ideal_window_output_tok_s(window_s=1.0, requests=4, output_len=100_000, pool_tokens=1e6, **common)
+    step_s = (1e9 + 4 * (100 + 8 + cut["generated"] / 2) * 1e6) / 1e12  # about, the lengths grow
+    assert cut["prefill_s"] == 0.4 and cut["generated"] == pytest.approx(0.6 / step_s, rel=0.02)
+    assert cut["output_tok_s"] == pytest.approx(4 * cut["generated"], rel=1e-3)
+    # with decode-time recompression a request holds at most decode_slack outputs: the pool keeps more
+    slack = serving.ideal_window_output_tok_s(window_s=1.0, requests=8, output_len=100_000, pool_tokens=1000.0,
+                                              **{**common, "decode_slack": 16})
+    grow = serving.ideal_window_output_tok_s(window_s=1.0, requests=8, output_len=100_000, pool_tokens=1000.0, **common)
+    assert slack["output_tok_s"] > grow["output_tok_s"] and slack["batch"] == grow["batch"] == 8
+
+
 def test_compression_over_fp8_is_compared_with_the_same_policy_over_bf16():
     settings = {"requests": 4, "prompt_len": 100, "output_len": 10, "max_num_seqs": 8}
 
