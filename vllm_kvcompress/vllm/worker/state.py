@@ -54,26 +54,39 @@ def request_config(base: CompressionConfig, extra_args: dict | None) -> Compress
 
 
 class PinnedStaging:
-    """Pinned host buffers that carry the steps' uploads to the device, reused round robin: a
-    buffer is written again only once the copy that last read it has completed (its event; with
-    ``slots`` buffers that copy is that many uploads old, so the wait is a formality: a step
-    uploads its layout, once per request whose prefill it compresses and once per policy call of a
-    recompression tick). A fresh
-    pinned allocation per step goes through the caching host allocator, which cannot reuse a
-    block whose copy is still queued behind the running step and then allocates anew -- a call
-    that can stall the host for milliseconds."""
+    """Pinned host buffers that carry the steps' uploads to the device, reused round robin. A buffer
+    is written again only once the copy that last read it has completed (its event); one whose copy
+    is still queued is skipped, and when all are, the ring grows (up to ``most`` buffers; then the
+    next buffer's copy is waited for): the host must not wait for the device here. A step uploads its
+    layout, once per request whose prefill it compresses and once per policy call of a
+    recompression tick, and with async scheduling the host runs a step ahead of the GPU. A fresh
+    pinned allocation per upload would go through the caching host allocator, which cannot reuse a
+    block whose copy is still queued behind the running step and then allocates anew -- a call that
+    can stall the host for milliseconds."""
 
-    def __init__(self, device: torch.device, slots: int = 8):
-        self.device, self.next = device, 0
+    def __init__(self, device: torch.device, slots: int = 8, most: int = 64):
+        self.device, self.next, self.most = device, 0, most
         self.buffers: list[torch.Tensor | None] = [None] * slots
         self.copied: list = [None] * slots  # the event after each buffer's last copy (CUDA)
 
+    def _free_slot(self) -> int:
+        """A buffer no queued copy reads (the ring grows rather than wait, up to ``most``)."""
+        for _ in range(len(self.buffers)):
+            slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+            if self.copied[slot] is None or self.copied[slot].query():
+                return slot
+        if len(self.buffers) < self.most:
+            self.buffers.append(None)
+            self.copied.append(None)
+            return len(self.buffers) - 1
+        slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+        self.copied[slot].synchronize()
+        return slot
+
     def upload(self, flat: torch.Tensor) -> torch.Tensor:
         """int64 [n] host -> a new int64 [n] tensor on the device (non-blocking)."""
-        slot, self.next = self.next, (self.next + 1) % len(self.buffers)
+        slot = self._free_slot()
         cuda = self.device.type == "cuda"
-        if self.copied[slot] is not None:
-            self.copied[slot].synchronize()
         buffer = self.buffers[slot]
         if buffer is None or buffer.numel() < flat.numel():
             buffer = self.buffers[slot] = torch.empty(max(2 * flat.numel(), 1 << 16), dtype=torch.int64,
