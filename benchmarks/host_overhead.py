@@ -107,34 +107,35 @@ def counted_calls(prof) -> int:
     return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::") and e.key not in NOT_COUNTED)
 
 
-def prefilled_requests(policy: str, prompt: int, budget: int, num_requests: int = 1, seed: int = 0,
+def prefilled_requests(policy: str, prompt: int | list[int], budget: int | float, num_requests: int = 1, seed: int = 0,
                        head_dim: int = D, device: str = "cpu"):
     """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
-    random rows were prefilled and observed (window queries, EMS's column mass), due for their
-    prefill compression at ``budget``; and the generator that made them. ``head_dim`` sizes the
-    pool and the queries (a smaller one keeps many requests in memory where only counts matter);
-    ``device``: where the pool, the queries and the signals live."""
+    random rows (a list: one length per request) were prefilled and observed (window queries,
+    EMS's column mass), due for their prefill compression at ``budget``; and the generator that
+    made them. ``head_dim`` sizes the pool and the queries (a smaller one keeps many requests in
+    memory where only counts matter); ``device``: where the pool, the queries and the signals live."""
+    prompts = [prompt] * num_requests if isinstance(prompt, int) else list(prompt)
     from vllm_kvcompress.policies.config import CompressionConfig
     from vllm_kvcompress.vllm.worker.state import WorkerState
 
     state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64),
                         device=device)
-    per_request = L * H * ((prompt + 80) // BS + 2)
+    per_request = L * H * ((max(prompts) + 80) // BS + 2)
     gen = torch.Generator().manual_seed(seed)
 
     def random(*shape, normal=True):
         values = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
         return values.to(device)
 
-    state.pool = random(2, per_request * num_requests, BS, head_dim).to(torch.bfloat16)
-    for r in range(num_requests):
+    state.pool = random(2, per_request * len(prompts), BS, head_dim).to(torch.bfloat16)
+    for r, length in enumerate(prompts):
         rid = f"r{r}"
-        state.ingest(scheduler_output(rid, prompt, list(range(r * per_request, (r + 1) * per_request))))
+        state.ingest(scheduler_output(rid, length, list(range(r * per_request, (r + 1) * per_request))))
         request = state.reqs[rid]
-        state.append(rid, prompt)
+        state.append(rid, length)
         for layer in range(L):
             request.queries[layer] = random(H * GROUP, 32, head_dim).to(torch.bfloat16)
-            request.signals[layer] = {"global_attention": random(H, prompt, normal=False)}
+            request.signals[layer] = {"global_attention": random(H, length, normal=False)}
     return state, gen
 
 

@@ -215,11 +215,12 @@ def assert_fp8_holds_the_values(fp8, values, block_scales):
 @pytest.mark.parametrize("policy", ["snapkv", "ems", "pyramidkv", "adakv", "windowkv"])
 def test_fp8_prefill_compression_equals_compressing_the_values(policy):
     """Prefill compression of an fp8 pool keeps what the same policy keeps from the values the pool
-    stands for, and stores merged rows (EMS) quantized with the layer's scales."""
-    states = [host.prefilled_requests(policy, 120, 40)[0] for _ in range(2)]
+    stands for, and stores merged rows (EMS) quantized with the layer's scales; prompts of several
+    lengths compressed in one step (together where the policy only selects rows)."""
+    states = [host.prefilled_requests(policy, [120, 90], 40)[0] for _ in range(2)]
     block_scales = as_fp8_and_values(states)
     for ws in states:
-        compressor.Compressor(ws).compress_prefill("r0")
+        compressor.Compressor(ws).compress_prefills(["r0", "r1"])
     assert_fp8_holds_the_values(*states, block_scales)
 
 
@@ -253,3 +254,31 @@ def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(poli
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert prefilled.reqs["r1"].lens.tolist() == [[60] * host.H] * host.L
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm", "ems"])
+def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(policy, monkeypatch):
+    """The prompts a step completes are compressed in one scoring, selection and compaction when
+    their policy only selects rows (heads right-aligned to the longest prompt); each request keeps
+    what it would keep alone: rows, kept rows' contents, freed blocks, decode budgets, query rings."""
+    prompts, rids = [200, 171, 200, 150], ["r0", "r1", "r2", "r3"]
+    together, _ = host.prefilled_requests(policy, prompts, 0.3)
+    alone, _ = host.prefilled_requests(policy, prompts, 0.3)
+    calls = []
+    select = type(together.reqs["r0"].policy).select_prefills
+    monkeypatch.setattr(type(together.reqs["r0"].policy), "select_prefills",
+                        lambda self, heads, lengths, *args: calls.append(lengths) or select(self, heads, lengths, *args))
+    compressor.Compressor(together).compress_prefills(rids)
+    selects = together.reqs["r0"].policy.scores_from_pages
+    assert calls == ([prompts] if selects else [])  # EMS's merges: one by one, as before
+    for rid in rids:
+        compressor.Compressor(alone).compress_prefill(rid)
+    for rid in rids:
+        got, want = together.reqs[rid], alone.reqs[rid]
+        assert torch.equal(got.lens, want.lens) and torch.equal(got.decode_budget, want.decode_budget)
+        assert got.spare == want.spare and got.max_len == want.max_len
+        assert torch.equal(together.recent[:, got.row], alone.recent[:, want.row])
+        kept, wanted = heads_content(together, rid), heads_content(alone, rid)
+        for key in wanted:
+            torch.testing.assert_close(kept[key], wanted[key], rtol=0, atol=0)
+    assert int(together.reqs["r3"].lens.float().mean().round()) == 45  # 0.3 of its 150 rows

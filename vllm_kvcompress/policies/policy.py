@@ -195,6 +195,25 @@ class Policy:
         keep = self.reducer.select_heads(heads, scores, shards.mine(budgets).flatten().cpu(), protected)
         return keep, budgets
 
+    def select_prefills(self, heads, lengths: list[int], num_layers: int, shards: HeadShards = SINGLE
+                        ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """:meth:`select_prefill` of several requests at once (one scoring and one selection for all):
+        ``heads`` holds each request's ``num_layers * num_kv_heads`` heads in turn, request r's
+        ``lengths[r]`` rows right-aligned in ``heads.width`` columns. Each request's budgets come
+        from its own scores, as if it were alone. Returns (the columns each head keeps, int64
+        [all heads, max budget], increasing, -1 padded; each request's budgets, int64 [L, H])."""
+        if len(lengths) == 1:
+            keep, budgets = self.select_prefill(heads, num_layers, shards)
+            return keep, [budgets]
+        scores = self.scorer.score(heads)  # [all heads, width], each head's rows last
+        per_request = scores.shape[0] // len(lengths)
+        budgets = [self.prefill_budgets(scores[r * per_request:(r + 1) * per_request, heads.width - n:]
+                                        .reshape(num_layers, -1, n), shards)[0] for r, n in enumerate(lengths)]
+        protected = protected_positions(heads.width, self.window, self.sink, scores.device, heads.lengths)
+        mine = torch.cat([shards.mine(b).flatten().cpu() for b in budgets])
+        keep = self.reducer.select_heads(heads, scores.masked_fill(heads.padding, float("-inf")), mine, protected)
+        return keep, budgets
+
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""
         return self.compress_shard(observations)[0]

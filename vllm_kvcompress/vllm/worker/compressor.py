@@ -183,9 +183,7 @@ class Compressor:
         pending, state.pending = state.pending, []
         on_cuda = state.device.type == "cuda"
         with runtime.TIMER.device("compress_ms", on_cuda):
-            for rid in pending:
-                if rid in state.reqs:
-                    self.compress_prefill(rid)
+            self.compress_prefills([rid for rid in pending if rid in state.reqs])
         due = [rid for rid, request in state.reqs.items() if request.on_cadence(state.step) and rid not in pending]
         if not due:
             return []
@@ -195,52 +193,85 @@ class Compressor:
         return done
 
     def compress_prefill(self, rid: str) -> None:
-        state = self.state
-        request = state.reqs[rid]
-        if bool((request.lens != request.num_tokens).any()):
-            raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected {request.num_tokens} each")
-        policy = request.policy
-        if policy.scores_from_pages and not policy.allocator.reads_layers:
-            keep = self._select_prefill(request)
-        elif policy.compresses_heads_apart:
-            keep = self._reduce_prefill_apart(request)
-        else:
-            keep = self._reduce_prefill(request)
-        if request.decode_slack is not None:
-            self._seed_ring(request)
-        request.compressed_to(request.policy.decode_budgets(keep, request.num_tokens))
-        self._finish([rid], keep[None], "prefill")
+        """:meth:`compress_prefills` of one request."""
+        self.compress_prefills([rid])
 
-    def _prefill_heads(self, request: Request, k_scale: torch.Tensor | None) -> PagedHeads:
-        """Every head of the request, [L * H] layer-major, as one observation read from its pages
-        (whole prompts), with the prefill's window queries and signals; ``k_scale``: the heads' key
-        scales of an fp8 pool (:meth:`_head_scales`), else None."""
+    def compress_prefills(self, rids: list[str]) -> None:
+        """Compress the requests whose prefill completed in this step. Requests of one policy whose
+        reducer only selects rows go through :meth:`_select_prefill` together -- one scoring, one
+        selection and one compaction for all (a step completes several prompts, and on a GPU a
+        compression's cost is its launches) -- as long as their heads can share one right-aligned
+        observation (the same number of window queries; prefill signals only at one length); the
+        others one by one. The bookkeeping of all of them runs at once (:meth:`_finish`)."""
         state = self.state
-        n, heads = request.num_tokens, state.L * state.H
-        table = state.tables[request.row].reshape(heads, -1)[:, : -(-n // state.bs)]
-        queries = torch.stack([request.queries[l] for l in range(state.L)])  # [L, Hq, window, D]
-        queries = queries.view(heads, queries.shape[1] // state.H, *queries.shape[2:])  # [L * H, group, window, D]
-        lengths = torch.full((heads,), n, dtype=torch.int64, device=state.pool.device)
-        signals = {name: torch.cat([request.signals[l][name] for l in range(state.L)])
-                   for name in request.signals.get(0, {})}
-        return PagedHeads(queries, state.pool[0], table, lengths, n, k_scale, **signals)
+        requests = [state.reqs[rid] for rid in rids]
+        keep: list[torch.Tensor | None] = [None] * len(rids)  # rows kept per head, int64 [L, all KV heads]
+        together: dict[tuple, list[int]] = {}  # -> positions in rids
+        for i, (rid, request) in enumerate(zip(rids, requests)):
+            if bool((request.lens != request.num_tokens).any()):
+                raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected "
+                                   f"{request.num_tokens} each")
+            policy = request.policy
+            if policy.scores_from_pages and not policy.allocator.reads_layers:
+                queries = request.queries[0].shape[1]
+                length = request.num_tokens if policy.observes else None  # prefill signals are not padded
+                together.setdefault((id(policy), queries, length), []).append(i)
+            elif policy.compresses_heads_apart:
+                keep[i] = self._reduce_prefill_apart(request)
+            else:
+                keep[i] = self._reduce_prefill(request)
+        for members in together.values():
+            for i, kept in zip(members, self._select_prefill([requests[i] for i in members])):
+                keep[i] = kept
+        for request, kept in zip(requests, keep):
+            if request.decode_slack is not None:
+                self._seed_ring(request)
+            request.compressed_to(request.policy.decode_budgets(kept, request.num_tokens))
+        if rids:
+            self._finish(rids, torch.stack(keep), "prefill")
+
+    def _prefill_heads(self, requests: list[Request], k_scale: torch.Tensor | None) -> PagedHeads:
+        """Every head of the requests, [R * L * H] request-major then layer-major, as one observation
+        read from their pages (whole prompts, each right-aligned to the longest), with the prefill's
+        window queries and signals; ``k_scale``: one request's heads' key scales of an fp8 pool
+        (:meth:`_head_scales`), else None."""
+        state = self.state
+        heads = state.L * state.H
+        width = max(request.num_tokens for request in requests)
+        table = torch.cat([state.tables[request.row].reshape(heads, -1)[:, : -(-width // state.bs)]
+                           for request in requests])
+        queries = torch.stack([request.queries[l] for request in requests for l in range(state.L)])  # [R * L, Hq, window, D]
+        queries = queries.view(len(requests) * heads, queries.shape[1] // state.H, *queries.shape[2:])
+        if len(requests) == 1:  # made on the device: nothing to copy
+            lengths = torch.full((heads,), width, dtype=torch.int64, device=state.pool.device)
+        else:
+            lengths = state.upload({"lengths": torch.tensor([request.num_tokens for request in requests])
+                                    .repeat_interleave(heads)})["lengths"]
+        signals = {name: torch.cat([request.signals[l][name] for request in requests for l in range(state.L)])
+                   for name in requests[0].policy.observes}
+        if k_scale is not None:
+            k_scale = k_scale.repeat(len(requests))
+        return PagedHeads(queries, state.pool[0], table, lengths, width, k_scale, **signals)
 
     def _head_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The K and V scales of every head of a request, [L * H] layer-major (None, None: not fp8)."""
         state = self.state
         return head_scales(state.cache_scales(), torch.arange(state.L, device=state.pool.device).repeat_interleave(state.H))
 
-    def _select_prefill(self, request: Request) -> torch.Tensor:
-        """Reducers that only select rows: every head of the request scored from its pages in one
-        observation (:class:`PagedHeads`), the kept rows moved to the front in place. Returns the
-        rows kept per head, int64 [L, H] (host)."""
+    def _select_prefill(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Reducers that only select rows: every head of the requests (one policy) scored from its
+        pages in one observation (:class:`PagedHeads`), the kept rows moved to the front in place.
+        Returns each request's rows kept per head, int64 [L, all KV heads] (host)."""
         state = self.state
-        heads = self._prefill_heads(request, self._head_scales()[0])
-        keep_idx, budgets = request.policy.select_prefill(heads, state.L, state.shards)
+        heads = self._prefill_heads(requests, self._head_scales()[0])
+        keep_idx, budgets = requests[0].policy.select_prefills(heads, [request.num_tokens for request in requests],
+                                                               state.L, state.shards)
         # budgets that the allocator made on the host (e.g. uniform ones) travel without waiting for the
         # device: a blocking copy would hold the host until the step's forward is done
-        budgets = budgets.cpu()
-        mine = state.upload({"budgets": state.shards.mine(budgets).flatten()})["budgets"]
+        budgets = [b.cpu() for b in budgets]
+        mine = state.upload({"budgets": torch.cat([state.shards.mine(b).flatten() for b in budgets])})["budgets"]
+        if len(requests) > 1:  # columns of the right-aligned layout -> each head's own rows (-1 padding stays out)
+            keep_idx = keep_idx - (heads.width - heads.lengths)[:, None]
         compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(), mine)
         return budgets
 
@@ -253,7 +284,7 @@ class Compressor:
         model, int64 [L, all KV heads] (host)."""
         state, policy, n = self.state, request.policy, request.num_tokens
         scales = self._head_scales()
-        heads = self._prefill_heads(request, scales[0])
+        heads = self._prefill_heads([request], scales[0])
         group = heads.queries.shape[1]
         step = _prefill_heads_per_call(state, policy, n, fp8=scales[0] is not None)
         parts = [slice(start, start + step) for start in range(0, heads.num_kv_heads, step)]
