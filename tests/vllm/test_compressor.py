@@ -239,21 +239,21 @@ def test_fp8_recompression_equals_recompressing_the_values(policy):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU can be waited for (gpu_session.sh kernels runs this)")
 @pytest.mark.parametrize("policy", ["snapkv", "streamingllm"])
 def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(policy):
-    """A prefill compression whose budgets the allocator makes on the host (uniform ones), and a
-    decode-time recompression tick, only launch work: a wait would hold the host until the step's
+    """Prefill compressions whose budgets the allocator makes on the host (uniform ones), alone and
+    together, and a decode-time recompression tick, only launch work: a wait would hold the host until the step's
     forward is done, and the next step's preparation could not overlap it."""
-    prefilled, _ = host.prefilled_requests(policy, 600, 60, num_requests=2, head_dim=64, device="cuda")
+    prefilled, _ = host.prefilled_requests(policy, [600, 600, 480], 60, head_dim=64, device="cuda")
     due = host.due_requests(policy, 200, num_requests=3, head_dim=64, device="cuda")
     compressor.Compressor(prefilled).compress_prefill("r0")  # first calls compile the kernels
     compressor.Compressor(due).recompress(["r0"])
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # any wait for the device raises
     try:
-        compressor.Compressor(prefilled).compress_prefill("r1")
+        compressor.Compressor(prefilled).compress_prefills(["r1", "r2"])  # together, of two lengths
         assert compressor.Compressor(due).recompress(["r1", "r2"]) == ["r1", "r2"]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert prefilled.reqs["r1"].lens.tolist() == [[60] * host.H] * host.L
+    assert prefilled.reqs["r1"].lens.tolist() == prefilled.reqs["r2"].lens.tolist() == [[60] * host.H] * host.L
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm", "ems"])
