@@ -256,21 +256,28 @@ def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(poli
     assert prefilled.reqs["r1"].lens.tolist() == prefilled.reqs["r2"].lens.tolist() == [[60] * host.H] * host.L
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "adakv", "pyramidkv", "streamingllm", "ems"])
-def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(policy, monkeypatch):
+@pytest.mark.parametrize("policy,two_fit", [("snapkv", False), ("adakv", False), ("pyramidkv", False),
+                                             ("streamingllm", False), ("ems", False), ("snapkv", True)])
+def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(policy, two_fit, monkeypatch):
     """The prompts a step completes are compressed in one scoring, selection and compaction when
     their policy only selects rows (heads right-aligned to the longest prompt); each request keeps
-    what it would keep alone: rows, kept rows' contents, freed blocks, decode budgets, query rings."""
+    what it would keep alone: rows, kept rows' contents, freed blocks, decode budgets, query rings.
+    ``two_fit``: a compression workspace that holds two of the requests' heads: runs of two."""
     prompts, rids = [200, 171, 200, 150], ["r0", "r1", "r2", "r3"]
     together, _ = host.prefilled_requests(policy, prompts, 0.3)
     alone, _ = host.prefilled_requests(policy, prompts, 0.3)
+    if two_fit:
+        together.workspace_bytes = 2 * host.L * host.H * 200 * compressor.PAGED_ROW_BYTES
     calls = []
     select = type(together.reqs["r0"].policy).select_prefills
     monkeypatch.setattr(type(together.reqs["r0"].policy), "select_prefills",
                         lambda self, heads, lengths, *args: calls.append(lengths) or select(self, heads, lengths, *args))
     compressor.Compressor(together).compress_prefills(rids)
     selects = together.reqs["r0"].policy.scores_from_pages
-    assert calls == ([prompts] if selects else [])  # EMS's merges: one by one, as before
+    if two_fit:
+        assert calls == [prompts[:2], prompts[2:]]
+    else:
+        assert calls == ([prompts] if selects else [])  # EMS's merges: one by one, as before
     for rid in rids:
         compressor.Compressor(alone).compress_prefill(rid)
     for rid in rids:

@@ -79,6 +79,9 @@ def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, valu
                          state.pool[1], *scales)
 
 
+PAGED_ROW_BYTES = 8 * 4 + 3 * 4  # a row scored from the pages: scores, pooled, masked, sort keys and indices; protected, padding
+
+
 def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
     """Padded rows one recompression call may hold, so that its temporaries stay within the
     compression workspace that vLLM's profiling run reserved. Policies that score from the pages
@@ -92,7 +95,7 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
         return None
     group = state.recent.shape[3] // state.H  # query heads per KV head (the rings exist once a request is due)
     if policy.scores_from_pages:
-        per_row = 8 * 4 + 3 * 4  # scores, pooled, masked, sort keys and indices; protected, padding
+        per_row = PAGED_ROW_BYTES
     else:
         head_dim = state.pool.shape[-1]
         itemsize = 4 if state.layer_scales else state.pool.element_size()  # an fp8 pool's rows gather as float32
@@ -116,6 +119,23 @@ def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int, fp8: bool)
     per_head = seq_len * (2 * head_dim * (gathered + 4) + 64)
     layers = (state.workspace_bytes - policy.reducer.block_bytes) // (per_head * state.H)
     return min(state.L, max(1, layers)) * state.H
+
+
+def _prefill_batches(state: WorkerState, requests: list[Request]) -> list[list[Request]]:
+    """Runs of ``requests`` (in order) whose heads, right-aligned to the run's longest prompt, one
+    selection from the pages holds within the compression workspace (:data:`PAGED_ROW_BYTES` a
+    row); a request alone always goes. All at once: a WorkerState without a workspace (tests)."""
+    if not state.workspace_bytes:
+        return [requests]
+    most, heads = state.workspace_bytes // PAGED_ROW_BYTES, state.L * state.H
+    batches, current, width = [], [], 0
+    for request in requests:
+        if current and (len(current) + 1) * heads * max(width, request.num_tokens) > most:
+            batches.append(current)
+            current, width = [], 0
+        current.append(request)
+        width = max(width, request.num_tokens)
+    return batches + [current]
 
 
 def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
@@ -201,8 +221,8 @@ class Compressor:
         reducer only selects rows go through :meth:`_select_prefill` together -- one scoring, one
         selection and one compaction for all (a step completes several prompts, and on a GPU a
         compression's cost is its launches) -- as long as their heads can share one right-aligned
-        observation (the same number of window queries; prefill signals only at one length); the
-        others one by one. The bookkeeping of all of them runs at once (:meth:`_finish`)."""
+        observation (the same number of window queries; prefill signals only at one length) and
+        fit the compression workspace (:func:`_prefill_batches`); the others one by one. The bookkeeping of all of them runs at once (:meth:`_finish`)."""
         state = self.state
         requests = [state.reqs[rid] for rid in rids]
         keep: list[torch.Tensor | None] = [None] * len(rids)  # rows kept per head, int64 [L, all KV heads]
@@ -221,8 +241,10 @@ class Compressor:
             else:
                 keep[i] = self._reduce_prefill(request)
         for members in together.values():
-            for i, kept in zip(members, self._select_prefill([requests[i] for i in members])):
-                keep[i] = kept
+            position = {id(requests[i]): i for i in members}
+            for batch in _prefill_batches(state, [requests[i] for i in members]):
+                for request, kept in zip(batch, self._select_prefill(batch)):
+                    keep[position[id(request)]] = kept
         for request, kept in zip(requests, keep):
             if request.decode_slack is not None:
                 self._seed_ring(request)
