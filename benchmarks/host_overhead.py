@@ -14,6 +14,8 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 * ``prefill_6k``: one 6,000-token request's prefill compression at a tenth, per policy: PyTorch
   calls (the worker's workspace for that length decides how many layers a dense reduction, EMS's,
   takes per call);
+* ``prefill_step``: PyTorch calls of the prefill compressions of one 8k-token step of 2k prompts
+  (four requests), one by one against together (``Compressor.compress_prefills``), per policy;
 * ``plugin_step``: the plugin's whole host work in a pure-decode step of 64 and 256 requests
   (:func:`plugin_step`): PyTorch calls (views included) and ms on this CPU, where ms also count
   copying the layout's tensors, which on a GPU are kernels;
@@ -195,6 +197,25 @@ def prefill_calls(policy: str, prompt: int = 6000) -> int:
     return counted_calls(prof)
 
 
+def prefill_step_calls(policy: str, prompts: tuple[int, ...] = (2048, 2048, 1800, 2048)) -> dict[str, int]:
+    """PyTorch calls of compressing the prefills one step completes (four prompts of about 2k, as
+    an 8k-token step of the long-gen workload does), one by one against together."""
+    from vllm_kvcompress.vllm.worker import compressor
+
+    rids = [f"r{r}" for r in range(len(prompts))]
+    counts = {}
+    for how in ("one_by_one", "together"):
+        state, _ = prefilled_requests(policy, list(prompts), 0.1, head_dim=16)
+        with torch.profiler.profile() as prof:
+            if how == "together":
+                compressor.Compressor(state).compress_prefills(rids)
+            else:
+                for rid in rids:
+                    compressor.Compressor(state).compress_prefill(rid)
+        counts[how] = counted_calls(prof)
+    return counts
+
+
 def assign_ms(num_requests: int, device: str = "cpu", rows: int = 600, steps: int = 48) -> float:
     """Median ms of ``WorkerState._assign`` for a decode step of ``num_requests`` requests whose
     heads hold between ``rows / 2`` and ``rows`` rows (some cross a block's end every step)."""
@@ -370,6 +391,8 @@ def main() -> None:
                for p in args.policies.split(",") if p != "windowkv"},
            # one 6k-token request's prefill compression (on a GPU each call is a launch)
            "prefill_6k_pytorch_calls": {p: prefill_calls(p) for p in args.policies.split(",")},
+           # the four prefills an 8k-token step of 2k prompts completes: one by one vs together
+           "prefill_step_pytorch_calls": {p: prefill_step_calls(p) for p in args.policies.split(",")},
            "decode_step_256_requests": decode_step(),
            # the plugin's whole host work in a pure-decode step with the graph buffers
            "plugin_step": {n: plugin_step(int(n)) for n in args.plugin_step_requests.split(",")}}
@@ -389,6 +412,9 @@ def main() -> None:
         if "prefill_6k_pytorch_calls" in r:
             print(f"{'':<28} prefill compression of a 6k-token request: "
                   + ", ".join(f"{p} {n} calls" for p, n in r["prefill_6k_pytorch_calls"].items()))
+        for p, n in r.get("prefill_step_pytorch_calls", {}).items():
+            print(f"{'':<28} four 2k prefills of one step, {p}: {n['one_by_one']} calls one by one, "
+                  f"{n['together']} together")
         for name, n in r.get("decode_step_256_requests", {}).items():
             print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
         for requests, n in r.get("plugin_step", {}).items():
