@@ -289,3 +289,22 @@ def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(polic
         for key in wanted:
             torch.testing.assert_close(kept[key], wanted[key], rtol=0, atol=0)
     assert int(together.reqs["r3"].lens.float().mean().round()) == 45  # 0.3 of its 150 rows
+
+
+@pytest.mark.parametrize("policy,varied", [("ems", True), ("ems-tuned", False), ("adakv", True)])
+def test_reducers_that_fill_their_budgets_report_the_rows_the_device_kept(policy, varied, monkeypatch):
+    """A prefill reduced head by head (EMS's merges) takes each head's kept rows from its budget when
+    the reducer fills budgets, without asking the device: the rows the device kept, the same."""
+    prompts, lens = [300, 250], {}
+    for fills in (True, False):
+        ws, _ = host.prefilled_requests(policy, prompts, 0.3)
+        policy_of = ws.reqs["r0"].policy
+        monkeypatch.setattr(type(policy_of.reducer), "selects_rows", False)  # Ada-KV's top-k the dense way too
+        monkeypatch.setattr(type(policy_of.reducer), "fills_budgets", property(lambda self, fills=fills: fills))
+        compressor.Compressor(ws).compress_prefills(["r0", "r1"])
+        lens[fills] = [ws.reqs[rid].lens.clone() for rid in ("r0", "r1")]
+        monkeypatch.undo()
+    for with_budgets, from_device in zip(lens[True], lens[False]):
+        assert torch.equal(with_budgets, from_device)
+    # Ada-KV's budgets differ by head (ems-tuned's are uniform)
+    assert bool((lens[True][1] == lens[True][1].flatten()[0]).all()) != varied

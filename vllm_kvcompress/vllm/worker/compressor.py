@@ -331,6 +331,8 @@ class Compressor:
             write_rows(state, heads.head_block_table[part], kept.keys, kept.values, kept.lengths,
                        scales=tuple(None if scale is None else scale[part] for scale in scales))
             kept_lengths.append(kept.lengths)
+        if policy.reducer.fills_budgets:  # every head kept min(budget, prompt) rows: known here, no wait
+            return budgets.clamp(max=n).cpu()  # every rank's heads: the allocation saw them all
         keep = torch.cat(kept_lengths).view(state.L, -1)
         return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
 
