@@ -4,13 +4,14 @@ After every forward (connector ``wait_for_save``, :meth:`Compressor.after_forwar
 the requests whose prefill completed in the step, then recompresses the decoding requests that are
 due on the worker's cadence.
 
-After the prefill (:meth:`Compressor.compress_prefill`): every layer's K/V of the request is in its
-head-blocks and the global allocators (PyramidKV, Ada-KV, ZigZag, HeadKV) see all layers at once.
-The fewer calls the better -- on a GPU a compression's cost is its launches, not its arithmetic --
-so the request goes the first of these ways its policy allows:
+After the prefill (:meth:`Compressor.compress_prefills`, every request the step completes): every
+layer's K/V of the request is in its head-blocks and the global allocators (PyramidKV, Ada-KV,
+ZigZag, HeadKV) see all layers at once. The fewer calls the better -- on a GPU a compression's cost
+is its launches, not its arithmetic -- so the request goes the first of these ways its policy allows:
 
 * reducers that only select rows (SnapKV, PyramidKV, Ada-KV, HeadKV, StreamingLLM): every head
-  scored from its pages in one call (:class:`PagedHeads`), the kept rows moved in place;
+  scored from its pages in one call (:class:`PagedHeads`), the kept rows moved in place; the
+  requests of one policy that the step completes, all in that one call;
 * reducers that decide each head alone but write rows (EMS's merges): every head scored from its
   pages in one call, the budgets allocated, then the heads gathered densely, reduced and written
   back as many layers per call as the compression workspace holds;
@@ -222,7 +223,8 @@ class Compressor:
         selection and one compaction for all (a step completes several prompts, and on a GPU a
         compression's cost is its launches) -- as long as their heads can share one right-aligned
         observation (the same number of window queries; prefill signals only at one length) and
-        fit the compression workspace (:func:`_prefill_batches`); the others one by one. The bookkeeping of all of them runs at once (:meth:`_finish`)."""
+        fit the compression workspace (:func:`_prefill_batches`); the others one by one. The
+        bookkeeping of all of them runs at once (:meth:`_finish`)."""
         state = self.state
         requests = [state.reqs[rid] for rid in rids]
         keep: list[torch.Tensor | None] = [None] * len(rids)  # rows kept per head, int64 [L, all KV heads]
