@@ -75,7 +75,8 @@ def test_quick_complete_and_windowed_runs(quick_run):
         else:  # 8 x 384 tokens do not come out of a 512-token pool in 1 s on a CPU (in 2 s they did once)
             assert r["complete"] is False and r["ttft_ms"] is None
             assert r["output_tokens"] < 8 * 384
-            assert 1.0 <= r["duration_s"] < 4.0  # the window, and the last /metrics answer of a busy server
+            # the window, plus the last /metrics answer of a busy server: 4.3 s once on a loaded 2-core machine
+            assert r["window_s"] <= r["duration_s"] < r["window_s"] + 8.0
 
 
 @pytest.mark.slow
