@@ -49,7 +49,7 @@ class Policy:
     def scores_from_pages(self) -> bool:
         """Whether heads can be compressed straight from their pages, the kept rows moved in place
         (:meth:`select_heads`): the reducer only selects rows and the scorer reads no keys. The
-        prefill's compression also needs an allocator that reads scores only (:meth:`select_prefill`)."""
+        prefill's compression also needs an allocator that reads scores only (:meth:`select_prefills`)."""
         return self.reducer.selects_rows and not self.scorer.reads_keys
 
     def floor(self, seq_len: int) -> int:
@@ -181,30 +181,18 @@ class Policy:
         kept_keys, kept_values = self.recompress_heads(queries, keys[None], values[None], torch.tensor([budget]))
         return kept_keys[0], kept_values[0]
 
-    def select_prefill(self, heads, num_layers: int, shards: HeadShards = SINGLE
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`compress` for reducers that only select rows, from an observation of every head of
-        a request at once without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`:
-        ``num_layers * num_kv_heads`` heads, layer-major, each holding the whole prompt), for
-        allocators that read scores only (not ``allocator.reads_layers``). Returns
-        (the rows each head keeps, int64 [L * H, max budget], increasing, -1 padded; the budgets,
-        int64 [L, H]). With ``shards``: one tensor-parallel rank's heads, the budgets of all of
-        every rank's heads [L, shards.total] (:meth:`_allocate`)."""
-        scores = self.scorer.score(heads)  # [L * H, seq_len]
-        budgets, protected = self.prefill_budgets(scores.view(num_layers, -1, heads.seq_len), shards)
-        keep = self.reducer.select_heads(heads, scores, shards.mine(budgets).flatten().cpu(), protected)
-        return keep, budgets
-
     def select_prefills(self, heads, lengths: list[int], num_layers: int, shards: HeadShards = SINGLE
                         ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """:meth:`select_prefill` of several requests at once (one scoring and one selection for all):
-        ``heads`` holds each request's ``num_layers * num_kv_heads`` heads in turn, request r's
-        ``lengths[r]`` rows right-aligned in ``heads.width`` columns. Each request's budgets come
-        from its own scores, as if it were alone. Returns (the columns each head keeps, int64
-        [all heads, max budget], increasing, -1 padded; each request's budgets, int64 [L, H])."""
-        if len(lengths) == 1:
-            keep, budgets = self.select_prefill(heads, num_layers, shards)
-            return keep, [budgets]
+        """:meth:`compress` for reducers that only select rows, of one or more requests at once (one
+        scoring and one selection for all), from an observation of their heads without dense keys
+        (:class:`~vllm_kvcompress.paged.heads.PagedHeads`), for allocators that read scores only
+        (not ``allocator.reads_layers``). ``heads`` holds each request's ``num_layers *
+        num_kv_heads`` heads in turn, layer-major, request r's ``lengths[r]`` prompt rows
+        right-aligned in ``heads.width`` columns. Each request's budgets come from its own scores,
+        as if it were alone. Returns (the columns each head keeps, int64 [all heads, max budget],
+        increasing, -1 padded; each request's budgets, int64 [L, H]). With ``shards``: one
+        tensor-parallel rank's heads, the budgets of all of every rank's heads [L, shards.total]
+        (:meth:`_allocate`)."""
         scores = self.scorer.score(heads)  # [all heads, width], each head's rows last
         per_request = scores.shape[0] // len(lengths)
         budgets = [self.prefill_budgets(scores[r * per_request:(r + 1) * per_request, heads.width - n:]

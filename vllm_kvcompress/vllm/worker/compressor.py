@@ -31,7 +31,7 @@ the front; equal lengths only for reducers that need them, WindowKV's), and
 ``Policy.recompress_heads`` keeps each head's result its own.
 Under tensor parallelism (``WorkerState.shards``) each rank compresses its own heads: the prefill
 compression gathers every rank's scores once and allocates the budgets of all heads on every rank
-(``Policy.compress_shard`` / ``select_prefill``), and decode-time recompression needs nothing of
+(``Policy.compress_shard`` / ``select_prefills``), and decode-time recompression needs nothing of
 the other ranks (the budgets are known; each head is reduced on its own). Every rank then knows
 every head's rows, so all size their blocks alike (:class:`~.request.Request`).
 The connector then reports surplus spares to the scheduler. Positions are untouched: RoPE is baked into the cached keys and vLLM keeps counting
@@ -122,21 +122,21 @@ def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int, fp8: bool)
     return min(state.L, max(1, layers)) * state.H
 
 
-def _prefill_batches(state: WorkerState, requests: list[Request]) -> list[list[Request]]:
-    """Runs of ``requests`` (in order) whose heads, right-aligned to the run's longest prompt, one
-    selection from the pages holds within the compression workspace (:data:`PAGED_ROW_BYTES` a
-    row); a request alone always goes. All at once: a WorkerState without a workspace (tests)."""
+def _prefill_batches(state: WorkerState, lengths: list[int]) -> list[slice]:
+    """Runs of requests (in order, of prompts ``lengths``) whose heads, right-aligned to the run's
+    longest prompt, one selection from the pages holds within the compression workspace
+    (:data:`PAGED_ROW_BYTES` a row); a request alone always goes. All at once: a WorkerState
+    without a workspace (tests)."""
     if not state.workspace_bytes:
-        return [requests]
+        return [slice(0, len(lengths))]
     most, heads = state.workspace_bytes // PAGED_ROW_BYTES, state.L * state.H
-    batches, current, width = [], [], 0
-    for request in requests:
-        if current and (len(current) + 1) * heads * max(width, request.num_tokens) > most:
-            batches.append(current)
-            current, width = [], 0
-        current.append(request)
-        width = max(width, request.num_tokens)
-    return batches + [current]
+    runs, start, width = [], 0, 0
+    for end, length in enumerate(lengths):
+        if end > start and (end - start + 1) * heads * max(width, length) > most:
+            runs.append(slice(start, end))
+            start, width = end, 0
+        width = max(width, length)
+    return runs + [slice(start, len(lengths))]
 
 
 def _calls(lengths: torch.Tensor, max_rows: int | None) -> list[torch.Tensor | None]:
@@ -243,10 +243,9 @@ class Compressor:
             else:
                 keep[i] = self._reduce_prefill(request)
         for members in together.values():
-            position = {id(requests[i]): i for i in members}
-            for batch in _prefill_batches(state, [requests[i] for i in members]):
-                for request, kept in zip(batch, self._select_prefill(batch)):
-                    keep[position[id(request)]] = kept
+            for run in _prefill_batches(state, [requests[i].num_tokens for i in members]):
+                for i, kept in zip(members[run], self._select_prefill([requests[i] for i in members[run]])):
+                    keep[i] = kept
         for request, kept in zip(requests, keep):
             if request.decode_slack is not None:
                 self._seed_ring(request)
@@ -294,8 +293,7 @@ class Compressor:
         # device: a blocking copy would hold the host until the step's forward is done
         budgets = [b.cpu() for b in budgets]
         mine = state.upload({"budgets": torch.cat([state.shards.mine(b).flatten() for b in budgets])})["budgets"]
-        if len(requests) > 1:  # columns of the right-aligned layout -> each head's own rows (-1 padding stays out)
-            keep_idx = keep_idx - (heads.width - heads.lengths)[:, None]
+        keep_idx = keep_idx - (heads.width - heads.lengths)[:, None]  # right-aligned columns -> each head's own rows
         compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(), mine)
         return budgets
 
