@@ -357,8 +357,8 @@ class Compressor:
         state = self.state
         first = request.queries[0]  # [Hq, <=window, D]
         state.ensure_recent(request.policy.window, first.shape[0], first.shape[-1], first.dtype)
-        for l in range(state.L):
-            state.recent[l, request.row, : first.shape[1]] = request.queries[l].transpose(0, 1)
+        # [L, Hq, window, D] -> the ring's [L, window, Hq, D]: one copy for all layers
+        state.recent[:, request.row, : first.shape[1]] = torch.stack([request.queries[l] for l in range(state.L)]).transpose(1, 2)
 
     def _finish(self, rids: list[str], keep: torch.Tensor, what: str) -> None:
         """Shrink the bookkeeping of these requests to ``keep`` [R, L, all KV heads] rows, count and
