@@ -18,7 +18,7 @@ from vllm_kvcompress.policies.allocation import (
     tokens_for_mass,
     tokens_for_output,
 )
-from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.budget import Budget, distribute
 from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.policies.reduction import protected_positions
 
@@ -111,6 +111,27 @@ def test_adakv_layers_compete_separately():
     scores = ADAKV_LAYER + [[[0.0] * 6, [1.0] * 6]]
     inp = allocation_input(scores, per_head=3)
     assert AdaKVAllocator(alpha=0.0).allocate(inp).tolist() == [[5, 1], [0, 6]]
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_layers=st.integers(1, 6), num_heads=st.integers(1, 8), seq_len=st.integers(1, 60),
+       window=st.integers(0, 8), per_head=st.integers(1, 60), alpha=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+       ties=st.booleans(), seed=st.integers(0, 2**16))
+def test_adakv_splits_all_layers_as_one_by_one(num_layers, num_heads, seq_len, window, per_head, alpha, ties, seed):
+    """All layers split in one call give the budgets of one ``distribute`` per layer (the loop it replaced)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_layers, num_heads, seq_len, generator=gen)
+    if ties:  # concentrated heads: one wins most slots, caps bind
+        scores = (scores * 3).floor() * torch.rand(num_layers, num_heads, 1, generator=gen).round()
+    floor = min(seq_len, window)
+    per_head = min(seq_len, max(per_head, floor))
+    protected = protected_positions(seq_len, window, 0)
+    allocator = AdaKVAllocator(alpha=alpha)
+    above = per_head - floor
+    won = allocator.competition(scores, protected, above * num_heads)
+    mixed = (1 - alpha) * won.double() + alpha * above
+    one_by_one = torch.stack([distribute(layer, above * num_heads, 0, seq_len - floor) + floor for layer in mixed])
+    assert torch.equal(allocator.allocate(AllocationInput(list(scores), per_head, floor, protected)), one_by_one)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.1])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvcompress.policies.budget import distribute
+from vllm_kvcompress.policies.budget import distribute, distribute_rows
 from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.paged.reference import window_scores
 from vllm_kvcompress.policies.registry import ALLOCATORS, check_choice, check_int, check_number
@@ -112,11 +112,11 @@ class AdaKVAllocator(Allocator):
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
         above = inp.per_head - inp.floor
         num_heads = inp.scores[0].shape[0]
-        # every layer's competition in one batch and one copy to the host (the splits are host work)
+        # every layer's competition in one batch and one copy to the host, then every layer's split
+        # in one call (host work: one water-filling per layer was most of a prefill step's host calls)
         won = self.competition(torch.stack(inp.scores), inp.protected, above * num_heads).cpu()
         mixed = (1 - self.alpha) * won.double() + self.alpha * above
-        return torch.stack([distribute(layer, above * num_heads, 0, inp.seq_len - inp.floor) + inp.floor
-                            for layer in mixed])
+        return distribute_rows(mixed, above * num_heads, 0, inp.seq_len - inp.floor) + inp.floor
 
     @staticmethod
     def competition(scores: torch.Tensor, protected: torch.Tensor, slots: int) -> torch.Tensor:
