@@ -117,10 +117,12 @@ def test_distribute_rejects_non_finite(bad):
         distribute_rows(torch.tensor([[1.0, 1.0], [1.0, bad]]), 4, 0, 4)
 
 
-@pytest.mark.parametrize("totals", [[2, 9], [9, 16]])
-def test_distribute_rows_impossible(totals):
-    with pytest.raises(ValueError, match="cannot split"):  # one row's total out of reach
-        distribute_rows(torch.ones(2, 3), torch.tensor(totals), 1, 5)
+@pytest.mark.parametrize("totals, high, message", [([2, 9], 5, r"2 into 3 parts within \[1, 5\]"),
+                                                    ([9, 16], 5, r"16 into 3 parts within \[1, 5\]"),
+                                                    ([9, 9], torch.tensor([5, 2]), r"9 into 3 parts within \[1, 2\]")])
+def test_distribute_rows_impossible(totals, high, message):
+    with pytest.raises(ValueError, match=message):  # one row's total out of reach
+        distribute_rows(torch.ones(2, 3), torch.tensor(totals), 1, high)
 
 
 def water_fill_one_row(weights: torch.Tensor, total: int, low: int, high: int) -> torch.Tensor:
@@ -156,13 +158,15 @@ def water_fill_one_row(weights: torch.Tensor, total: int, low: int, high: int) -
     return ints.long() + low
 
 
-def assert_rows_split_alone(weights: torch.Tensor, totals: list[int], low: int, high: int) -> None:
-    """distribute_rows == distribute of each row alone == the one-row loop, integer for integer."""
-    result = distribute_rows(weights, torch.tensor(totals), low, high)
+def assert_rows_split_alone(weights: torch.Tensor, totals: list[int], low: int, high: int | list[int]) -> None:
+    """distribute_rows == distribute of each row alone == the one-row loop, integer for integer.
+    high: one cap for all rows, or each row's."""
+    each_high = high if isinstance(high, list) else [high] * len(totals)
+    result = distribute_rows(weights, torch.tensor(totals), low, torch.tensor(high) if isinstance(high, list) else high)
     assert result.dtype == torch.int64 and result.shape == weights.shape
-    for row, total, split in zip(weights, totals, result):
-        alone = distribute(row, total, low, high)
-        assert split.tolist() == alone.tolist() == water_fill_one_row(row, total, low, high).tolist()
+    for row, total, row_high, split in zip(weights, totals, each_high, result):
+        alone = distribute(row, total, low, row_high)
+        assert split.tolist() == alone.tolist() == water_fill_one_row(row, total, low, row_high).tolist()
 
 
 @pytest.mark.parametrize("weights, total, low, high, expected", DISTRIBUTE_CASES)
@@ -187,13 +191,14 @@ def weight_rows(n: int):
 
 @settings(max_examples=300, deadline=None)
 @given(n=st.integers(1, 13), num_rows=st.integers(1, 6), low=st.integers(0, 20), room=st.integers(0, 40),
-       data=st.data())
-def test_distribute_rows_splits_each_row_alone(n, num_rows, low, room, data):
-    high = low + room
+       caps_per_row=st.booleans(), data=st.data())
+def test_distribute_rows_splits_each_row_alone(n, num_rows, low, room, caps_per_row, data):
     rows = data.draw(st.lists(weight_rows(n), min_size=num_rows, max_size=num_rows))
-    edge = st.sampled_from([low * n, high * n])  # nothing above `low`, or every part at the cap
-    totals = data.draw(st.lists(st.one_of(edge, st.integers(low * n, high * n)), min_size=num_rows,
-                                max_size=num_rows))
+    rooms = [data.draw(st.integers(0, 40)) if caps_per_row else room for _ in range(num_rows)]
+    # nothing above `low`, every part at the cap, or between
+    totals = [data.draw(st.one_of(st.sampled_from([low * n, (low + r) * n]), st.integers(low * n, (low + r) * n)))
+              for r in rooms]
+    high = [low + r for r in rooms] if caps_per_row else low + room
     assert_rows_split_alone(torch.tensor(rows, dtype=torch.float64), totals, low, high)
 
 

@@ -81,29 +81,33 @@ def distribute(weights: torch.Tensor, total: int, low: int, high: int) -> torch.
 
     weights: float [...] >= 0 (all zero = split evenly), on any device; returns int64 of the same shape
     ON THE HOST that sums to exactly ``total`` (budgets are bookkeeping: a few numbers per layer and
-    head, read by Python loops and the paged cache's host-side state). Water-filling: shares above a cap go to the others. Deterministic: ties in
-    rounding go to the lower flat index. The one-row case of :func:`distribute_rows`.
+    head, read by Python loops and the paged cache's host-side state). Water-filling: shares above a
+    cap go to the others. Deterministic: ties in rounding go to the lower flat index. The one-row
+    case of :func:`distribute_rows`.
     """
     return distribute_rows(weights.reshape(1, -1), total, low, high).reshape(weights.shape)
 
 
-def distribute_rows(weights: torch.Tensor, totals: torch.Tensor | int, low: int, high: int) -> torch.Tensor:
+def distribute_rows(weights: torch.Tensor, totals: torch.Tensor | int, low: int,
+                    high: torch.Tensor | int) -> torch.Tensor:
     """:func:`distribute` of every row of ``weights`` into its own total, all rows at once.
 
-    weights: float [rows, n] >= 0, on any device; totals: int, or int [rows] (each row's total).
-    Returns int64 [rows, n] on the host: row r is ``distribute(weights[r], totals[r], low, high)``.
+    weights: float [rows, n] >= 0, on any device; totals: int, or int [rows] (each row's total);
+    high: int, or int [rows] (each row's cap: rows of requests of different lengths). Returns int64
+    [rows, n] on the host: row r is ``distribute(weights[r], totals[r], low, high[r])``.
     The water-filling goes in rounds over all rows, a row's round either caps some of its parts
     (their shares reach ``high``) or settles it: at most n rounds, settled rows masked out.
     """
     rows, n = weights.shape
-    totals = torch.as_tensor(totals, dtype=torch.int64).cpu().expand(rows)
+    totals, high = (torch.as_tensor(t, dtype=torch.int64).cpu().expand(rows) for t in (totals, high))
     impossible = (totals < low * n) | (totals > high * n)
     if bool(impossible.any()):
-        raise ValueError(f"cannot split {int(totals[impossible][0])} into {n} parts within [{low}, {high}]")
+        row = int(impossible.nonzero()[0])
+        raise ValueError(f"cannot split {int(totals[row])} into {n} parts within [{low}, {int(high[row])}]")
     w = weights.double().cpu().clamp(min=0)
     if not torch.isfinite(w).all():
         raise ValueError("allocation weights must be finite")
-    room = float(high - low)
+    room = (high - low).double()[:, None]  # [rows, 1]
     share = torch.zeros_like(w)  # above `low`; a part's share stays 0 until it caps or its row settles
     capped = torch.zeros_like(w, dtype=torch.bool)
     remaining = totals - low * n  # int64 [rows]: capping takes exactly `room`, so this stays whole
