@@ -18,7 +18,7 @@ from vllm_kvcompress.policies.allocation import (
     tokens_for_mass,
     tokens_for_output,
 )
-from vllm_kvcompress.policies.budget import Budget
+from vllm_kvcompress.policies.budget import Budget, distribute
 from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.policies.reduction import protected_positions
 
@@ -111,6 +111,37 @@ def test_adakv_layers_compete_separately():
     scores = ADAKV_LAYER + [[[0.0] * 6, [1.0] * 6]]
     inp = allocation_input(scores, per_head=3)
     assert AdaKVAllocator(alpha=0.0).allocate(inp).tolist() == [[5, 1], [0, 6]]
+
+
+@st.composite
+def adakv_request(draw, num_layers: int, num_heads: int) -> AllocationInput:
+    """One request's Ada-KV input: its own length, window and budget; scores random, or tied and
+    concentrated (one head wins most slots: caps bind)."""
+    seq_len, window = draw(st.integers(1, 60)), draw(st.integers(0, 8))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    scores = torch.rand(num_layers, num_heads, seq_len, generator=gen)
+    if draw(st.booleans()):
+        scores = (scores * 3).floor() * torch.rand(num_layers, num_heads, 1, generator=gen).round()
+    floor = min(seq_len, window)
+    per_head = min(seq_len, max(draw(st.integers(1, 60)), floor))
+    return AllocationInput(list(scores), per_head, floor, protected_positions(seq_len, window, 0))
+
+
+@settings(max_examples=150, deadline=None)
+@given(num_layers=st.integers(1, 6), num_heads=st.integers(1, 8), alpha=st.sampled_from([0.0, 0.2, 0.5, 1.0]),
+       data=st.data())
+def test_adakv_splits_all_layers_of_all_requests_as_one_by_one(num_layers, num_heads, alpha, data):
+    """All layers of several requests (of different lengths) split in one call give the budgets of
+    one ``distribute`` per layer of each request alone (the loop it replaced)."""
+    inputs = data.draw(st.lists(adakv_request(num_layers, num_heads), min_size=1, max_size=3))
+    allocator = AdaKVAllocator(alpha=alpha)
+    for inp, budgets in zip(inputs, allocator.allocate_requests(inputs), strict=True):
+        above = inp.per_head - inp.floor
+        won = allocator.competition(torch.stack(inp.scores), inp.protected, above * num_heads)
+        mixed = (1 - alpha) * won.double() + alpha * above
+        one_by_one = torch.stack([distribute(layer, above * num_heads, 0, inp.seq_len - inp.floor) + inp.floor
+                                  for layer in mixed])
+        assert torch.equal(budgets, one_by_one) and torch.equal(allocator.allocate(inp), one_by_one)
 
 
 @pytest.mark.parametrize("alpha", [-0.1, 1.1])

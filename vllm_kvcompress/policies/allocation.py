@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvcompress.policies.budget import distribute
+from vllm_kvcompress.policies.budget import distribute, distribute_rows
 from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.paged.reference import window_scores
 from vllm_kvcompress.policies.registry import ALLOCATORS, check_choice, check_int, check_number
@@ -56,6 +56,11 @@ class Allocator:
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def allocate_requests(self, inputs: list[AllocationInput]) -> list[torch.Tensor]:
+        """:meth:`allocate` of several requests (a step's prefills), each as if alone. Allocators
+        whose host work batches over requests override it."""
+        return [self.allocate(inp) for inp in inputs]
 
     @staticmethod
     def spread(inp: AllocationInput, weights: torch.Tensor) -> torch.Tensor:
@@ -110,13 +115,25 @@ class AdaKVAllocator(Allocator):
         check_number("alpha", self.alpha, 0.0, 1.0)
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
-        above = inp.per_head - inp.floor
-        num_heads = inp.scores[0].shape[0]
-        # every layer's competition in one batch and one copy to the host (the splits are host work)
-        won = self.competition(torch.stack(inp.scores), inp.protected, above * num_heads).cpu()
-        mixed = (1 - self.alpha) * won.double() + self.alpha * above
-        return torch.stack([distribute(layer, above * num_heads, 0, inp.seq_len - inp.floor) + inp.floor
-                            for layer in mixed])
+        return self.allocate_requests([inp])[0]
+
+    def allocate_requests(self, inputs: list[AllocationInput]) -> list[torch.Tensor]:
+        """Requests of one model (same layers and heads), any lengths: each request's competition
+        in one batch of its layers, one copy to the host for all, then every layer of every request
+        split in one call (host work: one water-filling per layer was most of a prefill step's
+        host calls)."""
+        num_layers, num_heads = inputs[0].shape
+
+        def each_layer(per_request: list[int], dtype=torch.int64) -> torch.Tensor:  # [requests * layers]
+            return torch.tensor([value for value in per_request for _ in range(num_layers)], dtype=dtype)
+
+        above = [inp.per_head - inp.floor for inp in inputs]
+        won = torch.cat([self.competition(torch.stack(inp.scores), inp.protected, a * num_heads)
+                         for inp, a in zip(inputs, above)]).cpu()
+        mixed = (1 - self.alpha) * won.double() + self.alpha * each_layer(above, torch.float64)[:, None]
+        above_floor = distribute_rows(mixed, each_layer([a * num_heads for a in above]), 0,
+                                      each_layer([inp.seq_len - inp.floor for inp in inputs]))
+        return [layers + inp.floor for layers, inp in zip(above_floor.split(num_layers), inputs)]
 
     @staticmethod
     def competition(scores: torch.Tensor, protected: torch.Tensor, slots: int) -> torch.Tensor:

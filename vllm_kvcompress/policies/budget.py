@@ -81,40 +81,52 @@ def distribute(weights: torch.Tensor, total: int, low: int, high: int) -> torch.
 
     weights: float [...] >= 0 (all zero = split evenly), on any device; returns int64 of the same shape
     ON THE HOST that sums to exactly ``total`` (budgets are bookkeeping: a few numbers per layer and
-    head, read by Python loops and the paged cache's host-side state). Water-filling: shares above a cap go to the others. Deterministic: ties in
-    rounding go to the lower flat index.
+    head, read by Python loops and the paged cache's host-side state). Water-filling: shares above a
+    cap go to the others. Deterministic: ties in rounding go to the lower flat index. The one-row
+    case of :func:`distribute_rows`.
     """
-    n = weights.numel()
-    if not (low * n <= total <= high * n):
-        raise ValueError(f"cannot split {total} into {n} parts within [{low}, {high}]")
-    w = weights.reshape(-1).double().cpu().clamp(min=0)
+    return distribute_rows(weights.reshape(1, -1), total, low, high).reshape(weights.shape)
+
+
+def distribute_rows(weights: torch.Tensor, totals: torch.Tensor | int, low: int,
+                    high: torch.Tensor | int) -> torch.Tensor:
+    """:func:`distribute` of every row of ``weights`` into its own total, all rows at once.
+
+    weights: float [rows, n] >= 0, on any device; totals: int, or int [rows] (each row's total);
+    high: int, or int [rows] (each row's cap: rows of requests of different lengths). Returns int64
+    [rows, n] on the host: row r is ``distribute(weights[r], totals[r], low, high[r])``.
+    The water-filling goes in rounds over all rows, a row's round either caps some of its parts
+    (their shares reach ``high``) or settles it: at most n rounds, settled rows masked out.
+    """
+    rows, n = weights.shape
+    totals, high = (torch.as_tensor(t, dtype=torch.int64).cpu().expand(rows) for t in (totals, high))
+    impossible = (totals < low * n) | (totals > high * n)
+    if bool(impossible.any()):
+        row = int(impossible.nonzero()[0])
+        raise ValueError(f"cannot split {int(totals[row])} into {n} parts within [{low}, {int(high[row])}]")
+    w = weights.double().cpu().clamp(min=0)
     if not torch.isfinite(w).all():
         raise ValueError("allocation weights must be finite")
-    if w.sum() == 0:
-        w = torch.ones_like(w)
-    share = torch.zeros_like(w)
-    capped = torch.zeros(n, dtype=torch.bool)
-    remaining = float(total - low * n)
-    room = float(high - low)
-    while remaining > 1e-9:
-        active = ~capped & (w > 0)
-        if not active.any():  # only zero-weight parts have room left: spread evenly over them
-            active = ~capped
-            w = torch.where(active, torch.ones_like(w), w)
-        step = remaining * w * active / (w * active).sum()
-        over = active & (share + step >= room)
-        if over.any():
-            remaining -= float((room - share[over]).sum())
-            share[over] = room
-            capped |= over
-            continue
-        share += step
-        remaining = 0.0
+    room = (high - low).double()[:, None]  # [rows, 1]
+    share = torch.zeros_like(w)  # above `low`; a part's share stays 0 until it caps or its row settles
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    remaining = totals - low * n  # int64 [rows]: capping takes exactly `room`, so this stays whole
+    while bool((remaining > 0).any()):
+        splitting = (remaining > 0)[:, None]
+        open_parts = splitting & ~capped
+        # a row whose open parts all weigh zero spreads evenly over them (an all-zero row at once)
+        w = torch.where(open_parts & ~(open_parts & (w > 0)).any(-1, keepdim=True), 1.0, w)
+        active = open_parts & (w > 0)
+        weight = (w * active).sum(-1, keepdim=True).where(splitting, 1.0)  # settled rows: no 0 / 0
+        step = remaining[:, None] * w * active / weight
+        over = active & (step >= room)
+        settles = ~over.any(-1, keepdim=True)  # all its steps fit: the row's last round
+        share = torch.where(over, room, torch.where(active & settles, step, share))
+        capped |= over
+        remaining = torch.where(settles[:, 0], 0, remaining - (high - low) * over.sum(-1))
     ints = share.floor()
-    left = total - low * n - int(ints.sum())
-    if left > 0:
-        frac = torch.where(ints < room, share - ints, torch.full_like(share, -1.0))
-        # stable sort: equal fractions go to the lower index
-        order = torch.sort(-frac, stable=True).indices[:left]
-        ints[order] += 1
-    return (ints.long() + low).reshape(weights.shape)
+    left = totals - low * n - ints.sum(-1).long()  # [rows]: the units rounding down left over
+    frac = torch.where(ints < room, share - ints, -1.0)  # a part at the cap takes none of them
+    order = torch.sort(-frac, dim=-1, stable=True).indices  # stable: equal fractions, the lower index first
+    ints.scatter_add_(1, order, (torch.arange(n) < left[:, None]).double())
+    return ints.long() + low

@@ -87,7 +87,8 @@ class Policy:
         seq_len = observations[0].seq_len
         scores = [self.scorer.score(o) for o in observations]
         protected = protected_positions(seq_len, self.window, self.sink, device=scores[0].device)
-        return self._budgets(scores, seq_len, protected, observations, shards), scores, protected
+        inp = self._allocation_input(scores, seq_len, protected, observations, shards)
+        return self.allocator.allocate(inp), scores, protected
 
     @property
     def compresses_heads_apart(self) -> bool:
@@ -103,11 +104,16 @@ class Policy:
         batches of heads), float32 [num_layers, num_kv_heads, seq_len] (one tensor-parallel rank's
         heads under ``shards``). Returns (budgets int64 [num_layers, all KV heads], protected bool
         [seq_len]). For allocators that read scores only (:attr:`compresses_heads_apart`)."""
+        inp = self._prefill_input(scores, shards)
+        return self.allocator.allocate(inp), inp.protected
+
+    def _prefill_input(self, scores: torch.Tensor, shards: HeadShards) -> AllocationInput:
+        """What the allocator sees of a prefill from its heads' scores, as :meth:`prefill_budgets` takes them."""
         if self.allocator.reads_layers:
             raise ValueError(f"{type(self.allocator).__name__} reads the layers: use compress_shard")
         seq_len = scores.shape[-1]
         protected = protected_positions(seq_len, self.window, self.sink, device=scores.device)
-        return self._budgets(list(scores), seq_len, protected, None, shards), protected
+        return self._allocation_input(list(scores), seq_len, protected, None, shards)
 
     def reduce_prefill_heads(self, heads: LayerObservation, scores: torch.Tensor, budgets: torch.Tensor,
                              protected: torch.Tensor) -> RetainedLayer:
@@ -119,12 +125,11 @@ class Policy:
                              "whole layers: use compress_shard")
         return self.reducer.reduce_heads(heads, scores, budgets, protected)
 
-    def _budgets(self, scores: list[torch.Tensor], seq_len: int, protected: torch.Tensor, observations,
-                 shards: HeadShards) -> torch.Tensor:
+    def _allocation_input(self, scores: list[torch.Tensor], seq_len: int, protected: torch.Tensor, observations,
+                          shards: HeadShards) -> AllocationInput:
         if shards.sharded:  # the allocator sees every rank's scores; observations stay this rank's
             scores = list(shards.gather(torch.stack(scores), dim=1))
-        inp = AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations, shards)
-        return self.allocator.allocate(inp)
+        return AllocationInput(scores, self.per_head(seq_len), self.floor(seq_len), protected, observations, shards)
 
     def decode_budgets(self, retained: torch.Tensor, prompt_len: int) -> torch.Tensor:
         """Per-head lengths decode-time recompression brings heads back to, int64 [num_layers, num_kv_heads].
@@ -189,14 +194,15 @@ class Policy:
         (not ``allocator.reads_layers``). ``heads`` holds each request's ``num_layers *
         num_kv_heads`` heads in turn, layer-major, request r's ``lengths[r]`` prompt rows
         right-aligned in ``heads.width`` columns. Each request's budgets come from its own scores,
-        as if it were alone. Returns (the columns each head keeps, int64 [all heads, max budget],
-        increasing, -1 padded; each request's budgets, int64 [L, H]). With ``shards``: one
-        tensor-parallel rank's heads, the budgets of all of every rank's heads [L, shards.total]
-        (:meth:`_allocate`)."""
+        as if it were alone (one allocator call for all: :meth:`Allocator.allocate_requests`). Returns
+        (the columns each head keeps, int64 [all heads, max budget], increasing, -1 padded; each
+        request's budgets, int64 [L, H]). With ``shards``: one tensor-parallel rank's heads, the
+        budgets of all of every rank's heads [L, shards.total] (:meth:`_allocate`)."""
         scores = self.scorer.score(heads)  # [all heads, width], each head's rows last
         per_request = scores.shape[0] // len(lengths)
-        budgets = [self.prefill_budgets(scores[r * per_request:(r + 1) * per_request, heads.width - n:]
-                                        .reshape(num_layers, -1, n), shards)[0] for r, n in enumerate(lengths)]
+        budgets = self.allocator.allocate_requests([
+            self._prefill_input(scores[r * per_request:(r + 1) * per_request, heads.width - n:]
+                                .reshape(num_layers, -1, n), shards) for r, n in enumerate(lengths)])
         protected = protected_positions(heads.width, self.window, self.sink, scores.device, heads.lengths)
         mine = torch.cat([shards.mine(b).flatten().cpu() for b in budgets])
         keep = self.reducer.select_heads(heads, scores.masked_fill(heads.padding, float("-inf")), mine, protected)
