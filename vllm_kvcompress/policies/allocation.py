@@ -74,7 +74,9 @@ class UniformAllocator(Allocator):
     """Every head of every layer gets the same budget (SnapKV, StreamingLLM)."""
 
     def allocate(self, inp: AllocationInput) -> torch.Tensor:
-        return self.spread(inp, torch.ones(inp.shape))
+        # what spread() of equal weights gives (the total is per_head * heads: no remainder), without
+        # its water-filling: SnapKV's prefill compression runs this per request on the host
+        return torch.full(inp.shape, inp.per_head, dtype=torch.int64)
 
 
 @ALLOCATORS.register("pyramid")
