@@ -144,7 +144,8 @@ class Policy:
         return retained + max(0, asked - prompt_len)
 
     def recompress_heads(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         budgets: torch.Tensor, lengths: torch.Tensor | None = None
+                         budgets: torch.Tensor, lengths: torch.Tensor | None = None,
+                         scored: tuple[torch.Tensor, torch.Tensor] | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode-time recompression of some KV heads, each down to its own budget, as if each were
         recompressed alone.
@@ -153,15 +154,17 @@ class Policy:
         keys, values: [num_heads, n, D]; budgets: int [num_heads]; lengths: int64 [num_heads] or
         None -- heads of different lengths (only if ``reducer.pads_heads``): head i's rows are its
         last ``lengths[i]``, padding before them. Returns the kept keys and values, each
-        [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them."""
+        [num_heads, max(budgets), D]: head i's first ``budgets[i]`` rows, zeros after them.
+        ``scored``: what :meth:`decode_scores` gives for these heads, when the caller scored them
+        already (from their pages: scorers that read no keys)."""
         if lengths is not None and not self.reducer.pads_heads:
             raise ValueError(f"{type(self.reducer).__name__} recompresses heads of equal lengths only")
         obs = LayerObservation(queries, keys, values, lengths=lengths)
-        scores, protected = self._decode_scores(obs)
+        scores, protected = self.decode_scores(obs) if scored is None else scored
         kept = self.reducer.reduce_heads(obs, scores, torch.as_tensor(budgets).cpu(), protected)
         return kept.keys, kept.values
 
-    def _decode_scores(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_scores(self, obs) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [n, seq_len] with padding -inf, protected positions) of heads being recompressed."""
         window = min(self.window, obs.window)
         protected = protected_positions(obs.seq_len, window, self.sink, obs.device, obs.lengths)
@@ -176,7 +179,7 @@ class Policy:
         the rows each head keeps, int64 [n, max(budgets)], increasing columns of ``heads`` (its
         right-aligned layout), -1 padded. budgets: int64 [n] on the host (pinned on CUDA, so that
         nothing waits for the device)."""
-        scores, protected = self._decode_scores(heads)
+        scores, protected = self.decode_scores(heads)
         return self.reducer.select_heads(heads, scores, budgets, protected)
 
     def recompress_head(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

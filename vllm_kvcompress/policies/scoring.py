@@ -18,8 +18,9 @@ from vllm_kvcompress.policies.registry import SCORERS, check_bool, check_int, ch
 class Scorer:
     """Base class. ``observes``: the prefill signals (:data:`~vllm_kvcompress.policies.observation.PREFILL_SIGNALS`)
     the engines must collect for it, e.g. ``{"global_attention"}``; ``reads_keys``: the scores read
-    the layer's keys themselves (not only the window's attention over them), so the engine hands the
-    scorer dense keys instead of scoring straight from the pages."""
+    the layer's keys themselves (not only each KV head's window attention over them, which
+    :class:`~vllm_kvcompress.paged.heads.PagedHeads` computes from the pages), so the engine hands
+    the scorer dense keys instead of scoring straight from the pages."""
 
     observes = frozenset()  # a class attribute, not an option
     reads_keys = False
@@ -197,6 +198,8 @@ class WindowKVScorer(Scorer):
 
     :meth:`query_head_scores` keeps one row per query head, as WindowKV ranks its windows;
     :meth:`score` sums each group onto its KV head, for allocators and other reducers."""
+
+    reads_keys = True  # its rows per query head need the dense keys (the pages give each KV head's sum)
 
     def query_head_scores(self, obs: LayerObservation) -> torch.Tensor:
         return prefix_only(query_head_window_attention(obs), obs.window)

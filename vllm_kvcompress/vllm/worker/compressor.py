@@ -88,8 +88,8 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     compression workspace that vLLM's profiling run reserved. Policies that score from the pages
     (``Policy.scores_from_pages``) hold their float32 scores and a few companions of one row each
     (:class:`PagedHeads`); the others a
-    dense copy of K and V, window-score temporaries (logits, probabilities, powers: float32 per
-    query) and, for a merge, the similarity of each row that can merge (at most ``width -
+    dense copy of K and V, the scores (from the pages, or window-score temporaries -- logits,
+    probabilities, powers: float32 per query -- for scorers that read the keys) and, for a merge, the similarity of each row that can merge (at most ``width -
     fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
     None: no limit (a WorkerState without a workspace, in tests)."""
     if not state.workspace_bytes:
@@ -100,7 +100,9 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     else:
         head_dim = state.pool.shape[-1]
         itemsize = 4 if state.layer_scales else state.pool.element_size()  # an fp8 pool's rows gather as float32
-        per_row = 2 * head_dim * itemsize + 3 * group * max(count, 1) * 4
+        # scorers that read no keys score from the pages (no dense window-score temporaries)
+        scoring = 3 * group * max(count, 1) * 4 if policy.scorer.reads_keys else PAGED_ROW_BYTES
+        per_row = 2 * head_dim * itemsize + scoring
         if policy.reducer.merges_rows:
             per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
     return max(1, state.workspace_bytes // per_row)
@@ -165,7 +167,8 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     Policies that score from the pages (``Policy.scores_from_pages``: row-selecting reducers,
     scorers that read no keys) score the heads there (:class:`PagedHeads`) and move the kept rows
     to the front in place; the others (merges, shared windows, key scores) go through a dense,
-    right-aligned copy of the heads and write their results back."""
+    right-aligned copy of the heads and write their results back -- scored from the pages too
+    unless their scorer reads the keys."""
     width = int(lengths.max())
     group = state.recent.shape[3] // state.H
     dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
@@ -184,10 +187,15 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
         compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
         return
     uniform = bool((lengths == lengths[0]).all())
+    # a scorer that reads no keys scores from the pages, as above (one kernel, not the dense window
+    # scores' temporaries, which would split a tick into several times the calls); the reducer then
+    # gets the dense rows alone
+    scored = None if policy.scorer.reads_keys else \
+        policy.decode_scores(PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale))
     keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
                     for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
     kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
-                                                     None if uniform else dev["lengths"])
+                                                     None if uniform else dev["lengths"], scored)
     write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
 
 
