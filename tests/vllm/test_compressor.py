@@ -260,7 +260,8 @@ def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(poli
                                              ("streamingllm", False), ("ems", False), ("snapkv", True)])
 def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(policy, two_fit, monkeypatch):
     """The prompts a step completes are compressed in one scoring, selection and compaction when
-    their policy only selects rows (heads right-aligned to the longest prompt); each request keeps
+    their policy only selects rows (heads right-aligned to the longest prompt), in one scoring,
+    allocation and dense reduction per prompt length when it merges (EMS); each request keeps
     what it would keep alone: rows, kept rows' contents, freed blocks, decode budgets, query rings.
     ``two_fit``: a compression workspace that holds two of the requests' heads: runs of two."""
     prompts, rids = [200, 171, 200, 150], ["r0", "r1", "r2", "r3"]
@@ -272,12 +273,16 @@ def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(polic
     select = type(together.reqs["r0"].policy).select_prefills
     monkeypatch.setattr(type(together.reqs["r0"].policy), "select_prefills",
                         lambda self, heads, lengths, *args: calls.append(lengths) or select(self, heads, lengths, *args))
+    reduce_apart = compressor.Compressor._reduce_prefill_apart
+    monkeypatch.setattr(compressor.Compressor, "_reduce_prefill_apart", lambda self, requests: calls.append(
+        [request.num_tokens for request in requests]) or reduce_apart(self, requests))
     compressor.Compressor(together).compress_prefills(rids)
+    monkeypatch.undo()
     selects = together.reqs["r0"].policy.scores_from_pages
     if two_fit:
         assert calls == [prompts[:2], prompts[2:]]
-    else:
-        assert calls == ([prompts] if selects else [])  # EMS's merges: one by one, as before
+    else:  # EMS's merges: the two prompts of 200 together, each other length alone
+        assert calls == ([prompts] if selects else [[200, 200], [171], [150]])
     for rid in rids:
         compressor.Compressor(alone).compress_prefill(rid)
     for rid in rids:
@@ -295,14 +300,14 @@ def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(polic
 def test_reducers_that_fill_their_budgets_report_the_rows_the_device_kept(policy, varied, monkeypatch):
     """A prefill reduced head by head (EMS's merges) takes each head's kept rows from its budget when
     the reducer fills budgets, without asking the device: the rows the device kept, the same."""
-    prompts, lens = [300, 250], {}
+    prompts, lens = [300, 250, 300], {}  # the two of 300 reduced together
     for fills in (True, False):
         ws, _ = host.prefilled_requests(policy, prompts, 0.3)
         policy_of = ws.reqs["r0"].policy
         monkeypatch.setattr(type(policy_of.reducer), "selects_rows", False)  # Ada-KV's top-k the dense way too
         monkeypatch.setattr(type(policy_of.reducer), "fills_budgets", property(lambda self, fills=fills: fills))
-        compressor.Compressor(ws).compress_prefills(["r0", "r1"])
-        lens[fills] = [ws.reqs[rid].lens.clone() for rid in ("r0", "r1")]
+        compressor.Compressor(ws).compress_prefills(["r0", "r1", "r2"])
+        lens[fills] = [ws.reqs[rid].lens.clone() for rid in ("r0", "r1", "r2")]
         monkeypatch.undo()
     for with_budgets, from_device in zip(lens[True], lens[False]):
         assert torch.equal(with_budgets, from_device)

@@ -100,12 +100,14 @@ class Policy:
         return self.reducer.heads_independent and not self.allocator.reads_layers
 
     def prefill_budgets(self, scores: torch.Tensor, shards: HeadShards = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
-        """The budgets of every head of a request, from its heads' scores (``scorer.score`` of any
-        batches of heads), float32 [num_layers, num_kv_heads, seq_len] (one tensor-parallel rank's
-        heads under ``shards``). Returns (budgets int64 [num_layers, all KV heads], protected bool
-        [seq_len]). For allocators that read scores only (:attr:`compresses_heads_apart`)."""
-        inp = self._prefill_input(scores, shards)
-        return self.allocator.allocate(inp), inp.protected
+        """The budgets of every head of requests of one length, each from its own heads' scores as
+        if it were alone (``scorer.score`` of any batches of heads), float32 [requests, num_layers,
+        num_kv_heads, seq_len] (one tensor-parallel rank's heads under ``shards``); one allocator
+        call for all (:meth:`Allocator.allocate_requests`). Returns (budgets int64 [requests,
+        num_layers, all KV heads], protected bool [seq_len]). For allocators that read scores only
+        (:attr:`compresses_heads_apart`)."""
+        inputs = [self._prefill_input(request_scores, shards) for request_scores in scores]
+        return torch.stack(self.allocator.allocate_requests(inputs)), inputs[0].protected
 
     def _prefill_input(self, scores: torch.Tensor, shards: HeadShards) -> AllocationInput:
         """What the allocator sees of a prefill from its heads' scores, as :meth:`prefill_budgets` takes them."""

@@ -108,20 +108,20 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     return max(1, state.workspace_bytes // per_row)
 
 
-def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int, fp8: bool) -> int:
-    """Heads (whole layers) one dense reduction of a prefill holds at once
-    (:meth:`Compressor._reduce_prefill_apart`), so that its temporaries stay within the compression
-    workspace: per head its K and V as gathered (float32 from an fp8 pool), float32 copies of them
-    (merges weigh rows in float32) and a few rows of masks and indices; per call the reducer's own
-    blocks (:meth:`~vllm_kvcompress.policies.reduction.Reducer.block_bytes`). All heads: a
-    WorkerState without a workspace (tests). ``fp8``: the pool holds e4m3 rows."""
+def _prefill_heads_per_call(state: WorkerState, policy, seq_len: int, fp8: bool, requests: int = 1) -> int:
+    """Heads (whole layers) one dense reduction of the prefills of ``requests`` requests holds at
+    once (:meth:`Compressor._reduce_prefill_apart`), so that its temporaries stay within the
+    compression workspace: per head its K and V as gathered (float32 from an fp8 pool), float32
+    copies of them (merges weigh rows in float32) and a few rows of masks and indices; per call the
+    reducer's own blocks (:meth:`~vllm_kvcompress.policies.reduction.Reducer.block_bytes`). All
+    heads: a WorkerState without a workspace (tests). ``fp8``: the pool holds e4m3 rows."""
     if not state.workspace_bytes:
-        return state.L * state.H
+        return requests * state.L * state.H
     head_dim = state.pool.shape[-1]
     gathered = 4 if fp8 else state.pool.element_size()
     per_head = seq_len * (2 * head_dim * (gathered + 4) + 64)
     layers = (state.workspace_bytes - policy.reducer.block_bytes) // (per_head * state.H)
-    return min(state.L, max(1, layers)) * state.H
+    return min(requests * state.L, max(1, layers)) * state.H
 
 
 def _prefill_batches(state: WorkerState, lengths: list[int]) -> list[slice]:
@@ -242,17 +242,17 @@ class Compressor:
                 raise RuntimeError(f"request {rid}: heads hold {request.lens.tolist()} rows, expected "
                                    f"{request.num_tokens} each")
             policy = request.policy
+            queries = request.queries[0].shape[1]
             if policy.scores_from_pages and not policy.allocator.reads_layers:
-                queries = request.queries[0].shape[1]
                 length = request.num_tokens if policy.observes else None  # prefill signals are not padded
-                together.setdefault((id(policy), queries, length), []).append(i)
-            elif policy.compresses_heads_apart:
-                keep[i] = self._reduce_prefill_apart(request)
+                together.setdefault((self._select_prefill, id(policy), queries, length), []).append(i)
+            elif policy.compresses_heads_apart:  # dense reductions take prompts of one length
+                together.setdefault((self._reduce_prefill_apart, id(policy), queries, request.num_tokens), []).append(i)
             else:
                 keep[i] = self._reduce_prefill(request)
-        for members in together.values():
+        for (compress, *_), members in together.items():
             for run in _prefill_batches(state, [requests[i].num_tokens for i in members]):
-                for i, kept in zip(members[run], self._select_prefill([requests[i] for i in members[run]])):
+                for i, kept in zip(members[run], compress([requests[i] for i in members[run]])):
                     keep[i] = kept
         for request, kept in zip(requests, keep):
             if request.decode_slack is not None:
@@ -305,18 +305,20 @@ class Compressor:
         compaction.compact_rows(state.pool[0], state.pool[1], heads.head_block_table, keep_idx.contiguous(), mine)
         return budgets
 
-    def _reduce_prefill_apart(self, request: Request) -> torch.Tensor:
-        """Reducers that decide each head alone but write rows (EMS's merges): every head of the
-        request scored at once from its pages (:class:`PagedHeads`; scorers that read the keys
-        themselves, per call from the dense rows), the budgets allocated, then the heads gathered
-        densely, reduced and written back several layers per call -- as many as the compression
-        workspace holds (:func:`_prefill_heads_per_call`). Returns the rows kept per head of the
-        model, int64 [L, all KV heads] (host)."""
-        state, policy, n = self.state, request.policy, request.num_tokens
-        scales = self._head_scales()
-        heads = self._prefill_heads([request], scales[0])
+    def _reduce_prefill_apart(self, requests: list[Request]) -> list[torch.Tensor]:
+        """Reducers that decide each head alone but write rows (EMS's merges), for requests of one
+        policy and one prompt length: every head of the requests scored at once from its pages
+        (:class:`PagedHeads`; scorers that read the keys themselves, per call from the dense rows),
+        each request's budgets allocated from its own scores, then the heads gathered densely,
+        reduced and written back several layers per call -- as many as the compression workspace
+        holds (:func:`_prefill_heads_per_call`), of any requests. Returns each request's rows kept
+        per head of the model, int64 [L, all KV heads] (host)."""
+        state, policy, n = self.state, requests[0].policy, requests[0].num_tokens
+        k_scale, v_scale = self._head_scales()
+        heads = self._prefill_heads(requests, k_scale)
+        scales = tuple(None if scale is None else scale.repeat(len(requests)) for scale in (k_scale, v_scale))
         group = heads.queries.shape[1]
-        step = _prefill_heads_per_call(state, policy, n, fp8=scales[0] is not None)
+        step = _prefill_heads_per_call(state, policy, n, k_scale is not None, len(requests))
         parts = [slice(start, start + step) for start in range(0, heads.num_kv_heads, step)]
 
         def dense(part: slice) -> LayerObservation:  # these heads' rows, as the policies see them
@@ -330,9 +332,9 @@ class Compressor:
         if policy.scorer.reads_keys:
             scores = torch.cat([policy.scorer.score(dense(part)) for part in parts])
         else:
-            scores = policy.scorer.score(heads)  # [L * H, n]
-        budgets, protected = policy.prefill_budgets(scores.view(state.L, -1, n), state.shards)
-        mine = state.shards.mine(budgets).flatten()
+            scores = policy.scorer.score(heads)  # [requests * L * H, n]
+        budgets, protected = policy.prefill_budgets(scores.view(len(requests), state.L, -1, n), state.shards)
+        mine = torch.cat([state.shards.mine(request_budgets).flatten() for request_budgets in budgets])
         kept_lengths = []
         for part in parts:
             kept = policy.reduce_prefill_heads(dense(part), scores[part], mine[part], protected)
@@ -340,9 +342,9 @@ class Compressor:
                        scales=tuple(None if scale is None else scale[part] for scale in scales))
             kept_lengths.append(kept.lengths)
         if policy.reducer.fills_budgets:  # every head kept min(budget, prompt) rows: known here, no wait
-            return budgets.clamp(max=n).cpu()  # every rank's heads: the allocation saw them all
-        keep = torch.cat(kept_lengths).view(state.L, -1)
-        return state.shards.gather_counts(keep.to(state.pool.device), dim=1).cpu()
+            return list(budgets.clamp(max=n).cpu())  # every rank's heads: the allocation saw them all
+        keep = torch.cat(kept_lengths).view(len(requests), state.L, -1)
+        return list(state.shards.gather_counts(keep.to(state.pool.device), dim=2).cpu())
 
     def _reduce_prefill(self, request: Request) -> torch.Tensor:
         """Shared-window reducers and allocators that read the layers: each layer gathered densely,
