@@ -545,7 +545,10 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
 
     A step is pure decode when each of its rows brought one token (``tokens == rows``), else it had
     prefill. ``recompress_share``: the decode-time recompression's device ms over the steps' host
-    intervals (all steps of the window: where the engine's time went)."""
+    intervals (all steps of the window: where the engine's time went). ``tick_wall_share``: what
+    the recompression ticks cost in wall time -- each pure-decode step that recompressed, and the
+    step after it (the scheduler takes the released head-blocks back before it), over the median
+    pure-decode step -- over the same intervals; it includes the host work the device ms miss."""
     steps = [e for e in events if e["kind"] == "step_time" and wall0 <= e["t"] <= wall_end]
     if not steps:
         return None
@@ -553,6 +556,12 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
              "with_prefill": [e for e in steps if e["tokens"] != e["rows"]]}
     interval_total = sum(e["interval_ms"] for e in steps)
     recompress_total = sum(e["recompress_ms"] for e in steps)
+    tick_excess = 0.0
+    if kinds["pure_decode"]:
+        typical = statistics.median(e["interval_ms"] for e in kinds["pure_decode"])
+        ticked = {i for i, e in enumerate(steps) if e["recompressed_requests"] and e["tokens"] == e["rows"]}
+        tick_excess = sum(max(0.0, steps[i]["interval_ms"] - typical)
+                          for i in ticked | {i + 1 for i in ticked if i + 1 < len(steps)})
 
     def median(group: list[dict], key: str) -> float | None:
         return round(statistics.median(e[key] for e in group), 3) if group else None
@@ -569,6 +578,7 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
         "report_ms_total": round(sum(e["report_ms"] for e in steps), 3),
         "recompressed_requests": sum(e["recompressed_requests"] for e in steps),
         "recompress_share": round(recompress_total / interval_total, 5) if interval_total else None,
+        "tick_wall_share": round(tick_excess / interval_total, 5) if interval_total else None,
     }
 
 

@@ -303,6 +303,9 @@ def test_step_breakdown_of_a_fake_event_log():
         (123.0, 17.0, 8.0)
     assert summary["report_ms_total"] == pytest.approx(1.0) and summary["recompressed_requests"] == 3
     assert summary["recompress_share"] == round(8.0 / 123.0, 5)
+    # the pure-decode tick (12 ms) and the step after it (11 ms) over the median pure-decode step (11 ms);
+    # the prefill step that recompressed is no tick of the decode
+    assert summary["tick_wall_share"] == round(1.0 / 123.0, 5)
     assert serving.step_breakdown([e for e in events if e["kind"] != "step_time"], 100.0, 110.0) is None
 
 
