@@ -90,6 +90,8 @@ def test_quick_plugin_runs_share_a_server_and_keep_their_own_budgets(quick_run):
             assert PLUGIN_FIELDS <= set(r), PLUGIN_FIELDS - set(r)
             # the server started with snapkv@32: streamingllm's budget came with each request
             assert r["server"] == snap["server"] and r["server_configs"] == ["snapkv@32", "streamingllm@64"]
+            # each configuration met the workload's prompt length before its run (its kernels compiled)
+            assert r["warm_up"] == f"{prompt_len} prompt / {serving.WARM_UP_TOKENS} output tokens"
             # budget / the tokens at compression: the prompt, or more for a request preempted and
             # recomputed with its outputs so far (the 512-token pool preempts in quick-window)
             assert budget / (prompt_len + output_len) - 0.01 <= r["budget_fraction"] <= budget / prompt_len + 0.01
