@@ -48,7 +48,10 @@ inside it also records the client's TTFT / TPOT p50/p99.
 Per plugin run, from the plugin's event log (``VLLM_KVC_EVENTS``): ``budget_fraction`` (rows kept /
 rows of the prompt over every (layer, KV head) of its prefill compressions), decode-time
 recompressions per second, and, where the plugin logs ``step_time`` events, the step breakdown
-(:func:`step_breakdown`; absent on older code, never estimated).
+(:func:`step_breakdown`; absent on older code, never estimated). Before its runs a plugin server
+gets one request per configuration and workload (its prompt length, :data:`WARM_UP_TOKENS`
+outputs: ``warm_up``), as the plain server gets its prefill probe, so that no run's window holds
+the kernels' first compilation.
 
 Ceiling (:func:`ideal_output_tok_s`): the output tok/s of an ideal server for the workload and pool:
 the prompts prefill at the plain prefill rate (a prefill-only probe on the plain server: requests of
