@@ -99,13 +99,14 @@ class Policy:
         GPU a per-layer loop's launches, not its arithmetic, are what a prefill compression costs)."""
         return self.reducer.heads_independent and not self.allocator.reads_layers
 
-    def prefill_budgets(self, scores: torch.Tensor, shards: HeadShards = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
-        """The budgets of every head of requests of one length, each from its own heads' scores as
-        if it were alone (``scorer.score`` of any batches of heads), float32 [requests, num_layers,
-        num_kv_heads, seq_len] (one tensor-parallel rank's heads under ``shards``); one allocator
-        call for all (:meth:`Allocator.allocate_requests`). Returns (budgets int64 [requests,
-        num_layers, all KV heads], protected bool [seq_len]). For allocators that read scores only
-        (:attr:`compresses_heads_apart`)."""
+    def prefill_budgets(self, scores, shards: HeadShards = SINGLE) -> tuple[torch.Tensor, torch.Tensor]:
+        """The budgets of every head of some requests, each from its own heads' scores as if it were
+        alone (``scorer.score`` of any batches of heads): per request float32 [num_layers,
+        num_kv_heads, its prompt length] (a list, or a tensor [requests, ...] of one length; one
+        tensor-parallel rank's heads under ``shards``); one allocator call for all
+        (:meth:`Allocator.allocate_requests`). Returns (budgets int64 [requests, num_layers, all KV
+        heads], the first request's protected positions, bool [its length]). For allocators that
+        read scores only (:attr:`compresses_heads_apart`)."""
         inputs = [self._prefill_input(request_scores, shards) for request_scores in scores]
         return torch.stack(self.allocator.allocate_requests(inputs)), inputs[0].protected
 
@@ -205,13 +206,12 @@ class Policy:
         budgets of all of every rank's heads [L, shards.total] (:meth:`_allocate`)."""
         scores = self.scorer.score(heads)  # [all heads, width], each head's rows last
         per_request = scores.shape[0] // len(lengths)
-        budgets = self.allocator.allocate_requests([
-            self._prefill_input(scores[r * per_request:(r + 1) * per_request, heads.width - n:]
-                                .reshape(num_layers, -1, n), shards) for r, n in enumerate(lengths)])
+        budgets, _ = self.prefill_budgets([scores[r * per_request:(r + 1) * per_request, heads.width - n:]
+                                           .reshape(num_layers, -1, n) for r, n in enumerate(lengths)], shards)
         protected = protected_positions(heads.width, self.window, self.sink, scores.device, heads.lengths)
         mine = torch.cat([shards.mine(b).flatten().cpu() for b in budgets])
         keep = self.reducer.select_heads(heads, scores.masked_fill(heads.padding, float("-inf")), mine, protected)
-        return keep, budgets
+        return keep, list(budgets)
 
     def compress(self, observations: list[LayerObservation]) -> list[RetainedLayer]:
         """observations: one per layer, all of the same request (same seq_len)."""

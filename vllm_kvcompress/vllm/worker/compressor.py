@@ -179,19 +179,17 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
                         dev["q_heads"][:, :, None]]
     k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
+    # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense window
+    # scores, whose temporaries would split a tick into several times the calls)
+    paged = None if policy.scorer.reads_keys else PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale)
     if policy.scores_from_pages:
-        paged = PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale)
         host_budgets = budgets.pin_memory() if state.device.type == "cuda" else budgets
         keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
         own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
         compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
         return
     uniform = bool((lengths == lengths[0]).all())
-    # a scorer that reads no keys scores from the pages, as above (one kernel, not the dense window
-    # scores' temporaries, which would split a tick into several times the calls); the reducer then
-    # gets the dense rows alone
-    scored = None if policy.scorer.reads_keys else \
-        policy.decode_scores(PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale))
+    scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
     keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
                     for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
     kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
