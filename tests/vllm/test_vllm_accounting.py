@@ -93,14 +93,22 @@ def test_admission_keeps_the_running_requests_growth_free_with_reserve_decode_gr
     monkeypatch.setenv(params.RULES_ENV, "")
     params.publish_server_config(config, RequestRules())
     mgr = manager()
-    growth = L * H * 2 if reserve else 0  # cdiv(20, 16) = 2 blocks a head, per compressed request
+    # b's heads at [20, 30, 10, 32] rows grow 20 more: cdiv([40, 50, 30, 52], 16) = 13 blocks; it holds 8
+    growth = 13 - 8 if reserve else 0
     assert allocate(mgr, "a", 40)[0] == L * H * 3  # nothing compressed runs yet: no reserve
     _, blocks = allocate(mgr, "b", 100)
     mgr.apply_report("b", [b.block_id for b in blocks[8:]], 100, [[20, 30], [10, 32]])  # b compressed
     assert mgr.admission_reserve() == growth
     assert mgr.get_num_blocks_to_allocate("c", 40, [], 0, 0, 40) == L * H * 3 + growth  # admitting c
-    assert mgr.get_num_blocks_to_allocate("b", 120, [], 0, 0, 120) == mgr.need("b", 120) - 8  # b grows
+    assert mgr.get_num_blocks_to_allocate("b", 120, [], 0, 0, 120) == mgr.need("b", 120) - 8 == 5  # b grows
     assert mgr.get_num_blocks_to_allocate("a", 60, [], 0, 0, 60) == L * H  # a (uncompressed) grows
+    assert allocate(mgr, "b", 110)[0] == 2  # cdiv([30, 40, 20, 42], 16) = 10 blocks
+    assert mgr.admission_reserve() == (13 - 10 if reserve else 0)  # what b took counts against its growth
+    free = mgr.block_pool.get_num_free_blocks()
+    assert mgr.apply_report("b", [], 110, [[16, 16], [16, 16]]) == 0  # recompressed; its blocks stay its spares
+    assert len(mgr.req_to_blocks["b"]) == 10 and mgr.block_pool.get_num_free_blocks() == free
+    assert mgr.need("b", 111) == 2 * L * H  # sized from the new lengths
+    assert mgr.admission_reserve() == (3 * L * H - 10 if reserve else 0)  # cdiv(16 + 20, 16) = 3 a head
     mgr.free("b")
     assert mgr.admission_reserve() == 0  # b finished: nothing to keep free for it
 
@@ -131,19 +139,30 @@ def test_worker_assigns_blocks_per_head_in_order():
         ws.append("a", 13)  # 33 rows need a third block per head
 
 
-def test_compaction_and_reports_keep_lag_spares():
-    ws = state()
+@pytest.mark.parametrize("reserve", [False, True])
+def test_compaction_and_reports_keep_lag_spares(reserve):
+    """After a compaction the request keeps the spares its heads can take in the next LAG_TOKENS
+    rows -- with ``reserve_decode_growth`` also in the ``decode_slack`` rows before its next
+    recompression -- and reports the rest with its new lengths; a compaction that frees nothing
+    is still reported (the scheduler sizes the request from the lengths it was told)."""
+    config = CompressionConfig(policy="snapkv", budget=16, window=4, decode_slack=20, reserve_decode_growth=reserve)
+    ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, config)
     ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 64, list(range(16)))]))
     ws.append("a", 64)  # 4 blocks per head
     for l in range(L):
         for h in range(H):
             ws.compacted("a", l, h, 17 if h == 0 else 5)  # 2 and 1 blocks kept
-    ws.reqs["a"].compressed_to(None)
+    ws.reqs["a"].compressed_to(torch.full((L, H), 5))
     reports = ws.take_reports()
     released, T, lens = reports["a"]
     assert T == 64 and lens == [[17, 5], [17, 5]]
-    # 16 - 6 assigned = 10 spares; the next LAG tokens need none (17+2 <= 32, 5+2 <= 16)
-    assert LAG_TOKENS == 2 and len(released) == 10 and ws.reqs["a"].spare == []
+    # 16 - 6 assigned = 10 spares; the next LAG tokens need none (17+2 <= 32, 5+2 <= 16); with the
+    # reserve 20 more rows need one more block a head (cdiv(17+22, 16) = 3, cdiv(5+22, 16) = 2)
+    kept = L * H if reserve else 0
+    assert LAG_TOKENS == 2 and len(released) == 10 - kept and len(ws.reqs["a"].spare) == kept
+    assert ws.take_reports() == {}
+    ws.compacted("a", 0, 0, 16)  # a tick that frees no whole block
+    assert ws.take_reports() == {"a": ([], 64, [[16, 5], [17, 5]])}
     assert ws.take_reports() == {}
 
 

@@ -88,7 +88,11 @@ class KVCompressConnector(KVConnectorBase_V1):
             return
         if manager is None:
             raise RuntimeError("kv compression: a head-block report reached a scheduler without HeadBlockManager")
+        returned = []
         for rid, (released, T, lens) in meta.reports.items():
             freed = manager.apply_report(rid, released, T, lens)
-            runtime.event("blocks_returned", req_id=rid, freed=freed,
-                          free=manager.block_pool.get_num_free_blocks())
+            if freed:
+                returned.append(dict(req_id=rid, freed=freed))
+        if returned:
+            runtime.events("blocks_returned", [dict(record, free=manager.block_pool.get_num_free_blocks())
+                                               for record in returned])

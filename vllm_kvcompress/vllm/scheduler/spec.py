@@ -79,9 +79,8 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         from vllm_kvcompress.vllm.frontend import params# here, not at the top: plain vLLM (compression off) imports this module
 
         config = params.server_config()  # published by the front end before the EngineCore started
-        slack = config.decode_slack if config is not None and config.reserve_decode_growth else None
         # a compressed request's heads grow at most decode_slack rows before the next recompression
-        self.growth_blocks = self.heads * cdiv(slack, self.block_size) if slack else 0
+        self.growth_rows = (config.decode_slack or 0) if config is not None and config.reserve_decode_growth else 0
         runtime.MANAGER = self
         runtime.event("manager_init", num_blocks=self.block_pool.num_gpu_blocks,
                       free=self.block_pool.get_num_free_blocks(), heads=self.heads)
@@ -104,9 +103,13 @@ class HeadBlockManager(SingleTypeKVCacheManager):
 
     def admission_reserve(self) -> int:
         """Head-blocks an admission leaves free (``reserve_decode_growth``; else 0): what the
-        compressed requests running now (those with a report) may take before their next
-        decode-time recompression."""
-        return self.growth_blocks * len(self.reports)
+        compressed requests running now (those with a report) may still take before their next
+        decode-time recompression -- their heads' ``decode_slack`` rows past the reported lengths,
+        less the blocks they hold (the worker keeps a tick's freed blocks as their spares)."""
+        if not self.growth_rows:
+            return 0
+        return sum(max(0, report.need(report.T + self.growth_rows) - len(self.req_to_blocks[rid]))
+                   for rid, report in self.reports.items())
 
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model):
         held = self.req_to_blocks[request_id]
@@ -124,15 +127,16 @@ class HeadBlockManager(SingleTypeKVCacheManager):
         blocks = self.req_to_blocks.get(request_id)
         if blocks is None:  # finished (or preempted) meanwhile: everything went back already
             return 0
-        ids = set(released)
-        kept = [b for b in blocks if b.block_id not in ids]  # one pass: a request holds ~L*H*budget/bs
-        if len(ids) != len(released):
-            raise RuntimeError(f"worker released a head-block of request {request_id} twice in one report")
-        if len(blocks) - len(kept) != len(ids):
-            raise RuntimeError(f"worker released {len(ids) - (len(blocks) - len(kept))} head-blocks request "
-                               f"{request_id} does not hold: scheduler and worker disagree")
-        self.req_to_blocks[request_id] = kept
-        self.block_pool.free_blocks(self.block_pool.blocks[i] for i in released)
+        if released:  # none: new lengths only (a tick whose freed blocks the request keeps for its regrowth)
+            ids = set(released)
+            kept = [b for b in blocks if b.block_id not in ids]  # one pass: a request holds ~L*H*budget/bs
+            if len(ids) != len(released):
+                raise RuntimeError(f"worker released a head-block of request {request_id} twice in one report")
+            if len(blocks) - len(kept) != len(ids):
+                raise RuntimeError(f"worker released {len(ids) - (len(blocks) - len(kept))} head-blocks request "
+                                   f"{request_id} does not hold: scheduler and worker disagree")
+            self.req_to_blocks[request_id] = kept
+            self.block_pool.free_blocks(self.block_pool.blocks[i] for i in released)
         self.reports[request_id] = HeadLengths(T, torch.as_tensor(lens, dtype=torch.int64), self.block_size)
         return len(released)
 

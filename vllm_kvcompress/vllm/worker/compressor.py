@@ -171,13 +171,16 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     unless their scorer reads the keys."""
     width = int(lengths.max())
     group = state.recent.shape[3] // state.H
+    # per head only: the ring slots and query heads are made on the device (a tick of 256 requests
+    # has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to build and copy)
     dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
-                     "order": (oldest[:, None] + torch.arange(count)) % policy.window,
-                     "q_heads": heads[:, None] * group + torch.arange(group)})
+                        "oldest": oldest})
+    order = (dev["oldest"][:, None] + torch.arange(count, device=state.device)) % policy.window
+    q_heads = dev["heads"][:, None] * group + torch.arange(group, device=state.device)
     table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
     # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-    queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], dev["order"][:, None, :],
-                        dev["q_heads"][:, :, None]]
+    queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], order[:, None, :],
+                        q_heads[:, :, None]]
     k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
     # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense window
     # scores, whose temporaries would split a tick into several times the calls)

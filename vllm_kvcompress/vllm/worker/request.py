@@ -96,6 +96,7 @@ class Request:
         self.phase = Phase.OBSERVING if self.compress_at is not None else Phase.FULL
         self.spare: list[int] = []
         self.report_due = False  # spares added or heads compacted since the last check (take_reports)
+        self.lengths_due = False  # heads compacted since the last report: the scheduler's lengths are old
         self.num_tokens = 0  # tokens whose K/V went through the cache
         self.max_len = 0  # rows of its longest head
         self.prefill_ends: list[int] = []  # where each step of the observed prefill ended (chunked when > 1)
@@ -219,9 +220,13 @@ class Request:
         self.spare.extend(freed)
         self.max_len = max_len
         self.report_due = True  # with or without a tail: spares held before may now be surplus
+        self.lengths_due = True
 
-    def take_surplus(self, need: int) -> list[int]:
-        """The spares beyond ``need``, released (for a report to the scheduler)."""
-        self.report_due = False
+    def take_surplus(self, need: int) -> tuple[list[int], bool]:
+        """The spares beyond ``need``, released, and whether a report is due: something released or
+        the heads compacted since the last report (the scheduler then sizes the request from stale
+        lengths, and would hand it blocks it still holds as spares)."""
+        due = self.lengths_due
+        self.report_due = self.lengths_due = False
         released, self.spare = self.spare[need:], self.spare[:need]
-        return released
+        return released, due or bool(released)

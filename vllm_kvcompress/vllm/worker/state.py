@@ -4,7 +4,8 @@ The scheduler streams block ids per request (``NewRequestData.block_ids[0]``,
 ``CachedRequestData.new_block_ids[i][0]``) sized by :class:`~vllm_kvcompress.vllm.scheduler.spec.HeadBlockManager`; this state
 keeps them as the request's *spare* list and hands them to heads, in order, as heads fill up.
 After a compression the tail blocks go back to the spare list, and the spares beyond what the
-next ``LAG_TOKENS`` tokens can need are reported to the scheduler (:meth:`WorkerState.take_reports`).
+next ``LAG_TOKENS`` tokens (and, with ``reserve_decode_growth``, the request's regrowth until its
+next recompression) can need are reported to the scheduler (:meth:`WorkerState.take_reports`).
 Invariant: the scheduler's blocks of a request = assigned + spare (+ reports in flight).
 
 Every request owns one row of :attr:`WorkerState.tables`, int32 [rows, L, H, max_blocks], kept on
@@ -393,19 +394,30 @@ class WorkerState:
         self.compacted_heads(rid, lens)
 
     def spares_needed(self, request: Request) -> int:
-        """Spare blocks the request's heads can take in the next LAG_TOKENS rows."""
+        """Spare blocks the request's heads can take in the next LAG_TOKENS rows -- and, with the
+        server's ``reserve_decode_growth``, in the ``decode_slack`` rows before its next decode-time
+        recompression: the blocks a tick frees then stay the request's own for its regrowth, so no
+        head-block moves between the worker and the scheduler while it decodes (vLLM's Python
+        ``BlockPool`` frees and hands out blocks one by one: serving-notes.md, fifth lease)."""
         return self._spares_needed([request])[0]
 
     def _spares_needed(self, reqs: list[Request]) -> list[int]:
         """:meth:`spares_needed` of several requests, in one go over their rows of ``counts``."""
         rows = torch.tensor([request.row for request in reqs], dtype=torch.int64)
+        ahead = torch.tensor([LAG_TOKENS + self.growth_kept(request) for request in reqs], dtype=torch.int64)
         slot_lens = self.shards.slot_rows(self.counts.lens[rows])
-        grow = (-(-(slot_lens + LAG_TOKENS) // self.bs) - self.counts.blocks[rows]).clamp(min=0)
+        grow = (-(-(slot_lens + ahead[:, None, None]) // self.bs) - self.counts.blocks[rows]).clamp(min=0)
         return grow.sum((1, 2)).tolist()
+
+    def growth_kept(self, request: Request) -> int:
+        """Rows a head of the request grows before its next recompression whose blocks it keeps as
+        spares (``reserve_decode_growth``; else 0: the scheduler hands them out as heads fill)."""
+        return request.decode_slack if self.config.reserve_decode_growth and request.records_queries else 0
 
     def take_reports(self) -> dict[str, tuple[list[int], int, list[list[int]]]]:
         """req_id -> (released block ids, T, slot rows [L][H]) for compressed requests holding more
-        spares than the next LAG_TOKENS tokens can need. Only requests whose spares grew or whose
+        spares than :meth:`spares_needed`, or compacted since their last report (the scheduler's
+        need of a request comes from its reported lengths). Only requests whose spares grew or whose
         heads were compacted since the last check can: appending rows never makes spares exceed that
         need (it assigns a spare to a head only when the head's own need grows by as much), so the
         others are skipped -- at 256 running requests checking every one cost ~6 ms of host time a
@@ -416,8 +428,8 @@ class WorkerState:
         if not due:
             return out
         for (rid, request), need in zip(due, self._spares_needed([request for _, request in due])):
-            released = request.take_surplus(need)
-            if released:
+            released, reported = request.take_surplus(need)
+            if reported:
                 runtime.record_release(len(released))
                 out[rid] = (released, request.num_tokens, request.slot_lens.tolist())
         return out
