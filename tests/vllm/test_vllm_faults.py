@@ -230,7 +230,9 @@ def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_
     """The preempting run's first phase (12 requests x 160 tokens sent at once into 256 head-blocks)
     with ``reserve_decode_growth``: the scheduler admits a request only with room for the running
     compressed requests to grow until their next recompression, so none is preempted; every
-    request still completes, several run at once, and every head-block comes back."""
+    request still completes, several run at once, and every head-block comes back. The blocks a
+    decode-time recompression frees stay their request's own for its regrowth: no head-block goes
+    back to the scheduler after a tick (only after a prefill compression, and when a request ends)."""
     from vllm.inputs import TokensPrompt
 
     llm, events_path, vocab = _preempting_engine(tiny_model_dir, tmp_path_factory, "reserve-events",
@@ -252,6 +254,14 @@ def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_
     assert max(e["peak"] for e in events if e["kind"] == "peak_requests") >= 2
     initial = [e for e in events if e["kind"] == "manager_init"][0]["free"]
     assert [e for e in events if e["kind"] == "step" and e["requests"] == 0][-1]["free"] == initial
+    last_compression, returned_after = {}, Counter()
+    for e in events:
+        if e["kind"] == "compressed":
+            last_compression[e["req_id"]] = e["what"]
+        elif e["kind"] == "blocks_returned":
+            returned_after[last_compression[e["req_id"]]] += e["freed"]
+    assert any(e["kind"] == "compressed" and e["what"] == "decode" for e in events), "no tick ran"
+    assert returned_after["prefill"] > 0 and returned_after["decode"] == 0, returned_after
 
 
 # ==== the server's faults (issue #6) ==================================================================
