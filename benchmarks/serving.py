@@ -544,6 +544,13 @@ def compression_summary(events: list[dict], shape: dict, wall0: float, wall_end:
     }
 
 
+# a recompression tick's step_time fields: the step, the recompression's device ms and host ms, its
+# parts (the inputs gathered, the scoring and selection or reduction, the rows written, the host
+# bookkeeping) and the reports of the step
+TICK_FIELDS = ("interval_ms", "recompress_ms", "recompress_host_ms", "tick_gather_ms", "tick_score_ms", "tick_write_ms",
+               "tick_bookkeeping_ms", "report_ms")
+
+
 def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | None:
     """Summary of the plugin's ``step_time`` events in a run's window (None: the plugin logged none).
 
@@ -552,7 +559,10 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
     intervals (all steps of the window: where the engine's time went). ``tick_wall_share``: what
     the recompression ticks cost in wall time -- each pure-decode step that recompressed, and the
     step after it (the scheduler takes the released head-blocks back before it), over the median
-    pure-decode step -- over the same intervals; it includes the host work the device ms miss."""
+    pure-decode step -- over the same intervals; it includes the host work the device ms miss.
+    ``tick_ms_median``: per pure-decode step that recompressed, the median of each of its fields
+    (:data:`TICK_FIELDS`: the step's interval, the recompression's device and host ms and its parts)
+    and of the next step's interval (``next_interval_ms``)."""
     steps = [e for e in events if e["kind"] == "step_time" and wall0 <= e["t"] <= wall_end]
     if not steps:
         return None
@@ -560,12 +570,16 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
              "with_prefill": [e for e in steps if e["tokens"] != e["rows"]]}
     interval_total = sum(e["interval_ms"] for e in steps)
     recompress_total = sum(e["recompress_ms"] for e in steps)
-    tick_excess = 0.0
+    tick_excess, tick_ms = 0.0, None
     if kinds["pure_decode"]:
         typical = statistics.median(e["interval_ms"] for e in kinds["pure_decode"])
         ticked = {i for i, e in enumerate(steps) if e["recompressed_requests"] and e["tokens"] == e["rows"]}
         tick_excess = sum(max(0.0, steps[i]["interval_ms"] - typical)
                           for i in ticked | {i + 1 for i in ticked if i + 1 < len(steps)})
+        if ticked:
+            tick_ms = {name: round(statistics.median(steps[i].get(name, 0.0) for i in ticked), 3) for name in TICK_FIELDS}
+            after = [steps[i + 1]["interval_ms"] for i in ticked if i + 1 < len(steps)]
+            tick_ms["next_interval_ms"] = round(statistics.median(after), 3) if after else None
 
     def median(group: list[dict], key: str) -> float | None:
         return round(statistics.median(e[key] for e in group), 3) if group else None
@@ -583,6 +597,7 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
         "recompressed_requests": sum(e["recompressed_requests"] for e in steps),
         "recompress_share": round(recompress_total / interval_total, 5) if interval_total else None,
         "tick_wall_share": round(tick_excess / interval_total, 5) if interval_total else None,
+        "tick_ms_median": tick_ms,
     }
 
 

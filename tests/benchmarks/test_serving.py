@@ -308,6 +308,9 @@ def test_step_breakdown_of_a_fake_event_log():
     # the pure-decode tick (12 ms) and the step after it (11 ms) over the median pure-decode step (11 ms);
     # the prefill step that recompressed is no tick of the decode
     assert summary["tick_wall_share"] == round(1.0 / 123.0, 5)
+    # the one pure-decode tick's fields (absent ones count 0) and the step after it
+    assert summary["tick_ms_median"] == {**{name: 0.0 for name in serving.TICK_FIELDS}, "interval_ms": 12.0,
+                                         "recompress_ms": 6.0, "report_ms": 0.1, "next_interval_ms": 11.0}
     assert serving.step_breakdown([e for e in events if e["kind"] != "step_time"], 100.0, 110.0) is None
 
 

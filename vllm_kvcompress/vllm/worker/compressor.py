@@ -171,6 +171,35 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     unless their scorer reads the keys."""
     width = int(lengths.max())
     group = state.recent.shape[3] // state.H
+    on_cuda = state.device.type == "cuda"
+    with runtime.TIMER.device("tick_gather_ms", on_cuda):
+        table, queries, paged, k_scale, v_scale, dev = _tick_inputs(state, policy, count, rows, layers, heads, lengths,
+                                                                   oldest, budgets, width, group)
+    if policy.scores_from_pages:
+        with runtime.TIMER.device("tick_score_ms", on_cuda):
+            host_budgets = budgets.pin_memory() if on_cuda else budgets
+            keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
+        with runtime.TIMER.device("tick_write_ms", on_cuda):
+            own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
+            compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
+        return
+    with runtime.TIMER.device("tick_score_ms", on_cuda):
+        uniform = bool((lengths == lengths[0]).all())
+        scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
+        keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
+                        for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
+        kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
+                                                         None if uniform else dev["lengths"], scored)
+    with runtime.TIMER.device("tick_write_ms", on_cuda):
+        write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
+
+
+def _tick_inputs(state: WorkerState, policy, count: int, rows, layers, heads, lengths, oldest, budgets, width: int,
+                 group: int):
+    """What one recompression call reads, on the device: the heads' block tables [n_heads, blocks],
+    their query heads' recent queries [n_heads, group, count, D], the heads seen from their pages
+    (:class:`PagedHeads`; None for scorers that read the keys), the K and V scales of an fp8 pool,
+    and the uploaded per-head indices."""
     # per head only: the ring slots and query heads are made on the device (a tick of 256 requests
     # has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to build and copy)
     dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
@@ -185,19 +214,7 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense window
     # scores, whose temporaries would split a tick into several times the calls)
     paged = None if policy.scorer.reads_keys else PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale)
-    if policy.scores_from_pages:
-        host_budgets = budgets.pin_memory() if state.device.type == "cuda" else budgets
-        keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
-        own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
-        compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
-        return
-    uniform = bool((lengths == lengths[0]).all())
-    scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
-    keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
-                    for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
-    kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
-                                                     None if uniform else dev["lengths"], scored)
-    write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
+    return table, queries, paged, k_scale, v_scale, dev
 
 
 class Compressor:
@@ -217,7 +234,7 @@ class Compressor:
         due = [rid for rid, request in state.reqs.items() if request.on_cadence(state.step) and rid not in pending]
         if not due:
             return []
-        with runtime.TIMER.device("recompress_ms", on_cuda):
+        with runtime.TIMER.host("recompress_host_ms"), runtime.TIMER.device("recompress_ms", on_cuda):
             done = self.recompress(due)
         runtime.TIMER.note(recompressed_requests=len(done))
         return done
@@ -440,5 +457,6 @@ class Compressor:
                 for part in _calls(picked[3], most_rows):
                     _recompress_heads(state, policy, count, *(x if part is None else x[part] for x in picked))
         done = [rids[r] for r in due_ids]
-        self._finish(done, keep, "decode")
+        with runtime.TIMER.host("tick_bookkeeping_ms"):
+            self._finish(done, keep, "decode")
         return done
