@@ -142,7 +142,8 @@ class CompressionConfig:
     reserve_decode_growth: a server option. True: the scheduler admits a new (or resumed) request
         only while the pool keeps room, besides its own blocks, for every compressed request running
         now to grow ``decode_slack`` rows a head -- what it may take before its next decode-time
-        recompression -- so requests admitted all at once do not preempt the running ones later
+        recompression -- so requests admitted all at once do not preempt the running ones later;
+        each request keeps the blocks a recompression frees as its spares for that regrowth
         (on the H100 at KV-Compress's setup snapkv@0.1 was preempted 68 times in 45 s, each a 6k
         prompt recomputed). Fewer requests then run at once; whether it pays is not measured yet
         (benchmarks/results/serving-notes.md), so it is off by default. No effect without
