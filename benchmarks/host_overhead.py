@@ -4,7 +4,9 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
 
 * ``take_reports``: the worker's end-of-step check for surplus spares, 256 running compressed
   requests (ms per step, median of 30);
-* ``apply_report``: the scheduler taking back 1k of a request's ~28k head-blocks (ms, median of 10);
+* ``apply_report``: the scheduler taking back 1k of a request's ~28k head-blocks (ms, median of 10),
+  and taking a report that releases none (``apply_report_lengths_only_ms``: a recompression tick
+  with ``reserve_decode_growth``, whose freed blocks the request keeps for its regrowth);
 * ``recompress``: one decode-time recompression of all 256 heads of a request at 1,665 rows each
   (budget 1,600 + slack 64 + 1), per policy: PyTorch calls counted by torch.profiler. On a GPU each
   call is at least one kernel launch from Python, so the count is what the host pays. Also 8
@@ -82,7 +84,9 @@ def take_reports_ms(num_requests: int = 256) -> float:
     return statistics.median(times)
 
 
-def apply_report_ms() -> tuple[float, int, int]:
+def apply_report_ms(release: bool = True) -> tuple[float, int, int]:
+    """ms (median of 10) of ``apply_report`` of a request holding ~28k head-blocks that releases
+    every 28th of them (``release``) or none; the blocks held and released."""
     from vllm.v1.core.block_pool import BlockPool
 
     from vllm_kvcompress.vllm.scheduler.spec import HeadBlockManager, HeadBlockSpec
@@ -96,7 +100,7 @@ def apply_report_ms() -> tuple[float, int, int]:
         rid, tokens = f"r{i}", 1765
         mgr.get_num_blocks_to_allocate(rid, tokens, [], 0, 0, tokens)
         blocks = mgr.allocate_new_blocks(rid, tokens, tokens)
-        released = [b.block_id for b in blocks[::28]]
+        released = [b.block_id for b in blocks[::28]] if release else []
         start = time.perf_counter()
         mgr.apply_report(rid, released, tokens, lens)
         times.append((time.perf_counter() - start) * 1e3)
@@ -376,6 +380,7 @@ def main() -> None:
            "take_reports_256_requests_ms": round(take_reports_ms(), 3),
            "apply_report_ms": round(apply_ms, 3), "apply_report_blocks_held": held,
            "apply_report_blocks_released": released,
+           "apply_report_lengths_only_ms": round(apply_report_ms(release=False)[0], 3),
            "recompress_pytorch_calls": {p: recompress_calls(p) for p in args.policies.split(",")},
            # 8 requests due in the same step (400-row heads): one by one (8 x one) vs. together
            "recompress_8_requests_pytorch_calls": {

@@ -37,12 +37,14 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import torch
 import vllm
 from vllm.v1.core.block_pool import BlockPool
 
 from vllm_kvcompress.policies.config import CompressionConfig
+from vllm_kvcompress.vllm.frontend import params
 from vllm_kvcompress.vllm.worker import scheduled
 from vllm_kvcompress.vllm.scheduler.spec import HeadBlockManager, HeadBlockSpec
 from vllm_kvcompress.vllm.worker.state import WorkerState
@@ -76,12 +78,15 @@ class Req:
         return self.prompt_len + self.generated - self.computed
 
 
-def head_block_manager(num_blocks: int) -> HeadBlockManager:
-    """A HeadBlockManager over a fresh vLLM BlockPool of ``num_blocks`` (block 0 is vLLM's null block)."""
+def head_block_manager(num_blocks: int, config: CompressionConfig) -> HeadBlockManager:
+    """A HeadBlockManager over a fresh vLLM BlockPool of ``num_blocks`` (block 0 is vLLM's null block),
+    of a server started with ``config`` (which it reads from the published server config, as in an
+    engine: published here for its start-up only, whatever an earlier engine of this process left)."""
     spec = HeadBlockSpec(block_size=BS, num_kv_heads=H, head_size=8, dtype=torch.float32, num_layers=L)
     pool = BlockPool(num_gpu_blocks=num_blocks, enable_caching=False, hash_block_size=BS)
-    return HeadBlockManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
-                            scheduler_block_size=BS)
+    with mock.patch.dict(os.environ, {params.CONFIG_ENV: json.dumps(config.to_dict())}):
+        return HeadBlockManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                                scheduler_block_size=BS)
 
 
 class Cluster:
@@ -96,10 +101,10 @@ class Cluster:
     def __init__(self, num_blocks: int, seed: int = 0, verify_slots: bool = False):
         self.num_blocks = num_blocks
         self.verify_slots = verify_slots
-        self.mgr = head_block_manager(num_blocks)
+        config = CompressionConfig(policy="snapkv", budget=16, window=4)
+        self.mgr = head_block_manager(num_blocks, config)
         self.pool = self.mgr.block_pool
-        self.ws = WorkerState(L, H, BS, {f"layer.{l}.attn": l for l in range(L)},
-                              CompressionConfig(policy="snapkv", budget=16, window=4))
+        self.ws = WorkerState(L, H, BS, {f"layer.{l}.attn": l for l in range(L)}, config)
         self.rng = random.Random(seed)
         self.running: list[Req] = []  # admission order: FCFS preempts the last one
         self.waiting: deque[Req] = deque()

@@ -20,6 +20,8 @@ def test_bookkeeping_timers_run():
     assert math.isfinite(host.take_reports_ms(num_requests=4))
     ms, held, released = host.apply_report_ms()
     assert math.isfinite(ms) and held == 32 * 8 * 111 and released == len(range(0, held, 28))
+    ms, held, released = host.apply_report_ms(release=False)
+    assert math.isfinite(ms) and held == 32 * 8 * 111 and released == 0
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "ems"])

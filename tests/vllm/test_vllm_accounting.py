@@ -186,13 +186,15 @@ def test_request_overrides():
         request_config(base, {"kv_budget": 0})
 
 
-@given(st.integers(1, 32), st.lists(st.integers(0, 120), min_size=1, max_size=12), st.integers(0, 200))
-def test_reported_need_matches_the_sum_over_heads(block_size, lens, grow):
-    """The scheduler's O(1) need after a report equals sum cdiv(lens + N - T, bs) over the heads."""
+@given(st.integers(1, 32), st.lists(st.integers(0, 120), min_size=1, max_size=12), st.integers(-60, 200),
+       st.booleans())
+def test_reported_need_matches_the_sum_over_heads(block_size, lens, grow, as_lists):
+    """The scheduler's O(1) need after a report equals sum cdiv(lens + N - T, bs) over the heads
+    (heads shrunk to 0 rows at most, for N < T), for a report's [L][H] lists or a tensor."""
     lens = torch.tensor(lens).reshape(1, -1)
     T = int(lens.max())
-    want = int(((lens + grow + block_size - 1) // block_size).sum())
-    assert HeadLengths(T, lens, block_size).need(T + grow) == want
+    want = int(((lens + grow).clamp(min=0) + block_size - 1).div(block_size, rounding_mode="floor").sum())
+    assert HeadLengths(T, lens.tolist() if as_lists else lens, block_size).need(T + grow) == want
 
 
 def test_packed_upload_returns_every_tensor_unchanged():

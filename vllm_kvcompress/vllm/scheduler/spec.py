@@ -39,24 +39,29 @@ class HeadBlockSpec(AttentionSpec):
 
 
 class HeadLengths:
-    """A worker report: every head's rows ``lens`` (int [L, H]) at ``T`` tokens. :meth:`need` answers
-    ``sum cdiv(lens + N - T, bs)`` in O(1), since the scheduler asks for every running request at
-    every step: with ``lens = q*bs + r`` and ``N - T + bs - 1 = m*bs + e``, each head needs
-    ``q + m`` blocks, plus one if ``r + e >= bs``."""
+    """A worker report: every head's rows ``lens`` ([L][H] lists, or an int tensor) at ``T`` tokens.
+    :meth:`need` answers ``sum cdiv(lens + N - T, bs)`` in O(1), since the scheduler asks for every
+    running request at every step: with ``lens = q*bs + r`` and ``N - T + bs - 1 = m*bs + e``, each
+    head needs ``q + m`` blocks, plus one if ``r + e >= bs``. Built in plain Python: a tick reports
+    every running request at once, and a few small tensor ops per report cost more than the
+    arithmetic over one request's heads."""
 
-    def __init__(self, T: int, lens: torch.Tensor, block_size: int):
-        self.T, self.lens, self.bs = T, lens, block_size
-        self.whole = int((lens // block_size).sum())
-        self.heads = lens.numel()
-        remainders = torch.bincount((lens % block_size).flatten(), minlength=block_size)
-        # at_least[k]: heads whose remainder is >= k (k = 0 .. bs)
-        self.at_least = (remainders.flip(0).cumsum(0).flip(0).tolist()) + [0]
+    def __init__(self, T: int, lens, block_size: int):
+        rows = lens.flatten().tolist() if isinstance(lens, torch.Tensor) else [n for layer in lens for n in layer]
+        self.T, self.rows, self.bs = T, rows, block_size
+        self.whole = sum(n // block_size for n in rows)
+        self.heads = len(rows)
+        remainders = [0] * block_size
+        for n in rows:
+            remainders[n % block_size] += 1
+        self.at_least = [0] * (block_size + 1)  # at_least[k]: heads whose remainder is >= k (k = 0 .. bs)
+        for k in range(block_size - 1, -1, -1):
+            self.at_least[k] = self.at_least[k + 1] + remainders[k]
 
     def need(self, num_tokens: int) -> int:
         grow = num_tokens - self.T
         if grow < 0:  # not reached by the scheduler (it never asks for fewer tokens than reported)
-            rows = (self.lens + grow).clamp(min=0)
-            return int(((rows + self.bs - 1) // self.bs).sum())
+            return sum(-(-max(n + grow, 0) // self.bs) for n in self.rows)
         m, e = divmod(grow + self.bs - 1, self.bs)
         return self.whole + self.heads * m + self.at_least[self.bs - e]
 
@@ -137,7 +142,7 @@ class HeadBlockManager(SingleTypeKVCacheManager):
                                    f"{request_id} does not hold: scheduler and worker disagree")
             self.req_to_blocks[request_id] = kept
             self.block_pool.free_blocks(self.block_pool.blocks[i] for i in released)
-        self.reports[request_id] = HeadLengths(T, torch.as_tensor(lens, dtype=torch.int64), self.block_size)
+        self.reports[request_id] = HeadLengths(T, lens, self.block_size)
         return len(released)
 
     def pop_blocks_for_free(self, request_id: str):
