@@ -173,8 +173,21 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     group = state.recent.shape[3] // state.H
     on_cuda = state.device.type == "cuda"
     with runtime.TIMER.device("tick_gather_ms", on_cuda):
-        table, queries, paged, k_scale, v_scale, dev = _tick_inputs(state, policy, count, rows, layers, heads, lengths,
-                                                                   oldest, budgets, width, group)
+        # per head only: the ring slots and query heads are made on the device (a tick of 256 requests
+        # has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to build and copy)
+        dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
+                            "oldest": oldest})
+        order = (dev["oldest"][:, None] + torch.arange(count, device=state.device)) % policy.window
+        q_heads = dev["heads"][:, None] * group + torch.arange(group, device=state.device)
+        table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
+        # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
+        queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], order[:, None, :],
+                            q_heads[:, :, None]]
+        k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
+        # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense
+        # window scores, whose temporaries would split a tick into several times the calls)
+        paged = None if policy.scorer.reads_keys else PagedHeads(queries, state.pool[0], table, dev["lengths"], width,
+                                                                 k_scale)
     if policy.scores_from_pages:
         with runtime.TIMER.device("tick_score_ms", on_cuda):
             host_budgets = budgets.pin_memory() if on_cuda else budgets
@@ -192,29 +205,6 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
                                                          None if uniform else dev["lengths"], scored)
     with runtime.TIMER.device("tick_write_ms", on_cuda):
         write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
-
-
-def _tick_inputs(state: WorkerState, policy, count: int, rows, layers, heads, lengths, oldest, budgets, width: int,
-                 group: int):
-    """What one recompression call reads, on the device: the heads' block tables [n_heads, blocks],
-    their query heads' recent queries [n_heads, group, count, D], the heads seen from their pages
-    (:class:`PagedHeads`; None for scorers that read the keys), the K and V scales of an fp8 pool,
-    and the uploaded per-head indices."""
-    # per head only: the ring slots and query heads are made on the device (a tick of 256 requests
-    # has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to build and copy)
-    dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
-                        "oldest": oldest})
-    order = (dev["oldest"][:, None] + torch.arange(count, device=state.device)) % policy.window
-    q_heads = dev["heads"][:, None] * group + torch.arange(group, device=state.device)
-    table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
-    # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-    queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], order[:, None, :],
-                        q_heads[:, :, None]]
-    k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
-    # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense window
-    # scores, whose temporaries would split a tick into several times the calls)
-    paged = None if policy.scorer.reads_keys else PagedHeads(queries, state.pool[0], table, dev["lengths"], width, k_scale)
-    return table, queries, paged, k_scale, v_scale, dev
 
 
 class Compressor:
