@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from vllm_kvcompress.paged import reference
+from vllm_kvcompress.paged.query_ring import QueryRing
 from vllm_kvcompress.triton_kernels.paged_window_scores import paged_window_scores
 
 TOL = {torch.float32: 1e-3, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -74,6 +75,41 @@ def test_paged_window_scores_match_reference(device, case, cache, fp8_scales):
         num_heads = len(case[0]) if cache == "fp8 per head" else None
         k_scale = fp8_scales(torch.Generator().manual_seed(len(case[0])), device, 1, num_heads)[0]
     run_case(device, *case, k_scale=k_scale)
+
+
+# (lengths, group, count, window, head_dim, dtype, power)
+RING_CASES = [
+    ([40, 17, 33, 25], 4, 8, 8, 64, torch.float32, 1),
+    ([70, 9], 2, 5, 7, 64, torch.bfloat16, 2),  # count < window: the oldest queries are not read
+    ([130, 35, 64], 8, 20, 20, 64, torch.bfloat16, 1),  # 160 query rows: two row blocks
+]
+GPU_RING_CASES = RING_CASES + [([270] * 200 + [333, 271], 4, 32, 32, 128, torch.bfloat16, 1)]  # a long-gen tick
+
+
+@pytest.mark.parametrize("case", GPU_RING_CASES if torch.cuda.is_available() else RING_CASES, ids=str)
+def test_queries_read_in_place_from_a_ring_score_as_their_copy(device, case):
+    """A QueryRing (heads of several layers and requests, queries wrapping around the window,
+    a ring wider than it) gives the scores of the same queries copied out, poisoned output."""
+    lengths, group, count, window, head_dim, dtype, power = case
+    n = len(lengths)
+    gen = torch.Generator().manual_seed(n * 13 + count)
+    key_cache, table = heads_in_pages(lengths, head_dim, dtype, device, gen)
+    layers_, rows_, kv_heads = 3, 5, 2
+    ring = torch.randn(layers_, rows_, window + 3, kv_heads * group, head_dim, generator=gen).to(dtype).to(device)
+    queries = QueryRing(ring, torch.randint(0, layers_, (n,), generator=gen).to(device),
+                        torch.randint(0, rows_, (n,), generator=gen).to(device),
+                        torch.randint(0, kv_heads, (n,), generator=gen).to(device),
+                        torch.randint(0, 4 * window, (n,), generator=gen).to(device), count, window, group)
+    width, lens = max(lengths), torch.tensor(lengths, device=device)
+    out = torch.full((n, width), float("nan"), device=device)
+    paged_window_scores(queries, key_cache, table, lens, width, power=power, out=out)
+    copied = paged_window_scores(queries.dense(), key_cache, table, lens, width, power=power)
+    ref = reference.paged_window_scores(queries.dense().cpu(), key_cache.cpu(), table.cpu(), lens.cpu(), width,
+                                        power=power)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, copied, rtol=0, atol=0)  # the same arithmetic on the same values
+    err = ((out.cpu().double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err <= TOL[dtype], err
 
 
 def test_reference_equals_window_scores_of_each_head_alone():

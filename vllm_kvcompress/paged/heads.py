@@ -18,6 +18,7 @@ import torch
 
 from vllm_kvcompress.triton_kernels import runs_on
 from vllm_kvcompress.paged import reference
+from vllm_kvcompress.paged.query_ring import QueryRing
 
 
 @dataclass
@@ -25,7 +26,8 @@ class PagedHeads:
     """n KV heads from any requests and layers.
 
     queries: [n, group, count, D] each head's query heads' ``count`` most recent queries (the
-        newest at the head's last row); key_cache: [num_blocks, block_size, D];
+        newest at the head's last row), or a :class:`QueryRing` that holds them (decode-time
+        recompression: the scoring kernel reads them there); key_cache: [num_blocks, block_size, D];
     head_block_table: int32 [n, max_blocks]; lengths: int64 [n] on the cache's device (rows each
         head holds, all >= count); width: max(lengths), known on the host; k_scale: when key_cache
         is fp8, the key scale of each head's layer, float32 [n] (or [1]: heads of one layer), else None;
@@ -33,7 +35,7 @@ class PagedHeads:
         (:class:`~vllm_kvcompress.policies.observation.LayerObservation`): a prefill's heads carry it,
         decode-time recompression has no view of the prompt's queries."""
 
-    queries: torch.Tensor
+    queries: torch.Tensor | QueryRing
     key_cache: torch.Tensor
     head_block_table: torch.Tensor
     lengths: torch.Tensor
@@ -43,8 +45,9 @@ class PagedHeads:
 
     @property
     def window_queries(self) -> torch.Tensor:
-        """[n * group, count, D], as LayerObservation holds them."""
-        return self.queries.flatten(0, 1)
+        """[n * group, count, D], as LayerObservation holds them (copied out of a ring)."""
+        queries = self.queries.dense() if isinstance(self.queries, QueryRing) else self.queries
+        return queries.flatten(0, 1)
 
     @property
     def device(self) -> torch.device:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_kvcompress.paged.layout import cdiv
+from vllm_kvcompress.paged.query_ring import QueryRing
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -181,16 +182,18 @@ def window_scores(
     return probs.pow(power).sum(1)
 
 
-def paged_window_scores(queries: torch.Tensor, key_cache: torch.Tensor, head_block_table: torch.Tensor,
+def paged_window_scores(queries: torch.Tensor | QueryRing, key_cache: torch.Tensor, head_block_table: torch.Tensor,
                         lengths: torch.Tensor, width: int, scale: float | None = None, power: int = 1,
                         k_scale: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`window_scores` of many heads from their pages, right-aligned (decode-time recompression).
 
-    queries [n, group, count, D]: head i's query heads' ``count`` most recent queries, the newest at
-    its last row; key_cache [num_blocks, block_size, D]; head_block_table int [n, max_blocks];
+    queries [n, group, count, D] (or a :class:`QueryRing`, copied out): head i's query heads'
+    ``count`` most recent queries, the newest at its last row; key_cache [num_blocks, block_size, D]; head_block_table int [n, max_blocks];
     lengths int [n] (rows each head holds, >= count); k_scale: float32 [1] or [n] of an fp8 key
     cache (the keys read through :func:`dequantize`), else None; returns float32 [n, width]: head
     i's scores in its last ``lengths[i]`` columns, 0 before them."""
+    if isinstance(queries, QueryRing):
+        queries = queries.dense()
     n, group, count, head_dim = queries.shape
     keys = gather_heads_padded(key_cache, head_block_table, lengths, width, k_scale)
     padding = torch.arange(width, device=keys.device)[None, :] < (width - lengths.to(keys.device))[:, None]

@@ -49,6 +49,7 @@ import torch
 from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.paged import compaction, reference
 from vllm_kvcompress.paged.heads import PagedHeads
+from vllm_kvcompress.paged.query_ring import QueryRing
 from vllm_kvcompress.paged.layout import slots_for_positions
 from vllm_kvcompress.vllm.attention import kernels
 from vllm_kvcompress.vllm import runtime
@@ -173,16 +174,13 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     group = state.recent.shape[3] // state.H
     on_cuda = state.device.type == "cuda"
     with runtime.TIMER.device("tick_gather_ms", on_cuda):
-        # per head only: the ring slots and query heads are made on the device (a tick of 256 requests
-        # has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to build and copy)
+        # per head only: where its queries sit in the ring is worked out on the device (a tick of 256
+        # requests has 65k heads, whose [heads, count] slots alone were a 17 MB host tensor to copy)
         dev = state.upload({"rows": rows, "layers": layers, "heads": heads, "lengths": lengths, "budgets": budgets,
                             "oldest": oldest})
-        order = (dev["oldest"][:, None] + torch.arange(count, device=state.device)) % policy.window
-        q_heads = dev["heads"][:, None] * group + torch.arange(group, device=state.device)
         table = state.tables[dev["rows"], dev["layers"], dev["heads"], : -(-width // state.bs)]  # [n_heads, blocks]
-        # ring [L, rows, W, Hq, D] -> each head's query heads, oldest query first: [n_heads, group, count, D]
-        queries = state.recent[dev["layers"][:, None, None], dev["rows"][:, None, None], order[:, None, :],
-                            q_heads[:, :, None]]
+        queries = QueryRing(state.recent, dev["layers"], dev["rows"], dev["heads"], dev["oldest"], count,
+                            policy.window, group)
         k_scale, v_scale = head_scales(state.cache_scales(), dev["layers"])
         # a scorer that reads no keys scores the heads from their pages (one kernel, not the dense
         # window scores, whose temporaries would split a tick into several times the calls)
@@ -201,7 +199,7 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
         scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
         keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
                         for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
-        kept_keys, kept_values = policy.recompress_heads(queries.flatten(0, 1), keys, values, budgets,
+        kept_keys, kept_values = policy.recompress_heads(queries.dense().flatten(0, 1), keys, values, budgets,
                                                          None if uniform else dev["lengths"], scored)
     with runtime.TIMER.device("tick_write_ms", on_cuda):
         write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
