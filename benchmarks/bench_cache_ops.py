@@ -184,26 +184,53 @@ def bench_merge(device, copy_bw) -> list[dict]:
     return rows
 
 
-def bench_recompression(device, copy_bw) -> list[dict]:
-    """One tick of decode-time recompression of 64 Llama-3-8B requests at 10 % of 16k (64 x 32 x 8
-    heads of 1,704 rows, back to 1,640): the heads' scores from their pages (two reads of the keys)
-    and the in-place compaction of the kept rows (K and V of the moved rows read and written)."""
+def bench_recompression(device, copy_bw, shapes=((64, 1704, 1640), (256, 269, 205))) -> list[dict]:
+    """One tick of decode-time recompression, part by part, at two shapes of Llama-3-8B heads
+    (32 layers x 8 KV heads a request, 4 query heads each, a ring of 32 queries):
+
+    * 64 requests at 10 % of 16k: heads of 1,704 rows back to 1,640;
+    * ``long-gen``'s tick: 256 requests at 10 % of 2k + 64 rows of decode, heads of 269 rows back
+      to 205 (the served benchmark's long-gen workload, where every request comes due at once).
+
+    Parts: the old copy of the queries out of the ring (``gather_ms``, no longer done), the scores
+    read from the pages with the queries in place (two reads of the keys), SnapKV's whole selection
+    (scores, pooling, two sorts) and the in-place compaction of the kept rows. ``roofline_ms``: the
+    keys read twice and the kept K and V rows read and written, at the copy bandwidth."""
+    from vllm_kvcompress.paged.heads import PagedHeads
+    from vllm_kvcompress.paged.query_ring import QueryRing
+    from vllm_kvcompress.policies.presets import build_policy
     from vllm_kvcompress.triton_kernels.paged_window_scores import paged_window_scores
 
-    heads, rows, keep, group, count, head_dim, bs = 64 * 32 * 8, 1704, 1640, 4, 32, 128, 16
-    width = -(-rows // bs)
-    k = torch.randn(heads * width, bs, head_dim, device=device, dtype=torch.bfloat16)
-    v = torch.randn_like(k)
-    table = torch.randperm(heads * width, device=device).view(heads, width).int()
-    lengths = torch.full((heads,), rows, device=device)
-    queries = torch.randn(heads, group, count, head_dim, device=device, dtype=torch.bfloat16)
-    score_ms = bench(lambda: paged_window_scores(queries, k, table, lengths, rows))
-    keep_idx = torch.rand(heads, rows, device=device).topk(keep, dim=1).indices.sort(dim=1).values
-    keep_len = torch.full((heads,), keep, device=device)
-    compact_ms = bench(lambda: triton_compaction.compact_rows(k, v, table, keep_idx, keep_len))
-    key_bytes = heads * rows * head_dim * 2
-    return [dict(op="recompression_tick", heads=heads, rows=rows, score_ms=score_ms,
-                 score_bw_frac=2 * key_bytes / (score_ms * 1e-3) / copy_bw, compact_ms=compact_ms)]
+    policy = build_policy("snapkv")
+    results = []
+    for requests, rows, keep in shapes:  # requests, rows a head holds, rows it keeps
+        layers, kv_heads, group, count, head_dim, bs = 32, 8, 4, 32, 128, 16
+        heads = requests * layers * kv_heads
+        width = -(-rows // bs)
+        k = torch.randn(heads * width, bs, head_dim, device=device, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        table = torch.randperm(heads * width, device=device).view(heads, width).int()
+        lengths = torch.full((heads,), rows, device=device)
+        ring = torch.randn(layers, requests, count, kv_heads * group, head_dim, device=device, dtype=torch.bfloat16)
+        index = torch.arange(heads, device=device)
+        queries = QueryRing(ring, index // (requests * kv_heads) % layers, index // kv_heads % requests,
+                            index % kv_heads, torch.full((heads,), 5 * count + 3, device=device), count, count, group)
+        paged = PagedHeads(queries, k, table, lengths, rows)
+        budgets = torch.full((heads,), keep).pin_memory()
+        gather_ms = bench(queries.dense)
+        score_ms = bench(lambda: paged_window_scores(queries, k, table, lengths, rows))
+        select_ms = bench(lambda: policy.select_heads(paged, budgets))
+        keep_idx = torch.rand(heads, rows, device=device).topk(keep, dim=1).indices.sort(dim=1).values
+        keep_len = torch.full((heads,), keep, device=device)
+        compact_ms = bench(lambda: triton_compaction.compact_rows(k, v, table, keep_idx, keep_len))
+        key_bytes = heads * rows * head_dim * 2
+        roofline_ms = (2 * key_bytes + 2 * 2 * heads * keep * head_dim * 2) / copy_bw * 1e3
+        results.append(dict(op="recompression_tick", requests=requests, heads=heads, rows=rows, keep=keep,
+                            gather_ms=gather_ms, score_ms=score_ms,
+                            score_bw_frac=2 * key_bytes / (score_ms * 1e-3) / copy_bw, select_ms=select_ms,
+                            compact_ms=compact_ms, roofline_ms=roofline_ms))
+        del k, v, table, ring, paged, keep_idx
+    return results
 
 
 def run_all(device="cuda", ops=("window_scores", "column_mass", "compaction", "merge", "recompression")) -> list[dict]:
