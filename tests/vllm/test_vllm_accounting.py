@@ -166,6 +166,24 @@ def test_compaction_and_reports_keep_lag_spares(reserve):
     assert ws.take_reports() == {}
 
 
+def test_reserved_rows_and_ring_are_not_reallocated_while_that_many_requests_run():
+    """The worker makes the table rows and the ring of recent queries for ``max_num_seqs``
+    requests at start-up (before vLLM's profiling run sizes the pool): requests up to that many
+    take rows of them, and their compression seeds the same ring."""
+    config = CompressionConfig(policy="snapkv", budget=16, window=4, decode_slack=20)
+    ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, config)
+    ws.reserve_rows(5, window=4, num_q_heads=2 * H, head_dim=D, dtype=torch.float32)
+    ring, tables = ws.recent, ws.tables
+    assert ring.shape == (L, 5, 4, 2 * H, D) and tables.shape[0] == 5
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request(f"r{i}", 8, [2 * L * H * i + j for j in range(L * H)])
+                                              for i in range(5)]))
+    ws.ensure_recent(4, 2 * H, D, torch.float32)  # what a request's first compression asks for
+    assert ws.recent is ring and ws.tables.shape[0] == 5 and sorted(r.row for r in ws.reqs.values()) == list(range(5))
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("r5", 8, list(range(200, 200 + L * H)))]))
+    assert ws.recent.shape[1] == ws.tables.shape[0] >= 6  # beyond them: both grow, as before
+    assert torch.equal(ws.recent[:, :5], ring)
+
+
 def test_finish_preempt_resume():
     ws = state()
     ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 8, [1, 2, 3, 4]), scheduled.new_request("b", 8, [5, 6, 7, 8], {"kv_compression": "none"})]))

@@ -262,6 +262,11 @@ def test_reserve_decode_growth_runs_the_same_load_without_preempting(tiny_model_
             returned_after[last_compression[e["req_id"]]] += e["freed"]
     assert any(e["kind"] == "compressed" and e["what"] == "decode" for e in events), "no tick ran"
     assert returned_after["prefill"] > 0 and returned_after["decode"] == 0, returned_after
+    # the ring of recent queries was made for max_num_seqs requests before the pool was sized
+    kinds = [e["kind"] for e in events]
+    (ring,) = [e for e in events if e["kind"] == "query_ring"]
+    assert kinds.index("query_ring") < kinds.index("manager_init")
+    assert ring["shape"][1:3] == [PREEMPT_ENGINE["max_num_seqs"], PREEMPT_CONFIG["window"]], ring
 
 
 # ==== the server's faults (issue #6) ==================================================================

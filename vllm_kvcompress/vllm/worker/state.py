@@ -173,6 +173,18 @@ class WorkerState:
             self._policies[key] = build_policy(config)
         return self._policies[key], config.decode_slack
 
+    def reserve_rows(self, rows: int, window: int | None = None, num_q_heads: int = 0, head_dim: int = 0,
+                     dtype: torch.dtype | None = None) -> None:
+        """Table rows for ``rows`` requests at once (vLLM's ``max_num_seqs``) and, with ``window``,
+        their ring of recent queries, made now. The worker calls it at start-up, before vLLM's
+        profiling run, so the KV pool is sized around the ring (8.6 GB for 1,024 Llama-3-8B requests at a
+        window of 32, vLLM's default ``max_num_seqs`` on an H100) instead of the ring growing into
+        memory the pool took, mid-serving."""
+        if rows > self.tables.shape[0]:
+            self._grow_tables(rows, self.tables.shape[3])
+        if window is not None:
+            self.ensure_recent(window, num_q_heads, head_dim, dtype)
+
     def ensure_recent(self, window: int, num_q_heads: int, head_dim: int, dtype: torch.dtype) -> None:
         """The ring of recent queries (decode-time recompression) exists and holds ``window`` queries."""
         if self.recent is None or self.recent.shape[2] < window:

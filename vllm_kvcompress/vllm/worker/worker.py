@@ -7,10 +7,11 @@
   ``get_kv_cache_spec`` reports one :class:`HeadBlockSpec` for the first layer and maps every other
   layer onto it (``shared_kv_cache_layers``): one kv-cache group, one pool, one metadata build.
   The runner's own per-request block table goes unused (``may_reinitialize_input_batch``).
-  With ``cuda_graphs`` the persistent decode buffers (:mod:`.graphs`) are allocated there too
-  (before vLLM's profiling run, so the KV pool is sized around them), and a step in which a
-  request still observes its prefill, or a head outgrows the graph tables, is kept from replaying a
-  decode graph (``_is_uniform_decode``).
+  With ``cuda_graphs`` the persistent decode buffers (:mod:`.graphs`) are allocated there too, and
+  with decode-time recompression the ring of recent queries it scores with, for ``max_num_seqs``
+  requests (:meth:`WorkerState.reserve_rows`): before vLLM's profiling run, so the KV pool is
+  sized around them. A step in which a request still observes its prefill, or a head outgrows the
+  graph tables, is kept from replaying a decode graph (``_is_uniform_decode``).
   On a GPU it also takes the process to one intra-op host thread (:func:`limit_host_threads`).
 * ``execute_model``: the scheduler's block ids go to :class:`WorkerState` before the forward.
 """
@@ -67,6 +68,14 @@ class _HeadBlockRunnerMixin:
             state = WorkerState(len(names), first.num_kv_heads, first.block_size, {n: i for i, n in enumerate(names)},
                              config, device=self.device, workspace_bytes=compression_workspace(spec, self.vllm_config),
                              shards=shards)
+            policy, decode_slack = state.policy_for(None)
+            if policy is not None and decode_slack is not None:  # the ring decode-time recompression scores with
+                model = self.vllm_config.model_config
+                state.reserve_rows(self.vllm_config.scheduler_config.max_num_seqs, policy.window,
+                                   model.get_num_attention_heads(self.vllm_config.parallel_config), first.head_size,
+                                   model.dtype)
+                runtime.event("query_ring", shape=list(state.recent.shape),
+                              bytes=state.recent.numel() * state.recent.element_size())
             if config.cuda_graphs:
                 # the step's queries, in the model's dtype (the spec's is the pool's: uint8 for fp8)
                 state.decode_buffers = DecodeBuffers.allocate(**decode_buffer_shape(spec, self.vllm_config,
