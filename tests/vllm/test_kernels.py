@@ -111,11 +111,12 @@ def test_paged_chunk_attention_matches_gathered_chunks(q_lens, seq_lens, group, 
         got = out[start:start + q_len].float()
         if fp8 and device == "cuda":
             # FlashAttention's fp8 path also rounds the probabilities to e4m3 (3 mantissa bits)
-            # before multiplying them with V: an element may be off by a few e4m3 steps (0.028 seen
-            # on an H100 where 2e-2 was allowed), so the whole chunk is compared by its relative
-            # norm, as the device notes' METHOD.md compares kernels
+            # before multiplying them with V: each by up to 2^-4 of itself, RMS 2^-4/sqrt(3) = 3.6 %,
+            # and over random V the output's relative error is about that RMS. So the chunk is
+            # compared by its relative norm (METHOD.md) within 5e-2: an H100 measured 0.0216 and
+            # 0.0218 (serving-notes.md, 2026-12-07); a wrong scale or index is off by order 1
             assert not got.isnan().any()
-            assert float((got - want).norm() / want.norm()) < 2e-2
+            assert float((got - want).norm() / want.norm()) < 5e-2
         else:
             tol = 1e-5 if dtype == torch.float32 and device == "cpu" else 2e-2
             torch.testing.assert_close(got, want, rtol=tol, atol=tol)
