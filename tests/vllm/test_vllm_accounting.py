@@ -166,6 +166,33 @@ def test_compaction_and_reports_keep_lag_spares(reserve):
     assert ws.take_reports() == {}
 
 
+@pytest.mark.parametrize("reserve", [False, True])
+def test_with_reserve_decode_growth_a_compacted_head_keeps_the_blocks_it_refills(reserve):
+    """A compressed request's compaction (its decode budget known, as at every tick) with
+    ``reserve_decode_growth`` leaves in each head's own table the blocks its rows fill in the next
+    LAG_TOKENS + decode_slack rows, and releases the rest: its heads then grow until the next tick
+    with no spare taken and no block moved. Without it the tail goes to the spares as before."""
+    config = CompressionConfig(policy="snapkv", budget=16, window=4, decode_slack=20, reserve_decode_growth=reserve)
+    ws = WorkerState(L, H, BS, {"l0": 0, "l1": 1}, config)
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 64, list(range(16)))]))
+    ws.append("a", 64)  # 4 blocks per head
+    before = [[ws.head_blocks("a", l, h) for h in range(H)] for l in range(L)]
+    ws.reqs["a"].compressed_to(torch.full((L, H), 5))
+    ws.compacted_heads("a", torch.tensor([[17, 5], [17, 5]]))
+    # kept: cdiv(17 + 2 + 20, 16) = 3 and cdiv(5 + 22, 16) = 2 blocks with the reserve, else 2 and 1
+    kept = [3, 2] if reserve else [2, 1]
+    assert [[ws.head_blocks("a", l, h) for h in range(H)] for l in range(L)] == \
+        [[before[l][h][:kept[h]] for h in range(H)] for l in range(L)]
+    released, T, lens = ws.take_reports()["a"]
+    assert lens == [[17, 5], [17, 5]] and len(released) + len(ws.reqs["a"].spare) == 16 - L * sum(kept)
+    if reserve:
+        assert ws.reqs["a"].spare == [] and len(released) == 6  # nothing else to hold
+        ws.append("a", 22)  # LAG_TOKENS + decode_slack rows: room in the heads' own blocks
+        assert [[len(ws.head_blocks("a", l, h)) for h in range(H)] for l in range(L)] == [kept] * L
+        with pytest.raises(RuntimeError, match="under-allocated"):
+            ws.append("a", 10)  # 49 rows need a fourth block in head 0: a spare the scheduler grants
+
+
 def test_reserved_rows_and_ring_are_not_reallocated_while_that_many_requests_run():
     """The worker makes the table rows and the ring of recent queries for ``max_num_seqs``
     requests at start-up (before vLLM's profiling run sizes the pool): requests up to that many

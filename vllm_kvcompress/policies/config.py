@@ -143,11 +143,12 @@ class CompressionConfig:
         only while the pool keeps room, besides its own blocks, for every compressed request running
         now to grow ``decode_slack`` rows a head -- what it may take before its next decode-time
         recompression -- so requests admitted all at once do not preempt the running ones later;
-        each request keeps the blocks a recompression frees as its spares for that regrowth
-        (on the H100 at KV-Compress's setup snapkv@0.1 was preempted 68 times in 45 s, each a 6k
-        prompt recomputed). Fewer requests then run at once; whether it pays is not measured yet
-        (benchmarks/results/serving-notes.md), so it is off by default. No effect without
-        ``decode_slack``.
+        each head keeps in its own table the blocks a recompression would free and it refills
+        before the next one (on the H100 at KV-Compress's setup snapkv@0.1 was preempted 68 times in
+        45 s without it, each a 6k prompt recomputed). Fewer requests then run at once. Served with
+        it, long generation ran at 5.9x plain vLLM (benchmarks/results/serving-notes.md, sixth
+        lease), but no lease has run it on and off side by side, so it is off by default. No effect
+        without ``decode_slack``.
     headkv_scores: path of a head-score JSON from ``python -m vllm_kvcompress.tools.calibrate``, which
         the headkv allocator reads (its ``heads`` option picks the retrieval or the
         retrieval-reasoning scores: ``headkv`` / ``headkv-r2``).

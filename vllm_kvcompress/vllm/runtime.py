@@ -67,11 +67,16 @@ def event(kind: str, **fields) -> None:
     events(kind, [fields])
 
 
+def events_enabled() -> bool:
+    """Whether :func:`events` writes anything (callers skip building big records otherwise)."""
+    return bool(os.environ.get(EVENTS_ENV)) and not TENSOR_PARALLEL_RANK
+
+
 def events(kind: str, records: list[dict]) -> None:
     """One event of ``kind`` per record, in one write (no-op without :data:`EVENTS_ENV`)."""
-    path = os.environ.get(EVENTS_ENV)
-    if not path or TENSOR_PARALLEL_RANK or not records:
+    if not events_enabled() or not records:
         return
+    path = os.environ[EVENTS_ENV]
     common = dict(kind=kind, pid=os.getpid(), t=round(time.time(), 4))
     with open(path, "a") as f:
         f.write("".join(json.dumps({**fields, **common}) + "\n" for fields in records))

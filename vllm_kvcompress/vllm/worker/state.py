@@ -373,7 +373,8 @@ class WorkerState:
     # ---- after a compression (compressor) and at the end of a step (connector) -------------
     def compacted_heads(self, rid: str, keep: torch.Tensor) -> None:
         """Every head now holds ``keep`` (int [L, all KV heads]) rows at the front of its blocks; the
-        blocks past its slot's rows -> spare."""
+        blocks past its slot's rows -> spare (with ``reserve_decode_growth``, those past the rows it
+        refills before its next recompression: :meth:`growth_kept`)."""
         self.compacted_requests([rid], keep[None])
 
     def compacted_requests(self, rids: list[str], keep: torch.Tensor) -> None:
@@ -387,12 +388,25 @@ class WorkerState:
             r = int(grown.nonzero()[0])
             raise RuntimeError(f"request {rids[r]}: compaction cannot grow a head "
                                f"({keep[r].tolist()} > {requests[r].lens.tolist()})")
-        kept_blocks = -(-self.shards.slot_rows(keep) // self.bs)  # [R, L, H]
+        slot_keep = self.shards.slot_rows(keep)  # [R, L, H]
         held = self.counts.blocks[rows]
-        col = torch.arange(int(held.max()))
-        tail = (col >= kept_blocks[..., None]) & (col < held[..., None])  # [R, L, H, width]
-        freed = self.host_tables[rows, :, :, : len(col)][tail].tolist()  # request-major
-        per_request = tail.flatten(1).sum(1).tolist()
+        kept_blocks = -(-slot_keep // self.bs)
+        regrowth = torch.tensor([self.growth_kept(request) for request in requests], dtype=torch.int64)
+        if bool(regrowth.any()):
+            # reserve_decode_growth: a head keeps in its own table the blocks it refills before its
+            # next recompression (spares_needed's rows), so a tick lists and moves no block ids and the
+            # steps after it assign none (serving-notes.md, sixth lease: 35 ms a tick of 256 requests,
+            # 8-13 ms at every 16th step)
+            refill = -(-(slot_keep + LAG_TOKENS + regrowth[:, None, None]) // self.bs)
+            kept_blocks = torch.where(regrowth[:, None, None] > 0, torch.minimum(held, torch.maximum(kept_blocks, refill)),
+                                      kept_blocks)
+        per_request = (held - kept_blocks).clamp(min=0).flatten(1).sum(1)
+        freed = []
+        if bool(per_request.any()):
+            col = torch.arange(int(held.max()))
+            tail = (col >= kept_blocks[..., None]) & (col < held[..., None])  # [R, L, H, width]
+            freed = self.host_tables[rows, :, :, : len(col)][tail].tolist()  # request-major
+        per_request = per_request.tolist()
         self.counts.compacted(rows, keep, kept_blocks)
         start = 0
         for request, count, max_len in zip(requests, per_request, keep.flatten(1).amax(1).tolist()):
