@@ -188,7 +188,8 @@ def paged_window_scores(queries: torch.Tensor | QueryRing, key_cache: torch.Tens
     """:func:`window_scores` of many heads from their pages, right-aligned (decode-time recompression).
 
     queries [n, group, count, D] (or a :class:`QueryRing`, copied out): head i's query heads'
-    ``count`` most recent queries, the newest at its last row; key_cache [num_blocks, block_size, D]; head_block_table int [n, max_blocks];
+    ``count`` most recent queries, the newest at its last row; key_cache [num_blocks, block_size,
+    D]; head_block_table int [n, max_blocks];
     lengths int [n] (rows each head holds, >= count); k_scale: float32 [1] or [n] of an fp8 key
     cache (the keys read through :func:`dequantize`), else None; returns float32 [n, width]: head
     i's scores in its last ``lengths[i]`` columns, 0 before them."""

@@ -398,8 +398,8 @@ class WorkerState:
             # steps after it assign none (serving-notes.md, sixth lease: 35 ms a tick of 256 requests,
             # 8-13 ms at every 16th step)
             refill = -(-(slot_keep + LAG_TOKENS + regrowth[:, None, None]) // self.bs)
-            kept_blocks = torch.where(regrowth[:, None, None] > 0, torch.minimum(held, torch.maximum(kept_blocks, refill)),
-                                      kept_blocks)
+            refilled = torch.minimum(held, torch.maximum(kept_blocks, refill))
+            kept_blocks = torch.where(regrowth[:, None, None] > 0, refilled, kept_blocks)
         per_request = (held - kept_blocks).clamp(min=0).flatten(1).sum(1)
         freed = []
         if bool(per_request.any()):
