@@ -18,7 +18,7 @@ import torch
 
 from vllm_kvcompress.triton_kernels import runs_on
 from vllm_kvcompress.paged import reference
-from vllm_kvcompress.paged.query_ring import QueryRing
+from vllm_kvcompress.paged.query_ring import QueryRing, dense_queries
 
 
 @dataclass
@@ -46,8 +46,7 @@ class PagedHeads:
     @property
     def window_queries(self) -> torch.Tensor:
         """[n * group, count, D], as LayerObservation holds them (copied out of a ring)."""
-        queries = self.queries.dense() if isinstance(self.queries, QueryRing) else self.queries
-        return queries.flatten(0, 1)
+        return dense_queries(self.queries).flatten(0, 1)
 
     @property
     def device(self) -> torch.device:

@@ -57,3 +57,8 @@ class QueryRing:
         order = (self.first_slots()[:, None] + torch.arange(self.count, device=device)) % self.window
         q_heads = self.heads[:, None] * self.group + torch.arange(self.group, device=device)
         return self.ring[self.layers[:, None, None], self.rows[:, None, None], order[:, None, :], q_heads[:, :, None]]
+
+
+def dense_queries(queries: torch.Tensor | QueryRing) -> torch.Tensor:
+    """[n, group, count, D]: ``queries`` as given, or copied out of a :class:`QueryRing`."""
+    return queries.dense() if isinstance(queries, QueryRing) else queries

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_kvcompress.paged.layout import cdiv
-from vllm_kvcompress.paged.query_ring import QueryRing
+from vllm_kvcompress.paged.query_ring import QueryRing, dense_queries
 
 
 def quantize(x: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
@@ -193,8 +193,7 @@ def paged_window_scores(queries: torch.Tensor | QueryRing, key_cache: torch.Tens
     lengths int [n] (rows each head holds, >= count); k_scale: float32 [1] or [n] of an fp8 key
     cache (the keys read through :func:`dequantize`), else None; returns float32 [n, width]: head
     i's scores in its last ``lengths[i]`` columns, 0 before them."""
-    if isinstance(queries, QueryRing):
-        queries = queries.dense()
+    queries = dense_queries(queries)
     n, group, count, head_dim = queries.shape
     keys = gather_heads_padded(key_cache, head_block_table, lengths, width, k_scale)
     padding = torch.arange(width, device=keys.device)[None, :] < (width - lengths.to(keys.device))[:, None]

@@ -391,15 +391,14 @@ class WorkerState:
         slot_keep = self.shards.slot_rows(keep)  # [R, L, H]
         held = self.counts.blocks[rows]
         kept_blocks = -(-slot_keep // self.bs)
-        regrowth = torch.tensor([self.growth_kept(request) for request in requests], dtype=torch.int64)
-        if bool(regrowth.any()):
+        regrows = torch.tensor([self.growth_kept(request) > 0 for request in requests])
+        if bool(regrows.any()):
             # reserve_decode_growth: a head keeps in its own table the blocks it refills before its
             # next recompression (spares_needed's rows), so a tick lists and moves no block ids and the
             # steps after it assign none (serving-notes.md, sixth lease: 35 ms a tick of 256 requests,
             # 8-13 ms at every 16th step)
-            refill = -(-(slot_keep + LAG_TOKENS + regrowth[:, None, None]) // self.bs)
-            refilled = torch.minimum(held, torch.maximum(kept_blocks, refill))
-            kept_blocks = torch.where(regrowth[:, None, None] > 0, refilled, kept_blocks)
+            refilled = torch.minimum(held, self._blocks_ahead(requests, slot_keep))
+            kept_blocks = torch.where(regrows[:, None, None], refilled, kept_blocks)
         per_request = (held - kept_blocks).clamp(min=0).flatten(1).sum(1)
         freed = []
         if bool(per_request.any()):
@@ -430,10 +429,15 @@ class WorkerState:
     def _spares_needed(self, reqs: list[Request]) -> list[int]:
         """:meth:`spares_needed` of several requests, in one go over their rows of ``counts``."""
         rows = torch.tensor([request.row for request in reqs], dtype=torch.int64)
-        ahead = torch.tensor([LAG_TOKENS + self.growth_kept(request) for request in reqs], dtype=torch.int64)
         slot_lens = self.shards.slot_rows(self.counts.lens[rows])
-        grow = (-(-(slot_lens + ahead[:, None, None]) // self.bs) - self.counts.blocks[rows]).clamp(min=0)
+        grow = (self._blocks_ahead(reqs, slot_lens) - self.counts.blocks[rows]).clamp(min=0)
         return grow.sum((1, 2)).tolist()
+
+    def _blocks_ahead(self, reqs: list[Request], slot_lens: torch.Tensor) -> torch.Tensor:
+        """int64 [R, L, H]: the blocks each head of ``reqs`` needs for its ``slot_lens`` rows and
+        the next ``LAG_TOKENS`` + :meth:`growth_kept` rows."""
+        ahead = torch.tensor([LAG_TOKENS + self.growth_kept(request) for request in reqs], dtype=torch.int64)
+        return -(-(slot_lens + ahead[:, None, None]) // self.bs)
 
     def growth_kept(self, request: Request) -> int:
         """Rows a head of the request grows before its next recompression whose blocks it keeps as
