@@ -94,7 +94,7 @@ def bench_column_mass(device) -> list[dict]:
 
     q_heads, kv_heads, head_dim = 32, 8, 128
     rows = []
-    for seq_len in (4096, 16384):
+    for seq_len in (2048, 4096, 16384):  # 2048: long-gen's prompts
         q_tok = torch.randn(seq_len, q_heads, head_dim, device=device, dtype=torch.bfloat16)
         k_tok = torch.randn(seq_len, kv_heads, head_dim, device=device, dtype=torch.bfloat16)
         query, key = q_tok.transpose(0, 1), k_tok.transpose(0, 1)  # the backend's views, no copies

@@ -127,11 +127,10 @@ def prefilled_requests(policy: str, prompt: int | list[int], budget: int | float
     state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64),
                         device=device)
     per_request = L * H * ((max(prompts) + 80) // BS + 2)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device).manual_seed(seed)  # made where they live: a GPU pool is gigabytes
 
     def random(*shape, normal=True):
-        values = torch.randn(*shape, generator=gen) if normal else torch.rand(*shape, generator=gen)
-        return values.to(device)
+        return (torch.randn if normal else torch.rand)(*shape, generator=gen, device=device)
 
     state.pool = random(2, per_request * len(prompts), BS, head_dim).to(torch.bfloat16)
     for r, length in enumerate(prompts):
@@ -162,7 +161,8 @@ def due_requests(policy: str, prompt: int, num_requests: int = 1, seed: int = 0,
         if layer_lengths:
             state.append(rid, L)
             request.lens.sub_(torch.arange(L)[:, None])
-        state.recent[:, request.row] = torch.randn(state.recent[:, request.row].shape, generator=gen).to(state.recent)
+        state.recent[:, request.row] = torch.randn(state.recent[:, request.row].shape, generator=gen,
+                                                   device=gen.device).to(state.recent)
         request.recent_count += 65 + r  # rings at different positions
     return state
 
