@@ -31,20 +31,31 @@ import host_overhead  # noqa: E402
 from profile_engine import host_waits, torch_profiler, write_tables, write_waits  # noqa: E402
 
 
-def prefill_case(policy: str, prompts: list[int], budget: float, device: str):
+def served_workspace(state, max_model_len: int) -> None:
+    """Give ``state`` the compression workspace a served worker of ``max_model_len`` reserves
+    (it decides how many heads one policy call takes)."""
+    from vllm_kvcompress.vllm.worker.worker import workspace_for
+
+    page = state.bs * state.pool.shape[-1] * state.pool.element_size()  # one head-block of K or V
+    state.workspace_bytes = workspace_for(2 * state.L * state.H * -(-max_model_len // state.bs) * page)
+
+
+def prefill_case(policy: str, prompts: list[int], budget: float, device: str, max_model_len: int):
     """A state whose requests' prompts just completed, and the call that compresses them."""
     from vllm_kvcompress.vllm.worker.compressor import Compressor
 
     state, _ = host_overhead.prefilled_requests(policy, prompts, budget, device=device)
+    served_workspace(state, max_model_len)
     rids = list(state.reqs)
     return lambda: Compressor(state).compress_prefills(rids)
 
 
-def tick_case(policy: str, rows: int, requests: int, device: str):
+def tick_case(policy: str, rows: int, requests: int, device: str, max_model_len: int):
     """A state of ``requests`` compressed requests, every head due, and the tick that recompresses them."""
     from vllm_kvcompress.vllm.worker.compressor import Compressor
 
     state = host_overhead.due_requests(policy, rows, requests, device=device)
+    served_workspace(state, max_model_len)
     rids = list(state.reqs)
     return lambda: Compressor(state).recompress(rids)
 
@@ -93,6 +104,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.1)
     parser.add_argument("--prompt", type=int, default=2048, help="tick: the prompt length whose budget the heads hold")
     parser.add_argument("--requests", type=int, default=256, help="tick: requests due")
+    parser.add_argument("--max-model-len", type=int, default=10240,
+                        help="sizes the compression workspace as a served worker's (default: long-gen's 2k + 8k)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("/tmp/compression-profile.txt"))
@@ -105,10 +118,10 @@ def main() -> None:
             for what in args.what.split(","):
                 if what == "prefill":
                     label = f"{policy} prefill of {len(prompts)} prompts {args.prompts} at {args.budget}"
-                    make = lambda: prefill_case(policy, prompts, args.budget, args.device)  # noqa: E731
+                    make = lambda: prefill_case(policy, prompts, args.budget, args.device, args.max_model_len)  # noqa: E731
                 elif what == "tick":
                     label = f"{policy} tick of {args.requests} requests, heads of {rows + 65} rows back to {rows}"
-                    make = lambda: tick_case(policy, rows, args.requests, args.device)  # noqa: E731
+                    make = lambda: tick_case(policy, rows, args.requests, args.device, args.max_model_len)  # noqa: E731
                 else:
                     raise SystemExit(f"unknown --what {what!r}: prefill or tick")
                 row = dict(policy=policy, **measure(make, args.device, args.repeat, out, label))
