@@ -47,7 +47,12 @@ def prefill_case(policy: str, prompts: list[int], budget: float, device: str, ma
     state, _ = host_overhead.prefilled_requests(policy, prompts, budget, device=device)
     served_workspace(state, max_model_len)
     rids = list(state.reqs)
-    return lambda: Compressor(state).compress_prefills(rids)
+
+    def call():
+        Compressor(state).compress_prefills(rids)
+        if any(bool((state.reqs[rid].lens >= state.reqs[rid].num_tokens).all()) for rid in rids):
+            raise RuntimeError("a prefill compression kept every row")
+    return call
 
 
 def tick_case(policy: str, rows: int, requests: int, device: str, max_model_len: int):
@@ -57,7 +62,11 @@ def tick_case(policy: str, rows: int, requests: int, device: str, max_model_len:
     state = host_overhead.due_requests(policy, rows, requests, device=device)
     served_workspace(state, max_model_len)
     rids = list(state.reqs)
-    return lambda: Compressor(state).recompress(rids)
+
+    def call():
+        if len(Compressor(state).recompress(rids)) != len(rids):
+            raise RuntimeError("a request had no head over its budget")
+    return call
 
 
 def synchronize(device: str) -> None:
