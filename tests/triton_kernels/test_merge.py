@@ -102,3 +102,16 @@ def test_merge_rejects_bad_shapes(device):
     x = torch.randn(2, 5, 64, device=device)
     with pytest.raises(ValueError):
         merge_by_class(x, torch.rand(2, 4, device=device), torch.zeros(2, 5, dtype=torch.long, device=device), 3)
+
+
+def test_a_class_of_one_row_is_that_row_exactly(device):
+    """Retained rows that nothing merged into leave the merge unchanged, bit for bit, as in the
+    reference: a weighted mean of one row would be w * x / w, a rounding step off at times."""
+    gen = torch.Generator().manual_seed(3)
+    key = torch.randn(3, 40, 64, generator=gen).to(torch.bfloat16).to(device)
+    value = torch.randn(3, 40, 64, generator=gen).to(torch.bfloat16).to(device)
+    weight = (torch.rand(3, 40, generator=gen) * 7 + 0.3).to(device)
+    assign = torch.zeros(3, 40, dtype=torch.long)
+    assign[:, :30] = torch.arange(1, 31)  # rows 0..29 alone in classes 1..30; 30..39 dropped
+    k_out, v_out = merge_kv_by_class(key, value, weight, assign.to(device), 30)
+    assert torch.equal(k_out.cpu(), key[:, :30].float().cpu()) and torch.equal(v_out.cpu(), value[:, :30].float().cpu())

@@ -291,7 +291,7 @@ class EvictThenMergeReducer(Reducer):
         return classes[:, :seq_len]
 
     def reduce_layer(self, obs, scores, budgets, protected):
-        from vllm_kvcompress.paged.reference import merge_by_class
+        from vllm_kvcompress.paged.merge import merge_kv_by_class
 
         keep_idx = top_k_indices(scores, budgets, protected)
         # top_k_indices keeps min(budget, seq_len) rows a head: known here when the budgets are
@@ -300,8 +300,7 @@ class EvictThenMergeReducer(Reducer):
         width = keep_idx.shape[1]
         valid = (keep_idx >= 0)[..., None]
         weight = scores.float().clamp(min=0)
-        keys = merge_by_class(obs.keys, weight, classes, width) * valid
-        values = merge_by_class(obs.values, weight, classes, width) * valid
+        keys, values = (merged * valid for merged in merge_kv_by_class(obs.keys, obs.values, weight, classes, width))
         return RetainedLayer(keep_idx, keys.to(obs.keys.dtype), values.to(obs.values.dtype), valid[..., 0].sum(-1))
 
 

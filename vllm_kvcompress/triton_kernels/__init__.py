@@ -9,12 +9,13 @@ What the vLLM plugin calls, through :mod:`vllm_kvcompress.vllm.attention.kernels
 * ``paged_window_scores``: observation-window scores straight from the pages (prefill compression
   of row-selecting policies and decode-time recompression);
 * ``compaction``: each head's kept rows to the front of its pages, in place (``compact_rows``);
-* ``column_mass``: EMS's causal column mass (its global score) during prefill.
+* ``column_mass``: EMS's causal column mass (its global score) during prefill;
+* ``merge``: EMS's weighted merge of rows into their classes, K and V in one launch
+  (:mod:`vllm_kvcompress.paged.merge`).
 
 Benchmark-only alternatives, which the plugin does not call (``benchmarks/bench_cache_ops.py``
 compares them with what it does call): ``window_scores`` (dense keys: the plugin scores from the
-pages instead), ``merge`` (EMS's weighted merge of evicted rows: the plugin's EMS merges through the
-PyTorch policy code) and the CUDA C++ compaction in ``csrc/`` (``KVC_COMPACTION=cuda``).
+pages instead) and the CUDA C++ compaction in ``csrc/`` (``KVC_COMPACTION=cuda``).
 
 :func:`runs_on` is the one rule for kernel against reference.
 """

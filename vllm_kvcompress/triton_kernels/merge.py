@@ -68,9 +68,11 @@ def _merge_kernel(
                 x = dequantize_fp8(x, v_scale)
             wv += tl.sum(x * w[:, :, None], axis=1)
             sv += tl.sum(x, axis=1)
-    # Weighted mean; plain mean where the weights sum to 0; zeros for an empty class.
-    count = tl.maximum(end - start, 1).to(tl.float32)
-    use_w = mass > 0
+    # Weighted mean; plain mean where the weights sum to 0; zeros for an empty class; a class of
+    # one row is that row exactly (w * x / w can be one rounding step off), as in the reference.
+    members = end - start
+    count = tl.maximum(members, 1).to(tl.float32)
+    use_w = (mass > 0) & (members > 1)
     inv = tl.where(use_w, 1.0 / tl.where(use_w, mass, 1.0), 1.0 / count)[:, None]
     out = (h * num_classes + c[:, None]) * HEAD_DIM + d[None, :]
     m = c_ok[:, None] & d_ok[None, :]
