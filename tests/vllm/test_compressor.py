@@ -256,6 +256,35 @@ def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(poli
     assert prefilled.reqs["r1"].lens.tolist() == prefilled.reqs["r2"].lens.tolist() == [[60] * host.H] * host.L
 
 
+def pageable_copies(prof) -> int:
+    """Host-to-device copies from pageable memory in a torch.profiler run: each synchronizes the
+    stream, a wait the sync debug mode does not see."""
+    return sum(e.count for e in prof.key_averages() if "Pageable" in e.key and "HtoD" in e.key)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU can be waited for (gpu_session.sh kernels runs this)")
+@pytest.mark.parametrize("policy", ["snapkv", "ems"])
+def test_compressions_copy_nothing_from_pageable_memory(policy):
+    """No prefill compression or recompression tick copies host tensors (e.g. budgets) to the GPU
+    from pageable memory: such a copy waits for the step's queued work like a synchronization.
+    EMS's tick (budgets known on the host, a few compared rows a head) does not wait at all."""
+    prefilled, _ = host.prefilled_requests(policy, [600, 600], 60, head_dim=64, device="cuda")
+    due = host.due_requests(policy, 200, num_requests=3, head_dim=64, device="cuda")
+    compressor.Compressor(prefilled).compress_prefill("r0")  # first calls compile the kernels
+    compressor.Compressor(due).recompress(["r0"])
+    torch.cuda.synchronize()
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        compressor.Compressor(prefilled).compress_prefills(["r1"])
+        torch.cuda.set_sync_debug_mode("error")  # any wait for the device raises
+        try:
+            assert compressor.Compressor(due).recompress(["r1", "r2"]) == ["r1", "r2"]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        torch.cuda.synchronize()
+    assert pageable_copies(prof) == 0
+
+
 @pytest.mark.parametrize("policy,two_fit", [("snapkv", False), ("adakv", False), ("pyramidkv", False),
                                              ("streamingllm", False), ("ems", False), ("snapkv", True)])
 def test_prefills_compressed_together_equal_prefills_compressed_one_by_one(policy, two_fit, monkeypatch):

@@ -52,6 +52,16 @@ def protected_positions(seq_len: int, window: int, sink: int, device=None, lengt
     return ((pos[None, :] >= start) & (pos[None, :] < start + sink)) | (pos[None, :] >= seq_len - window)
 
 
+def on_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (e.g. budgets the allocator made on the host) on ``device``, without waiting for it:
+    a CUDA copy from pageable host memory synchronizes the stream -- the host would wait for the
+    step's queued work -- so such a copy goes through pinned memory (PyTorch's pinned allocator
+    keeps the buffer until the copy is done)."""
+    if host.device == device or host.device.type != "cpu" or device.type != "cuda":
+        return host.to(device)
+    return (host if host.is_pinned() else host.pin_memory()).to(device, non_blocking=True)
+
+
 def top_k_indices(scores: torch.Tensor, budgets: torch.Tensor, protected: torch.Tensor) -> torch.Tensor:
     """Per head, the protected positions plus the best-scoring others, ``budgets[h]`` in all.
 
@@ -64,8 +74,7 @@ def top_k_indices(scores: torch.Tensor, budgets: torch.Tensor, protected: torch.
     order = torch.sort(s, dim=-1, descending=True, stable=True).indices
     width = int(budgets.max()) if num_heads else 0
     chosen = order[:, :width]
-    # budgets may be a pinned host tensor (decode-time recompression): its copy must not wait
-    in_budget = torch.arange(width, device=scores.device)[None, :] < budgets[:, None].to(scores.device, non_blocking=True)
+    in_budget = torch.arange(width, device=scores.device)[None, :] < on_device(budgets, scores.device)[:, None]
     chosen = torch.where(in_budget, chosen, torch.full_like(chosen, seq_len))  # padding sorts last
     chosen = chosen.sort(-1).values
     return torch.where(chosen < seq_len, chosen, torch.full_like(chosen, -1))
@@ -451,7 +460,7 @@ class WindowReducer(Reducer):
         window_rank = rank_of(score)  # [1 or num_heads, num_windows]
         if self.whole_windows and shared:
             sizes = torch.bincount(window[window >= 0], minlength=num_windows)
-            room = budgets.to(rows.device) - int(protected.sum())
+            room = on_device(budgets, rows.device) - int(protected.sum())
             kept_windows = fit_whole_windows(sizes, window_rank[0].argsort(), room)
             mask = protected[None, :] | (kept_windows[:, window.clamp(min=0)] & (window >= 0)[None, :])
             pos = torch.arange(seq_len, device=rows.device)
