@@ -146,7 +146,11 @@ class AdaKVAllocator(Allocator):
         flat = scores.float().masked_fill(protected, float("-inf")).reshape(-1, num_heads * seq_len)
         best = torch.sort(flat, dim=-1, descending=True, stable=True).indices[:, :slots]
         head = best // seq_len + torch.arange(flat.shape[0], device=flat.device)[:, None] * num_heads
-        return torch.bincount(head.reshape(-1), minlength=flat.shape[0] * num_heads).reshape(*layers, num_heads)
+        # a scatter, not torch.bincount: on a GPU bincount reads its input's largest value first (a wait
+        # for the device in every prefill compression of EMS / Ada-KV)
+        won = torch.zeros(flat.shape[0] * num_heads, dtype=torch.int64, device=flat.device)
+        won.scatter_add_(0, head.reshape(-1), torch.ones_like(head.reshape(-1)))
+        return won.reshape(*layers, num_heads)
 
 
 def tokens_for_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
