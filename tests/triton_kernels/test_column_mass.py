@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vllm_kvcompress.policies.observation import causal_column_mass
+from vllm_kvcompress.policies.observation import causal_column_mass, causal_row_lse as row_lse
 from vllm_kvcompress.triton_kernels.column_mass import column_mass
 
 TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -70,15 +70,6 @@ def test_column_mass_refuses_bad_shapes(device):
         column_mass(torch.randn(4, 10, 24, device=device), torch.randn(2, 10, 24, device=device))
 
 
-def row_lse(query: torch.Tensor, key: torch.Tensor, start: int) -> torch.Tensor:
-    """Each query row's causal log-sum-exp (natural log) [Hq, q_len], as FlashAttention returns it."""
-    group = query.shape[0] // key.shape[0]
-    logits = torch.einsum("hqd,hld->hql", query.float(), key.float().repeat_interleave(group, 0))
-    logits = logits / query.shape[-1] ** 0.5
-    rows = start + torch.arange(query.shape[1])
-    return logits.masked_fill(torch.arange(key.shape[1])[None, :] > rows[:, None], float("-inf")).logsumexp(-1)
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("q_len,seq_len,start", [(37, 37, 0), (45, 200, 155)])
 def test_column_mass_with_the_rows_lse_given_skips_nothing_else(dtype, q_len, seq_len, start, device):
@@ -93,3 +84,31 @@ def test_column_mass_with_the_rows_lse_given_skips_nothing_else(dtype, q_len, se
     assert err <= TOL[dtype], f"rel err {err:.2e}"
     with pytest.raises(ValueError, match="lse must be"):
         column_mass(query.to(device), key.to(device), start, lse=lse[:, 1:].to(device))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_kv_heads,group,lengths", [(2, 4, [37, 1, 130]), (3, 1, [64, 65]), (1, 3, [90])])
+def test_prompt_column_masses_of_a_step_equal_each_prompts_mass(dtype, num_kv_heads, group, lengths, device):
+    """Whole prompts of one step in one launch: each prompt's columns hold its own mass, from its
+    own tokens of the step (decode tokens between them), its own log-sum-exp columns."""
+    from vllm_kvcompress.triton_kernels.column_mass import prompt_column_masses
+
+    gen = torch.Generator().manual_seed(len(lengths))
+    head_dim, gap = 32, 3  # 3 other tokens before each prompt in the step
+    tokens = sum(lengths) + gap * len(lengths)
+    query = torch.randn(tokens, num_kv_heads * group, head_dim, generator=gen).to(dtype)
+    key = (torch.randn(tokens, num_kv_heads, head_dim, generator=gen) * 2).to(dtype)
+    firsts = [gap * (i + 1) + sum(lengths[:i]) for i in range(len(lengths))]
+    lse_cols = [5 + sum(lengths[:i]) for i in range(len(lengths))]  # FlashAttention's fresh rows, 5 others first
+    out_cols = [sum(lengths[i + 1:]) for i in range(len(lengths))]  # the result in another order
+    lse = torch.full((num_kv_heads * group, 5 + sum(lengths)), float("nan"))
+    for a, c, n in zip(firsts, lse_cols, lengths):
+        lse[:, c:c + n] = row_lse(query[a:a + n].transpose(0, 1), key[a:a + n].transpose(0, 1), 0)
+    prompts = torch.tensor([firsts, lse_cols, out_cols, lengths], dtype=torch.int64)
+    mass = prompt_column_masses(query.to(device), key.to(device), prompts.to(device), max(lengths), sum(lengths),
+                                lse.to(device))
+    assert mass.shape == (num_kv_heads, sum(lengths)) and not mass.isnan().any()
+    for a, c, n in zip(firsts, out_cols, lengths):
+        ref = causal_column_mass(query[a:a + n].transpose(0, 1).float(), key[a:a + n].transpose(0, 1).float())
+        err = ((mass[:, c:c + n].cpu().double() - ref.double()).norm() / ref.double().norm()).item()
+        assert err <= TOL[dtype], f"rel err {err:.2e}"

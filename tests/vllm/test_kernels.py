@@ -61,6 +61,33 @@ def test_column_mass_on_the_cpu_is_the_reference():
                                rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_prompt_column_masses_of_a_step_equal_each_prompts_column_mass(path, monkeypatch):
+    """The whole prompts a step prefills get their column masses together (one launch a layer on a
+    GPU): each prompt's columns hold what :func:`kernels.column_mass` gives it alone. ``kernel``:
+    the CUDA branch (natively on a GPU, under Triton's interpreter on the CPU)."""
+    on_gpu = path == "kernel" and torch.cuda.is_available()
+    if path == "kernel" and not on_gpu:  # tests/conftest.py set TRITON_INTERPRET=1
+        monkeypatch.setattr(kernels, "runs_on", lambda where: True)
+    from vllm_kvcompress.policies.observation import causal_row_lse as row_lse
+
+    gen = torch.Generator().manual_seed(0)
+    lengths, firsts = [19, 33, 1], [2, 22, 56]  # decode tokens between the prompts
+    query, key = torch.randn(60, 8, 16, generator=gen), torch.randn(60, 2, 16, generator=gen)
+    spans = [(a, 4 + sum(lengths[:i]), sum(lengths[:i]), n) for i, (a, n) in enumerate(zip(firsts, lengths))]
+    lse = torch.zeros(8, 4 + sum(lengths))
+    for a, column, _, n in spans:
+        lse[:, column:column + n] = row_lse(query[a:a + n].transpose(0, 1), key[a:a + n].transpose(0, 1), 0)
+    device = "cuda" if on_gpu else "cpu"
+    prompts = torch.tensor(spans).T.contiguous().to(device) if path == "kernel" else None
+    masses = kernels.prompt_column_masses(query.to(device), key.to(device), spans, prompts, lse.to(device)).cpu()
+    for a, _, column, n in spans:
+        alone = kernels.column_mass(query[a:a + n].transpose(0, 1), key[a:a + n].transpose(0, 1))
+        exact = path == "reference"  # the kernel sums in another order
+        torch.testing.assert_close(masses[:, column:column + n], alone, rtol=0 if exact else 1e-4,
+                                   atol=0 if exact else 1e-5)
+
+
 @pytest.mark.parametrize("q_lens,seq_lens,group", [([5, 17], [40, 17], 4), ([33], [130], 1), ([8, 8, 3], [8, 64, 99], 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8", [False, True], ids=["values", "fp8"])

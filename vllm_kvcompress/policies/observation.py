@@ -81,6 +81,19 @@ class LayerObservation:
         return 1.0 / math.sqrt(self.keys.shape[-1])
 
 
+def causal_row_lse(query: torch.Tensor, key: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """Each causal query row's log-sum-exp (natural log) of its scaled logits, float32 [num_q_heads,
+    q_len] -- what FlashAttention returns with a prefill's output (and the column mass kernels take
+    instead of computing it). Shapes as :func:`causal_column_mass`; the whole logits in memory
+    (tests and references only)."""
+    group = query.shape[0] // key.shape[0]
+    logits = torch.einsum("hqd,hld->hql", query.float(), key.float().repeat_interleave(group, 0))
+    logits = logits / math.sqrt(query.shape[-1])
+    rows = start + torch.arange(query.shape[1], device=query.device)
+    hidden = torch.arange(key.shape[1], device=query.device)[None, :] > rows[:, None]
+    return logits.masked_fill(hidden, float("-inf")).logsumexp(-1)
+
+
 def causal_column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, chunk: int | None = None) -> torch.Tensor:
     """Attention mass each key receives from causal queries, summed over each GQA group.
 

@@ -65,17 +65,30 @@ def _row_lse_kernel(
     tl.store(lse_ptr + q_head * stride_lh + rows, row_max + tl.log2(row_sum), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["q_len", "seq_len", "start"])
+@triton.jit(do_not_specialize=["q_len", "seq_len", "start", "num_prompts"])
 def _column_mass_kernel(
-    q_ptr, k_ptr, lse_ptr, mass_ptr,
-    q_len, seq_len, start, group, sm_scale_log2,
+    q_ptr, k_ptr, lse_ptr, mass_ptr, prompts_ptr,
+    q_len, seq_len, start, group, sm_scale_log2, num_prompts,
     stride_qh, stride_qt, stride_kh, stride_kt, stride_lh, stride_mh,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, PROMPTS: tl.constexpr,
 ):
-    """Grid (num_kv_heads, cdiv(seq_len, BLOCK_N)); mass: fp32 [num_kv_heads, seq_len]."""
+    """Grid (num_kv_heads, cdiv(seq_len, BLOCK_N)); mass: fp32 [num_kv_heads, seq_len].
+    PROMPTS: grid (num_kv_heads, cdiv(longest, BLOCK_N), num_prompts), whole prompts of one step;
+    prompts_ptr: int64 [4, num_prompts] -- each prompt's first token in q / k, first column in lse,
+    first column in mass, length (q_len = seq_len = its length, start 0)."""
     kv_head = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
+    if PROMPTS:
+        prompt = tl.program_id(2)
+        first_token = tl.load(prompts_ptr + prompt)
+        q_ptr += first_token * stride_qt
+        k_ptr += first_token * stride_kt
+        lse_ptr += tl.load(prompts_ptr + num_prompts + prompt)
+        mass_ptr += tl.load(prompts_ptr + 2 * num_prompts + prompt)
+        q_len = tl.load(prompts_ptr + 3 * num_prompts + prompt)
+        seq_len = q_len
+        start = 0
     cols = n0 + tl.arange(0, BLOCK_N)
     col_ok = cols < seq_len
     d = tl.arange(0, HEAD_DIM)
@@ -143,6 +156,45 @@ def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: tor
             query, key, lse, q_len, seq_len, start, group, scale_log2,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), **common)
     _column_mass_kernel[(num_kv_heads, triton.cdiv(seq_len, block_n))](
-        query, key, lse, mass, q_len, seq_len, start, group, scale_log2,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), mass.stride(0), **common)
+        query, key, lse, mass, mass, q_len, seq_len, start, group, scale_log2, 0,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), lse.stride(0), mass.stride(0),
+        PROMPTS=False, **common)
+    return mass
+
+
+def prompt_column_masses(query: torch.Tensor, key: torch.Tensor, prompts: torch.Tensor, longest: int, width: int,
+                         lse: torch.Tensor, *, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """:func:`column_mass` of several whole prompts of one step, in one launch (a step of a few 2k
+    prompts launched one small grid per prompt and layer: a fraction of the SMs busy).
+
+    query: [tokens, num_q_heads, head_dim] and key: [tokens, num_kv_heads, head_dim], the step's
+    tokens (last dim contiguous); prompts: int64 [4, P] on the device -- each prompt's first token,
+    its first column in ``lse``, its first column in the result, its length (every prompt whole:
+    queries at positions 0 .. length-1 over keys 0 .. length-1); longest: the longest length (host);
+    width: the result's columns (host); lse: float32 [num_q_heads, >= the prompts' columns], the
+    rows' log-sum-exp (natural log), as FlashAttention's varlen prefill returns it.
+    Returns float32 [num_kv_heads, width]; prompt p's mass in its columns, the rest unwritten."""
+    tokens, num_q_heads, head_dim = query.shape
+    num_kv_heads = key.shape[1]
+    group = num_q_heads // num_kv_heads
+    if key.shape[0] != tokens or key.shape[2] != head_dim or group * num_kv_heads != num_q_heads:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not pair into GQA groups")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        raise ValueError("query and key need a contiguous last dim")
+    if prompts.dim() != 2 or prompts.shape[0] != 4 or lse.shape[0] != num_q_heads:
+        raise ValueError(f"prompts must be [4, P] and lse [{num_q_heads}, ...], got {tuple(prompts.shape)}, "
+                         f"{tuple(lse.shape)}")
+    mass = torch.empty(num_kv_heads, width, dtype=torch.float32, device=query.device)
+    num_prompts = prompts.shape[1]
+    if num_prompts == 0 or longest == 0:
+        return mass
+    lse = lse.float() * _LOG2E  # base 2, as the kernel keeps it
+    _column_mass_kernel[(num_kv_heads, triton.cdiv(longest, block_n), num_prompts)](
+        query, key, lse, mass, prompts.contiguous(), 0, 0, 0, group, _LOG2E / math.sqrt(head_dim), num_prompts,
+        query.stride(1), query.stride(0), key.stride(1), key.stride(0), lse.stride(0), mass.stride(0),
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        DOT_F32=bool(triton.knobs.runtime.interpret) and query.dtype == torch.bfloat16,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PROMPTS=True, num_warps=4, num_stages=2)
     return mass

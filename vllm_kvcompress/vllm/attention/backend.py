@@ -10,7 +10,6 @@ them as full CUDA graphs.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -56,6 +55,10 @@ class HeadBlockMetadata:
     rows (device);
     fresh_cu: int32 [len(fresh) + 1] their sequences' offsets on the device; lse_rows: fresh rows
     whose EMS observation takes FlashAttention's log-sum-exp (row -> first fresh token);
+    mass_spans: the fresh rows whose column mass is observed (EMS), one (first token, first lse
+    column, first column of the step's masses, length) each, computed together
+    (kernels.prompt_column_masses; mass_prompts: the same on the device, CUDA), mass_columns: row
+    -> its first column of the step's masses;
     chunks: the other rows (continued prefill chunks), chunk: their layout (kernels.ChunkLayout);
     observe: rows whose queries the compressor needs; record: (token indices or None for every token, flat ring index row * window + slot) of
     the queries kept for decode-time recompression; dummy: profiling / warm-up run.
@@ -77,6 +80,9 @@ class HeadBlockMetadata:
     fresh_tokens: torch.Tensor | None = None
     fresh_cu: torch.Tensor | None = None
     lse_rows: dict = field(default_factory=dict)
+    mass_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
+    mass_prompts: torch.Tensor | None = None
+    mass_columns: dict = field(default_factory=dict)
     chunks: list[int] = field(default_factory=list)
     chunk: kernels.ChunkLayout | None = None
     observe: list[int] = field(default_factory=list)
@@ -174,11 +180,19 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         if metadata.fresh:  # FlashAttention's offsets, uploaded here: made in the forward, each layer's would wait
             fresh_lens = torch.tensor([seq_lens[r] for r in metadata.fresh], dtype=torch.int32)
             extra["fresh_cu"] = torch.cat([torch.zeros(1, dtype=torch.int32), fresh_lens.cumsum(0, dtype=torch.int32)])
+            observed = set(metadata.observe)
+            first = extra["fresh_cu"][:-1].tolist()
+            massed = [(i, r) for i, r in enumerate(metadata.fresh)
+                      if r in observed and state.reqs[req_ids[r]].policy.needs_global_attention]
+            column = 0
+            for i, r in massed:  # the whole prompts' column masses, all in one launch a layer
+                metadata.mass_spans.append((qsl[r], first[i], column, seq_lens[r]))
+                metadata.mass_columns[r] = column
+                column += seq_lens[r]
             if on_gpu:
-                observed = set(metadata.observe)
-                first = extra["fresh_cu"][:-1].tolist()
-                metadata.lse_rows = {r: first[i] for i, r in enumerate(metadata.fresh)
-                               if r in observed and state.reqs[req_ids[r]].policy.needs_global_attention}
+                metadata.lse_rows = {r: first[i] for i, r in massed}
+                if massed:
+                    extra["mass_prompts"] = torch.tensor(metadata.mass_spans, dtype=torch.int64).T.contiguous()
         chunk_starts, chunk_lens = [qsl[r] for r in metadata.chunks], [q_lens[r] for r in metadata.chunks]
         if metadata.chunks:
             extra["chunk_rows"] = torch.tensor(metadata.chunks, dtype=torch.int64)
@@ -194,6 +208,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         layout = state.prepare_step(req_ids, q_lens, extra)
         metadata.slots, metadata.tables, metadata.lens = layout.slots, layout.tables, layout.lens
         metadata.fresh_tokens, metadata.fresh_cu = layout.extra.get("fresh_tokens"), layout.extra.get("fresh_cu")
+        metadata.mass_prompts = layout.extra.get("mass_prompts")
         if metadata.chunks:
             metadata.chunk = kernels.ChunkLayout(layout.extra["chunk_rows"], chunk_starts, chunk_lens,
                                            layout.extra.get("chunk_q_index"), layout.extra.get("chunk_cu_q_lens"),
@@ -319,21 +334,23 @@ class HeadBlockImpl(AttentionImpl):
             kernels.paged_chunk_attention(q, out, key_cache, value_cache, tables[chunk_rows], lens[chunk_rows],
                                           metadata.chunk, self.scale, k_scale, v_scale,
                                           layer._q_scale if self.fp8 else None)
+        masses = None if not metadata.mass_spans else \
+            kernels.prompt_column_masses(q, k, metadata.mass_spans, metadata.mass_prompts, lse)
         for r in metadata.observe:
-            first = metadata.lse_rows.get(r)
-            row_lse = None if first is None else lse[:, first:first + metadata.seq_lens[r]]
-            self._observe(state, metadata, r, q, k, key_cache, row_lse, k_scale)
+            column = metadata.mass_columns.get(r)
+            mass = None if column is None else masses[:, column:column + metadata.seq_lens[r]]
+            self._observe(state, metadata, r, q, k, key_cache, mass, k_scale)
         if metadata.record is not None:  # newest queries into their requests' rings, one kernel
             tokens, ring_index = metadata.record
             ring = state.recent[l].view(-1, self.num_heads, self.head_size)  # [rows * window, Hq, D]
             ring.index_copy_(0, ring_index, (q if tokens is None else q[tokens]).to(ring.dtype))
         return output
 
-    def _observe(self, state, metadata, r, q, k, key_cache, lse=None, k_scale=None) -> None:
+    def _observe(self, state, metadata, r, q, k, key_cache, mass=None, k_scale=None) -> None:
         """Stash the request's latest window queries and (EMS) accumulate the causal column mass
-        (``lse``: its rows' log-sum-exp from the prefill's FlashAttention, when it has them). A
+        (``mass``: a whole prompt's, computed with the step's others, ``metadata.mass_spans``). A
         continued chunk's mass reads the earlier keys from the pages (fp8: dequantized with
-        ``k_scale``); a whole prompt's, the fresh keys."""
+        ``k_scale``)."""
         request = state.reqs[metadata.req_ids[r]]
         a, b = metadata.query_start_loc[r], metadata.query_start_loc[r + 1]
         qh = q[a:b].transpose(0, 1)  # [Hq, q_len, D]
@@ -347,7 +364,7 @@ class HeadBlockImpl(AttentionImpl):
                 keys = reference.gather_heads(key_cache, metadata.tables[self.layer, r], metadata.seq_lens[r],
                                               k_scale).to(qh.dtype)
                 start = metadata.seq_lens[r] - (b - a)
-            signal_kernels = {"global_attention": functools.partial(kernels.column_mass, lse=lse)}
+            signal_kernels = {"global_attention": kernels.column_mass if mass is None else lambda *_, **__: mass}
             observed = observe_prefill(request.policy.observes, qh, keys, start, signal_kernels)
         request.observe(self.layer, qh, request.policy.window, observed, accumulate=chunk)
 

@@ -220,6 +220,28 @@ def column_mass(query, key, start: int = 0, lse: torch.Tensor | None = None) -> 
     return causal_column_mass(query, key, start=start)
 
 
+def prompt_column_masses(query: torch.Tensor, key: torch.Tensor, spans: list[tuple[int, int, int, int]],
+                         prompts: torch.Tensor | None, lse: torch.Tensor | None) -> torch.Tensor:
+    """:func:`column_mass` of the whole prompts a step prefills, all at once.
+
+    query [tokens, Hq, D], key [tokens, H, D]: the step's tokens; spans: per prompt (first token,
+    first column of ``lse``, first column of the result, length), on the host; prompts: the same
+    as int64 [4, P] on the device (CUDA); lse: FlashAttention's log-sum-exp of the prefill's rows
+    [Hq, ...] (CUDA). Returns float32 [H, total length], each prompt's mass in its columns.
+    CUDA: one Triton launch for all (a launch per prompt and layer left most SMs idle at 2k
+    tokens); CPU: the reference per prompt, as :func:`column_mass` computes it."""
+    width = sum(length for *_, length in spans)
+    if runs_on(query):
+        from vllm_kvcompress.triton_kernels.column_mass import prompt_column_masses as triton_masses
+
+        return triton_masses(query, key, prompts, max(length for *_, length in spans), width, lse)
+    mass = torch.empty(key.shape[1], width, dtype=torch.float32, device=key.device)
+    for first, _, column, length in spans:
+        mass[:, column:column + length] = causal_column_mass(query[first:first + length].transpose(0, 1),
+                                                             key[first:first + length].transpose(0, 1))
+    return mass
+
+
 _warmed: set = set()
 
 
@@ -232,4 +254,8 @@ def warm_up(num_q_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dt
     query = torch.randn(num_q_heads, 16, head_size, dtype=dtype, device=device)
     key = torch.randn(num_kv_heads, 16, head_size, dtype=dtype, device=device)
     column_mass(query, key)
+    spans = [(0, 0, 0, 16)]
+    prompt_column_masses(query.transpose(0, 1), key.transpose(0, 1), spans,
+                         torch.tensor(spans, device=device).T.contiguous(),
+                         torch.zeros(num_q_heads, 16, device=device))
     _warmed.add((num_q_heads, num_kv_heads, head_size, dtype))
