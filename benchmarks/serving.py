@@ -41,7 +41,9 @@ client's first request to min(its end, the window); a plain 2k/8k run of 256 req
 over 30 minutes. From the server's Prometheus counters between those two instants: output tok/s =
 ``vllm:generation_tokens_total`` / elapsed, total tok/s adds ``vllm:prompt_tokens_total`` (counted
 when a prompt's prefill ends), preemptions; ``vllm:num_requests_running`` sampled at ~2 Hz for the
-peak. A run cut by its window has ``complete: false`` (the client is cancelled, its connections
+peak. Ratios to plain (``ratio_plain``) compare output tok/s; ``ratio_plain_total`` compares total
+tok/s, as KV-Compress reports its multipliers (in a prefill-bound window a larger batch shows as
+prompt tokens served more than as output). A run cut by its window has ``complete: false`` (the client is cancelled, its connections
 close, the server aborts the requests and is drained before the next run); a run that finishes
 inside it also records the client's TTFT / TPOT p50/p99.
 
@@ -744,6 +746,11 @@ def add_derived(records: list[dict], meta: dict) -> None:
                                             ("ratio_same_batch", SAME_BATCH, r["plugin"])):
             ref = reference(r, config) if applies else None
             r[field_name] = round(r["output_tok_s"] / ref["output_tok_s"], 4) if ref else None
+        # total (prompt + output) tok/s against plain's, as KV-Compress reports its multipliers: in a
+        # prefill-bound window output tok/s alone understates what a larger batch served
+        ref = reference(r, PLAIN)
+        r["ratio_plain_total"] = (round(r["total_tok_s"] / ref["total_tok_s"], 4)
+                                  if ref and r.get("total_tok_s") and ref.get("total_tok_s") else None)
         if r["plugin"] and r["config"].endswith("+fp8"):  # against the same policy and budget over bf16
             ref = reference(r, r["config"].removesuffix("+fp8"))
             if ref is not None and ref["settings"].get("kv_options") != r["settings"].get("kv_options"):
@@ -1092,7 +1099,7 @@ def print_table(records: list[dict]) -> None:
         return f"{f(p.get('p50'))}/{f(p.get('p99'))}"
 
     header = (f"{'workload':<13} {'arrival':<12} {'config':<20} {'kept':>6} {'out tok/s':>10} {'tot tok/s':>10} "
-              f"{'xplain':>6} {'xfp8':>5} {'xsame':>5} {'peak':>5} {'preem':>5} {'ceil%':>5} {'TTFT p50/99':>12} "
+              f"{'xplain':>6} {'xtot':>5} {'xfp8':>5} {'xsame':>5} {'peak':>5} {'preem':>5} {'ceil%':>5} {'TTFT p50/99':>12} "
               f"{'TPOT p50/99':>11} {'s':>5}  status")
     print("\n" + header)
     print("-" * len(header))
@@ -1102,7 +1109,8 @@ def print_table(records: list[dict]) -> None:
         reason = r.get("skip_reason") or r.get("error") or ""
         print(f"{r['workload']:<13} {r['arrival']:<12} {r['config']:<20} {f(r.get('budget_fraction'), '{:.3f}'):>6} "
               f"{f(r.get('output_tok_s'), '{:.1f}'):>10} {f(r.get('total_tok_s'), '{:.1f}'):>10} "
-              f"{f(r.get('ratio_plain'), '{:.2f}'):>6} {f(r.get('ratio_fp8'), '{:.2f}'):>5} "
+              f"{f(r.get('ratio_plain'), '{:.2f}'):>6} {f(r.get('ratio_plain_total'), '{:.2f}'):>5} "
+              f"{f(r.get('ratio_fp8'), '{:.2f}'):>5} "
               f"{f(r.get('ratio_same_batch'), '{:.2f}'):>5} {f(r.get('peak_running')):>5} {f(r.get('preemptions')):>5} "
               f"{f(None if r.get('ceiling_fraction') is None else 100 * r['ceiling_fraction']):>5} "
               f"{pct(r, 'ttft_ms'):>12} {pct(r, 'tpot_ms'):>11} {f(r.get('duration_s')):>5}  {status} {reason[:80]}")

@@ -337,8 +337,9 @@ def test_derived_ratios_and_ceiling_are_quotients():
                 "output_tok_s": tok_s, "settings": settings, "kv_pool_tokens": 512, "budget_fraction": fraction,
                 "kv_cache_dtype": "auto", **extra}
 
-    records = [rec("plain", 100.0), rec("plain-fp8", 125.0, kv_cache_dtype="fp8", kv_pool_tokens=1024),
-               rec("same-batch-plain", 400.0), rec("snapkv@32", 150.0, plugin=True, fraction=0.1, decode_slack=64),
+    records = [rec("plain", 100.0, total_tok_s=1000.0), rec("plain-fp8", 125.0, kv_cache_dtype="fp8", kv_pool_tokens=1024),
+               rec("same-batch-plain", 400.0),
+               rec("snapkv@32", 150.0, plugin=True, fraction=0.1, decode_slack=64, total_tok_s=2600.0),
                dict(rec("streamingllm@0.1", 90.0, plugin=True), settings={**settings, "requests": 8}),
                rec("ems@0.1", None, plugin=True)]
     meta = {"copy_bandwidth": {"bytes_per_s": 1e10}, "prefill": {"tiny/w": {"prompt_tok_s": 5000.0, "source": "t"}}}
@@ -346,6 +347,8 @@ def test_derived_ratios_and_ceiling_are_quotients():
     plain, fp8, same, snap, other, failed = records
     assert (plain["ratio_plain"], plain["ratio_fp8"], fp8["ratio_plain"], same["ratio_plain"]) == (1.0, None, 1.25, 4.0)
     assert (snap["ratio_plain"], snap["ratio_fp8"], snap["ratio_same_batch"]) == (1.5, 1.2, 0.375)
+    # total tok/s, as KV-Compress reports its multipliers; none where a side has no total
+    assert (snap["ratio_plain_total"], plain["ratio_plain_total"], fp8["ratio_plain_total"]) == (2.6, 1.0, None)
     assert (other["ratio_plain"], other["ratio_fp8"]) == (None, None)  # other settings: no reference
     assert "ratio_plain" not in failed and failed.get("ceiling_fraction") is None
     from common import decode_weight_bytes, kv_bytes_per_token
