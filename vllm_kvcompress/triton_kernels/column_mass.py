@@ -124,15 +124,9 @@ def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: tor
     """
     num_q_heads, q_len, head_dim = query.shape
     num_kv_heads, seq_len, key_dim = key.shape
-    group = num_q_heads // num_kv_heads
-    if key_dim != head_dim or group * num_kv_heads != num_q_heads:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not pair into GQA groups")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    group = _check_heads(query, key, num_q_heads, num_kv_heads, head_dim, key_dim)
     if seq_len < start + q_len:
         raise ValueError(f"{seq_len} keys cannot hold queries at positions {start} .. {start + q_len - 1}")
-    if query.stride(-1) != 1 or key.stride(-1) != 1:
-        raise ValueError("query and key need a contiguous last dim")
     given = lse
     if given is not None and given.shape != (num_q_heads, q_len):
         raise ValueError(f"lse must be [{num_q_heads}, {q_len}], got {tuple(given.shape)}")
@@ -143,13 +137,7 @@ def column_mass(query: torch.Tensor, key: torch.Tensor, start: int = 0, out: tor
         raise ValueError(f"out must be float32 {(num_kv_heads, seq_len)}, got {mass.dtype} {tuple(mass.shape)}")
     if q_len == 0:
         return mass.zero_()
-    common = dict(
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        DOT_F32=bool(triton.knobs.runtime.interpret) and query.dtype == torch.bfloat16,
-        # fp32 inputs get full-precision dots: tf32 would err ~1e-3 in the logits
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
-        num_warps=4, num_stages=2,
-    )
+    common = _launch_options(query, head_dim, block_m, block_n)
     scale_log2 = _LOG2E / math.sqrt(head_dim)
     if given is None:
         _row_lse_kernel[(num_q_heads, triton.cdiv(q_len, block_m))](
@@ -175,14 +163,8 @@ def prompt_column_masses(query: torch.Tensor, key: torch.Tensor, prompts: torch.
     rows' log-sum-exp (natural log), as FlashAttention's varlen prefill returns it.
     Returns float32 [num_kv_heads, width]; prompt p's mass in its columns, the rest unwritten."""
     tokens, num_q_heads, head_dim = query.shape
-    num_kv_heads = key.shape[1]
-    group = num_q_heads // num_kv_heads
-    if key.shape[0] != tokens or key.shape[2] != head_dim or group * num_kv_heads != num_q_heads:
-        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not pair into GQA groups")
-    if head_dim & (head_dim - 1) or head_dim < 16:
-        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
-    if query.stride(-1) != 1 or key.stride(-1) != 1:
-        raise ValueError("query and key need a contiguous last dim")
+    key_tokens, num_kv_heads, key_dim = key.shape
+    group = _check_heads(query, key, num_q_heads, num_kv_heads, head_dim, key_dim if key_tokens == tokens else -1)
     if prompts.dim() != 2 or prompts.shape[0] != 4 or lse.shape[0] != num_q_heads:
         raise ValueError(f"prompts must be [4, P] and lse [{num_q_heads}, ...], got {tuple(prompts.shape)}, "
                          f"{tuple(lse.shape)}")
@@ -194,7 +176,29 @@ def prompt_column_masses(query: torch.Tensor, key: torch.Tensor, prompts: torch.
     _column_mass_kernel[(num_kv_heads, triton.cdiv(longest, block_n), num_prompts)](
         query, key, lse, mass, prompts.contiguous(), 0, 0, 0, group, _LOG2E / math.sqrt(head_dim), num_prompts,
         query.stride(1), query.stride(0), key.stride(1), key.stride(0), lse.stride(0), mass.stride(0),
+        PROMPTS=True, **_launch_options(query, head_dim, block_m, block_n))
+    return mass
+
+
+def _check_heads(query: torch.Tensor, key: torch.Tensor, num_q_heads: int, num_kv_heads: int, head_dim: int,
+                 key_dim: int) -> int:
+    """The GQA group size of ``query`` over ``key``, or a ValueError saying why they cannot pair
+    (``key_dim`` -1: their tokens differ)."""
+    group = num_q_heads // num_kv_heads
+    if key_dim != head_dim or group * num_kv_heads != num_q_heads:
+        raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} do not pair into GQA groups")
+    if head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1:
+        raise ValueError("query and key need a contiguous last dim")
+    return group
+
+
+def _launch_options(query: torch.Tensor, head_dim: int, block_m: int, block_n: int) -> dict:
+    return dict(
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_F32=bool(triton.knobs.runtime.interpret) and query.dtype == torch.bfloat16,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", PROMPTS=True, num_warps=4, num_stages=2)
-    return mass
+        # fp32 inputs get full-precision dots: tf32 would err ~1e-3 in the logits
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4, num_stages=2,
+    )
