@@ -18,6 +18,7 @@ shapes are the real ones), for a check of the script.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -28,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import host_overhead  # noqa: E402
-from profile_engine import host_waits, torch_profiler, write_tables, write_waits  # noqa: E402
+from profile_engine import host_waits, pageable_copies, torch_profiler, write_tables, write_waits  # noqa: E402
 
 
 def served_workspace(state, max_model_len: int) -> None:
@@ -88,24 +89,14 @@ def measure(make, device: str, repeat: int, out, what: str) -> dict:
         del call
     call = make()
     synchronize(device)
-    with host_waits() if device.startswith("cuda") else _no_waits() as caught, torch_profiler() as prof:
+    with host_waits() if device.startswith("cuda") else contextlib.nullcontext([]) as caught, torch_profiler() as prof:
         call()
         synchronize(device)
     write_waits(out, caught, what)
     write_tables(out, prof, what)
     waits = sum("synchroniz" in str(w.message) for w in caught)
-    # copies from pageable host memory wait for the stream too, unseen by the sync debug mode
-    pageable = sum(e.count for e in prof.key_averages() if "Pageable" in e.key and "HtoD" in e.key)
     return dict(what=what, first_ms=round(times[0], 2), wall_ms=round(statistics.median(times[1:]), 2), waits=waits,
-                pageable_copies=pageable)
-
-
-class _no_waits:
-    def __enter__(self):
-        return []
-
-    def __exit__(self, *exc):
-        return False
+                pageable_copies=pageable_copies(prof))
 
 
 def main() -> None:

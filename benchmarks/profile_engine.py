@@ -89,6 +89,12 @@ def host_waits():
             torch.cuda.set_sync_debug_mode(0)
 
 
+def pageable_copies(profiler) -> int:
+    """Host-to-device copies from pageable memory in a torch.profiler run: each synchronizes the
+    stream, a wait the sync debug mode (:func:`host_waits`) does not see."""
+    return sum(e.count for e in profiler.key_averages() if "Pageable" in e.key and "HtoD" in e.key)
+
+
 def write_waits(f, caught, what: str) -> None:
     """The host's waits for the GPU by the line that made them, most first."""
     import collections

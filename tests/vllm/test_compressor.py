@@ -256,12 +256,6 @@ def test_compressions_with_budgets_known_on_the_host_never_wait_for_the_gpu(poli
     assert prefilled.reqs["r1"].lens.tolist() == prefilled.reqs["r2"].lens.tolist() == [[60] * host.H] * host.L
 
 
-def pageable_copies(prof) -> int:
-    """Host-to-device copies from pageable memory in a torch.profiler run: each synchronizes the
-    stream, a wait the sync debug mode does not see."""
-    return sum(e.count for e in prof.key_averages() if "Pageable" in e.key and "HtoD" in e.key)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="only a GPU can be waited for (gpu_session.sh kernels runs this)")
 @pytest.mark.parametrize("policy", ["snapkv", "ems"])
 def test_compressions_copy_nothing_from_pageable_memory(policy):
@@ -282,7 +276,7 @@ def test_compressions_copy_nothing_from_pageable_memory(policy):
         finally:
             torch.cuda.set_sync_debug_mode(0)
         torch.cuda.synchronize()
-    assert pageable_copies(prof) == 0
+    assert benchmark_modules.load("profile_engine").pageable_copies(prof) == 0
 
 
 @pytest.mark.parametrize("policy,two_fit", [("snapkv", False), ("adakv", False), ("pyramidkv", False),

@@ -79,7 +79,7 @@ def test_prompt_column_masses_of_a_step_equal_each_prompts_column_mass(path, mon
     for a, column, _, n in spans:
         lse[:, column:column + n] = row_lse(query[a:a + n].transpose(0, 1), key[a:a + n].transpose(0, 1), 0)
     device = "cuda" if on_gpu else "cpu"
-    prompts = torch.tensor(spans).T.contiguous().to(device) if path == "kernel" else None
+    prompts = kernels.prompt_table(spans).to(device) if path == "kernel" else None
     masses = kernels.prompt_column_masses(query.to(device), key.to(device), spans, prompts, lse.to(device)).cpu()
     for a, _, column, n in spans:
         alone = kernels.column_mass(query[a:a + n].transpose(0, 1), key[a:a + n].transpose(0, 1))

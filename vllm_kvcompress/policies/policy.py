@@ -180,8 +180,9 @@ class Policy:
         """:meth:`recompress_heads` for reducers that only select rows (``reducer.selects_rows``),
         from an observation without dense keys (:class:`~vllm_kvcompress.paged.heads.PagedHeads`):
         the rows each head keeps, int64 [n, max(budgets)], increasing columns of ``heads`` (its
-        right-aligned layout), -1 padded. budgets: int64 [n] on the host (pinned on CUDA, so that
-        nothing waits for the device)."""
+        right-aligned layout), -1 padded. budgets: int64 [n] on the host (they reach the device
+        through pinned memory, :func:`~vllm_kvcompress.policies.reduction.on_device`, so that
+        nothing waits for it)."""
         scores, protected = self.decode_scores(heads)
         return self.reducer.select_heads(heads, scores, budgets, protected)
 

@@ -53,12 +53,12 @@ class HeadBlockMetadata:
     token indices (None: all tokens); decode: rows with
     one new token over cached rows (batched), decode_tokens / decode_rows: their token indices and
     rows (device);
-    fresh_cu: int32 [len(fresh) + 1] their sequences' offsets on the device; lse_rows: fresh rows
-    whose EMS observation takes FlashAttention's log-sum-exp (row -> first fresh token);
-    mass_spans: the fresh rows whose column mass is observed (EMS), one (first token, first lse
-    column, first column of the step's masses, length) each, computed together
-    (kernels.prompt_column_masses; mass_prompts: the same on the device, CUDA), mass_columns: row
-    -> its first column of the step's masses;
+    fresh_cu: int32 [len(fresh) + 1] their sequences' offsets on the device;
+    mass_spans: the fresh rows whose column mass is observed (EMS), one (first token, first column
+    of FlashAttention's log-sum-exp, first column of the step's masses, length) each, computed
+    together (kernels.prompt_column_masses); mass_prompts: the same on the device (CUDA only: the
+    kernel then takes the prefill's log-sum-exp); mass_columns: row -> its first column of the
+    step's masses;
     chunks: the other rows (continued prefill chunks), chunk: their layout (kernels.ChunkLayout);
     observe: rows whose queries the compressor needs; record: (token indices or None for every token, flat ring index row * window + slot) of
     the queries kept for decode-time recompression; dummy: profiling / warm-up run.
@@ -79,7 +79,6 @@ class HeadBlockMetadata:
     decode_rows: torch.Tensor | None = None
     fresh_tokens: torch.Tensor | None = None
     fresh_cu: torch.Tensor | None = None
-    lse_rows: dict = field(default_factory=dict)
     mass_spans: list[tuple[int, int, int, int]] = field(default_factory=list)
     mass_prompts: torch.Tensor | None = None
     mass_columns: dict = field(default_factory=dict)
@@ -189,10 +188,8 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                 metadata.mass_spans.append((qsl[r], first[i], column, seq_lens[r]))
                 metadata.mass_columns[r] = column
                 column += seq_lens[r]
-            if on_gpu:
-                metadata.lse_rows = {r: first[i] for i, r in massed}
-                if massed:
-                    extra["mass_prompts"] = torch.tensor(metadata.mass_spans, dtype=torch.int64).T.contiguous()
+            if on_gpu and massed:
+                extra["mass_prompts"] = kernels.prompt_table(metadata.mass_spans)
         chunk_starts, chunk_lens = [qsl[r] for r in metadata.chunks], [q_lens[r] for r in metadata.chunks]
         if metadata.chunks:
             extra["chunk_rows"] = torch.tensor(metadata.chunks, dtype=torch.int64)
@@ -312,7 +309,7 @@ class HeadBlockImpl(AttentionImpl):
             rows = metadata.fresh_tokens
             q_f, k_f, v_f = (x if rows is None else x[rows] for x in (q, k, v))
             fresh_lens = [metadata.seq_lens[r] for r in metadata.fresh]
-            if metadata.lse_rows:  # EMS observes some of them: FlashAttention's log-sum-exp saves a pass
+            if metadata.mass_prompts is not None:  # EMS's column mass kernel takes FlashAttention's log-sum-exp
                 attended, lse = kernels.prefill_attention(q_f, k_f, v_f, fresh_lens, self.scale, metadata.fresh_cu,
                                                           return_lse=True)
             else:

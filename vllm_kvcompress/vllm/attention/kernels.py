@@ -220,6 +220,11 @@ def column_mass(query, key, start: int = 0, lse: torch.Tensor | None = None) -> 
     return causal_column_mass(query, key, start=start)
 
 
+def prompt_table(spans: list[tuple[int, int, int, int]]) -> torch.Tensor:
+    """The ``prompts`` table of :func:`prompt_column_masses` (host, int64 [4, P]) from its spans."""
+    return torch.tensor(spans, dtype=torch.int64).T.contiguous()
+
+
 def prompt_column_masses(query: torch.Tensor, key: torch.Tensor, spans: list[tuple[int, int, int, int]],
                          prompts: torch.Tensor | None, lse: torch.Tensor | None) -> torch.Tensor:
     """:func:`column_mass` of the whole prompts a step prefills, all at once.
@@ -255,7 +260,6 @@ def warm_up(num_q_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dt
     key = torch.randn(num_kv_heads, 16, head_size, dtype=dtype, device=device)
     column_mass(query, key)
     spans = [(0, 0, 0, 16)]
-    prompt_column_masses(query.transpose(0, 1), key.transpose(0, 1), spans,
-                         torch.tensor(spans, device=device).T.contiguous(),
+    prompt_column_masses(query.transpose(0, 1), key.transpose(0, 1), spans, prompt_table(spans).to(device),
                          torch.zeros(num_q_heads, 16, device=device))
     _warmed.add((num_q_heads, num_kv_heads, head_size, dtype))

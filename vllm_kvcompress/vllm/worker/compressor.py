@@ -188,8 +188,7 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
                                                                  k_scale)
     if policy.scores_from_pages:
         with runtime.TIMER.device("tick_score_ms", on_cuda):
-            host_budgets = budgets.pin_memory() if on_cuda else budgets
-            keep = policy.select_heads(paged, host_budgets)  # columns of the right-aligned layout
+            keep = policy.select_heads(paged, budgets)  # columns of the right-aligned layout
         with runtime.TIMER.device("tick_write_ms", on_cuda):
             own_rows = keep - (width - dev["lengths"])[:, None]  # -1 padding stays out of each head's budget
             compaction.compact_rows(state.pool[0], state.pool[1], table, own_rows.contiguous(), dev["budgets"])
