@@ -408,10 +408,20 @@ def test_window_reducer_decode_time_ranks_each_head_and_fills_its_budget():
 @pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("relevant", [1.0, 0.9])
 @pytest.mark.parametrize("count_above", [256, 0])  # bounded by the budgets / candidates counted
-def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant, count_above):
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, relevant, count_above, path, monkeypatch):
     """EvictThenMergeReducer.classes compares only the tokens neither kept nor padding nor
-    irrelevant with the centres; the classes equal a comparison of every token with every centre."""
+    irrelevant with the centres; the classes equal a comparison of every token with every centre.
+    ``kernel``: the nearest centres from the Triton kernel (Triton's interpreter without a GPU),
+    which counts nothing."""
+    from vllm_kvcompress.paged import merge
+    from vllm_kvcompress.policies import reduction
     from vllm_kvcompress.policies.reduction import EvictThenMergeReducer, protected_positions, redundancy, top_k_indices, top_mass
+
+    device = "cuda" if path == "kernel" and torch.cuda.is_available() else "cpu"
+    if path == "kernel":
+        for module in (reduction, merge):
+            monkeypatch.setattr(module, "runs_on", lambda where: True)
 
     gen = torch.Generator().manual_seed(sum(budgets) + padded)
     heads, seq_len = 3, 14
@@ -426,7 +436,9 @@ def test_ems_classes_compare_only_the_tokens_that_can_merge(budgets, padded, rel
         scores = scores.masked_fill(obs.padding, float("-inf"))
     keep_idx = top_k_indices(scores, torch.tensor(budgets), protected)
     reducer = EvictThenMergeReducer(merge_threshold=0.3, relevant_mass=relevant, count_above=count_above)
-    got = reducer.classes(obs, keep_idx, protected, scores)
+    on_device = LayerObservation(obs.window_queries.to(device), keys.to(device), values.to(device),
+                                 lengths=None if lengths is None else lengths.to(device))
+    got = reducer.classes(on_device, keep_idx.to(device), protected.to(device), scores.to(device)).cpu()
     # every token against every centre (protected centres excluded), as worked out here
     valid = keep_idx >= 0
     centre_ok = valid & ~torch.gather(protected if protected.dim() == 2 else protected.expand(heads, -1), 1,

@@ -13,6 +13,7 @@ from vllm_kvcompress.policies.observation import LayerObservation
 from vllm_kvcompress.policies.scoring import WindowKVScorer
 from vllm_kvcompress.policies.registry import REDUCERS, check_bool, check_choice, check_int, check_number
 from vllm_kvcompress.policies.tensor_parallel import SINGLE, HeadShards
+from vllm_kvcompress.triton_kernels import runs_on
 
 
 @dataclass
@@ -199,6 +200,37 @@ def unit_redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.T
     return key_cos.mul_(torch.bmm(values, kept_values.mT).clamp_(min=0))
 
 
+def nearest_centres(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Tensor, target: torch.Tensor,
+                    order: torch.Tensor, candidate: torch.Tensor, block_rows: int | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each compared row's most :func:`redundancy`-similar merge target (EMS's class centres).
+
+    keys, values: [num_heads, seq_len, head_dim]; keep_idx: int64 [num_heads, num_kept], the
+    retained rows (-1 padded); target: bool [num_heads, num_kept], the slots a row may merge into;
+    order: int64 [num_heads, num_compared], the rows compared (distinct per head, candidates first);
+    candidate: bool [num_heads, seq_len], the rows that may merge; block_rows: compared rows a head
+    per pass (bounds the [heads, rows, num_kept] similarities; None: all at once).
+    Returns float32 [num_heads, seq_len] the best redundancy of each candidate compared (-inf for
+    every other row, and where no slot is a target) and int64 [num_heads, seq_len] its slot (of
+    equal maxima any). Triton kernel: :mod:`vllm_kvcompress.triton_kernels.redundancy`."""
+    num_heads, seq_len, head_dim = keys.shape
+    index = keep_idx.clamp(min=0)[..., None].expand(-1, -1, head_dim)
+    kept_keys, kept_values = (unit_rows(torch.gather(cached, 1, index)) for cached in (keys, values))
+    rows = order[..., None].expand(-1, -1, head_dim)
+    best_sim = torch.full((num_heads, seq_len), float("-inf"), device=keys.device)
+    best = torch.zeros(num_heads, seq_len, dtype=torch.long, device=keys.device)
+    block = block_rows or max(1, order.shape[1])
+    for start in range(0, order.shape[1], block):
+        part = order[:, start:start + block]
+        compared = (unit_rows(torch.gather(cached, 1, rows[:, start:start + block])) for cached in (keys, values))
+        similar = unit_redundancy(*compared, kept_keys, kept_values)
+        sim, arg = similar.masked_fill(~target[:, None, :], float("-inf")).max(-1)
+        sim = sim.masked_fill(~candidate.gather(1, part), float("-inf"))
+        best_sim.scatter_(1, part, sim)
+        best.scatter_(1, part, arg)
+    return best_sim, best
+
+
 @REDUCERS.register("ems-merge")
 @dataclass(frozen=True)
 class EvictThenMergeReducer(Reducer):
@@ -255,12 +287,12 @@ class EvictThenMergeReducer(Reducer):
         so only they are compared with the centres: at most ``seq_len - min(budget)`` a head, a
         small share of the rows when a decode-time recompression brings heads from budget + slack
         back to their budgets."""
-        num_heads, seq_len, head_dim = obs.keys.shape
+        from vllm_kvcompress.paged.merge import nearest_centres
+
+        num_heads, seq_len, _ = obs.keys.shape
         valid = keep_idx >= 0
         guarded = protected if protected.dim() == 2 else protected[None, :].expand(num_heads, -1)
         target = valid & ~torch.gather(guarded, 1, keep_idx.clamp(min=0))
-        index = keep_idx.clamp(min=0)[..., None].expand(-1, -1, head_dim)
-        kept_keys, kept_values = (unit_rows(torch.gather(cached, 1, index)) for cached in (obs.keys, obs.values))
         # not kept: the padding slots of keep_idx mark a spare last column, dropped after
         candidate = torch.ones(num_heads, seq_len + 1, dtype=torch.bool, device=obs.keys.device)
         candidate.scatter_(1, torch.where(valid, keep_idx, seq_len), False)
@@ -270,25 +302,18 @@ class EvictThenMergeReducer(Reducer):
         if scores is not None:  # evict first: irrelevant tokens merge into nothing
             candidate &= top_mass(scores, self.relevant_mass)
         # every head keeps at least its smallest budget, so this many columns hold every candidate;
-        # when that is many (a prefill: most rows are evicted, few of them relevant), count them
-        if fewest_kept is None:
+        # when that is many (a prefill: most rows are evicted, few of them relevant), the reference
+        # counts them. The kernel needs neither count (each a wait for the device): it skips the
+        # blocks of compared rows that hold no candidate
+        kernel = runs_on(obs.keys)
+        if fewest_kept is None and not kernel:
             fewest_kept = int(valid.sum(-1).min()) if num_heads else seq_len
-        most = seq_len - fewest_kept if num_heads else 0
-        if most > self.count_above:
+        most = seq_len - (fewest_kept or 0) if num_heads else 0
+        if most > self.count_above and not kernel:
             most = int(candidate.sum(-1).max())
         order = torch.sort(candidate.to(torch.int8), dim=-1, descending=True, stable=True).indices[:, :most]
         block = max(1, self.block_values // max(1, num_heads * keep_idx.shape[1]))  # compared rows a head
-        rows = order[..., None].expand(-1, -1, head_dim)
-        best_sim = torch.full((num_heads, seq_len), float("-inf"), device=obs.keys.device)
-        best = torch.zeros(num_heads, seq_len, dtype=torch.long, device=obs.keys.device)
-        for start in range(0, most, block):
-            part = order[:, start:start + block]
-            compared = (unit_rows(torch.gather(cached, 1, rows[:, start:start + block])) for cached in (obs.keys, obs.values))
-            similar = unit_redundancy(*compared, kept_keys, kept_values)
-            sim, arg = similar.masked_fill(~target[:, None, :], float("-inf")).max(-1)
-            sim = sim.masked_fill(~candidate.gather(1, part), float("-inf"))
-            best_sim.scatter_(1, part, sim)
-            best.scatter_(1, part, arg)
+        best_sim, best = nearest_centres(obs.keys, obs.values, keep_idx, target, order, candidate, block)
         merge = best_sim >= self.merge_threshold
         classes = torch.where(merge, best + 1, torch.zeros_like(best))
         # retained tokens are their own class, whatever their similarity to others. Padding slots
@@ -306,11 +331,10 @@ class EvictThenMergeReducer(Reducer):
         # top_k_indices keeps min(budget, seq_len) rows a head: known here when the budgets are
         fewest = min(int(budgets.min()), obs.seq_len) if budgets.device.type == "cpu" and len(budgets) else None
         classes = self.classes(obs, keep_idx, protected, scores, fewest)
-        width = keep_idx.shape[1]
-        valid = (keep_idx >= 0)[..., None]
         weight = scores.float().clamp(min=0)
-        keys, values = (merged * valid for merged in merge_kv_by_class(obs.keys, obs.values, weight, classes, width))
-        return RetainedLayer(keep_idx, keys.to(obs.keys.dtype), values.to(obs.values.dtype), valid[..., 0].sum(-1))
+        # a padding slot of keep_idx is an empty class: its merged rows are zeros
+        keys, values = merge_kv_by_class(obs.keys, obs.values, weight, classes, keep_idx.shape[1], obs.keys.dtype)
+        return RetainedLayer(keep_idx, keys, values, (keep_idx >= 0).sum(-1))
 
 
 def top_share(scores: torch.Tensor, share: float = 0.05) -> torch.Tensor:

@@ -31,7 +31,9 @@ def _merge_kernel(
 ):
     """Classes [c0, c0 + BLOCK_C) of head h, all at once: each step gathers the next BLOCK_T
     tokens of every class ([BLOCK_C, BLOCK_T, head_dim]) and sums them over the tokens.
-    FP8: k, v and the outputs are float8_e4m3fn rows of scales k_scale, v_scale (float32 [1])."""
+    FP8: k, v and the outputs are float8_e4m3fn rows of scales k_scale, v_scale (float32 [1]).
+    Other outputs of 16 bits: the means rounded to nearest even, as torch's ``.to`` (natively;
+    Triton 3.6's interpreter truncates)."""
     h = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # output rows; the classes are c + 1
     c_ok = c < num_classes
@@ -118,6 +120,7 @@ def merge_kv_by_class(
     segments: tuple[torch.Tensor, torch.Tensor] | None = None,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weighted mean of each class's K rows and V rows (EMS merge), both in one launch.
 
@@ -125,13 +128,14 @@ def merge_kv_by_class(
     weight:     [num_heads, seq_len], >= 0
     assign:     int [num_heads, seq_len] in [0, num_classes]; class 0 is dropped (values outside
                 that range are not checked: they corrupt other heads' classes)
-    out:        optional (key_out, value_out) float32 [num_heads, num_classes, head_dim], contiguous
+    out:        optional (key_out, value_out) [num_heads, num_classes, head_dim] of out_dtype, contiguous
     segments:   optional class_segments(assign, num_classes), to reuse one sort for several calls
     k_scale, v_scale: float32 [1] when key / value are float8_e4m3fn cache rows (v_scale None
                 without value): rows read and means stored as reference.merge_by_class(...,
                 cache_scale) does; the outputs are then float8_e4m3fn instead of float32
-    returns     (key_out, value_out), float32 [num_heads, num_classes, head_dim]; row c-1 holds
-                class c (value_out None when value is None)
+    out_dtype:  what the float32 means are rounded to as they are stored (without scales)
+    returns     (key_out, value_out), [num_heads, num_classes, head_dim] of out_dtype; row c-1
+                holds class c (value_out None when value is None)
     """
     num_heads, seq_len, head_dim = key.shape
     if value is not None and value.shape != key.shape:
@@ -145,7 +149,7 @@ def merge_kv_by_class(
     if v_scale is not None and not has_v:
         raise ValueError("v_scale without value")
     shape = (num_heads, num_classes, head_dim)
-    out_dtype = FP8_DTYPE if fp8 else torch.float32
+    out_dtype = FP8_DTYPE if fp8 else out_dtype
     if out is None:
         out = (torch.empty(shape, dtype=out_dtype, device=key.device),
                torch.empty(shape, dtype=out_dtype, device=key.device) if has_v else None)
