@@ -98,8 +98,9 @@ def gather_heads_padded(cache: torch.Tensor, head_block_table: torch.Tensor, len
     device = head_block_table.device
     positions = torch.arange(width, device=device)[None, :] - (width - lengths.to(device))[:, None]
     slots = slots_for_positions(head_block_table, positions, cache.shape[1])  # -1 before each head's rows
-    rows = dequantize(cache.flatten(0, 1)[slots.clamp(min=0)], per_head(cache_scale, 2))
-    return rows.masked_fill((slots < 0)[..., None], 0)
+    # one row gather (index_select) and the padding zeroed in place: a tick's dense copy is GBs
+    rows = cache.flatten(0, 1).index_select(0, slots.clamp(min=0).flatten()).view(*slots.shape, cache.shape[-1])
+    return dequantize(rows, per_head(cache_scale, 2)).masked_fill_((slots < 0)[..., None], 0)
 
 
 def gather_head(cache: torch.Tensor, block_ids: torch.Tensor, length: int,

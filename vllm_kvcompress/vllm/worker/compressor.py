@@ -198,7 +198,11 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
         scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
         keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
                         for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
-        kept_keys, kept_values = policy.recompress_heads(queries.dense().flatten(0, 1), keys, values, budgets,
+        # heads scored from their pages: no reducer reads queries, so a broadcast zero stands for
+        # the copy of them ([heads x group, count, D]: GBs at a 256-request tick)
+        dense_queries = (queries.dense().flatten(0, 1) if scored is None
+                         else keys.new_zeros(()).expand(len(rows) * group, count, keys.shape[-1]))
+        kept_keys, kept_values = policy.recompress_heads(dense_queries, keys, values, budgets,
                                                          None if uniform else dev["lengths"], scored)
     with runtime.TIMER.device("tick_write_ms", on_cuda):
         write_rows(state, table, kept_keys, kept_values, dev["budgets"], (k_scale, v_scale))
