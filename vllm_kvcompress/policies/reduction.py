@@ -173,10 +173,10 @@ def top_mass(scores: torch.Tensor, mass: float) -> torch.Tensor:
     """bool [num_heads, seq_len]: per head the best-scored tokens that together hold ``mass`` of
     its score (the fewest such, ties by position; 1.0 = every token with a positive score)."""
     weight = scores.float().clamp(min=0)
-    ordered = weight.sort(dim=-1, descending=True, stable=True).values
+    ordered, order = weight.sort(dim=-1, descending=True, stable=True)
     before = ordered.cumsum(-1) - ordered  # mass of the better tokens
     needed = (before < mass * ordered.sum(-1, keepdim=True)) & (ordered > 0)
-    return torch.gather(needed, 1, rank_of(weight))
+    return torch.empty_like(needed).scatter_(1, order, needed)  # back to the tokens' order
 
 
 def redundancy(keys: torch.Tensor, values: torch.Tensor, kept_keys: torch.Tensor, kept_values: torch.Tensor
