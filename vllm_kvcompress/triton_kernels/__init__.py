@@ -10,8 +10,10 @@ What the vLLM plugin calls, through :mod:`vllm_kvcompress.vllm.attention.kernels
   of row-selecting policies and decode-time recompression);
 * ``compaction``: each head's kept rows to the front of its pages, in place (``compact_rows``);
 * ``column_mass``: EMS's causal column mass (its global score) during prefill;
+* ``redundancy``: EMS's nearest centre of each row that can merge (its classes), K and V
+  cosines on tensor cores, nothing of size rows x centres in memory;
 * ``merge``: EMS's weighted merge of rows into their classes, K and V in one launch
-  (:mod:`vllm_kvcompress.paged.merge`).
+  (both through :mod:`vllm_kvcompress.paged.merge`).
 
 Benchmark-only alternatives, which the plugin does not call (``benchmarks/bench_cache_ops.py``
 compares them with what it does call): ``window_scores`` (dense keys: the plugin scores from the
