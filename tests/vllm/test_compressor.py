@@ -80,6 +80,21 @@ def test_calls_split_heads_longest_first_within_the_row_limit():
     assert [p.tolist() for p in compressor._calls(lengths, 30)] == [[1], [3], [2], [4, 0]]  # 40 > 30: alone
 
 
+def test_emss_merge_through_its_kernels_holds_more_rows_per_call(monkeypatch):
+    """On CUDA EMS's merge has no [rows, kept rows] similarities nor float32 copies of the rows
+    (its kernels), so a tick's policy call holds more rows of the same workspace: fewer calls."""
+    ws = host.due_requests("ems", 40, num_requests=2)
+    ws.workspace_bytes = 10_000_000
+    policy = ws.reqs["r0"].policy
+    reference_rows = compressor._max_rows(ws, policy, 32, 269, 204)
+    monkeypatch.setattr(compressor, "runs_on", lambda where: True)
+    kernel_rows = compressor._max_rows(ws, policy, 32, 269, 204)
+    head_dim, itemsize = ws.pool.shape[-1], ws.pool.element_size()
+    assert kernel_rows == ws.workspace_bytes // (4 * head_dim * itemsize + compressor.PAGED_ROW_BYTES
+                                                 + compressor.MERGE_ROW_BYTES)
+    assert kernel_rows > 2 * reference_rows
+
+
 def test_a_workspace_too_small_for_one_call_splits_it_with_the_same_rows():
     states = {}
     for name, workspace in (("one_call", 0), ("split", 300_000)):

@@ -51,6 +51,7 @@ from vllm_kvcompress.paged import compaction, reference
 from vllm_kvcompress.paged.heads import PagedHeads
 from vllm_kvcompress.paged.query_ring import QueryRing
 from vllm_kvcompress.paged.layout import slots_for_positions
+from vllm_kvcompress.triton_kernels import runs_on
 from vllm_kvcompress.vllm.attention import kernels
 from vllm_kvcompress.vllm import runtime
 from vllm_kvcompress.vllm.worker.request import Request
@@ -82,6 +83,7 @@ def write_rows(state: WorkerState, table: torch.Tensor, keys: torch.Tensor, valu
 
 
 PAGED_ROW_BYTES = 8 * 4 + 3 * 4  # a row scored from the pages: scores, pooled, masked, sort keys and indices; protected, padding
+MERGE_ROW_BYTES = 10 * 8  # a row of EMS's merge through its kernels: weight, top_mass's sort and sums, candidate order, nearest centre and its redundancy, class, the merge's sort keys and order
 
 
 def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: int) -> int | None:
@@ -90,9 +92,11 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
     (``Policy.scores_from_pages``) hold their float32 scores and a few companions of one row each
     (:class:`PagedHeads`); the others a
     dense copy of K and V, the scores (from the pages, or window-score temporaries -- logits,
-    probabilities, powers: float32 per query -- for scorers that read the keys) and, for a merge, the similarity of each row that can merge (at most ``width -
-    fewest_kept`` of a head's) to every kept row, with float32 copies of the rows compared.
-    None: no limit (a WorkerState without a workspace, in tests)."""
+    probabilities, powers: float32 per query -- for scorers that read the keys) and, for a merge,
+    on CUDA (its kernels: nothing of size rows x kept rows) the merged rows and a few companions of
+    each row (:data:`MERGE_ROW_BYTES`), elsewhere (the reference) the similarity of each row that
+    can merge (at most ``width - fewest_kept`` of a head's) to every kept row, with float32 copies
+    of the rows compared. None: no limit (a WorkerState without a workspace, in tests)."""
     if not state.workspace_bytes:
         return None
     group = state.recent.shape[3] // state.H  # query heads per KV head (the rings exist once a request is due)
@@ -104,7 +108,9 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
         # scorers that read no keys score from the pages (no dense window-score temporaries)
         scoring = 3 * group * max(count, 1) * 4 if policy.scorer.reads_keys else PAGED_ROW_BYTES
         per_row = 2 * head_dim * itemsize + scoring
-        if policy.reducer.merges_rows:
+        if policy.reducer.merges_rows and runs_on(state.pool):
+            per_row += 2 * head_dim * itemsize + MERGE_ROW_BYTES
+        elif policy.reducer.merges_rows:
             per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
     return max(1, state.workspace_bytes // per_row)
 
