@@ -22,9 +22,7 @@ def merge_kv_by_class(keys: torch.Tensor, values: torch.Tensor, weight: torch.Te
     if runs_on(keys):
         from vllm_kvcompress.triton_kernels.merge import merge_kv_by_class as kernel
 
-        return kernel(keys.contiguous() if keys.stride(-1) != 1 else keys,
-                      values.contiguous() if values.stride(-1) != 1 else values, weight, classes, num_classes,
-                      out_dtype=dtype)
+        return kernel(*_unit_last_stride(keys, values), weight, classes, num_classes, out_dtype=dtype)
     return (reference.merge_by_class(keys, weight, classes, num_classes).to(dtype),
             reference.merge_by_class(values, weight, classes, num_classes).to(dtype))
 
@@ -38,8 +36,12 @@ def nearest_centres(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Te
     if runs_on(keys):
         from vllm_kvcompress.triton_kernels.redundancy import nearest_centres as kernel
 
-        return kernel(keys.contiguous() if keys.stride(-1) != 1 else keys,
-                      values.contiguous() if values.stride(-1) != 1 else values, keep_idx, target, order, candidate)
+        return kernel(*_unit_last_stride(keys, values), keep_idx, target, order, candidate)
     from vllm_kvcompress.policies.reduction import nearest_centres as reference_nearest
 
     return reference_nearest(keys, values, keep_idx, target, order, candidate, block_rows)
+
+
+def _unit_last_stride(*rows: torch.Tensor) -> list[torch.Tensor]:
+    """``rows`` as the kernels read them: each with a unit last stride (copied only if it has none)."""
+    return [x if x.stride(-1) == 1 else x.contiguous() for x in rows]
