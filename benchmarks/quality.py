@@ -485,6 +485,25 @@ def load_setup(args, out: Path):
     return model, tokenizer, name, scores, None
 
 
+CALIBRATE = "calibrate"
+K_RANGE, V_RANGE = 200.0, 100.0  # vLLM's K_SCALE_CONSTANT / V_SCALE_CONSTANT (calc_kv_scales)
+
+
+def kv_scale_arg(text: str) -> float | str:
+    return CALIBRATE if text == CALIBRATE else float(text)
+
+
+def calibrated_scales(model, job) -> tuple[list[float], list[float]]:
+    """Per-layer fp8 scales by vLLM's ``--calculate-kv-scales`` rule: max |K| / 200 and max |V| /
+    100 of each layer's cached (post-RoPE) rows, over ``job``'s prompt prefilled with a full cache
+    of model-dtype rows -- what a checkpoint's calibrated KV scales look like, where the default
+    1.0 leaves small values in e4m3's subnormal range."""
+    observations = prefill(model, job.prompt_ids, used_logits_only=True).observations
+    k_scale = [obs.keys.abs().max().item() / K_RANGE for obs in observations]
+    v_scale = [obs.values.abs().max().item() / V_RANGE for obs in observations]
+    return k_scale, v_scale
+
+
 def query_heads_per_kv_head(model) -> int:
     config = model.config
     return config.num_attention_heads // getattr(config, "num_key_value_heads", config.num_attention_heads)
@@ -556,9 +575,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-cache-dtype", choices=("auto", "fp8"), default="auto",
                         help="fp8: every policy (and the full cache) over vLLM's fp8 KV cache, emulated "
                         "(hf.prefill(kv_cache_dtype=...)); compare with the auto run of the same settings")
-    parser.add_argument("--kv-scale", type=float, default=1.0,
+    parser.add_argument("--kv-scale", type=kv_scale_arg, default=1.0,
                         help="with --kv-cache-dtype fp8: the K and V scale of every layer (vLLM's default 1.0 "
-                        "without checkpoint scales)")
+                        "without checkpoint scales), or 'calibrate': per layer, vLLM's --calculate-kv-scales "
+                        "rule (max |K| / 200, max |V| / 100) over the first prompt's full-cache prefill, as "
+                        "a checkpoint's calibrated scales would set them")
     parser.add_argument("--resume", action="store_true", help="keep the per-sample results already in --out")
     parser.add_argument("--against", type=Path, metavar="JSON",
                         help="with --plot: also print, per task, the plotted run's answer probability and 1 / perplexity "
@@ -725,7 +746,11 @@ def run(args: argparse.Namespace) -> dict:
     }
     kv_cache = {}
     if args.kv_cache_dtype != "auto":  # (absent from the fingerprint of a cache of model-dtype rows)
-        kv_cache = {"kv_cache_dtype": args.kv_cache_dtype, "k_scale": args.kv_scale, "v_scale": args.kv_scale}
+        k_scale = v_scale = args.kv_scale
+        if args.kv_scale == CALIBRATE:
+            k_scale, v_scale = calibrated_scales(model, synthetic_jobs(tokenizer, args.tasks, 1, args.context_tokens,
+                                                                       args.depths, args.filler)[0])
+        kv_cache = {"kv_cache_dtype": args.kv_cache_dtype, "k_scale": k_scale, "v_scale": v_scale}
         config["kv_cache"] = kv_cache
     previous = json.loads(out.read_text()) if args.resume and out.exists() else None
     if previous is not None:  # files from before the essay filler used the templated sentences

@@ -221,6 +221,27 @@ def test_an_fp8_cache_run_is_a_configuration_of_its_own(quick_run, tmp_path):
     assert {r["policy"] for r in data["records"]} == {quality.FULL, "snapkv"}
 
 
+def test_calibrated_fp8_scales_follow_vllms_calculate_kv_scales_rule(tmp_path):
+    """--kv-scale calibrate: one K and one V scale per layer, max |row| / 200 (K) and / 100 (V) of
+    the first prompt's cached rows -- the fingerprint holds them, so a calibrated run is its own."""
+    from vllm_kvcompress.reference.hf import prefill
+    from vllm_kvcompress.tools.models import tiny_llama
+
+    model = tiny_llama(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+    job = quality.synthetic_jobs(quality.ByteTokenizer(), ["niah_single"], 1, 384, [0.5])[0]
+    k_scale, v_scale = quality.calibrated_scales(model, job)
+    observations = prefill(model, job.prompt_ids).observations
+    assert len(k_scale) == len(v_scale) == 2
+    for layer, obs in enumerate(observations):
+        assert k_scale[layer] == pytest.approx(obs.keys.abs().max().item() / 200, rel=1e-4)
+        assert v_scale[layer] == pytest.approx(obs.values.abs().max().item() / 100, rel=1e-4)
+    data = quality.main(["--quick", "--out", str(tmp_path / "fp8.json"), "--kv-cache-dtype", "fp8", "--kv-scale",
+                         "calibrate", "--policies", "snapkv", "--budgets", "0.2", "--tasks", "niah_single",
+                         "--ppl-chunks", "0"])
+    stored = data["config"]["fingerprint"]["kv_cache"]
+    assert len(stored["k_scale"]) == len(stored["v_scale"]) == 2 and stored["k_scale"] != stored["v_scale"]
+
+
 def _result(task, sample, policy, budget, score=None, nll=None, answer_nll=None):
     return {
         "task": task, "sample": sample, "policy": policy, "budget_fraction": budget, "score": score, "nll": nll,
