@@ -127,6 +127,20 @@ def state(policy="snapkv"):
     return WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy=policy, budget=16, window=4))
 
 
+def test_widening_the_block_tables_keeps_the_query_ring():
+    """A head that outgrows the tables' columns widens them; the ring of recent queries (one row
+    per table row, not per column) stays the same tensor -- copying it allocated the whole ring
+    again mid-step (an OOM at 256 requests of Llama-3-8B on an H100)."""
+    ws = state()
+    ws.reserve_rows(2, window=4, num_q_heads=2 * H, head_dim=D, dtype=torch.float32)
+    ring, columns = ws.recent, ws.tables.shape[3]
+    blocks = 2 * L * H * (columns + 1)
+    ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", BS * (columns + 1), list(range(blocks)))]))
+    ws.append("a", BS * (columns + 1))  # one block per head more than the tables have columns
+    assert ws.tables.shape[3] > columns and ws.recent is ring
+    assert ws.head_blocks("a", L - 1, H - 1)[-1] == L * H * (columns + 1) - 1
+
+
 def test_worker_assigns_blocks_per_head_in_order():
     ws = state()
     ws.ingest(scheduled.scheduler_output(new=[scheduled.new_request("a", 20, list(range(100, 108)))]))

@@ -217,7 +217,9 @@ class WorkerState:
         self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
         if rows > old.shape[0]:
             self.counts.grow(rows)
-        if self.recent is not None:
+        if self.recent is not None and rows > self.recent.shape[1]:
+            # only for new rows: widening the tables must not copy the ring (8 GiB at 1,024 rows of
+            # Llama-3-8B, allocated mid-step beside the old one)
             recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
             recent[:, : self.recent.shape[1]] = self.recent
             self.recent = recent
