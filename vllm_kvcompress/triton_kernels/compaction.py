@@ -28,7 +28,7 @@ import triton.language as tl
 _AS_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table", "stride_keep"])
 def _compact_kernel(
     k_ptr, v_ptr, table_ptr, keep_idx_ptr, keep_len_ptr,
     stride_block, stride_row, stride_table, stride_keep,

@@ -27,7 +27,7 @@ from vllm_kvcompress.triton_kernels.fp8 import check_scales
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_ts", "stride_th", "stride_ls", "stride_lh"])
 def _decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, len_ptr, k_scale_ptr, v_scale_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,

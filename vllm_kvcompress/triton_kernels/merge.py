@@ -21,7 +21,7 @@ import triton.language as tl
 from vllm_kvcompress.triton_kernels.fp8 import FP8_DTYPE, check_scales, dequantize_fp8, quantize_fp8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seq_len", "num_classes", "stride_wh"])
 def _merge_kernel(
     k_ptr, v_ptr, w_ptr, order_ptr, bounds_ptr, k_out_ptr, v_out_ptr, k_scale_ptr, v_scale_ptr,
     seq_len, num_classes,

@@ -29,7 +29,7 @@ def _unit(x, d_ok):
     return x / tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
 
 
-@triton.jit(do_not_specialize=["seq_len", "num_kept", "num_compared"])
+@triton.jit(do_not_specialize=["seq_len", "num_kept", "num_compared", "stride_keep", "stride_order", "stride_cand"])
 def _nearest_centre_kernel(
     k_ptr, v_ptr, keep_ptr, target_ptr, order_ptr, candidate_ptr, sim_ptr, best_ptr,
     seq_len, num_kept, num_compared,

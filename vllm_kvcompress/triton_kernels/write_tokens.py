@@ -12,7 +12,7 @@ import triton.language as tl
 from vllm_kvcompress.triton_kernels.fp8 import check_scales, quantize_fp8, scale_stride
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "stride_st", "stride_sh"])
 def _write_tokens_kernel(
     key_ptr, value_ptr, slot_ptr, key_cache_ptr, value_cache_ptr, k_scale_ptr, v_scale_ptr,
     num_rows, num_kv_heads,

@@ -1,0 +1,59 @@
+"""The kernels a recompression tick or a prefill step launches compile once per configuration, not
+once per size: Triton specializes integer arguments on being 1 or a multiple of 16 unless told
+not to (``do_not_specialize``), and a tick's calls vary their widths, head counts and table
+strides. The first full tick of a served EMS window on an H100 took 6 s, after a warm-up tick of
+one request had compiled every kernel once: compiles for other sizes would explain it.
+
+Native only: Triton's interpreter compiles nothing."""
+import pytest
+import torch
+
+from vllm_kvcompress.triton_kernels.merge import _merge_kernel, merge_kv_by_class
+from vllm_kvcompress.triton_kernels.paged_window_scores import _paged_window_scores_kernel, paged_window_scores
+from vllm_kvcompress.triton_kernels.write_tokens import _write_tokens_kernel, write_tokens
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton's interpreter compiles nothing")
+
+# widths that are a multiple of 16 or not, with the same block sizes (the launchers' constexprs)
+SIZES = (32, 37, 48, 53)
+
+
+def compiled(kernel) -> int:
+    """Binaries of ``kernel`` compiled for this device so far."""
+    return len(kernel.device_caches[torch.cuda.current_device()][0])
+
+
+def merge_at(width: int) -> None:
+    key, value = (torch.randn(3, width, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    weight = torch.rand(3, width, device="cuda") + 0.5
+    classes = max(1, width // 2)
+    assign = torch.randint(0, classes + 1, (3, width), device="cuda")
+    merge_kv_by_class(key, value, weight, assign, classes, out_dtype=torch.bfloat16)
+
+
+def write_at(width: int) -> None:
+    cache = torch.zeros(64, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+    rows = torch.randn(width, 2, 64, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(64 * 16, device="cuda")[: width * 2].view(2, width).T  # strided: [width, 2]
+    write_tokens(rows, rows, slots, cache.view(64, 16, 2, 64)[:, :, 0], cache.view(64, 16, 2, 64)[:, :, 1])
+
+
+def scores_at(width: int) -> None:
+    lengths = [width, max(1, width - 5), 3]
+    blocks = -(-width // 16)
+    key_cache = torch.randn(3 * blocks + 1, 16, 64, device="cuda", dtype=torch.bfloat16)
+    table = torch.arange(3 * blocks, device="cuda", dtype=torch.int32).view(3, blocks)
+    queries = torch.randn(3, 4, 8, 64, device="cuda", dtype=torch.bfloat16)
+    paged_window_scores(queries, key_cache, table, torch.tensor(lengths, device="cuda"), width)
+
+
+@pytest.mark.parametrize("launch,kernel", [(merge_at, _merge_kernel), (write_at, _write_tokens_kernel),
+                                           (scores_at, _paged_window_scores_kernel)], ids=["merge", "write", "scores"])
+def test_a_kernel_compiles_once_whatever_the_sizes(launch, kernel):
+    launch(SIZES[0])
+    first = compiled(kernel)
+    for width in SIZES[1:]:
+        launch(width)
+    torch.cuda.synchronize()
+    assert compiled(kernel) == first, f"{kernel.fn.__name__} compiled again for other sizes"
+
