@@ -8,6 +8,7 @@ Native only: Triton's interpreter compiles nothing."""
 import pytest
 import torch
 
+from vllm_kvcompress.triton_kernels.column_mass import _column_mass_kernel, _row_lse_kernel, column_mass
 from vllm_kvcompress.triton_kernels.merge import _merge_kernel, merge_kv_by_class
 from vllm_kvcompress.triton_kernels.paged_window_scores import _paged_window_scores_kernel, paged_window_scores
 from vllm_kvcompress.triton_kernels.write_tokens import _write_tokens_kernel, write_tokens
@@ -47,8 +48,17 @@ def scores_at(width: int) -> None:
     paged_window_scores(queries, key_cache, table, torch.tensor(lengths, device="cuda"), width)
 
 
-@pytest.mark.parametrize("launch,kernel", [(merge_at, _merge_kernel), (write_at, _write_tokens_kernel),
-                                           (scores_at, _paged_window_scores_kernel)], ids=["merge", "write", "scores"])
+def chunk_mass_at(width: int) -> None:
+    """EMS's column mass of a continued prefill chunk: its queries over the keys so far."""
+    query = torch.randn(8, 200, 64, device="cuda", dtype=torch.bfloat16)[:, :width]
+    key = torch.randn(2, 200 + width, 64, device="cuda", dtype=torch.bfloat16)
+    column_mass(query, key, start=200)
+
+
+@pytest.mark.parametrize("launch,kernel", [
+    (merge_at, _merge_kernel), (write_at, _write_tokens_kernel), (scores_at, _paged_window_scores_kernel),
+    (chunk_mass_at, _row_lse_kernel), (chunk_mass_at, _column_mass_kernel),
+], ids=["merge", "write", "scores", "row_lse", "column_mass"])
 def test_a_kernel_compiles_once_whatever_the_sizes(launch, kernel):
     launch(SIZES[0])
     first = compiled(kernel)

@@ -34,7 +34,7 @@ def _scores(q, k, sm_scale_log2, DOT_F32: tl.constexpr, PRECISION: tl.constexpr)
     return tl.dot(q, tl.trans(k), input_precision=PRECISION) * sm_scale_log2
 
 
-@triton.jit(do_not_specialize=["q_len", "seq_len", "start"])
+@triton.jit(do_not_specialize=["q_len", "seq_len", "start", "stride_lh"])
 def _row_lse_kernel(
     q_ptr, k_ptr, lse_ptr,
     q_len, seq_len, start, group, sm_scale_log2,
@@ -65,7 +65,7 @@ def _row_lse_kernel(
     tl.store(lse_ptr + q_head * stride_lh + rows, row_max + tl.log2(row_sum), mask=row_ok)
 
 
-@triton.jit(do_not_specialize=["q_len", "seq_len", "start", "num_prompts"])
+@triton.jit(do_not_specialize=["q_len", "seq_len", "start", "num_prompts", "stride_lh", "stride_mh"])
 def _column_mass_kernel(
     q_ptr, k_ptr, lse_ptr, mass_ptr, prompts_ptr,
     q_len, seq_len, start, group, sm_scale_log2, num_prompts,
