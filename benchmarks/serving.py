@@ -45,7 +45,9 @@ peak. Ratios to plain (``ratio_plain``) compare output tok/s; ``ratio_plain_tota
 tok/s, as KV-Compress reports its multipliers (in a prefill-bound window a larger batch shows as
 prompt tokens served more than as output). A run cut by its window has ``complete: false`` (the client is cancelled, its connections
 close, the server aborts the requests and is drained before the next run); a run that finishes
-inside it also records the client's TTFT / TPOT p50/p99.
+inside it also records the client's TTFT / TPOT p50/p99. ``jit_compiles`` / ``jit_compiled_kernels``:
+the kernel compilations vLLM's JIT monitor logged during the window (every server runs with
+``--jit-monitor-verbose``); each stalls a step, often for a second or more.
 
 Per plugin run, from the plugin's event log (``VLLM_KVC_EVENTS``): ``budget_fraction`` (rows kept /
 rows of the prompt over every (layer, KV head) of its prefill compressions), decode-time
@@ -82,6 +84,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -317,7 +320,8 @@ def server_argv(plan: ServerPlan, model_dir: Path, args: argparse.Namespace) -> 
             "--dtype", "float32" if shape["torch_dtype"] == "float32" else "bfloat16", "--seed", "0",
             "--max-model-len", str(plan.max_model_len), "--max-num-seqs", str(plan.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--no-enable-prefix-caching",
-            "--block-size", str(BLOCK_SIZE), "--disable-uvicorn-access-log"]
+            "--block-size", str(BLOCK_SIZE), "--disable-uvicorn-access-log",
+            "--jit-monitor-verbose"]  # every kernel compiled while serving is logged (jit_compiles)
     if plan.pool_blocks is None:
         argv += ["--gpu-memory-utilization", str(args.same_batch_memory_utilization)]
     else:
@@ -824,8 +828,10 @@ def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, e
     argv = client_argv(server, plan, model_dir, workload.prompt_len, workload.output_len, workload.requests,
                        run.rate, args.seed, run.config.xargs(), args.max_concurrency)
     window = window_of(workload, args)
+    log_offset = os.path.getsize(server.log_path)
     m = drive(server, plan.model, argv, window, client_log)
     elapsed = m["elapsed_s"]
+    compiled = jit_compiles(server.log_path, log_offset)
     record = {
         "complete": m["complete"],
         "window_s": window,
@@ -837,6 +843,7 @@ def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, e
         "peak_running": m["peak_running"],
         "running_samples": m["running_samples"],
         "preemptions": m["preemptions"],
+        "jit_compiles": len(compiled), "jit_compiled_kernels": sorted(set(compiled)),
         "ttft_ms": None, "tpot_ms": None,
         "client_command": "vllm bench serve " + shlex.join(argv),
     }
@@ -858,6 +865,19 @@ def run_one(run: Run, server: Server, plan: ServerPlan, model_dir: Path, args, e
     else:
         record["budget_fraction"] = 1.0
     return record
+
+
+JIT_EVENT = re.compile(r"(?:Triton|CuTeDSL|TileLang) \S+(?: \S+)* during inference: (\w+)")
+
+
+def jit_compiles(log_path, offset: int) -> list[str]:
+    """The kernels vLLM's JIT monitor saw compiled in a server's log after byte ``offset`` (the
+    server runs with ``--jit-monitor-verbose``: one line per compilation): a compile inside a
+    window stalls its step, often for seconds, so the record counts them."""
+    with open(log_path, "rb") as log:
+        log.seek(offset)
+        text = log.read().decode(errors="replace")
+    return JIT_EVENT.findall(text)
 
 
 def probe_prefill(server: Server, plan: ServerPlan, model_dir: Path, workload: Workload, args, client_log) -> dict:

@@ -16,7 +16,8 @@ import pytest
 serving = benchmark_modules.load("serving")
 RECORD_FIELDS = {"workload", "config", "arrival", "model", "budget_fraction", "output_tok_s", "total_tok_s",
                  "ratio_plain", "ttft_ms", "tpot_ms", "peak_running", "preemptions", "ceiling_fraction", "complete",
-                 "duration_s", "num_gpu_blocks", "kv_pool_tokens", "server_start_s", "settings", "client_command"}
+                 "duration_s", "num_gpu_blocks", "kv_pool_tokens", "server_start_s", "settings", "client_command",
+                 "jit_compiles"}
 PLUGIN_FIELDS = {"ratio_fp8", "ratio_same_batch", "recompress_per_s", "recompress_share", "step_breakdown",
                  "decode_slack", "blocks_kept_fraction"}
 
@@ -207,7 +208,7 @@ def test_server_flags(tmp_path):
     assert (flag(argv, "--kv-cache-dtype"), flag(argv, "--num-gpu-blocks-override"), flag(argv, "--block-size")) == \
         ("fp8", "10000", "16")
     assert flag(argv, "--kv-cache-memory-bytes") == str(80_000 * 128 * 1024)
-    assert "--no-enable-prefix-caching" in argv and "--kv-compression" not in argv
+    assert "--no-enable-prefix-caching" in argv and "--kv-compression" not in argv and "--jit-monitor-verbose" in argv
     argv = serving.server_argv(plugin, tmp_path, args)
     assert (flag(argv, "--kv-compression"), flag(argv, "--kv-budget"), flag(argv, "--num-gpu-blocks-override")) == \
         ("ems", "0.1", str(5000 * 256))
@@ -217,6 +218,20 @@ def test_server_flags(tmp_path):
     argv = serving.server_argv(same, tmp_path, args)
     assert "--num-gpu-blocks-override" not in argv and flag(argv, "--gpu-memory-utilization") == \
         str(args.same_batch_memory_utilization)
+
+
+def test_jit_compiles_counts_the_kernels_compiled_after_the_offset(tmp_path):
+    """A run's record counts the compilations vLLM's JIT monitor logged during its window (lines
+    after the log's size at the start), by kernel."""
+    log = tmp_path / "server.log"
+    line = ("(EngineCore pid=1) WARNING 12-07 14:48:38 [jit_monitor.py:135] Triton kernel JIT compilation during "
+            "inference: {}. This causes a latency spike; consider extending warmup to cover this shape/config.\n")
+    log.write_text(line.format("_merge_kernel") + "INFO other line\n")
+    offset = log.stat().st_size
+    with open(log, "a") as f:
+        f.write(line.format("_row_lse_kernel") + "INFO a step\n" + line.format("_merge_kernel"))
+    assert serving.jit_compiles(log, offset) == ["_row_lse_kernel", "_merge_kernel"]
+    assert serving.jit_compiles(log, log.stat().st_size) == []
 
 
 def test_start_waves_pack_what_fits_side_by_side():
