@@ -46,8 +46,9 @@ tok/s, as KV-Compress reports its multipliers (in a prefill-bound window a large
 prompt tokens served more than as output). A run cut by its window has ``complete: false`` (the client is cancelled, its connections
 close, the server aborts the requests and is drained before the next run); a run that finishes
 inside it also records the client's TTFT / TPOT p50/p99. ``jit_compiles`` / ``jit_compiled_kernels``:
-the kernel compilations vLLM's JIT monitor logged during the window (every server runs with
-``--jit-monitor-verbose``); each stalls a step, often for a second or more.
+the kernel compilations vLLM's JIT monitor logged from the run's start until its client returned
+(the window, and the abort of what the window cut; every server runs with ``--jit-monitor-verbose``);
+each stalls a step, often for a second or more.
 
 Per plugin run, from the plugin's event log (``VLLM_KVC_EVENTS``): ``budget_fraction`` (rows kept /
 rows of the prompt over every (layer, KV head) of its prefill compressions), decode-time
