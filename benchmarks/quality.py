@@ -744,12 +744,12 @@ def run(args: argparse.Namespace) -> dict:
         "decode_slack": decode_slack,
         "filler": args.filler,
     }
+    jobs = synthetic_jobs(tokenizer, args.tasks, args.samples, args.context_tokens, args.depths, args.filler)
     kv_cache = {}
     if args.kv_cache_dtype != "auto":  # (absent from the fingerprint of a cache of model-dtype rows)
         k_scale = v_scale = args.kv_scale
-        if args.kv_scale == CALIBRATE:
-            k_scale, v_scale = calibrated_scales(model, synthetic_jobs(tokenizer, args.tasks, 1, args.context_tokens,
-                                                                       args.depths, args.filler)[0])
+        if args.kv_scale == CALIBRATE:  # over the first task's first sample
+            k_scale, v_scale = calibrated_scales(model, jobs[0])
         kv_cache = {"kv_cache_dtype": args.kv_cache_dtype, "k_scale": k_scale, "v_scale": v_scale}
         config["kv_cache"] = kv_cache
     previous = json.loads(out.read_text()) if args.resume and out.exists() else None
@@ -763,7 +763,6 @@ def run(args: argparse.Namespace) -> dict:
     results = previous["samples"] if previous else []
     done = {sample_key(r) for r in results}
 
-    jobs = synthetic_jobs(tokenizer, args.tasks, args.samples, args.context_tokens, args.depths, args.filler)
     if args.ppl_chunks:
         jobs += perplexity_jobs(tokenizer, args.ppl_chunks, args.context_tokens, args.ppl_tokens, args.filler)
     # sample 0 of every task first: a run cut short still covers every task (--resume finishes it)

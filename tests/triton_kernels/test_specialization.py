@@ -36,7 +36,7 @@ def write_at(width: int) -> None:
     cache = torch.zeros(64, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
     rows = torch.randn(width, 2, 64, device="cuda", dtype=torch.bfloat16)
     slots = torch.randperm(64 * 16, device="cuda")[: width * 2].view(2, width).T  # strided: [width, 2]
-    write_tokens(rows, rows, slots, cache.view(64, 16, 2, 64)[:, :, 0], cache.view(64, 16, 2, 64)[:, :, 1])
+    write_tokens(rows, rows, slots, cache[:, :, 0], cache[:, :, 1])  # K and V interleaved in one tensor
 
 
 def scores_at(width: int) -> None:

@@ -108,10 +108,9 @@ def _max_rows(state: WorkerState, policy, count: int, width: int, fewest_kept: i
         # scorers that read no keys score from the pages (no dense window-score temporaries)
         scoring = 3 * group * max(count, 1) * 4 if policy.scorer.reads_keys else PAGED_ROW_BYTES
         per_row = 2 * head_dim * itemsize + scoring
-        if policy.reducer.merges_rows and runs_on(state.pool):
-            per_row += 2 * head_dim * itemsize + MERGE_ROW_BYTES
-        elif policy.reducer.merges_rows:
-            per_row += 4 * (width - fewest_kept) + 4 * 4 * head_dim
+        if policy.reducer.merges_rows:
+            per_row += (2 * head_dim * itemsize + MERGE_ROW_BYTES if runs_on(state.pool)
+                        else 4 * (width - fewest_kept) + 4 * 4 * head_dim)
     return max(1, state.workspace_bytes // per_row)
 
 

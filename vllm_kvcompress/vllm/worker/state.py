@@ -215,14 +215,12 @@ class WorkerState:
         self.host_tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32)
         self.host_tables[: old.shape[0], :, :, : old.shape[3]] = old_host
         self.free_rows.extend(range(rows - 1, old.shape[0] - 1, -1))
-        if rows > old.shape[0]:
+        if rows > old.shape[0]:  # new rows; widening alone must not copy the ring (8 GiB at 1,024 rows of Llama-3-8B)
             self.counts.grow(rows)
-        if self.recent is not None and rows > self.recent.shape[1]:
-            # only for new rows: widening the tables must not copy the ring (8 GiB at 1,024 rows of
-            # Llama-3-8B, allocated mid-step beside the old one)
-            recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
-            recent[:, : self.recent.shape[1]] = self.recent
-            self.recent = recent
+            if self.recent is not None:
+                recent = self.recent.new_zeros(self.L, rows, *self.recent.shape[2:])
+                recent[:, : self.recent.shape[1]] = self.recent
+                self.recent = recent
 
     # ---- from the scheduler output (worker.execute_model, before the forward) --------------
     def ingest(self, scheduler_output) -> None:
