@@ -88,6 +88,27 @@ def test_prompt_column_masses_of_a_step_equal_each_prompts_column_mass(path, mon
                                    atol=0 if exact else 1e-5)
 
 
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_gather_heads_padded_gives_each_caches_reference_gather(path, monkeypatch):
+    """A tick's dense copy of its heads (K and V in one launch on a GPU): each cache's rows as
+    :func:`reference.gather_heads_padded` gives them, fp8 pages dequantized with per-head scales."""
+    on_gpu = path == "kernel" and torch.cuda.is_available()
+    if path == "kernel" and not on_gpu:  # tests/conftest.py set TRITON_INTERPRET=1
+        monkeypatch.setattr(kernels, "runs_on", lambda where: True)
+    device = "cuda" if on_gpu else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    for fp8 in (False, True):
+        key_cache, value_cache, k_scale, v_scale = random_caches(12, 16, 32, torch.bfloat16, fp8, gen)
+        key_cache, value_cache = key_cache.to(device), value_cache.to(device)
+        scales = (None, None) if not fp8 else tuple(torch.stack([s, s * 3, s / 2]).flatten().to(device)
+                                                   for s in (k_scale, v_scale))
+        table = torch.randperm(12, generator=gen)[:9].view(3, 3).int().to(device)
+        lengths = torch.tensor([40, 17, 33], device=device)
+        got = kernels.gather_heads_padded(key_cache, value_cache, table, lengths, 41, *scales)
+        for rows, cache, scale in zip(got, (key_cache, value_cache), scales):
+            assert torch.equal(rows, reference.gather_heads_padded(cache, table, lengths, 41, scale))
+
+
 @pytest.mark.parametrize("q_lens,seq_lens,group", [([5, 17], [40, 17], 4), ([33], [130], 1), ([8, 8, 3], [8, 64, 99], 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fp8", [False, True], ids=["values", "fp8"])

@@ -9,6 +9,8 @@ What the vLLM plugin calls, through :mod:`vllm_kvcompress.vllm.attention.kernels
 * ``paged_window_scores``: observation-window scores straight from the pages (prefill compression
   of row-selecting policies and decode-time recompression);
 * ``compaction``: each head's kept rows to the front of its pages, in place (``compact_rows``);
+* ``gather_rows``: heads' K and V rows copied densely, right-aligned with zero padding, for the
+  reducers that write rows (EMS's merges at a decode-time recompression);
 * ``column_mass``: EMS's causal column mass (its global score) during prefill;
 * ``redundancy``: EMS's nearest centre of each row that can merge (its classes), K and V
   cosines on tensor cores, nothing of size rows x centres in memory;

@@ -41,6 +41,18 @@ def write_tokens(key, value, slot_mapping, key_cache, value_cache, k_scale=None,
         reference.write_tokens(key, value, slot_mapping, key_cache, value_cache, k_scale, v_scale)
 
 
+def gather_heads_padded(key_cache, value_cache, head_block_table, lengths, width, k_scale=None, v_scale=None):
+    """K and V rows of heads (table [n, blocks], lengths int [n] on the device) right-aligned in
+    ``width`` columns, zeros before: :func:`reference.gather_heads_padded` of each cache; fp8
+    caches dequantized (float32) with k_scale / v_scale, one element or [n]. Returns (keys, values)."""
+    if runs_on(key_cache):
+        from vllm_kvcompress.triton_kernels.gather_rows import gather_heads_padded as triton_gather
+
+        return triton_gather(key_cache, value_cache, head_block_table, lengths, width, k_scale, v_scale)
+    return tuple(reference.gather_heads_padded(cache, head_block_table, lengths, width, cache_scale)
+                 for cache, cache_scale in ((key_cache, k_scale), (value_cache, v_scale)))
+
+
 def decode_attention(query, key_cache, value_cache, head_block_table, retained_len, scale, out=None, k_scale=None,
                      v_scale=None):
     """query [S, Q, Hq, D] over each head's pages (table int32 [S, H, W], lens int32 [S, H]);

@@ -201,8 +201,8 @@ def _recompress_heads(state: WorkerState, policy, count: int, rows: torch.Tensor
     with runtime.TIMER.device("tick_score_ms", on_cuda):
         uniform = bool((lengths == lengths[0]).all())
         scored = None if paged is None else policy.decode_scores(paged)  # the reducer gets the dense rows alone
-        keys, values = (reference.gather_heads_padded(cache, table, dev["lengths"], width, cache_scale)
-                        for cache, cache_scale in zip(state.pool, (k_scale, v_scale)))
+        keys, values = kernels.gather_heads_padded(state.pool[0], state.pool[1], table, dev["lengths"], width,
+                                                   k_scale, v_scale)
         # heads scored from their pages: no reducer reads queries, so a broadcast zero stands for
         # the copy of them ([heads x group, count, D]: GBs at a 256-request tick)
         dense_queries = (queries.dense().flatten(0, 1) if scored is None
