@@ -28,7 +28,9 @@ import triton.language as tl
 _AS_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@triton.jit(do_not_specialize=["stride_table", "stride_keep"])
+# index tensors may be views into a step's packed upload, at any offset: their alignment picks no binary
+@triton.jit(do_not_specialize=["stride_table", "stride_keep"],
+            do_not_specialize_on_alignment=["table_ptr", "keep_idx_ptr", "keep_len_ptr"])
 def _compact_kernel(
     k_ptr, v_ptr, table_ptr, keep_idx_ptr, keep_len_ptr,
     stride_block, stride_row, stride_table, stride_keep,

@@ -15,7 +15,9 @@ import triton.language as tl
 from vllm_kvcompress.triton_kernels.fp8 import check_scales, dequantize_fp8, scale_stride
 
 
-@triton.jit(do_not_specialize=["width", "stride_th", "stride_oh", "stride_ks", "stride_vs"])
+# index tensors may be views into a step's packed upload, at any offset: their alignment picks no binary
+@triton.jit(do_not_specialize=["width", "stride_th", "stride_oh", "stride_ks", "stride_vs"],
+            do_not_specialize_on_alignment=["table_ptr", "lengths_ptr"])
 def _gather_padded_kernel(
     key_cache_ptr, value_cache_ptr, table_ptr, lengths_ptr, k_scale_ptr, v_scale_ptr, key_out_ptr, value_out_ptr,
     width, stride_th, stride_kc, stride_vc, stride_ks, stride_vs, stride_oh,

@@ -50,7 +50,9 @@ def _paged_logits(q, k_ptr, table_row, cols, cols_ok, stride_kb, stride_kr, qk_s
     return tl.dot(q, k, input_precision=PRECISION) * qk_scale
 
 
-@triton.jit(do_not_specialize=["count", "num_rows", "width", "slots", "stride_t", "stride_o"])
+# index tensors may be views into a step's packed upload, at any offset: their alignment picks no binary
+@triton.jit(do_not_specialize=["count", "num_rows", "width", "slots", "stride_t", "stride_o"],
+            do_not_specialize_on_alignment=["q_start_ptr", "q_oldest_ptr", "table_ptr", "len_ptr"])
 def _paged_window_scores_kernel(
     q_ptr, q_start_ptr, q_oldest_ptr, k_ptr, table_ptr, len_ptr, out_ptr, k_scale_ptr,
     count, num_rows, width, slots,

@@ -98,7 +98,9 @@ def nearest_centres(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Te
     order = order if order.stride(-1) == 1 else order.contiguous()
     candidate = (candidate if candidate.stride(-1) == 1 else candidate.contiguous()).view(torch.int8)
     target = target.contiguous().view(torch.int8)
-    block_n = min(64, max(16, triton.next_power_of_2(num_compared)))
+    # one block size whatever the count: a served tick's calls compare from a few rows to thousands,
+    # and a size per count compiled inside the serving window (~1 s each on an H100)
+    block_n = 64
     grid = (num_heads, triton.cdiv(num_compared, block_n))
     _nearest_centre_kernel[grid](
         keys, values, keep_idx, target, order, candidate, best_sim, best,
@@ -108,6 +110,6 @@ def nearest_centres(keys: torch.Tensor, values: torch.Tensor, keep_idx: torch.Te
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), BLOCK_N=block_n, BLOCK_B=32,
         # fp32 rows (an fp8 pool's, dequantized) get full-precision dots; tf32 errs ~1e-3 in a cosine
         PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
-        num_warps=4 if block_n <= 32 else 8,
+        num_warps=8,
     )
     return best_sim, best
