@@ -47,7 +47,8 @@ prompt tokens served more than as output). A run cut by its window has ``complet
 close, the server aborts the requests and is drained before the next run); a run that finishes
 inside it also records the client's TTFT / TPOT p50/p99. ``jit_compiles`` / ``jit_compiled_kernels``:
 the kernel compilations vLLM's JIT monitor logged from the run's start until its client returned
-(the window, and the abort of what the window cut; every server runs with ``--jit-monitor-verbose``);
+(the window, and the abort of what the window cut; every server runs with ``--jit-monitor-verbose``
+unless ``--no-jit-monitor``);
 each stalls a step, often for a second or more.
 
 Per plugin run, from the plugin's event log (``VLLM_KVC_EVENTS``): ``budget_fraction`` (rows kept /
@@ -322,7 +323,7 @@ def server_argv(plan: ServerPlan, model_dir: Path, args: argparse.Namespace) -> 
             "--max-model-len", str(plan.max_model_len), "--max-num-seqs", str(plan.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--no-enable-prefix-caching",
             "--block-size", str(BLOCK_SIZE), "--disable-uvicorn-access-log",
-            "--jit-monitor-verbose"]  # every kernel compiled while serving is logged (jit_compiles)
+            *([] if args.no_jit_monitor else ["--jit-monitor-verbose"])]  # every kernel compiled while serving is logged (jit_compiles)
     if plan.pool_blocks is None:
         argv += ["--gpu-memory-utilization", str(args.same_batch_memory_utilization)]
     else:
@@ -1207,6 +1208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kv-options", type=json.loads, default={},
                         help="plugin server options as JSON (--kv-compression-config), e.g. '{\"cuda_graphs\": false}'")
     parser.add_argument("--enforce-eager", action="store_true", help="every server without CUDA graphs / compile")
+    parser.add_argument("--no-jit-monitor", action="store_true",
+                        help="servers without --jit-monitor-verbose (jit_compiles then counts nothing): to check that "
+                             "the monitor costs no throughput")
     parser.add_argument("--parallel-starts", type=int, default=None,
                         help="start up to this many fixed-pool servers side by side (default 1; --quick: 2)")
     parser.add_argument("--start-estimate", type=float, default=120.0,

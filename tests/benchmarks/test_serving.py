@@ -218,6 +218,8 @@ def test_server_flags(tmp_path):
     argv = serving.server_argv(same, tmp_path, args)
     assert "--num-gpu-blocks-override" not in argv and flag(argv, "--gpu-memory-utilization") == \
         str(args.same_batch_memory_utilization)
+    unmonitored = serving.parse_args(["--configs", "plain", "--no-jit-monitor"])
+    assert "--jit-monitor-verbose" not in serving.server_argv(same, tmp_path, unmonitored)
 
 
 def test_jit_compiles_counts_the_kernels_compiled_after_the_offset(tmp_path):
