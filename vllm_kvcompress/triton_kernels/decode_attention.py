@@ -262,7 +262,9 @@ def decode_attention(
             part_o, part_lse, out, num_kv_heads, num_splits,
             out.stride(0), out.stride(1), out.stride(2),
             NUM_QUERIES=num_queries, GROUP=group, HEAD_DIM=head_dim,
-            SPLITS_P2=triton.next_power_of_2(num_splits),
-            num_warps=1 if head_dim * num_splits <= 2048 else 4,
+            # one binary for every split count default_num_splits picks (at most 64): a count that no
+            # captured graph had compiled inside a served window (mixed steps run outside the graphs)
+            SPLITS_P2=max(64, triton.next_power_of_2(num_splits)),
+            num_warps=4,
         )
     return out

@@ -152,7 +152,9 @@ def paged_window_scores(queries: torch.Tensor | QueryRing, key_cache: torch.Tens
         out = torch.empty(n, width, dtype=torch.float32, device=key_cache.device)
     num_rows = group * count
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    block_m = min(128, max(16, triton.next_power_of_2(num_rows)))
+    # one tile height whatever the rows: a size per count of recent queries compiled inside a served
+    # window (~1 s each on an H100); a tick's heads have a full window (128 rows at GQA 4) anyway
+    block_m = 128
     block_d = max(16, triton.next_power_of_2(head_dim))
     precision = "ieee" if queries.dtype == torch.float32 else "tf32"
     upcast = queries.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
