@@ -88,6 +88,28 @@ def test_prompt_column_masses_of_a_step_equal_each_prompts_column_mass(path, mon
                                    atol=0 if exact else 1e-5)
 
 
+def test_warm_up_compiles_every_merge_tile(monkeypatch):
+    """The profiling run's warm-up launches EMS's merge at every tile it can pick (a constexpr each:
+    one picked first inside a served window compiled there), and its nearest-centre kernel."""
+    from vllm_kvcompress.triton_kernels import merge
+
+    if not torch.cuda.is_available():  # tests/conftest.py set TRITON_INTERPRET=1
+        monkeypatch.setattr(kernels, "runs_on", lambda where: True)
+    launched = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: launched.append(constexprs["BLOCK_T"])
+
+    monkeypatch.setattr(merge, "_merge_kernel", Recorder())
+    monkeypatch.setattr(kernels, "_warmed", set())
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kernels.warm_up(4, 2, 16, torch.float32, device)
+    assert sorted(launched) == list(merge.MERGE_BLOCK_TS)
+    kernels.warm_up(4, 2, 16, torch.float32, device)  # once per shape
+    assert len(launched) == len(merge.MERGE_BLOCK_TS)
+
+
 @pytest.mark.parametrize("path", ["reference", "kernel"])
 def test_gather_heads_padded_gives_each_caches_reference_gather(path, monkeypatch):
     """A tick's dense copy of its heads (K and V in one launch on a GPU): each cache's rows as

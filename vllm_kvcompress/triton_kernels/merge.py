@@ -21,6 +21,10 @@ import triton.language as tl
 from vllm_kvcompress.triton_kernels.fp8 import FP8_DTYPE, check_scales, dequantize_fp8, quantize_fp8
 
 
+# the merge's tiles: BLOCK_T tokens of BLOCK_C = 64 // BLOCK_T classes per step (each a binary of its own)
+MERGE_BLOCK_TS = (2, 4, 8, 16, 32, 64)
+
+
 @triton.jit(do_not_specialize=["seq_len", "num_classes", "stride_wh"])
 def _merge_kernel(
     k_ptr, v_ptr, w_ptr, order_ptr, bounds_ptr, k_out_ptr, v_out_ptr, k_scale_ptr, v_scale_ptr,
@@ -165,7 +169,7 @@ def merge_kv_by_class(
     # About 64 rows gathered per step: a few tokens of many classes when classes are small (the
     # usual case: budget ~ a fraction of the prompt), many tokens of one class when they are large.
     avg = seq_len / (num_classes + 1)
-    block_t = min(64, max(2, triton.next_power_of_2(max(1, int(avg)))))
+    block_t = min(MERGE_BLOCK_TS[-1], max(MERGE_BLOCK_TS[0], triton.next_power_of_2(max(1, int(avg)))))
     block_c = max(1, 64 // block_t)
     grid = (num_heads, triton.cdiv(num_classes, block_c))
     _merge_kernel[grid](

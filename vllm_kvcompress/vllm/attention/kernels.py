@@ -274,4 +274,21 @@ def warm_up(num_q_heads: int, num_kv_heads: int, head_size: int, dtype: torch.dt
     spans = [(0, 0, 0, 16)]
     prompt_column_masses(query.transpose(0, 1), key.transpose(0, 1), spans, prompt_table(spans).to(device),
                          torch.zeros(num_q_heads, 16, device=device))
+    _warm_merges(head_size, dtype, device)
     _warmed.add((num_q_heads, num_kv_heads, head_size, dtype))
+
+
+def _warm_merges(head_size: int, dtype: torch.dtype, device) -> None:
+    """EMS's merge picks its tile from the tokens per class (a constexpr, :data:`MERGE_BLOCK_TS`):
+    compile every tile, and the nearest-centre kernel, in the model's dtype (an fp8 pool's variants
+    compile at their first use)."""
+    from vllm_kvcompress.triton_kernels.merge import MERGE_BLOCK_TS, merge_kv_by_class
+    from vllm_kvcompress.triton_kernels.redundancy import nearest_centres
+
+    for block_t in MERGE_BLOCK_TS:  # one class of 2 * block_t tokens: block_t of them per step
+        rows = torch.randn(1, 2 * block_t, head_size, dtype=dtype, device=device)
+        classes = torch.ones(1, 2 * block_t, dtype=torch.int64, device=device)
+        merge_kv_by_class(rows, rows, torch.ones(1, 2 * block_t, device=device), classes, 1, out_dtype=dtype)
+    keep = torch.tensor([[0, 1]], device=device)
+    nearest_centres(rows, rows, keep, keep >= 0, torch.arange(2, 2 * block_t, device=device)[None],
+                    torch.ones(1, 2 * block_t, dtype=torch.bool, device=device))
