@@ -285,10 +285,11 @@ def _warm_merges(head_size: int, dtype: torch.dtype, device) -> None:
     from vllm_kvcompress.triton_kernels.merge import MERGE_BLOCK_TS, merge_kv_by_class
     from vllm_kvcompress.triton_kernels.redundancy import nearest_centres
 
+    rows = torch.randn(1, 2 * MERGE_BLOCK_TS[-1], head_size, dtype=dtype, device=device)  # one head
     for block_t in MERGE_BLOCK_TS:  # one class of 2 * block_t tokens: block_t of them per step
-        rows = torch.randn(1, 2 * block_t, head_size, dtype=dtype, device=device)
+        tokens = rows[:, : 2 * block_t]
         classes = torch.ones(1, 2 * block_t, dtype=torch.int64, device=device)
-        merge_kv_by_class(rows, rows, torch.ones(1, 2 * block_t, device=device), classes, 1, out_dtype=dtype)
-    keep = torch.tensor([[0, 1]], device=device)
-    nearest_centres(rows, rows, keep, keep >= 0, torch.arange(2, 2 * block_t, device=device)[None],
-                    torch.ones(1, 2 * block_t, dtype=torch.bool, device=device))
+        merge_kv_by_class(tokens, tokens, torch.ones(1, 2 * block_t, device=device), classes, 1, out_dtype=dtype)
+    keep = torch.tensor([[0, 1]], device=device)  # rows 0 and 1 are the centres, the others compared
+    nearest_centres(rows, rows, keep, keep >= 0, torch.arange(2, rows.shape[1], device=device)[None],
+                    torch.ones(1, rows.shape[1], dtype=torch.bool, device=device))
