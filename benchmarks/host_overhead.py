@@ -114,17 +114,19 @@ def counted_calls(prof) -> int:
 
 
 def prefilled_requests(policy: str, prompt: int | list[int], budget: int | float, num_requests: int = 1, seed: int = 0,
-                       head_dim: int = D, device: str = "cpu"):
+                       head_dim: int = D, device: str = "cpu", options: dict | None = None):
     """A WorkerState holding ``num_requests`` requests ("r0", ...) whose prompts of ``prompt``
     random rows (a list: one length per request) were prefilled and observed (window queries,
     EMS's column mass), due for their prefill compression at ``budget``; and the generator that
     made them. ``head_dim`` sizes the pool and the queries (a smaller one keeps many requests in
-    memory where only counts matter); ``device``: where the pool, the queries and the signals live."""
+    memory where only counts matter); ``device``: where the pool, the queries and the signals live;
+    ``options``: further :class:`CompressionConfig` fields."""
     prompts = [prompt] * num_requests if isinstance(prompt, int) else list(prompt)
     from vllm_kvcompress.policies.config import CompressionConfig
     from vllm_kvcompress.vllm.worker.state import WorkerState
 
-    state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64),
+    state = WorkerState(L, H, BS, {}, CompressionConfig(policy=policy, budget=budget, window=32, decode_slack=64,
+                                                           **(options or {})),
                         device=device)
     per_request = L * H * ((max(prompts) + 80) // BS + 2)
     gen = torch.Generator(device).manual_seed(seed)  # made where they live: a GPU pool is gigabytes
@@ -275,7 +277,8 @@ def decode_step(num_requests: int = 256, rows: int = 400, steps: int = 20) -> di
     return out
 
 
-def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: bool = True, head_dim: int = 8) -> dict:
+def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: bool = True, head_dim: int = 8,
+                policy: str = "adakv", options: dict | None = None, profile=None) -> dict:
     """The plugin's whole host work in one pure-decode step of ``num_requests`` compressed requests
     (Ada-KV at ``rows`` per head of ``2 * rows``-token prompts: heads of many lengths, which cross
     their blocks' ends on different steps; decode-time recompression on its 64-step cadence), as the
@@ -284,7 +287,8 @@ def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: boo
     persistent CUDA-graph buffers), the recorded queries into the rings, ``Compressor.after_forward``
     (nothing due on most steps) and ``take_reports``. PyTorch calls (views and selects included:
     each is a dispatcher round trip) per step, and host ms per step (median), over ``steps`` steps
-    that cross one recompression tick."""
+    that cross one recompression tick. ``policy`` / ``options`` (e.g. ``reserve_decode_growth``)
+    configure the requests; ``profile`` (e.g. a ``cProfile.Profile``) is enabled around the timed steps."""
     from types import SimpleNamespace
 
     from vllm_kvcompress.vllm.attention import backend
@@ -293,7 +297,7 @@ def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: boo
     from vllm_kvcompress.vllm.worker.compressor import Compressor
     from vllm_kvcompress.vllm.worker.graphs import DecodeBuffers
 
-    state, gen = prefilled_requests("adakv", 2 * rows, rows, num_requests, head_dim=head_dim)
+    state, gen = prefilled_requests(policy, 2 * rows, rows, num_requests, head_dim=head_dim, options=options)
     rids = list(state.reqs)
     compressor = Compressor(state)
     for rid in rids:
@@ -347,9 +351,13 @@ def plugin_step(num_requests: int, rows: int = 400, steps: int = 32, graphs: boo
                 step()
             calls.append(sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")))
             scheduler_grants()
+            if profile is not None:
+                profile.enable()
             start = time.perf_counter()
             step()
             times.append((time.perf_counter() - start) * 1e3)
+            if profile is not None:
+                profile.disable()
     finally:
         runtime.WORKER_STATE, runtime.RUNNER, runtime.COMPRESSOR = saved
     return {"pytorch_calls_median": int(statistics.median(calls)), "pytorch_calls_max": max(calls),

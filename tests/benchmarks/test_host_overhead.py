@@ -55,3 +55,13 @@ def test_the_plugins_whole_decode_step_costs_the_same_calls_for_any_number_of_re
     batch (each request's rows and blocks were a tensor of its own, two calls a request a step)."""
     few, many = host.plugin_step(4, rows=40, steps=4), host.plugin_step(16, rows=40, steps=4)
     assert few["pytorch_calls_median"] == many["pytorch_calls_median"] < 500, (few, many)
+
+
+def test_decode_steps_that_assign_no_block_advance_the_graph_buffers_in_place():
+    """Ada-KV's heads hold many lengths, so without ``reserve_decode_growth`` some head needs a new
+    block at nearly every step; with it none does between two recompressions, and a decode step
+    advances the graph buffers in place (``WorkerState.lay_out_decode``) instead of assigning,
+    gathering and uploading its layout: far fewer PyTorch calls a step."""
+    full = host.plugin_step(16, rows=40, steps=4, policy="adakv")
+    in_place = host.plugin_step(16, rows=40, steps=4, policy="adakv", options={"reserve_decode_growth": True})
+    assert in_place["pytorch_calls_median"] < 0.5 * full["pytorch_calls_median"], (in_place, full)

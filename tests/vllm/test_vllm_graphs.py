@@ -86,6 +86,65 @@ def test_a_capture_step_writes_no_cache_row_and_keeps_its_queries():
     assert torch.isfinite(output).all()  # padded rows attend to row 0 of block 0
 
 
+def _read_layout(buf: DecodeBuffers, real: int, padded: int) -> tuple:
+    """What a decode step's kernels read of the buffers: slots and lens of every row, and each real
+    row's table columns up to its heads' blocks (the columns past them are never read)."""
+    slots, tables, lens = buf.views(padded)
+    read = torch.arange(buf.width) < -(-lens[:, :real, :, None] // BS)
+    return slots.clone(), lens.clone(), torch.where(read, tables[:, :real], -1)
+
+
+def test_decode_steps_advance_in_place_as_a_full_layout_would():
+    """Two worker states run the same steps: one lays each decode step out in full
+    (``prepare_step`` + ``fill``), the other through ``lay_out_decode``, which advances the buffers in
+    place while it can. Both must leave what the kernels read, the host counts and the requests'
+    fields the same, across a compaction, a request joining, one finishing, a table widening and
+    heads crossing into new blocks."""
+    from vllm_kvcompress.vllm.worker import scheduled
+
+    states = [WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", budget=8, window=4))
+              for _ in range(2)]
+    for ws in states:
+        ws.decode_buffers = buffers(rows=8, width=12)
+        poison(ws.decode_buffers)
+
+    def start(rid, prompt, first_block):
+        for ws in states:
+            ws.ingest(scheduled.scheduler_output([scheduled.new_request(rid, prompt, range(first_block, first_block + 90))]))
+            ws.prepare_step([rid], [prompt])
+
+    for i, (rid, prompt) in enumerate((("a", 30), ("b", 47), ("c", 16), ("e", 9), ("f", 5), ("g", 70),
+                                       ("h", 12), ("i", 33))):
+        start(rid, prompt, 1 + 100 * i)  # 8 requests: the next start grows the tables' rows
+    running, advanced, padded = ["a", "b", "c"], 0, 5
+    for step in range(60):
+        if step == 12:  # a recompression: heads of many lengths, tail blocks back to spare
+            for ws in states:
+                ws.compacted_heads("b", torch.randint(3, 40, (L, H), generator=torch.Generator().manual_seed(5)))
+        if step == 24:  # a request joins (its prefill ran in an earlier step): a new row order
+            start("d", 21, 901)
+            running = ["a", "d", "b", "c"]
+        if step == 36:
+            for ws in states:
+                ws.ingest(scheduled.scheduler_output(finished=["a"]))
+            running = ["d", "b", "c"]
+        if step == 48:
+            padded = 6
+        full, fast = states
+        held = fast.decode_buffers.held
+        layout = full.prepare_step(running, [1] * len(running))
+        full.decode_buffers.fill(layout.slots, layout.tables, layout.lens, padded)
+        fast.lay_out_decode(running, {}, padded)
+        advanced += held is not None and fast.decode_buffers.held is held
+        for got, want in zip(_read_layout(fast.decode_buffers, len(running), padded),
+                             _read_layout(full.decode_buffers, len(running), padded)):
+            assert torch.equal(got, want), f"step {step}"
+        assert torch.equal(fast.counts.lens, full.counts.lens) and torch.equal(fast.counts.blocks, full.counts.blocks)
+        assert [(r.num_tokens, r.max_len, r.spare) for r in fast.reqs.values()] == \
+               [(r.num_tokens, r.max_len, r.spare) for r in full.reqs.values()]
+    assert 20 <= advanced < 60  # most steps advanced in place, the others were laid out anew
+
+
 class _Base:
     @staticmethod
     def _is_uniform_decode(max_num_scheduled_tokens, uniform_decode_query_len, num_tokens, num_reqs,

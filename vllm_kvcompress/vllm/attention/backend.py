@@ -119,6 +119,8 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
     @staticmethod
     def _graph_padding(state, common: CommonAttentionMetadata) -> HeadBlockMetadata:
         """A pure-decode step of padded rows only: what capture and its warm-up runs see."""
+        with runtime.TIMER.host("fill_ms"):
+            state.decode_buffers.fill(None, None, None, common.num_reqs)
         return _in_graph_buffers(state, HeadBlockMetadata(common.num_actual_tokens, [], [], []), common.num_reqs)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
@@ -169,7 +171,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                           graph=graph)
         runtime.TIMER.note(graph=graph, prefill=bool(metadata.fresh or metadata.chunks))
         if graph:
-            return self._build_graph_step(state, metadata, common, req_ids, q_lens, record_tokens, record_index)
+            return self._build_graph_step(state, metadata, common, req_ids, record_tokens, record_index)
         if len(req_ids) < n:
             raise RuntimeError(f"kv compression: {n - len(req_ids)} padded rows outside a pure-decode step")
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
@@ -216,26 +218,24 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         return metadata
 
     @staticmethod
-    def _build_graph_step(state, metadata, common, req_ids, q_lens, record_tokens, record_index) -> HeadBlockMetadata:
+    def _build_graph_step(state, metadata, common, req_ids, record_tokens, record_index) -> HeadBlockMetadata:
         """A pure-decode step in the persistent buffers (same forward whether vLLM replays a captured
         graph, captures one or runs eagerly); padded rows beyond the requests' rows."""
         extra = {}
         if record_index:
             extra = {"record_tokens": torch.tensor(record_tokens, dtype=torch.int64),
                      "record_index": torch.tensor(record_index, dtype=torch.int64)}
-        layout = state.prepare_step(req_ids, q_lens, extra)
+        on_device = state.lay_out_decode(req_ids, extra, common.num_reqs)
         metadata.fresh, metadata.decode = [], list(range(len(req_ids)))
         if record_index:
-            state.graph_record = (layout.extra["record_tokens"], layout.extra["record_index"])
-        return _in_graph_buffers(state, metadata, common.num_reqs, layout)
+            state.graph_record = (on_device["record_tokens"], on_device["record_index"])
+        return _in_graph_buffers(state, metadata, common.num_reqs)
 
 
-def _in_graph_buffers(state, metadata: HeadBlockMetadata, padded_rows: int, layout=None) -> HeadBlockMetadata:
-    """``md`` as a graph step: its slots / tables / lens / step queries are views of the persistent
-    buffers, holding ``layout``'s rows (None: padding only) and padded up to ``padded_rows``."""
-    rows = (None, None, None) if layout is None else (layout.slots, layout.tables, layout.lens)
-    with runtime.TIMER.host("fill_ms"):
-        metadata.slots, metadata.tables, metadata.lens = state.decode_buffers.fill(*rows, padded_rows)
+def _in_graph_buffers(state, metadata: HeadBlockMetadata, padded_rows: int) -> HeadBlockMetadata:
+    """``metadata`` as a graph step: its slots / tables / lens / step queries are views of the
+    persistent buffers (laid out for this step), rows 0 .. ``padded_rows`` - 1."""
+    metadata.slots, metadata.tables, metadata.lens = state.decode_buffers.views(padded_rows)
     metadata.step_queries = state.decode_buffers.queries[:, :padded_rows]
     metadata.graph = True
     return metadata

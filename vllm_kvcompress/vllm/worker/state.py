@@ -30,6 +30,7 @@ from vllm_kvcompress.policies.policy import Policy
 from vllm_kvcompress.policies.presets import build_policy
 from vllm_kvcompress.policies.tensor_parallel import HeadShards
 from vllm_kvcompress.vllm import runtime
+from vllm_kvcompress.vllm.worker.graphs import HeldRows
 from vllm_kvcompress.vllm.worker.request import HeadCounts, Request
 
 # Tokens the scheduler may schedule before it sees a report (one step in flight, async scheduling).
@@ -108,13 +109,15 @@ class StepLayout:
     rows: int64 [R] the requests' table rows; slots: int64 [L, T, H] where each new token's K/V goes
     (T = tokens this step); tables: int32 [L, R, H, W] block tables (W = the widest head);
     lens: int32 [L, R, H] rows held after this step's append; extra: the caller's tensors, uploaded
-    with these. Layer-major, so each layer's slice is contiguous as the kernels take it."""
+    with these; headroom: the rows every head can append after this step before one needs another
+    block. Layer-major, so each layer's slice is contiguous as the kernels take it."""
 
     rows: torch.Tensor
     slots: torch.Tensor
     tables: torch.Tensor
     lens: torch.Tensor
     extra: dict = field(default_factory=dict)
+    headroom: int = 0
 
 
 class WorkerState:
@@ -200,15 +203,24 @@ class WorkerState:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
         request = Request(self.counts, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
         self.reqs[rid] = request
+        self._layout_changed()
         return request
 
     def _end(self, rid: str) -> Request | None:
         request = self.reqs.pop(rid, None)
         if request is not None:
             self.free_rows.append(request.row)
+            self._layout_changed()
         return request
 
+    def _layout_changed(self) -> None:
+        """Some request's table row, blocks or lengths changed outside a decode step that laid it
+        out in the decode buffers: the next one lays out anew (:meth:`lay_out_decode`)."""
+        if self.decode_buffers is not None:
+            self.decode_buffers.forget()
+
     def _grow_tables(self, rows: int, cols: int) -> None:
+        self._layout_changed()
         old, old_host = self.tables, self.host_tables
         self.tables = torch.zeros(rows, self.L, self.H, cols, dtype=torch.int32, device=self.device)
         self.tables[: old.shape[0], :, :, : old.shape[3]] = old
@@ -285,15 +297,17 @@ class WorkerState:
         """Give every head of the step's requests (table ``rows``) the blocks their next
         ``q_lens[r]`` rows need, from each request's spares in order (layer-major, then head, then
         row). All requests in one go: a decode step touches every running request. Returns the rows
-        this worker's heads held before, int64 [R, L, H], the blocks they now have, and the table
-        writes to make (host tensors: request row, head, column, block id; or None). Blocks follow
-        the slots' rows (:attr:`Request.slot_lens`; the heads' own rows without tensor parallelism)."""
+        this worker's heads held before, int64 [R, L, H], the blocks they now have, the table
+        writes to make (host tensors: request row, head, column, block id; or None), and the rows
+        every head can append after these before one needs another block. Blocks follow the slots'
+        rows (:attr:`Request.slot_lens`; the heads' own rows without tensor parallelism)."""
         heads = self.L * self.H
         before_all = self.counts.lens[rows]  # [R, L, all KV heads]
         before = self.shards.mine(before_all)
         slot_before = self.shards.slot_rows(before_all)
         held = self.counts.blocks[rows]
-        need = -(-(slot_before + q_lens[:, None, None]) // self.bs)  # blocks per head after the append
+        slot_after = slot_before + q_lens[:, None, None]
+        need = -(-slot_after // self.bs)  # blocks per head after the append
         add = (need - held).clamp(min=0).reshape(len(reqs), heads)
         totals = add.sum(1).tolist()
         ids = []
@@ -311,17 +325,18 @@ class WorkerState:
             writes = (rows[owner // heads], owner.remainder(heads), col, torch.tensor(ids, dtype=torch.int32))
             self.host_tables.view(self.host_tables.shape[0], heads, -1)[writes[0], writes[1], writes[2]] = writes[3]
         blocks = torch.maximum(held, need)
-        return before, blocks, writes
+        return before, blocks, writes, int((blocks * self.bs - slot_after).min())
 
     def prepare_step(self, req_ids: list[str], query_lens: list[int],
                      extra: dict[str, torch.Tensor] | None = None) -> StepLayout:
         """Append ``query_lens[r]`` rows to every head of request ``req_ids[r]`` and lay out the step.
         ``extra`` host tensors travel to the device in the same copy (``StepLayout.extra``)."""
+        self._layout_changed()
         reqs = [self.reqs[rid] for rid in req_ids]
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         rows = torch.tensor([request.row for request in reqs], dtype=torch.int64)
         with runtime.TIMER.host("assign_ms"):
-            before_host, blocks, writes = self._assign(reqs, req_ids, rows, q_lens)
+            before_host, blocks, writes, headroom = self._assign(reqs, req_ids, rows, q_lens)
         width = int(blocks.max())
         after_host = before_host + q_lens[:, None, None]
         self.counts.append(rows, q_lens, blocks)
@@ -346,7 +361,32 @@ class WorkerState:
         slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
         tables = self.tables.transpose(0, 1)[:, rows, :, :width].contiguous()  # [L, R, H, W]
         return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, dev["after"],
-                          {name: dev[name] for name in (extra or {})})
+                          {name: dev[name] for name in (extra or {})}, headroom)
+
+    def lay_out_decode(self, req_ids: list[str], extra: dict[str, torch.Tensor],
+                       padded_rows: int) -> dict[str, torch.Tensor]:
+        """A pure-decode step (one row a request) in the decode buffers (:mod:`.graphs`), padded up
+        to ``padded_rows``; returns ``extra`` on the device. When the buffers hold the previous
+        step's layout of the same requests and every head has room in its blocks, they advance in
+        place (:meth:`DecodeBuffers.advance`): nothing to assign, gather or upload but ``extra``.
+        Otherwise :meth:`prepare_step` and a full fill."""
+        buffers = self.decode_buffers
+        held = buffers.held
+        advance = held is not None and held.can_advance(req_ids, padded_rows)
+        runtime.TIMER.note(in_place=advance)
+        if not advance:
+            layout = self.prepare_step(req_ids, [1] * len(req_ids), extra)
+            rows = torch.tensor([self.reqs[rid].row for rid in req_ids], dtype=torch.int64)
+            with runtime.TIMER.host("fill_ms"):
+                buffers.fill(layout.slots, layout.tables, layout.lens, padded_rows,
+                             HeldRows(list(req_ids), rows, padded_rows, layout.headroom))
+            return layout.extra
+        self.counts.lens[held.table_rows] += 1  # what prepare_step's append does, no block to assign
+        for rid in req_ids:
+            self.reqs[rid].appended(1)
+        with runtime.TIMER.host("fill_ms"):
+            buffers.advance(self.bs)
+        return self.upload(extra) if extra else {}
 
     def append(self, rid: str, num_new: int) -> torch.Tensor:
         """Room for ``num_new`` rows in every (layer, head); returns their slots int64 [L, num_new, H]."""
@@ -380,6 +420,7 @@ class WorkerState:
     def compacted_requests(self, rids: list[str], keep: torch.Tensor) -> None:
         """:meth:`compacted_heads` of several requests at once (``keep`` int [R, L, all KV heads]):
         a decode-time recompression brings every running request back to its budgets in one step."""
+        self._layout_changed()
         requests = [self.reqs[rid] for rid in rids]
         rows = torch.tensor([request.row for request in requests], dtype=torch.int64)
         keep = keep.to(torch.int64).cpu()
