@@ -143,6 +143,9 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
                 return self._graph_padding(state, common)  # warm-up before a capture: the graph's kernels
             metadata.dummy = True  # profiling and warm-up runs: no requests behind the rows
             return metadata
+        if state.decode_buffers is not None and _uniform_decode(common) and not state.step_refuses_graphs:
+            # the runner's test too (it ran the step without a graph when the state refused one)
+            return self._build_graph_step(state, metadata, common)
         q_lens = [qsl[r + 1] - qsl[r] for r in range(len(req_ids))]  # padded rows (full graphs) excluded
         record_tokens, record_index = [], []
         for r, rid in enumerate(req_ids):
@@ -163,15 +166,10 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
             elif request.records_queries:  # newest queries into the request's ring
                 record_tokens.extend(range(qsl[r], qsl[r + 1]))
                 record_index.extend(request.ring_slots(q_lens[r], state.recent.shape[2]))
-        # the same test as the runner's (it ran the step without a graph when the state refused one)
-        graph = state.decode_buffers is not None and _uniform_decode(common) and not metadata.observe \
-            and not state.step_refuses_graphs
         with runtime.TIMER.host("event_ms"):
             runtime.event("build", rows=n, tokens=common.num_actual_tokens, fresh=len(metadata.fresh), chunks=len(metadata.chunks),
-                          graph=graph)
-        runtime.TIMER.note(graph=graph, prefill=bool(metadata.fresh or metadata.chunks))
-        if graph:
-            return self._build_graph_step(state, metadata, common, req_ids, record_tokens, record_index)
+                          graph=False)
+        runtime.TIMER.note(graph=False, prefill=bool(metadata.fresh or metadata.chunks))
         if len(req_ids) < n:
             raise RuntimeError(f"kv compression: {n - len(req_ids)} padded rows outside a pure-decode step")
         extra = {}  # index tensors the forward needs, uploaded with the step's layout
@@ -218,9 +216,25 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         return metadata
 
     @staticmethod
-    def _build_graph_step(state, metadata, common, req_ids, record_tokens, record_index) -> HeadBlockMetadata:
+    def _build_graph_step(state, metadata, common) -> HeadBlockMetadata:
         """A pure-decode step in the persistent buffers (same forward whether vLLM replays a captured
-        graph, captures one or runs eagerly); padded rows beyond the requests' rows."""
+        graph, captures one or runs eagerly); padded rows beyond the requests' rows. No request
+        observes (``WorkerState.ingest`` refused the graphs otherwise): every row is one token of
+        a decoding request, its query recorded when the request keeps them for recompression."""
+        req_ids, seq_lens = metadata.req_ids, metadata.seq_lens
+        record_tokens, record_index = [], []
+        ring_width = state.recent.shape[2] if state.recent is not None else 0
+        for r, rid in enumerate(req_ids):
+            request = state.reqs[rid]
+            if request.num_tokens != seq_lens[r] - 1:
+                raise RuntimeError(f"request {rid}: worker holds {request.num_tokens} tokens, vLLM computed "
+                                   f"{seq_lens[r] - 1}")
+            if request.records_queries:
+                record_tokens.append(r)
+                record_index.extend(request.ring_slots(1, ring_width))
+        with runtime.TIMER.host("event_ms"):
+            runtime.event("build", rows=common.num_reqs, tokens=common.num_actual_tokens, fresh=0, chunks=0, graph=True)
+        runtime.TIMER.note(graph=True, prefill=False)
         extra = {}
         if record_index:
             extra = {"record_tokens": torch.tensor(record_tokens, dtype=torch.int64),
