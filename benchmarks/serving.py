@@ -595,6 +595,8 @@ def step_breakdown(events: list[dict], wall0: float, wall_end: float) -> dict | 
     return {
         "steps": len(steps),
         "graph_steps": sum(1 for e in steps if e.get("graph")),
+        # graph steps whose buffers advanced in place (WorkerState.lay_out_decode): no layout made
+        "in_place_steps": sum(1 for e in steps if e.get("in_place")),
         **{f"{kind}_steps": len(group) for kind, group in kinds.items()},
         "interval_ms_median": {kind: median(group, "interval_ms") for kind, group in kinds.items()},
         "layout_ms_median": {kind: median(group, "layout_ms") for kind, group in kinds.items()},

@@ -308,7 +308,7 @@ def test_step_breakdown_of_a_fake_event_log():
         (4, 4, 10.0, 1.0, 0.0, 0.0, 0.1, 0), (4, 4, 12.0, 1.0, 0.0, 6.0, 0.1, 2), (4, 4, 11.0, 2.0, 0.0, 0.0, 0.2, 0),
         (3, 515, 40.0, 3.0, 9.0, 0.0, 0.3, 0), (3, 600, 50.0, 5.0, 8.0, 2.0, 0.3, 1)]
     events = [_event("step_time", 100.0 + i, rows=r, tokens=t, graph=r == t, interval_ms=iv, layout_ms=lay,
-                     compress_ms=c, recompress_ms=rc, report_ms=rep, recompressed_requests=n)
+                     compress_ms=c, recompress_ms=rc, report_ms=rep, recompressed_requests=n, in_place=i == 2)
               for i, (r, t, iv, lay, c, rc, rep, n) in enumerate(steps)]
     events.append(_event("step_time", 200.0, rows=1, tokens=1, graph=True, interval_ms=999.0, layout_ms=0.0,
                          compress_ms=0.0, recompress_ms=999.0, report_ms=0.0, recompressed_requests=9))  # after it
@@ -316,6 +316,7 @@ def test_step_breakdown_of_a_fake_event_log():
     summary = serving.step_breakdown(events, 100.0, 110.0)
     assert (summary["steps"], summary["pure_decode_steps"], summary["with_prefill_steps"], summary["graph_steps"]) == \
         (5, 3, 2, 3)
+    assert summary["in_place_steps"] == 1
     assert summary["interval_ms_median"] == {"pure_decode": 11.0, "with_prefill": 45.0}
     assert summary["layout_ms_median"] == {"pure_decode": 1.0, "with_prefill": 4.0}
     assert (summary["interval_ms_total"], summary["compress_ms_total"], summary["recompress_ms_total"]) == \
