@@ -20,7 +20,9 @@ Llama-3-8B's cache shape (32 layers x 8 KV heads, head_dim 128, 16-token head-bl
   (four requests), one by one against together (``Compressor.compress_prefills``), per policy;
 * ``plugin_step``: the plugin's whole host work in a pure-decode step of 64 and 256 requests
   (:func:`plugin_step`): PyTorch calls (views included) and ms on this CPU, where ms also count
-  copying the layout's tensors, which on a GPU are kernels;
+  copying the layout's tensors, which on a GPU are kernels; ``plugin_step_reserve_decode_growth``:
+  the same with ``reserve_decode_growth``, whose decode steps advance the graph buffers in place
+  (``WorkerState.lay_out_decode``);
 * ``recompress_requests``: PyTorch calls of one decode-time recompression tick of 1, 8 and 32
   due requests (200-row heads), per policy: the policy's calls are one round whatever the count,
   and the bookkeeping runs over all requests at once;
@@ -408,7 +410,10 @@ def main() -> None:
            "prefill_step_pytorch_calls": {p: prefill_step_calls(p) for p in args.policies.split(",")},
            "decode_step_256_requests": decode_step(),
            # the plugin's whole host work in a pure-decode step with the graph buffers
-           "plugin_step": {n: plugin_step(int(n)) for n in args.plugin_step_requests.split(",")}}
+           "plugin_step": {n: plugin_step(int(n)) for n in args.plugin_step_requests.split(",")},
+           "plugin_step_reserve_decode_growth": {
+               n: plugin_step(int(n), options={"reserve_decode_growth": True})
+               for n in args.plugin_step_requests.split(",")}}
     runs = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
     runs = [r for r in runs if r["label"] != label] + [run]
     args.out.write_text(json.dumps({"benchmark": "host_overhead", "device": "CPU", "runs": runs}, indent=1) + "\n")
@@ -430,9 +435,10 @@ def main() -> None:
                   f"{n['together']} together")
         for name, n in r.get("decode_step_256_requests", {}).items():
             print(f"{'':<28} decode step of 256 requests, {name}: {n['pytorch_calls']} calls, {n['cpu_ms']} ms")
-        for requests, n in r.get("plugin_step", {}).items():
-            print(f"{'':<28} the plugin's host work in a decode step of {requests} requests: "
-                  f"{n['pytorch_calls_median']} PyTorch calls, {n['host_ms_median']} ms")
+        for name, suffix in (("plugin_step", ""), ("plugin_step_reserve_decode_growth", " (reserve_decode_growth)")):
+            for requests, n in r.get(name, {}).items():
+                print(f"{'':<28} the plugin's host work in a decode step of {requests} requests{suffix}: "
+                      f"{n['pytorch_calls_median']} PyTorch calls, {n['host_ms_median']} ms")
 
 
 if __name__ == "__main__":
