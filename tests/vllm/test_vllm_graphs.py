@@ -253,6 +253,9 @@ def test_decode_steps_took_the_graph_path(graph_runs):
     assert any(not e["graph"] and e["tokens"] == 1 for e in builds)
     decoded = [e for e in found if e["kind"] == "compressed" and e["what"] == "decode"]
     assert len(decoded) >= len(PRESETS) * 4
+    # between two recompressions, steps whose heads all had room advanced the buffers in place
+    timed = [e for e in found if e["kind"] == "step_time" and e.get("graph")]
+    assert any(e["in_place"] for e in timed) and not all(e["in_place"] for e in timed)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -22,8 +22,8 @@ Between two layouts that change a request's blocks or lengths, the buffers advan
 (:meth:`DecodeBuffers.advance`): when the next decode step runs the same requests in the same
 order and every head has room for its new row in the blocks it holds (:class:`HeldRows`), its
 layout is the last one with one more row a head, made by a few device operations from the tables
-already there -- no table gather, no upload (the step's host work was ~3 ms at 256 requests,
-serving-notes.md, ninth lease).
+already there -- no block assignment, table gather or upload (a 256-request decode step is
+host-bound: serving-notes.md).
 """
 from __future__ import annotations
 
