@@ -90,11 +90,15 @@ def _read_layout(buf: DecodeBuffers, real: int, padded: int) -> tuple:
     """What a decode step's kernels read of the buffers: slots and lens of every row, and each real
     row's table columns up to its heads' blocks (the columns past them are never read)."""
     slots, tables, lens = buf.views(padded)
-    read = torch.arange(buf.width) < -(-lens[:, :real, :, None] // BS)
+    read = torch.arange(buf.width, device=lens.device) < -(-lens[:, :real, :, None] // BS)
     return slots.clone(), lens.clone(), torch.where(read, tables[:, :real], -1)
 
 
-def test_decode_steps_advance_in_place_as_a_full_layout_would():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_steps_advance_in_place_as_a_full_layout_would(device):
     """Two worker states run the same steps: one lays each decode step out in full
     (``prepare_step`` + ``fill``), the other through ``lay_out_decode``, which advances the buffers in
     place while it can. Both must leave what the kernels read, the host counts and the requests'
@@ -102,10 +106,10 @@ def test_decode_steps_advance_in_place_as_a_full_layout_would():
     heads crossing into new blocks."""
     from vllm_kvcompress.vllm.worker import scheduled
 
-    states = [WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", budget=8, window=4))
-              for _ in range(2)]
+    states = [WorkerState(L, H, BS, {"l0": 0, "l1": 1}, CompressionConfig(policy="snapkv", budget=8, window=4),
+                          device=device) for _ in range(2)]
     for ws in states:
-        ws.decode_buffers = buffers(rows=8, width=12)
+        ws.decode_buffers = DecodeBuffers.allocate(L, H, HQ, D, 8, 12, torch.float32, device)
         poison(ws.decode_buffers)
 
     def start(rid, prompt, first_block):
