@@ -150,9 +150,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         record_tokens, record_index = [], []
         for r, rid in enumerate(req_ids):
             request = state.reqs[rid]
-            if request.num_tokens != seq_lens[r] - q_lens[r]:
-                raise RuntimeError(f"request {rid}: worker holds {request.num_tokens} tokens, vLLM computed "
-                                   f"{seq_lens[r] - q_lens[r]}")
+            _check_computed(rid, request, seq_lens[r] - q_lens[r])
             if seq_lens[r] == q_lens[r]:
                 metadata.fresh.append(r)
             elif q_lens[r] == 1:
@@ -226,9 +224,7 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         ring_width = state.recent.shape[2] if state.recent is not None else 0
         for r, rid in enumerate(req_ids):
             request = state.reqs[rid]
-            if request.num_tokens != seq_lens[r] - 1:
-                raise RuntimeError(f"request {rid}: worker holds {request.num_tokens} tokens, vLLM computed "
-                                   f"{seq_lens[r] - 1}")
+            _check_computed(rid, request, seq_lens[r] - 1)
             if request.records_queries:
                 record_tokens.append(r)
                 record_index.extend(request.ring_slots(1, ring_width))
@@ -244,6 +240,12 @@ class HeadBlockMetadataBuilder(AttentionMetadataBuilder[HeadBlockMetadata]):
         if record_index:
             state.graph_record = (on_device["record_tokens"], on_device["record_index"])
         return _in_graph_buffers(state, metadata, common.num_reqs)
+
+
+def _check_computed(rid: str, request, computed: int) -> None:
+    """The worker's cache holds as many of the request's tokens as vLLM computed before this step."""
+    if request.num_tokens != computed:
+        raise RuntimeError(f"request {rid}: worker holds {request.num_tokens} tokens, vLLM computed {computed}")
 
 
 def _in_graph_buffers(state, metadata: HeadBlockMetadata, padded_rows: int) -> HeadBlockMetadata:

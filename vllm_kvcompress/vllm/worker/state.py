@@ -106,7 +106,7 @@ class PinnedStaging:
 class StepLayout:
     """What one step's rows need in every layer (device tensors).
 
-    rows: int64 [R] the requests' table rows; slots: int64 [L, T, H] where each new token's K/V goes
+    rows: int64 [R] the requests' table rows (host); slots: int64 [L, T, H] where each new token's K/V goes
     (T = tokens this step); tables: int32 [L, R, H, W] block tables (W = the widest head);
     lens: int32 [L, R, H] rows held after this step's append; extra: the caller's tensors, uploaded
     with these; headroom: the rows every head can append after this step before one needs another
@@ -203,7 +203,6 @@ class WorkerState:
             self._grow_tables(rows=max(2 * self.tables.shape[0], 8), cols=self.tables.shape[3])
         request = Request(self.counts, self.shards, policy, compress_at, decode_slack, row=self.free_rows.pop())
         self.reqs[rid] = request
-        self._layout_changed()
         return request
 
     def _end(self, rid: str) -> Request | None:
@@ -353,13 +352,13 @@ class WorkerState:
         if writes is not None:
             self.tables.view(self.tables.shape[0], self.L * self.H, -1)[
                 dev["write_row"], dev["write_head"], dev["write_col"]] = dev["write_id"]
-        rows, token_row = dev["rows"], dev["token_row"]
+        dev_rows, token_row = dev["rows"], dev["token_row"]
         pos = dev["before"][token_row] + dev["token_offset"][:, None, None]  # [T, L, H]
         cols = self.tables.shape[3]
         heads = torch.arange(self.L * self.H, device=self.device).view(1, self.L, self.H)
-        flat = (rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
+        flat = (dev_rows[token_row][:, None, None] * (self.L * self.H) + heads) * cols + pos // self.bs
         slots = self.tables.view(-1)[flat].long() * self.bs + pos % self.bs
-        tables = self.tables.transpose(0, 1)[:, rows, :, :width].contiguous()  # [L, R, H, W]
+        tables = self.tables.transpose(0, 1)[:, dev_rows, :, :width].contiguous()  # [L, R, H, W]
         return StepLayout(rows, slots.permute(1, 0, 2).contiguous(), tables, dev["after"],
                           {name: dev[name] for name in (extra or {})}, headroom)
 
@@ -376,10 +375,9 @@ class WorkerState:
         runtime.TIMER.note(in_place=advance)
         if not advance:
             layout = self.prepare_step(req_ids, [1] * len(req_ids), extra)
-            rows = torch.tensor([self.reqs[rid].row for rid in req_ids], dtype=torch.int64)
             with runtime.TIMER.host("fill_ms"):
                 buffers.fill(layout.slots, layout.tables, layout.lens, padded_rows,
-                             HeldRows(list(req_ids), rows, padded_rows, layout.headroom))
+                             HeldRows(list(req_ids), layout.rows, padded_rows, layout.headroom))
             return layout.extra
         self.counts.lens[held.table_rows] += 1  # what prepare_step's append does, no block to assign
         for rid in req_ids:
